@@ -1,0 +1,44 @@
+"""What every script shares: logging set-up and turning UAEError into one clear line + exit 2."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from typing import Callable
+
+from uae.errors import UAEError
+
+logger = logging.getLogger("uae")
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    # Libraries' loading chatter is not the user's business at INFO.
+    for name in ("transformers", "diffusers", "huggingface_hub", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import diffusers
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def script_main(fn: Callable[..., int]) -> Callable[..., int]:
+    """Wrap a script's `main(argv)`: UAEError -> 'error: message' on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(argv=None) -> int:
+        setup_logging()
+        try:
+            return fn(argv)
+        except UAEError as e:
+            logger.error("%s", e)
+            return 2
+    return wrapper

@@ -1,0 +1,141 @@
+"""The generation half: SD3 DiT (+ PEFT LoRA), VAE and FlowMatch scheduler, conditioned on the
+encoder's projected embeddings. Sampling is diffusers' own StableDiffusion3Pipeline."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+
+from uae.errors import UAEError
+
+logger = logging.getLogger(__name__)
+
+
+def _wrap(what: str, path: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except UAEError:
+        raise
+    except Exception as e:  # shapes that do not fit the config, corrupt or missing files
+        raise UAEError(f"could not load {what} from {path}: {type(e).__name__}: {e}") from None
+
+
+@torch.no_grad()
+def pooled_empty_prompt(sd3_path: str, dtype: torch.dtype, device) -> torch.Tensor:
+    """SD3's pooled projection of the empty prompt "": CLIP-L text_embeds ++ CLIP-G text_embeds
+    (the release uses this one vector for both CFG branches). The text encoders are loaded for
+    this call only and released after it."""
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    pooled = []
+    for te, tk in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        tokenizer = _wrap(tk, sd3_path, CLIPTokenizer.from_pretrained, sd3_path, subfolder=tk)
+        encoder = _wrap(te, sd3_path, CLIPTextModelWithProjection.from_pretrained, sd3_path,
+                        subfolder=te, dtype=dtype).to(device)
+        ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                        truncation=True, return_tensors="pt").input_ids.to(device)
+        pooled.append(encoder(ids).text_embeds)
+        del encoder
+    return torch.cat(pooled, dim=-1)
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def load_dit_lora(dit, folder: str, adapter_name: str = "default") -> None:
+    """Inject a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the format
+    of the release's `dit_lora/`) into the DiT in place, so it stays an SD3Transformer2DModel
+    (diffusers' enable/disable_adapters give the LoRA-free reference without a second copy).
+    Every tensor of the file must land on a LoRA parameter, and every LoRA parameter be loaded."""
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from pathlib import Path
+
+    config = LoraConfig.from_pretrained(folder)
+    files = sorted(Path(folder).glob("adapter_model*.safetensors"))
+    if not files:
+        raise UAEError(f"dit_lora {folder}: no adapter_model.safetensors")
+    state = {}
+    for f in files:
+        state.update({k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(f)).items()})
+    dit.add_adapter(config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(dit, state, adapter_name=adapter_name)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    lora_missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
+    if unexpected or lora_missing:
+        raise UAEError(f"dit_lora {folder} does not fit the DiT: unexpected {unexpected[:3]}, "
+                       f"LoRA weights not in the file {lora_missing[:3]}")
+
+
+def save_dit_lora(dit, folder, adapter_name: str = "default") -> None:
+    """Write the DiT's adapter in PEFT's folder format (loadable by `load_dit_lora` and by
+    `peft.PeftModel.from_pretrained`, as the official code does)."""
+    from pathlib import Path
+
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = dit.peft_config[adapter_name]
+    config.save_pretrained(str(folder))
+    state = get_peft_model_state_dict(dit, adapter_name=adapter_name)
+    save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in state.items()},
+              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+class UAEDecoder:
+    """SD3 pipeline without text encoders + the precomputed pooled vector."""
+
+    def __init__(self, pipe, pooled: torch.Tensor):
+        self.pipe = pipe
+        self.pooled = pooled
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    @property
+    def joint_attention_dim(self) -> int:
+        return self.pipe.transformer.config.joint_attention_dim
+
+    @classmethod
+    def from_pretrained(cls, sd3_path: str, dit_path: str, dit_lora_path: str | None = None, *,
+                        dtype: torch.dtype = torch.float32, device="cpu") -> "UAEDecoder":
+        from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+        dit = _wrap("the DiT", dit_path, SD3Transformer2DModel.from_pretrained, dit_path, dtype=dtype)
+        if dit_lora_path is not None:
+            _wrap("the DiT LoRA", dit_lora_path, load_dit_lora, dit, dit_lora_path)
+        pipe = _wrap("the SD3 pipeline", sd3_path, StableDiffusion3Pipeline.from_pretrained, sd3_path,
+                     transformer=dit, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                     tokenizer_2=None, text_encoder_3=None, tokenizer_3=None, dtype=dtype)
+        pipe.to(device)
+        pooled = pooled_empty_prompt(sd3_path, dtype, device)
+        if pooled.shape[-1] != dit.config.pooled_projection_dim:
+            raise UAEError(f"pooled vector of {sd3_path} has {pooled.shape[-1]} features but the DiT "
+                           f"in {dit_path} expects pooled_projection_dim={dit.config.pooled_projection_dim}")
+        return cls(pipe, pooled)
+
+    @torch.no_grad()
+    def generate(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, *,
+                 height: int, width: int, num_inference_steps: int, guidance_scale: float,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None,
+                 output_type: str = "pil", progress: bool = True):
+        """Images from projected embeddings (B, T, joint_attention_dim)."""
+        if prompt_embeds.shape[-1] != self.joint_attention_dim:
+            raise UAEError(f"prompt embeddings have {prompt_embeds.shape[-1]} features; the DiT expects "
+                           f"joint_attention_dim={self.joint_attention_dim}: LLM projector and DiT do not match")
+        multiple = 2 ** (len(self.pipe.vae.config.block_out_channels) - 1) * self.transformer.config.patch_size
+        if height % multiple or width % multiple or height <= 0 or width <= 0:
+            raise UAEError(f"--height {height} / --width {width}: both must be positive multiples of {multiple}")
+        b = prompt_embeds.shape[0]
+        pooled = self.pooled.to(prompt_embeds.dtype).expand(b, -1)
+        self.pipe.set_progress_bar_config(disable=not progress, leave=False, desc="denoising")
+        return self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                         pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=pooled,
+                         height=height, width=width, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, generator=generator, output_type=output_type).images

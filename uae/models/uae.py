@@ -1,0 +1,102 @@
+"""One facade over both halves: caption(images), generate(prompts), reconstruct(images)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from uae.checkpoints import COMPONENTS, ComponentPaths, resolve_components
+from uae.models.decoder import UAEDecoder
+from uae.models.encoder import EncoderPrompts, UAEEncoder
+from uae.runtime import attention_backend, resolve_device, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+ENCODER_PARTS = ("llm", "llm_lora", "llm_processor")
+DECODER_PARTS = ("SD3", "dit", "dit_lora")
+TINY = "tiny"
+
+
+def embedded_tiny_checkpoint() -> Path:
+    """The embedded default: a tiny random checkpoint, built on first use into the cache folder."""
+    import uae
+    from uae.paths import cache_dir
+    from uae.tiny import build_checkpoint
+
+    path = cache_dir() / f"tiny-v{uae.__version__}"
+    if not path.exists():
+        logger.info("building the embedded tiny checkpoint in %s (seconds, offline)", path)
+        try:
+            build_checkpoint(path, "tiny", seed=0)
+        except FileExistsError:  # another process built it meanwhile
+            pass
+    return path
+
+
+class UAE:
+    """The UAE auto-encoder: `encoder` (image -> caption, caption -> conditioning) and `decoder`
+    (conditioning -> image). Either may be None when only the other is loaded."""
+
+    def __init__(self, encoder: UAEEncoder | None, decoder: UAEDecoder | None,
+                 device: torch.device, dtype: torch.dtype, components: ComponentPaths | None = None):
+        self.encoder, self.decoder = encoder, decoder
+        self.device, self.dtype = device, dtype
+        self.components = components
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | None = TINY, *, overrides: dict[str, str | None] | None = None,
+                        load_encoder: bool = True, load_decoder: bool = True, device: str | None = None,
+                        dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
+                        prompts: EncoderPrompts | None = None) -> "UAE":
+        """Load from a checkpoint folder in the official layout, a hub id, or "tiny" (the embedded
+        random checkpoint); `overrides` gives single parts by path or hub id ("none" switches a
+        LoRA off). Only the parts of the halves asked for are loaded."""
+        if checkpoint == TINY:
+            checkpoint = str(embedded_tiny_checkpoint())
+            logger.warning("using the embedded tiny checkpoint %s: its weights are RANDOM, captions are "
+                           "gibberish and images are noise. Pass --checkpoint with the real weights "
+                           "(see README) for meaningful output.", checkpoint)
+        # The encoder is needed by generation too: prompts are embedded by the LLM + projector.
+        need = tuple(c for c in COMPONENTS if c in ENCODER_PARTS or (load_decoder and c in DECODER_PARTS))
+        paths = resolve_components(checkpoint, overrides, need)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        encoder = UAEEncoder.from_pretrained(paths.llm, paths.llm_processor, paths.llm_lora, dtype=dt, device=dev,
+                                             attn_implementation=attention_backend(dev, attn_implementation),
+                                             prompts=prompts) if (load_encoder or load_decoder) else None
+        decoder = UAEDecoder.from_pretrained(paths.SD3, paths.dit, paths.dit_lora, dtype=dt, device=dev) \
+            if load_decoder else None
+        if encoder is not None and decoder is not None:
+            out = encoder.projector[-1].out_features
+            if out != decoder.joint_attention_dim:
+                from uae.errors import UAEError
+
+                raise UAEError(f"the projector in {paths.llm} outputs {out} features but the DiT in {paths.dit} "
+                               f"expects joint_attention_dim={decoder.joint_attention_dim}: llm/ and dit/ "
+                               "come from different models")
+        return cls(encoder, decoder, dev, dt, paths)
+
+    def caption(self, images: Sequence, **kwargs) -> list[str]:
+        return self.encoder.caption(images, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, height: int = 1024, width: int = 1024,
+                 num_inference_steps: int = 40, guidance_scale: float = 5.0, seed: int | None = 0,
+                 progress: bool = True) -> list:
+        if self.decoder is None:
+            raise RuntimeError("this UAE was loaded without its decoder (load_decoder=False)")
+        pos, neg = self.encoder.encode_prompts(list(prompts))
+        # One generator per image, seeded seed, seed+1, ...: an image does not depend on its batch.
+        gens = None if seed is None else [torch.Generator(self.device).manual_seed(seed + i)
+                                          for i in range(len(prompts))]
+        return self.decoder.generate(pos, neg if guidance_scale > 1 else None, height=height, width=width,
+                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                     generator=gens, progress=progress)
+
+    def reconstruct(self, images: Sequence, *, caption_kwargs: dict | None = None, **generate_kwargs):
+        """image -> caption -> image. Returns (captions, reconstructions)."""
+        captions = self.caption(images, **(caption_kwargs or {}))
+        return captions, self.generate(captions, **generate_kwargs)

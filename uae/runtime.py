@@ -1,0 +1,49 @@
+"""Device, dtype and attention backend: chosen automatically, overridable by the user."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from uae.errors import UAEError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UAEError(f"--device {device!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UAEError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU, unless asked otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UAEError(f"--dtype {dtype!r} is not supported: use auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def attention_backend(device: torch.device, requested: str | None = None) -> str:
+    """flash_attention_2 only when flash-attn is installed and the GPU supports it (Ampere+);
+    otherwise PyTorch's sdpa."""
+    if requested not in (None, "auto"):
+        return requested
+    if (device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+            and torch.cuda.get_device_capability(device)[0] >= 8):
+        return "flash_attention_2"
+    return "sdpa"

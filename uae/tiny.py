@@ -1,0 +1,310 @@
+"""Offline builders for random-weight UAE checkpoints in the official release layout.
+
+`build_checkpoint(out_dir, preset="tiny")` writes, in seconds and without any network access:
+
+    SD3/            diffusers StableDiffusion3Pipeline folder (VAE, FlowMatch scheduler, CLIP-L and
+                    CLIP-G text encoders + tokenizers; no transformer, no T5: UAE never uses them)
+    dit/            SD3Transformer2DModel
+    dit_lora/       PEFT adapter for the DiT
+    llm/            Qwen2.5-VL weights + projector, with the transformers-4.50 key names of the release
+    llm_lora/       the LLM LoRA as the release stores it: a full state dict in three shards
+    llm_processor/  Qwen2.5-VL processor (offline-trained BPE tokenizer with Qwen's special tokens and
+                    chat template, image processor, video processor)
+
+The same code builds full-size random models from `configs/models/full.yaml` (for speed and
+memory measurements on a GPU without downloads). Two builds from the same seed are identical.
+
+    python -m uae.tiny --out /tmp/uae-tiny [--preset tiny|full|PATH] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uae.paths import preset_path
+
+logger = logging.getLogger(__name__)
+
+# Qwen2.5's special tokens, in the release's order (so ids keep their relative layout).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# A chat template equivalent to Qwen2.5-VL's: default system turn, any role name (UAE uses
+# "generate"), image / video placeholders, generation prompt. Real checkpoints ship their own.
+QWEN_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{%- endif -%}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' or 'image' in item -%}<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif item['type'] == 'video' or 'video' in item -%}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in item -%}{{ item['text'] }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "<|im_end|>\n"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}<|im_start|>assistant\n{%- endif -%}"
+)
+
+# Built-in corpus for the offline BPE: caption-like English, so merges look like a real tokenizer's.
+_CORPUS = """
+a photo of a red cube on a wooden table in a bright room with white walls
+a serene mountain landscape with snow-capped peaks reflecting in a crystal clear lake
+a cat sitting on a window sill looking outside at the rain, soft natural light
+an astronaut in a white space suit standing in front of an american flag
+a cup of coffee with latte art on a saucer, top view, dark background
+the image shows a rocket on a launch pad under a blue sky with some clouds
+a close-up portrait of a person smiling, shallow depth of field, warm colors
+text on the sign reads "open" in bold black letters on a yellow background
+a city street at night with neon lights, cars, and people walking on the sidewalk
+generate a random, low quality, ugly, blur, bad and anime, cartoon image
+you are an expert vision-language model. given an input image, generate a textual description
+of the image. if there is text in the image, transcribe it inside double quotes.
+in the foreground there is a green field; in the background, tall trees and a small house
+""".strip().splitlines()
+
+
+def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
+    with open(preset_path(str(preset))) as f:
+        return yaml.safe_load(f)
+
+
+def _seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- processor
+
+def build_processor(cfg: dict[str, Any]):
+    """Qwen2.5-VL processor with an offline-trained byte-level BPE tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import (Qwen2_5_VLProcessor, Qwen2TokenizerFast, Qwen2VLImageProcessor,
+                              Qwen2VLVideoProcessor)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=int(cfg["tokenizer"]["vocab_size"]), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(_CORPUS * 4, trainer)
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2TokenizerFast(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                                   unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[1:]})
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>"})
+    vis = cfg["llm"]["vision_config"]
+    proc_cfg = cfg["processor"]
+    image_processor = Qwen2VLImageProcessor(
+        min_pixels=proc_cfg["min_pixels"], max_pixels=proc_cfg["max_pixels"],
+        size={"shortest_edge": proc_cfg["min_pixels"], "longest_edge": proc_cfg["max_pixels"]},
+        patch_size=vis["patch_size"], merge_size=vis["spatial_merge_size"],
+        temporal_patch_size=vis["temporal_patch_size"])
+    video_processor = Qwen2VLVideoProcessor(patch_size=vis["patch_size"], merge_size=vis["spatial_merge_size"],
+                                            temporal_patch_size=vis["temporal_patch_size"])
+    return Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE)
+
+
+# ---------------------------------------------------------------------------- encoder
+
+def llm_config(cfg: dict[str, Any], tokenizer):
+    """Qwen2.5-VL config from the preset, with the special-token ids of `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+    text = dict(cfg["llm"]["text_config"])
+    text.setdefault("vocab_size", len(tokenizer))
+    if text["vocab_size"] < len(tokenizer):
+        raise ValueError(f"text_config.vocab_size {text['vocab_size']} < tokenizer size {len(tokenizer)}")
+    text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                pad_token_id=ids["<|endoftext|>"])
+    config = Qwen2_5_VLConfig(
+        text_config=text, vision_config=dict(cfg["llm"]["vision_config"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=cfg["llm"].get("tie_word_embeddings", True))
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return config
+
+
+def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
+    """Random Qwen2.5-VL + projector (widths from the preset and the DiT's joint_attention_dim)."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+    from uae.models.encoder import build_projector
+
+    config = llm_config(cfg, tokenizer)
+    _seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.text_config.bos_token_id,
+        eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
+        pad_token_id=config.text_config.pad_token_id, do_sample=True, temperature=0.7)
+    _seed(seed + 1)
+    projector = build_projector(config.text_config.hidden_size, cfg["projector"]["hidden_dim"],
+                                cfg["dit"]["joint_attention_dim"])
+    if dtype is not None:
+        model.to(dtype)
+        projector.to(dtype)
+    return model.eval(), projector.eval()
+
+
+def save_llm_release_format(model, projector, out: Path, n_shards: int = 2) -> None:
+    """Write `llm/` as the release does: Qwen2.5-VL weights with transformers-4.50 key names
+    (`model.*` = text model, `visual.*` = vision tower) and the projector in the same shards."""
+    from uae.checkpoints import current_to_official, save_sharded
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    state = {current_to_official(k, peft=False): v for k, v in model.state_dict().items()}
+    state.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
+    save_sharded(state, out, n_shards, index_name="model.safetensors.index.json")
+
+
+def _randomise_lora_b(module, seed: int, std: float = 0.02) -> None:
+    """PEFT initialises LoRA B to zero, which would make a LoRA that changes nothing and a
+    round-trip test that cannot fail. Give B small random values."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+# ---------------------------------------------------------------------------- decoder
+
+def build_dit(cfg: dict[str, Any], seed: int, dtype=None):
+    from diffusers import SD3Transformer2DModel
+
+    _seed(seed)
+    dit = SD3Transformer2DModel(**cfg["dit"])
+    return dit.to(dtype) if dtype is not None else dit
+
+
+def dit_lora_config(cfg: dict[str, Any]):
+    from peft import LoraConfig
+
+    lcfg = cfg["dit_lora"]
+    return LoraConfig(r=lcfg["r"], lora_alpha=lcfg["alpha"], init_lora_weights="gaussian",
+                      target_modules=list(lcfg["target_modules"]))
+
+
+def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any]:
+    """VAE, scheduler, CLIP-L / CLIP-G text encoders and tokenizers (the pooled vector's path)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    _seed(seed)
+    vae = AutoencoderKL(**cfg["vae"])
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    # Byte-level CLIP vocabulary without merges: every string encodes, offline.
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for suffix in ("", "</w>"):
+        for ch in sorted(ByteLevel.alphabet()):
+            vocab[ch + suffix] = len(vocab)
+    parts: dict[str, Any] = {"vae": vae, "scheduler": scheduler}
+    for i, key in enumerate(("text_encoder", "text_encoder_2")):
+        tok = CLIPTokenizer(vocab=dict(vocab), merges=[], model_max_length=cfg[key]["max_position_embeddings"])
+        tcfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                              **cfg[key])
+        _seed(seed + 1 + i)
+        parts[key] = CLIPTextModelWithProjection(tcfg).eval()
+        parts[key.replace("text_encoder", "tokenizer")] = tok
+    if dtype is not None:
+        for key in ("vae", "text_encoder", "text_encoder_2"):
+            parts[key].to(dtype)
+    return parts
+
+
+# ---------------------------------------------------------------------------- folder
+
+def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
+                     overwrite: bool = False) -> Path:
+    """Build a complete random-weight checkpoint folder in the official layout. Written into a
+    temporary sibling and renamed at the end, so a folder that exists is always complete."""
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    from uae.checkpoints import save_official_llm_lora
+    from uae.models.decoder import save_dit_lora
+    from uae.models.encoder import UAEEncoder, llm_lora_config
+
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+        shutil.rmtree(out)
+    cfg = load_preset(preset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        processor = build_processor(cfg)
+        processor.save_pretrained(tmp / "llm_processor")
+
+        model, projector = build_llm(cfg, processor.tokenizer, seed)
+        save_llm_release_format(model, projector, tmp / "llm")
+
+        lcfg = cfg["llm_lora"]
+        encoder = UAEEncoder(model, projector, processor)
+        encoder.add_lora(llm_lora_config(encoder.llm, r=lcfg["r"], alpha=lcfg["alpha"]))
+        _randomise_lora_b(encoder, seed + 2)
+        save_official_llm_lora(encoder, tmp / "llm_lora", full_state_dict=True)
+
+        dit = build_dit(cfg, seed + 3)
+        dit.save_pretrained(tmp / "dit")
+        dit.add_adapter(dit_lora_config(cfg))
+        _randomise_lora_b(dit, seed + 4)
+        save_dit_lora(dit, tmp / "dit_lora")
+
+        parts = build_sd3_parts(cfg, seed + 5)
+        pipe = StableDiffusion3Pipeline(transformer=None, text_encoder_3=None, tokenizer_3=None, **parts)
+        pipe.save_pretrained(tmp / "SD3")
+        (tmp / "README.md").write_text(
+            f"Random-weight UAE checkpoint built offline by uae.tiny (preset {cfg.get('name', preset)!r}, "
+            f"seed {seed}). Layout of the official release; the weights are random: captions are "
+            "gibberish and images are noise.\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    del torch
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to create")
+    parser.add_argument("--preset", default="tiny", help="tiny, full, or a path to a preset YAML")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite)
+    logger.info("wrote %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
