@@ -171,3 +171,8 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_hub_id_without_network_is_a_clear_error(capsys):
+    _expect_error(["--checkpoint", "someorg/no-such-uae-repo", "--input_text", "x"], capsys,
+                  "could not download", "someorg/no-such-uae-repo")
