@@ -15,8 +15,11 @@ logger = logging.getLogger("uae")
 
 
 def setup_logging(level: str | int = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    """Our loggers at `level`; everything else (libraries, the root logger some of them use
+    directly) at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger("uae").setLevel(level)
     # Libraries' loading chatter is not the user's business at INFO.
     for name in ("transformers", "diffusers", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -209,24 +209,31 @@ def dit_lora_config(cfg: dict[str, Any]):
                       target_modules=list(lcfg["target_modules"]))
 
 
-def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any]:
-    """VAE, scheduler, CLIP-L / CLIP-G text encoders and tokenizers (the pooled vector's path)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+def build_clip_tokenizer(max_length: int):
+    """Byte-level CLIP tokenizer without merges (ids 0/1 = start/end of text): every string
+    encodes, offline."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
-    _seed(seed)
-    vae = AutoencoderKL(**cfg["vae"])
-    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
-    # Byte-level CLIP vocabulary without merges: every string encodes, offline.
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for suffix in ("", "</w>"):
         for ch in sorted(ByteLevel.alphabet()):
             vocab[ch + suffix] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any]:
+    """VAE, scheduler, CLIP-L / CLIP-G text encoders and tokenizers (the pooled vector's path)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    _seed(seed)
+    vae = AutoencoderKL(**cfg["vae"])
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
     parts: dict[str, Any] = {"vae": vae, "scheduler": scheduler}
     for i, key in enumerate(("text_encoder", "text_encoder_2")):
-        tok = CLIPTokenizer(vocab=dict(vocab), merges=[], model_max_length=cfg[key]["max_position_embeddings"])
-        tcfg = CLIPTextConfig(vocab_size=len(vocab), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        tok = build_clip_tokenizer(cfg[key]["max_position_embeddings"])
+        tcfg = CLIPTextConfig(vocab_size=len(tok), bos_token_id=0, eos_token_id=1, pad_token_id=1,
                               **cfg[key])
         _seed(seed + 1 + i)
         parts[key] = CLIPTextModelWithProjection(tcfg).eval()

@@ -1,0 +1,1 @@
+"""Unified-Bench scoring: one scorer interface (scorers.py) and folder scoring (folder.py)."""

@@ -1,0 +1,193 @@
+"""Score a folder of reconstructions against a folder of references with several scorers.
+
+Fast by design: each file is decoded once per run and shared by all scorers (DataLoader workers
+decode), images are encoded in batches, and reference features are cached on disk keyed by
+scorer (weights + preprocessing) and file content, so a new model's images are the only ones
+encoded against the same references. Only features are kept in memory, never images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from uae.errors import UAEError
+from uae.io import IMAGE_EXTENSIONS, atomic_write_bytes
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Matching:
+    pairs: list[tuple[str, Path, Path]] = field(default_factory=list)  # (key, reconstruction, reference)
+    errors: dict[str, str] = field(default_factory=dict)                # reference name -> why unmatched
+    unmatched_references: list[str] = field(default_factory=list)
+    unmatched_reconstructions: list[str] = field(default_factory=list)
+
+
+def _images(folder: Path, role: str) -> list[Path]:
+    if not folder.exists():
+        raise UAEError(f"{role} folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UAEError(f"{role} folder {folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UAEError(f"{role} folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
+    return files
+
+
+def match_folders(image_dir: str | Path, ref_dir: str | Path) -> Matching:
+    """Pair each reference with its reconstruction: same file name, else same stem, else
+    `recon_<stem>`. Ambiguous and missing matches are reported, never dropped silently."""
+    recons = _images(Path(image_dir), "reconstruction (--image_path)")
+    refs = _images(Path(ref_dir), "reference (--ref_path)")
+    by_name = {p.name: p for p in recons}
+    by_stem: dict[str, list[Path]] = {}
+    for p in recons:
+        by_stem.setdefault(p.stem, []).append(p)
+    m, used = Matching(), set()
+    for ref in refs:
+        hit = by_name.get(ref.name)
+        if hit is None:
+            for stem in (ref.stem, f"recon_{ref.stem}"):
+                cands = by_stem.get(stem, [])
+                if len(cands) > 1:
+                    m.errors[ref.name] = f"ambiguous: several reconstructions match ({', '.join(c.name for c in cands)})"
+                    used.update(cands)
+                    break
+                if cands:
+                    hit = cands[0]
+                    break
+        if hit is not None:
+            m.pairs.append((ref.name, hit, ref))
+            used.add(hit)
+        elif ref.name not in m.errors:
+            m.unmatched_references.append(ref.name)
+    m.unmatched_reconstructions = [p.name for p in recons if p not in used]
+    return m
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Decodes each image once (uint8, CHW) or returns the reason it cannot be read."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = list(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        from uae.io import load_image
+
+        try:
+            pil = load_image(self.paths[i])
+        except UAEError as e:
+            return i, None, str(e)
+        return i, torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous(), None
+
+
+class FeatureCache:
+    """Reference features on disk, one safetensors file per scorer fingerprint, keyed by content."""
+
+    def __init__(self, folder: Path | None, fingerprint: str):
+        self.path = None if folder is None else Path(folder) / f"{fingerprint}.safetensors"
+        self.data: dict[str, torch.Tensor] = {}
+        self.dirty = False
+        if self.path is not None and self.path.exists():
+            from safetensors.torch import load_file
+
+            try:
+                self.data = load_file(str(self.path))
+            except Exception as e:  # a damaged cache is rebuilt, not trusted
+                logger.warning("ignoring unreadable feature cache %s (%s)", self.path, e)
+
+    def get(self, key: str) -> torch.Tensor | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        self.data[key] = value.detach().float().cpu().contiguous()
+        self.dirty = True
+
+    def save(self) -> None:
+        if self.path is None or not self.dirty:
+            return
+        from safetensors.torch import save
+
+        atomic_write_bytes(self.path, save(self.data))
+
+
+@torch.no_grad()
+def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_workers: int,
+                 progress: bool = True) -> tuple[dict[str, dict[Path, torch.Tensor]], dict[Path, str]]:
+    """Features of every file for every scorer, decoding each file once. Returns
+    ({scorer: {path: feature}}, {path: error})."""
+    from tqdm.auto import tqdm
+
+    feats: dict[str, dict[Path, torch.Tensor]] = {name: {} for name in scorers}
+    errors: dict[Path, str] = {}
+    if not paths:
+        return feats, errors
+    loader = torch.utils.data.DataLoader(_Decode(paths), batch_size=batch_size, num_workers=num_workers,
+                                         collate_fn=list, shuffle=False)
+    for batch in tqdm(loader, desc="encoding", total=len(loader), disable=not progress, leave=False):
+        ok = [(i, img) for i, img, err in batch if err is None]
+        errors.update({paths[i]: err for i, _, err in batch if err is not None})
+        if not ok:
+            continue
+        for name, scorer in scorers.items():
+            out = scorer.encode_images([img for _, img in ok]).cpu()
+            feats[name].update({paths[i]: f for (i, _), f in zip(ok, out)})
+    return feats, errors
+
+
+def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, batch_size: int = 16,
+                  num_workers: int = 0, cache_dir: Path | None = None, progress: bool = True) -> dict:
+    """The Unified-Bench JSON: per scorer, per-image cosine similarity and average/min/max over the
+    valid pairs; `overall` = mean of the scorer averages; failures and unmatched files listed."""
+    m = match_folders(image_dir, ref_dir)
+    caches = {name: FeatureCache(cache_dir, s.fingerprint) for name, s in scorers.items()}
+    ref_keys = {ref: file_digest(ref) for _, _, ref in m.pairs}
+    cached = {ref for ref, key in ref_keys.items() if all(c.get(key) is not None for c in caches.values())}
+    todo = sorted({rec for _, rec, _ in m.pairs} | (set(ref_keys) - cached))
+    logger.info("%d pairs; encoding %d file(s), %d reference(s) from the feature cache",
+                len(m.pairs), len(todo), len(cached))
+    feats, errors = encode_files(todo, scorers, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    for name, cache in caches.items():
+        for ref, key in ref_keys.items():
+            if ref in feats[name]:
+                cache.put(key, feats[name][ref])
+            elif ref in cached:
+                feats[name][ref] = cache.get(key)
+        cache.save()
+
+    result: dict = {}
+    failed = dict(m.errors)
+    for key, rec, ref in m.pairs:
+        why = [f"{p.name}: {errors[p]}" for p in (rec, ref) if p in errors]
+        if why:
+            failed[key] = "; ".join(why)
+    for name in scorers:
+        per = {key: float((feats[name][ref] * feats[name][rec]).sum()) for key, rec, ref in m.pairs
+               if key not in failed}
+        vals = list(per.values())
+        # No valid pair: null, not NaN (NaN is not JSON).
+        result[name] = {**per, "average": sum(vals) / len(vals) if vals else None,
+                        "min": min(vals) if vals else None, "max": max(vals) if vals else None}
+    averages = [result[n]["average"] for n in scorers if result[n]["average"] is not None]
+    result["overall"] = sum(averages) / len(averages) if averages else None
+    result["summary"] = {"pairs": len(m.pairs) + len(m.errors), "valid": len(m.pairs) + len(m.errors) - len(failed),
+                         "failed": len(failed), "scorers": list(scorers)}
+    result["errors"] = failed
+    result["unmatched"] = {"references": m.unmatched_references, "reconstructions": m.unmatched_reconstructions}
+    return result

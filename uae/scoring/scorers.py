@@ -1,0 +1,337 @@
+"""One scorer interface for CLIP, DINOv2, DINOv3 and LongCLIP image (and text) features.
+
+A scorer preprocesses image tensors as its spec in `configs/scorers.yaml` says (resize, centre
+crop, normalisation), encodes them with the library's own model (transformers or open_clip) and
+returns L2-normalised features; similarity is their dot product (cosine). The same objects serve
+the benchmark and the RL reward: batched tensors in, features out, differentiable when called
+outside `torch.no_grad()` on float images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from torch import nn
+
+from uae.errors import UAEError
+from uae.paths import CONFIG_DIR
+
+logger = logging.getLogger(__name__)
+
+SCORERS = ("clip", "dinov2", "dinov3", "longclip")
+WEIGHTS = ("official", "tiny")
+
+
+def load_specs(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    with open(path or CONFIG_DIR / "scorers.yaml") as f:
+        return yaml.safe_load(f)
+
+
+@dataclass
+class Preprocess:
+    """A scorer's preprocessing, matching the reference implementation's numerics:
+    `rescale_first` scales to [0, 1] before resizing (DINOv3's processor), `backend: pil` resizes
+    uint8 images with PIL (the CLIP-style transform LongCLIP's code uses); otherwise uint8 images
+    are resized as uint8 with torchvision (transformers' CLIP and DINOv2 processors). Float input in
+    [0, 1] is always resized in float with torchvision, so it stays differentiable (RL rewards)."""
+
+    resize: int | list[int]
+    crop: int | None
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+    rescale_first: bool = False
+    backend: str = "torch"
+    crop_offset: str = "round"  # "floor": transformers' processors; "round": torchvision's CenterCrop
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """One image (3, H, W), uint8 or float in [0, 1] -> (3, S, S) normalised float."""
+        import torchvision.transforms.v2.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[self.interpolation]
+        size = list(self.resize) if isinstance(self.resize, (list, tuple)) else [self.resize]
+        x = image
+        if x.dtype == torch.uint8 and self.backend == "pil":
+            x = TF.to_pil_image(x.cpu())
+        elif x.dtype == torch.uint8 and self.rescale_first:
+            x = x.float() / 255.0
+        x = TF.resize(x, size, interpolation=mode, antialias=True)
+        if self.crop and self.crop_offset == "floor":
+            h, w = x.shape[-2:] if isinstance(x, torch.Tensor) else x.size[::-1]
+            x = TF.crop(x, max((h - self.crop) // 2, 0), max((w - self.crop) // 2, 0), self.crop, self.crop)
+        elif self.crop:
+            x = TF.center_crop(x, [self.crop, self.crop])
+        if not isinstance(x, torch.Tensor):
+            x = TF.pil_to_tensor(x).to(image.device)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x - mean) / std
+
+
+class Scorer(nn.Module):
+    """Image features (and text features for CLIP / LongCLIP) of one backbone."""
+
+    def __init__(self, name: str, kind: str, model: nn.Module, preprocess: Preprocess, fingerprint: str,
+                 tokenizer=None, context_length: int | None = None):
+        super().__init__()
+        self.name, self.kind, self.model = name, kind, model
+        self.preprocess, self.fingerprint = preprocess, fingerprint
+        self.tokenizer, self.context_length = tokenizer, context_length
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def has_text(self) -> bool:
+        return self.tokenizer is not None
+
+    def pixel_values(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float images (a list of (3, H, W) of any sizes, or a (B, 3, H, W) batch)."""
+        return torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.kind == "clip":
+            out = self.model.get_image_features(pixel_values=pixel_values)
+            feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+        elif self.kind in ("dinov2", "dinov3"):
+            feats = self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
+        else:
+            feats = self.model.encode_image(pixel_values)
+        return nn.functional.normalize(feats.float(), dim=-1)
+
+    def encode_images(self, images) -> torch.Tensor:
+        return self(self.pixel_values(images))
+
+    def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
+        if not self.has_text:
+            raise UAEError(f"scorer {self.name} has no text encoder (only clip and longclip score captions)")
+        if self.kind == "clip":
+            tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
+            out = self.model.get_text_features(**tok)
+            feats = out if isinstance(out, torch.Tensor) else out.pooler_output
+        else:
+            ids = self.tokenizer(list(texts), context_length=self.context_length).to(self.device)
+            feats = self.model.encode_text(ids)
+        return nn.functional.normalize(feats.float(), dim=-1)
+
+    def similarity(self, a, b) -> torch.Tensor:
+        """Pairwise cosine similarity of two equally long image batches."""
+        return (self.encode_images(a) * self.encode_images(b)).sum(-1)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _fingerprint(*parts: Any, files: Sequence[Path] = ()) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(repr(p).encode())
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _local_files(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    return [f for f in p.glob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".json")] if p.is_dir() else []
+
+
+def _fetch_longclip(checkpoint: str, filename: str) -> Path:
+    p = Path(checkpoint)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if not (p / filename).is_file():
+            raise UAEError(f"longclip checkpoint folder {p} has no {filename}")
+        return p / filename
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(checkpoint, filename))
+    except Exception as e:
+        raise UAEError(f"could not download {filename} from {checkpoint!r} ({type(e).__name__}: {e}); pass a "
+                       "local path with --longclip_checkpoint") from None
+
+
+def longclip_state_to_openai(state: dict[str, torch.Tensor], keep_positions: int) -> dict[str, torch.Tensor]:
+    """LongCLIP adds `positional_embedding_res`: positions < keep_positions use the original
+    table, the others the residual one (LongCLIP's knowledge-preserving stretch). Folding them into
+    one table gives a plain OpenAI-layout CLIP with 248 text positions."""
+    state = dict(state)
+    res = state.pop("positional_embedding_res", None)
+    if res is not None:
+        pos = state["positional_embedding"].clone()
+        pos[keep_positions:] = res[keep_positions:]
+        state["positional_embedding"] = pos
+    for key in ("mask1", "mask2"):
+        state.pop(key, None)
+    return state
+
+
+def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "official", device="cpu",
+                dtype: torch.dtype = torch.float32, specs: dict | None = None) -> Scorer:
+    """A scorer by name. `checkpoint` (hub id or local path) overrides the preset's; `weights`
+    "tiny" uses the offline random checkpoints (built on first use)."""
+    specs = specs or load_specs()
+    if name not in specs:
+        raise UAEError(f"unknown scorer {name!r}: choose from {list(specs)}")
+    if weights not in WEIGHTS:
+        raise UAEError(f"--weights {weights!r}: choose from {list(WEIGHTS)}")
+    spec = specs[name]
+    if checkpoint is None:
+        checkpoint = str(tiny_scorer_dir() / name) if weights == "tiny" else spec["checkpoint"]
+    pre = Preprocess(**spec["preprocess"])
+    kind = spec["kind"]
+    tokenizer = None
+    try:
+        if kind == "clip":
+            from transformers import CLIPModel, CLIPTokenizer
+
+            model = CLIPModel.from_pretrained(checkpoint, dtype=dtype)
+            tokenizer = CLIPTokenizer.from_pretrained(checkpoint)
+            files = _local_files(checkpoint)
+        elif kind == "dinov2":
+            from transformers import Dinov2Model
+
+            model, files = Dinov2Model.from_pretrained(checkpoint, dtype=dtype), _local_files(checkpoint)
+        elif kind == "dinov3":
+            from transformers import DINOv3ViTModel
+
+            model, files = DINOv3ViTModel.from_pretrained(checkpoint, dtype=dtype), _local_files(checkpoint)
+        elif kind == "longclip":
+            import open_clip
+            from open_clip.model import build_model_from_openai_state_dict
+
+            path = _fetch_longclip(checkpoint, spec["filename"])
+            state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+            if not isinstance(state, dict):
+                raise UAEError(f"{path} is not a state dict of tensors")
+            state = longclip_state_to_openai(state.get("state_dict", state), spec.get("keep_positions", 20))
+            model = build_model_from_openai_state_dict(state, cast_dtype=None).to(dtype)
+            tokenizer = open_clip.get_tokenizer("ViT-L-14", context_length=spec["context_length"])
+            files = [path]
+        else:
+            raise UAEError(f"scorer {name}: unknown kind {kind!r} in configs/scorers.yaml")
+    except UAEError:
+        raise
+    except Exception as e:
+        raise UAEError(f"could not load scorer {name} from {checkpoint!r}: {type(e).__name__}: {e}") from None
+    fp = _fingerprint(name, kind, checkpoint, spec["preprocess"], str(dtype), files=files)
+    scorer = Scorer(name, kind, model.eval().requires_grad_(False), pre, fp, tokenizer,
+                    spec.get("context_length"))
+    return scorer.to(device)
+
+
+# ---------------------------------------------------------------------------- tiny
+
+def tiny_scorer_dir() -> Path:
+    """Offline random scorer checkpoints, built on first use into the cache folder."""
+    import uae
+    from uae.paths import cache_dir
+
+    path = cache_dir() / f"scorers-tiny-v{uae.__version__}"
+    if not path.exists():
+        logger.info("building tiny random scorer checkpoints in %s", path)
+        try:
+            build_scorer_checkpoints(path, "tiny")
+        except FileExistsError:
+            pass
+    return path
+
+
+def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0,
+                             specs: dict | None = None) -> Path:
+    """Random-weight scorer checkpoints in the official formats: clip/ dinov2/ dinov3/ (transformers
+    folders with their image processors) and longclip/longclip-L.pt (OpenAI-layout state dict)."""
+    import shutil
+    import tempfile
+
+    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config,
+                              Dinov2Model, DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel)
+
+    from uae.tiny import build_clip_tokenizer
+
+    specs = specs or load_specs()
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+    def processor_kwargs(spec, shortest: bool):
+        p = spec["preprocess"]
+        resample = {"bicubic": 3, "bilinear": 2}[p["interpolation"]]
+        size_ = {"shortest_edge": p["resize"]} if shortest else {"height": p["resize"][0], "width": p["resize"][1]}
+        kw = dict(size=size_, resample=resample, image_mean=p["mean"], image_std=p["std"], do_resize=True,
+                  do_normalize=True, do_rescale=True)
+        if p["crop"]:
+            kw.update(do_center_crop=True, crop_size={"height": p["crop"], "width": p["crop"]})
+        else:
+            kw.update(do_center_crop=False)
+        return kw
+
+    try:
+        torch.manual_seed(seed)
+        spec = specs["clip"]
+        cfg = spec[size]
+        clip_tok = build_clip_tokenizer(cfg["text_config"]["max_position_embeddings"])
+        model = CLIPModel(CLIPConfig(text_config={**cfg["text_config"], "vocab_size": len(clip_tok),
+                                                  "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                                     vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]))
+        model.save_pretrained(tmp / "clip")
+        clip_tok.save_pretrained(tmp / "clip")
+        CLIPImageProcessor(**processor_kwargs(spec, True)).save_pretrained(tmp / "clip")
+
+        torch.manual_seed(seed + 1)
+        spec = specs["dinov2"]
+        Dinov2Model(Dinov2Config(**spec[size])).save_pretrained(tmp / "dinov2")
+        BitImageProcessor(**processor_kwargs(spec, True)).save_pretrained(tmp / "dinov2")
+
+        torch.manual_seed(seed + 2)
+        spec = specs["dinov3"]
+        DINOv3ViTModel(DINOv3ViTConfig(**spec[size])).save_pretrained(tmp / "dinov3")
+        DINOv3ViTImageProcessor(**processor_kwargs(spec, False)).save_pretrained(tmp / "dinov3")
+
+        torch.manual_seed(seed + 3)
+        spec = specs["longclip"]
+        (tmp / "longclip").mkdir()
+        torch.save(longclip_random_state(spec[size], spec.get("keep_positions", 20)),
+                   tmp / "longclip" / spec["filename"])
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def longclip_random_state(cfg: dict[str, Any], keep_positions: int) -> dict[str, torch.Tensor]:
+    """A random LongCLIP state dict in the OpenAI layout (with `positional_embedding_res`)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    model = CLIP(cfg["embed_dim"],
+                 vision_cfg=CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
+                                          patch_size=cfg["patch_size"], image_size=cfg["image_size"]),
+                 text_cfg=CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
+                                      width=cfg["text_width"], heads=cfg["text_width"] // 64,
+                                      layers=cfg["text_layers"]),
+                 quick_gelu=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["positional_embedding_res"] = torch.randn_like(state["positional_embedding"]) * 0.01
+    return state
