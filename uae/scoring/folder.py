@@ -152,9 +152,11 @@ def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_w
 
 
 def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, batch_size: int = 16,
-                  num_workers: int = 0, cache_dir: Path | None = None, progress: bool = True) -> dict:
+                  num_workers: int = 0, cache_dir: Path | None = None, progress: bool = True,
+                  reference_features: dict | None = None) -> dict:
     """The Unified-Bench JSON: per scorer, per-image cosine similarity and average/min/max over the
-    valid pairs; `overall` = mean of the scorer averages; failures and unmatched files listed."""
+    valid pairs; `overall` = mean of the scorer averages; failures and unmatched files listed.
+    `reference_features`, when given, is filled with {scorer: {reference name: feature}}."""
     m = match_folders(image_dir, ref_dir)
     caches = {name: FeatureCache(cache_dir, s.fingerprint) for name, s in scorers.items()}
     ref_keys = {ref: file_digest(ref) for _, _, ref in m.pairs}
@@ -171,6 +173,9 @@ def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, 
                 feats[name][ref] = cache.get(key)
         cache.save()
 
+    if reference_features is not None:
+        for name in scorers:
+            reference_features[name] = {ref.name: feats[name][ref] for ref in ref_keys if ref in feats[name]}
     result: dict = {}
     failed = dict(m.errors)
     for key, rec, ref in m.pairs:

@@ -1,0 +1,79 @@
+"""Results people look at: markdown tables, bar plots and HTML pages."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+from uae.io import atomic_write_bytes, atomic_write_text
+
+SUMMARY_KEYS = ("average", "min", "max")
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def markdown_table(result: dict, scorers: list[str]) -> str:
+    rows = ["| scorer | average | min | max |", "| --- | --- | --- | --- |"]
+    rows += [f"| {s} | {_fmt(result[s]['average'])} | {_fmt(result[s]['min'])} | {_fmt(result[s]['max'])} |"
+             for s in scorers]
+    s = result["summary"]
+    rows += ["", f"**overall** (mean of the scorer averages): {_fmt(result['overall'])} over {s['valid']} "
+                 f"valid pair(s), {s['failed']} failed."]
+    faith = result.get("caption_faithfulness") or {}
+    if faith:
+        rows += ["", "| caption faithfulness (text vs reference) | average |", "| --- | --- |"]
+        rows += [f"| {k} | {_fmt(v['average'])} |" for k, v in faith.items()]
+    return "\n".join(rows) + "\n"
+
+
+def bar_plot(result: dict, scorers: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import io
+
+    import matplotlib.pyplot as plt
+
+    vals = [result[s]["average"] or 0.0 for s in scorers]
+    fig, ax = plt.subplots(figsize=(1.6 * len(scorers) + 2, 3.2))
+    bars = ax.bar(scorers, vals, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("mean cosine similarity")
+    ax.set_title(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def html_report(result: dict, scorers: list[str], rows: list[dict], path: Path, title: str) -> None:
+    """rows: {name, reference, reconstruction, caption} with file paths; images are linked
+    relative to the page so the folder can be moved."""
+    def rel(p):
+        return html.escape(os.path.relpath(p, path.parent)) if p else ""
+
+    head = "".join(f"<th>{html.escape(s)}</th>" for s in scorers)
+    body = []
+    for r in rows:
+        name = r["name"]
+        cells = "".join(f"<td>{_fmt(result[s].get(name))}</td>" for s in scorers)
+        err = result["errors"].get(name)
+        recon = f'<img src="{rel(r["reconstruction"])}">' if r.get("reconstruction") else ""
+        body.append(f"<tr><td>{html.escape(name)}</td><td><img src=\"{rel(r['reference'])}\"></td><td>{recon}</td>"
+                    f"<td class=cap>{html.escape(r.get('caption') or '')}"
+                    f"{'<br><b>error:</b> ' + html.escape(err) if err else ''}</td>{cells}</tr>")
+    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif}} img{{max-width:256px;max-height:256px}} td{{vertical-align:top;padding:4px}}
+td.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{border-bottom:1px solid #ddd}}</style>
+<h1>{html.escape(title)}</h1>
+<pre>{html.escape(markdown_table(result, scorers))}</pre>
+<img src="scores.png" style="max-width:640px">
+<table><tr><th>image</th><th>reference</th><th>reconstruction</th><th>caption</th>{head}</tr>
+{''.join(body)}</table>
+"""
+    atomic_write_text(path, page)

@@ -1,0 +1,152 @@
+"""The Unified-Bench protocol end to end: caption every reference with the model under test,
+regenerate each reference from its caption, score (reconstruction, reference) pairs with the
+chosen scorers, and score each caption against its reference (CLIP / LongCLIP text features).
+
+Outputs in the run folder: captions/<stem>.txt, recon/<stem>.png, results.json, results.md,
+scores.png and report.html. A rerun skips images already captioned and reconstructed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from uae.errors import UAEError
+from uae.io import atomic_write_json, atomic_write_text, load_image, save_image
+from uae.scoring.folder import _images
+
+logger = logging.getLogger(__name__)
+
+
+def read_captions(source: str | Path) -> dict[str, str]:
+    """Captions from another system: a folder of <stem>.txt files or a .jsonl of
+    {"image": name-or-stem, "caption": text}. Keys are stems."""
+    src = Path(source)
+    if src.is_dir():
+        return {p.stem: p.read_text(encoding="utf-8").strip() for p in sorted(src.glob("*.txt"))}
+    if src.is_file() and src.suffix == ".jsonl":
+        out = {}
+        for i, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                    out[Path(str(rec["image"])).stem] = str(rec["caption"]).strip()
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UAEError(f"--captions_from {src} line {i}: expected {{\"image\": ..., \"caption\": ...}}") from None
+        return out
+    raise UAEError(f"--captions_from {source}: expected a folder of .txt files or a .jsonl file")
+
+
+def produce(cfg, refs: list[Path], out: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Captions and reconstructions for every readable reference not done yet. Returns
+    ({stem: caption} for every reference that has one, {reference name: why it was skipped})."""
+    from tqdm.auto import tqdm
+
+    cap_dir, rec_dir = out / "captions", out / "recon"
+    given = read_captions(cfg.captions_from) if cfg.captions_from else {}
+    captions = {p.stem: p.read_text(encoding="utf-8").strip() for p in cap_dir.glob("*.txt")} if cap_dir.exists() else {}
+    captions.update(given)
+    todo = [r for r in refs if not ((rec_dir / f"{r.stem}.png").exists() and r.stem in captions)]
+    logger.info("%d reference(s); %d already done, %d to caption and/or reconstruct",
+                len(refs), len(refs) - len(todo), len(todo))
+    skipped: dict[str, str] = {}
+    if not todo:
+        return captions, skipped
+    from uae.models.uae import UAE
+
+    model = UAE.from_pretrained(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype)
+    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="caption + regenerate"):
+        chunk, images = [], []
+        for ref in todo[i:i + cfg.batch_size]:
+            try:
+                images.append(load_image(ref))
+                chunk.append(ref)
+            except UAEError as e:
+                skipped[ref.name] = str(e)  # reported as a failed pair
+        if not chunk:
+            continue
+        missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
+        if missing:
+            new = model.caption([images[j] for j in missing], max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, seed=cfg.seed + i)
+            for j, cap in zip(missing, new):
+                captions[chunk[j].stem] = cap
+                atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap + "\n")
+        recons = model.generate([captions[r.stem] for r in chunk], height=cfg.height, width=cfg.width,
+                                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
+                                seed=cfg.seed + i, progress=False)
+        for ref, im in zip(chunk, recons):
+            save_image(im, rec_dir / f"{ref.stem}.png")
+    del model
+    return captions, skipped
+
+
+@torch.no_grad()
+def caption_faithfulness(scorers: dict, captions: dict[str, str], ref_features: dict, refs: list[Path]) -> dict:
+    """Cosine of each caption's text feature with its reference's image feature (text scorers)."""
+    out = {}
+    for name, scorer in scorers.items():
+        if not scorer.has_text:
+            continue
+        names = [r.name for r in refs if r.stem in captions and r.name in ref_features.get(name, {})]
+        if not names:
+            continue
+        text = scorer.encode_text([captions[Path(n).stem] for n in names]).cpu()
+        img = torch.stack([ref_features[name][n] for n in names])
+        per = {n: float(v) for n, v in zip(names, (text * img).sum(-1))}
+        vals = list(per.values())
+        out[name] = {**per, "average": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
+    return out
+
+
+def run_unibench(cfg) -> dict:
+    from uae.paths import cache_dir
+    from uae.report import bar_plot, html_report, markdown_table
+    from uae.runtime import resolve_device, resolve_dtype
+    from uae.scoring.folder import score_folders
+    from uae.scoring.scorers import load_scorer
+
+    out = Path(cfg.output_dir)
+    refs = _images(Path(cfg.ref_path), "reference (--ref_path)")
+    skipped: dict[str, str] = {}
+    if cfg.recon_from:
+        recon_dir = Path(cfg.recon_from)
+        captions = read_captions(cfg.captions_from) if cfg.captions_from else {}
+    else:
+        captions, skipped = produce(cfg, refs, out)
+        recon_dir = out / "recon"
+        if not recon_dir.is_dir():
+            raise UAEError(f"no reference in {cfg.ref_path} could be read: {skipped}")
+    device = resolve_device(cfg.device)
+    weights = cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
+    if weights == "tiny":
+        logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
+    scorers = {m: load_scorer(m, weights=weights, device=device, dtype=resolve_dtype(cfg.scorer_dtype, device))
+               for m in dict.fromkeys(cfg.models)}
+    ref_feats: dict = {}
+    result = score_folders(recon_dir, cfg.ref_path, scorers, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                           cache_dir=None if cfg.no_cache else cache_dir() / "features", reference_features=ref_feats)
+    for name, why in skipped.items():  # unreadable references: failures with their reason, not "unmatched"
+        result["errors"][name] = why
+        if name in result["unmatched"]["references"]:
+            result["unmatched"]["references"].remove(name)
+            result["summary"]["pairs"] += 1
+            result["summary"]["failed"] += 1
+    result["caption_faithfulness"] = caption_faithfulness(scorers, captions, ref_feats, refs)
+    result["captions"] = {r.name: captions.get(r.stem) for r in refs}
+    result["meta"] = {"checkpoint": cfg.checkpoint, "reference_folder": str(cfg.ref_path),
+                      "reconstruction_folder": str(recon_dir), "scorer_weights": weights,
+                      "device": str(device), "torch": torch.__version__}
+    names = list(scorers)
+    atomic_write_json(out / "results.json", result)
+    atomic_write_text(out / "results.md", markdown_table(result, names))
+    title = f"Unified-Bench: {Path(cfg.checkpoint).name if cfg.checkpoint else 'external'}"
+    bar_plot(result, names, out / "scores.png", title)
+    recon_by_stem = {p.stem.removeprefix("recon_"): p for p in recon_dir.iterdir()} if recon_dir.is_dir() else {}
+    rows = [{"name": r.name, "reference": r, "reconstruction": recon_by_stem.get(r.stem),
+             "caption": captions.get(r.stem)} for r in refs]
+    html_report(result, names, rows, out / "report.html", title)
+    return result
