@@ -25,50 +25,16 @@ def _u8(pil):
     return torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
 
 
-def _reference_similarity(name, a, b):
-    """Independent computation: the model and its own processor (one pair at a time)."""
-    import open_clip
-    from transformers import AutoImageProcessor, CLIPModel, Dinov2Model, DINOv3ViTModel
-
-    def norm(x):
-        return torch.nn.functional.normalize(x.float(), dim=-1)
-
-    folder = tiny_scorer_dir() / name
-    if name == "longclip":
-        from open_clip.model import build_model_from_openai_state_dict
-
-        from uae.scoring.scorers import load_specs
-
-        spec = load_specs()["longclip"]
-        state = torch.load(folder / spec["filename"], weights_only=True)
-        # LongCLIP's own rule for its two position tables, applied independently here.
-        mask = torch.zeros(state["positional_embedding"].shape[0], 1)
-        mask[:20] = 1
-        state["positional_embedding"] = state["positional_embedding"] * mask + state.pop("positional_embedding_res") * (1 - mask)
-        model = build_model_from_openai_state_dict(state, cast_dtype=None).float().eval()
-        p = spec["preprocess"]
-        tf = open_clip.image_transform(224, is_train=False, mean=p["mean"], std=p["std"], interpolation="bicubic")
-        fa, fb = model.encode_image(tf(a)[None]), model.encode_image(tf(b)[None])
-    else:
-        proc = AutoImageProcessor.from_pretrained(folder)
-        cls = {"clip": CLIPModel, "dinov2": Dinov2Model, "dinov3": DINOv3ViTModel}[name]
-        model = cls.from_pretrained(folder).eval()
-        pa = proc(images=a, return_tensors="pt").pixel_values
-        pb = proc(images=b, return_tensors="pt").pixel_values
-        if name == "clip":
-            fa, fb = (model.get_image_features(pixel_values=p).pooler_output for p in (pa, pb))
-        else:
-            fa, fb = (model(pixel_values=p).last_hidden_state[:, 0] for p in (pa, pb))
-    return float((norm(fa) * norm(fb)).sum())
-
-
 @pytest.mark.parametrize("name", SCORERS)
 def test_parity_with_the_models_own_processor(scorers, name):
+    from uae.scoring.reference import ReferenceEncoder
+
     s = scorers[name]
+    ref = ReferenceEncoder(name, tiny_scorer_dir() / name)
     with torch.no_grad():
         ours = s.similarity([_u8(a) for a, _ in _pil_pairs()], [_u8(b) for _, b in _pil_pairs()])
-        for (a, b), got in zip(_pil_pairs(), ours):
-            assert abs(float(got) - _reference_similarity(name, a, b)) < 1e-5
+    for (a, b), got in zip(_pil_pairs(), ours):
+        assert abs(float(got) - ref.similarity(a, b)) < 1e-5
 
 
 @pytest.mark.parametrize("name", SCORERS)

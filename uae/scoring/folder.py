@@ -77,10 +77,12 @@ def file_digest(path: Path) -> str:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decodes each image once (uint8, CHW) or returns the reason it cannot be read."""
+    """Decodes each image once and preprocesses it for every scorer, in the DataLoader's
+    workers (so decoding and resizing overlap the forward passes). Returns (index, {scorer:
+    pixel tensor}, None) or (index, None, reason the image cannot be read)."""
 
-    def __init__(self, paths: Sequence[Path]):
-        self.paths = list(paths)
+    def __init__(self, paths: Sequence[Path], preprocess: dict):
+        self.paths, self.preprocess = list(paths), preprocess
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -94,7 +96,8 @@ class _Decode(torch.utils.data.Dataset):
             pil = load_image(self.paths[i])
         except UAEError as e:
             return i, None, str(e)
-        return i, torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous(), None
+        image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
+        return i, {name: pre(image) for name, pre in self.preprocess.items()}, None
 
 
 class FeatureCache:
@@ -138,15 +141,17 @@ def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_w
     errors: dict[Path, str] = {}
     if not paths:
         return feats, errors
-    loader = torch.utils.data.DataLoader(_Decode(paths), batch_size=batch_size, num_workers=num_workers,
-                                         collate_fn=list, shuffle=False)
+    loader = torch.utils.data.DataLoader(_Decode(paths, {n: s.preprocess for n, s in scorers.items()}),
+                                         batch_size=batch_size, num_workers=num_workers, collate_fn=list,
+                                         shuffle=False)
     for batch in tqdm(loader, desc="encoding", total=len(loader), disable=not progress, leave=False):
-        ok = [(i, img) for i, img, err in batch if err is None]
+        ok = [(i, pix) for i, pix, err in batch if err is None]
         errors.update({paths[i]: err for i, _, err in batch if err is not None})
         if not ok:
             continue
         for name, scorer in scorers.items():
-            out = scorer.encode_images([img for _, img in ok]).cpu()
+            pixels = torch.stack([pix[name] for _, pix in ok]).to(scorer.device, scorer.dtype)
+            out = scorer(pixels).cpu()
             feats[name].update({paths[i]: f for (i, _), f in zip(ok, out)})
     return feats, errors
 

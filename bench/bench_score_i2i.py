@@ -1,0 +1,207 @@
+"""Benchmark: Score_i2i's folder scoring vs the official-style per-pair loop, side by side.
+
+On the same pairs (1024x1024 PNG reconstructions against JPEG references) and the same random
+weights of one size (small = ViT-S, base = ViT-B, tiny), it times:
+  loop   the official style: for every scorer and pair, open both files, preprocess with the
+         model's own processor, encode at batch 1
+  cold   ours, empty reference-feature cache
+  warm   ours again, references from the cache
+  floor  the scorers' forward passes alone over the unique images (pre-decoded, pre-processed,
+         no file I/O) at the best of a few batch sizes
+and prints pairs/s, the ratios, the largest score difference to the loop, and the peak RSS of a
+fresh Score_i2i process on a quarter of the pairs and on all of them (memory must not grow with
+the number of pairs).
+
+    python bench/bench_score_i2i.py --size base --pairs 100
+    python bench/bench_score_i2i.py --size small --pairs 100 --json bench/score_small.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from uae.scoring.scorers import SCORERS, build_scorer_checkpoints, load_scorer  # noqa: E402
+
+logger = logging.getLogger("uae.bench")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def make_pairs(folder: Path, n: int, size: int) -> tuple[Path, Path]:
+    """n JPEG references (photos, varied crops) and n PNG reconstructions (size x size)."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    photos = [data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), np.stack([data.camera()] * 3, -1)]
+    ref, rec = folder / "ref", folder / "rec"
+    ref.mkdir(parents=True), rec.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = photos[i % len(photos)]
+        h, w = arr.shape[:2]
+        y, x = rng.integers(0, h // 4), rng.integers(0, w // 4)
+        crop = arr[y:y + 3 * h // 4, x:x + 3 * w // 4]
+        Image.fromarray(crop).save(ref / f"{i:04d}.jpg", quality=90)
+        noisy = np.clip(crop.astype(np.int16) + rng.integers(-20, 20, crop.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).resize((size, size), Image.BICUBIC).save(rec / f"{i:04d}.png")
+    return rec, ref
+
+
+def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: int) -> float:
+    """Peak resident memory (MB) of a fresh `eval/Score_i2i.py` process scoring these folders
+    (main process; DataLoader workers hold at most their prefetched batches). A fresh process per
+    measurement, so one run's allocations cannot hide in another's baseline."""
+    import subprocess
+
+    import psutil
+
+    script = Path(__file__).resolve().parent.parent / "eval" / "Score_i2i.py"
+    cmd = [sys.executable, str(script), "--image_path", str(rec), "--ref_path", str(ref), "--no_cache",
+           "--output_file", str(rec.parent / "mem.json"), "--num_workers", str(workers),
+           "--batch_size", str(batch_size), "--log_level", "WARNING"]
+    cmd += [a for n in SCORERS for a in (f"--{n}_checkpoint", str(folders / n))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    watch, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, watch.memory_info().rss)
+        except psutil.Error:
+            break
+        time.sleep(0.02)
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+    return peak / 2**20
+
+
+def run_loop(pairs, folders) -> dict:
+    from PIL import Image
+
+    from uae.scoring.reference import ReferenceEncoder
+
+    scores = {}
+    for name in SCORERS:
+        enc = ReferenceEncoder(name, folders / name)
+        scores[name] = {}
+        for key, rec, ref in pairs:
+            with Image.open(rec) as a, Image.open(ref) as b:
+                scores[name][key] = enc.similarity(a.convert("RGB"), b.convert("RGB"))
+    return scores
+
+
+def run_ours(rec, ref, scorers, cache, batch_size, workers) -> dict:
+    from uae.scoring.folder import score_folders
+
+    return score_folders(rec, ref, scorers, batch_size=batch_size, num_workers=workers, cache_dir=cache,
+                         progress=False)
+
+
+def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
+    import numpy as np
+
+    from uae.io import load_image
+
+    images = [torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1) for p in paths]
+    pixels = {n: torch.stack([s.preprocess(im) for im in images]) for n, s in scorers.items()}
+    best = (float("inf"), 0)
+    for bs in batch_sizes:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for n, s in scorers.items():
+                for i in range(0, len(paths), bs):
+                    s(pixels[n][i:i + bs])
+        best = min(best, (time.perf_counter() - t0, bs))
+    return best
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="small", choices=["tiny", "small", "base"])
+    ap.add_argument("--pairs", type=int, default=100)
+    ap.add_argument("--image_size", type=int, default=1024, help="reconstruction side in pixels")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--floor_batch_sizes", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--json", default=None, help="also write the measurements here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        rec, ref = make_pairs(tmp / "data", args.pairs, args.image_size)
+        folders = build_scorer_checkpoints(tmp / "scorers", args.size)
+        scorers = {n: load_scorer(n, str(folders / n)) for n in SCORERS}
+        from uae.scoring.folder import match_folders
+
+        pairs = match_folders(rec, ref).pairs
+        quarter = args.pairs // 4
+
+        t0 = time.perf_counter()
+        loop = run_loop(pairs, folders)
+        t_loop = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        cold = run_ours(rec, ref, scorers, tmp / "cache", args.batch_size, args.workers)
+        t_cold = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        warm = run_ours(rec, ref, scorers, tmp / "cache", args.batch_size, args.workers)
+        t_warm = time.perf_counter() - t0
+        sub = tmp / "quarter"
+        (sub / "rec").mkdir(parents=True), (sub / "ref").mkdir()
+        for key, r, f in pairs[:quarter]:
+            os.link(r, sub / "rec" / r.name), os.link(f, sub / "ref" / f.name)
+        mem = {f"{quarter}_pairs": peak_rss_mb(sub / "rec", sub / "ref", folders, args.workers, args.batch_size),
+               f"{len(pairs)}_pairs": peak_rss_mb(rec, ref, folders, args.workers, args.batch_size)}
+        t_floor, best_bs = run_floor(sorted({p for _, a, b in pairs for p in (a, b)}), scorers,
+                                     args.floor_batch_sizes)
+    diff = max(abs(cold[n][k] - loop[n][k]) for n in SCORERS for k in loop[n])
+    diff_warm = max(abs(warm[n][k] - loop[n][k]) for n in SCORERS for k in loop[n])
+    n = len(pairs)
+    res = {
+        "machine": machine(),
+        "size": args.size, "pairs": n, "image_size": args.image_size,
+        "pairs_per_s": {"loop": n / t_loop, "cold": n / t_cold, "warm": n / t_warm, "floor": n / t_floor},
+        "seconds": {"loop": t_loop, "cold": t_cold, "warm": t_warm, "floor": t_floor},
+        "floor_batch_size": best_bs,
+        "ratios": {"cold_vs_floor_time": t_cold / t_floor, "warm_speedup_over_cold": t_cold / t_warm,
+                   "cold_speedup_over_loop": t_loop / t_cold},
+        "max_abs_score_diff_vs_loop": {"cold": diff, "warm": diff_warm},
+        "peak_rss_mb_score_i2i_process": mem,
+    }
+    print(f"Score_i2i benchmark ({res['machine']}); {args.size} random weights, {n} pairs, "
+          f"{args.image_size}px PNG vs JPEG")
+    print(f"{'method':<8}{'seconds':>10}{'pairs/s':>10}")
+    for k in ("loop", "cold", "warm", "floor"):
+        print(f"{k:<8}{res['seconds'][k]:>10.2f}{res['pairs_per_s'][k]:>10.2f}")
+    r = res["ratios"]
+    print(f"cold / floor time {r['cold_vs_floor_time']:.2f}x | warm speed-up over cold {r['warm_speedup_over_cold']:.2f}x"
+          f" | cold speed-up over loop {r['cold_speedup_over_loop']:.2f}x | floor batch {best_bs}")
+    print(f"max |score - loop score|: cold {diff:.2e}, warm {diff_warm:.2e}")
+    print("peak RSS of a fresh Score_i2i process: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} MB" for k, v in mem.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    return res
+
+
+if __name__ == "__main__":
+    main()
