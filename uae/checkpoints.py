@@ -29,6 +29,7 @@ SUBFOLDERS = {"SD3": ("SD3",), "dit": ("dit",), "dit_lora": ("dit_lora",), "llm"
 LORA_SHARDS = tuple(f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3))
 OPTIONAL = ("dit_lora", "llm_lora")  # may be switched off with the value "none"
 FLAG = {c: "--" + c.lower() for c in COMPONENTS}
+MANIFEST = "uae_checkpoint.json"
 
 
 @dataclass
@@ -82,8 +83,15 @@ def resolve_components(checkpoint: str | None, overrides: dict[str, str | None] 
             raise UAEError(f"checkpoint folder {checkpoint!r} does not exist. Pass a folder in the "
                            "official layout (SD3/, dit/, dit_lora/, llm/, llm_lora/, llm_processor/) or "
                            "a hub id such as the release's (see README).")
+    # A folder may declare optional parts it deliberately lacks (e.g. a fully fine-tuned DiT has
+    # no dit_lora): {"dit_lora": null} in uae_checkpoint.json.
+    declared = {}
+    if root is not None and (root / MANIFEST).exists():
+        declared = json.loads((root / MANIFEST).read_text())
     paths = ComponentPaths()
     for comp in need:
+        if comp not in overrides and comp in OPTIONAL and comp in declared and declared[comp] is None:
+            continue
         if comp in overrides:
             value = overrides[comp]
             if value.lower() == "none":

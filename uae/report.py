@@ -77,3 +77,54 @@ td.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{b
 {''.join(body)}</table>
 """
     atomic_write_text(path, page)
+
+
+def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> None:
+    """Plot logged values against the step (one point per logged step), with a running mean."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            steps, vals = zip(*pts)
+            ax.plot(steps, vals, ".", alpha=0.4, label=key)
+            w = max(1, len(vals) // 20)
+            smooth = [sum(vals[max(0, i - w + 1):i + 1]) / len(vals[max(0, i - w + 1):i + 1]) for i in range(len(vals))]
+            ax.plot(steps, smooth, "-", label=f"running mean ({w})")
+            ax.legend()
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60) -> None:
+    """A grid of PIL images with a short label under each (e.g. prompts, rewards)."""
+    import io
+
+    from PIL import Image, ImageDraw
+
+    w = max(im.width for im in images)
+    h = max(im.height for im in images)
+    cols = min(columns, len(images))
+    rows = -(-len(images) // cols)
+    pad = 14
+    grid = Image.new("RGB", (cols * w, rows * (h + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        x, y = (i % cols) * w, (i // cols) * (h + pad)
+        grid.paste(im, (x, y))
+        draw.text((x + 2, y + h + 1), str(label)[:label_chars], fill="black")
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())

@@ -28,6 +28,19 @@ class EncoderPrompts:
     generate_role: str = "generate"
 
 
+PROJECTOR_FILE = "projector.safetensors"
+
+
+def save_projector(projector: nn.Module, llm_dir: Path) -> None:
+    """A trained projector beside unchanged LLM weights (`llm/projector.safetensors`)."""
+    from safetensors.torch import save
+
+    from uae.io import atomic_write_bytes
+
+    state = {f"projector.{k}": v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
+    atomic_write_bytes(Path(llm_dir) / PROJECTOR_FILE, save(state, metadata={"format": "pt"}))
+
+
 def build_projector(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """Linear -> GELU -> Linear, token by token (keys projector.0 / projector.2 as in the release)."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, out_dim))
@@ -159,8 +172,10 @@ def load_projector(llm_path: str, in_dim: int, dtype: torch.dtype) -> nn.Sequent
     widths are read from the stored shapes."""
     from safetensors import safe_open
 
+    # Later files win: a trained `projector.safetensors` overrides the projector inside the shards
+    # (sorted after them, as the official strict=False loader would also apply it last).
     state = {}
-    for f in sorted(Path(llm_path).glob("*.safetensors")):
+    for f in sorted(Path(llm_path).glob("*.safetensors"), key=lambda f: (f.name == PROJECTOR_FILE, f.name)):
         with safe_open(str(f), framework="pt") as h:
             for key in h.keys():
                 if key.startswith("projector."):

@@ -1,0 +1,168 @@
+"""train_sft.py in-process on the tiny checkpoint: smoke, learning, exact resume, output, bad data."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from skimage import data
+
+import demo
+import train_sft
+from uae.training.common import Checkpoints
+
+CAPTIONS = {"astronaut": "an astronaut in a white suit", "chelsea": "an orange cat", "coffee": "a cup of coffee",
+            "rocket": "a rocket on a launch pad"}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pairs")
+    for name in CAPTIONS:
+        Image.fromarray(getattr(data, name)()).save(d / f"{name}.jpg")
+    (d / "pairs.jsonl").write_text("".join(json.dumps({"image": f"{n}.jpg", "caption": c}) + "\n" for n, c in CAPTIONS.items()))
+    (d / "one.jsonl").write_text(json.dumps({"image": "astronaut.jpg", "caption": CAPTIONS["astronaut"]}) + "\n")
+    return d
+
+
+def sft(tiny_ckpt, data_path, out, *extra):
+    return train_sft.main(["--config", "configs/sft/tiny.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(data_path),
+                           "--output_dir", str(out), *map(str, extra)])
+
+
+def _losses(out):
+    return [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_three_steps_validation_images_and_output_in_demo(tiny_ckpt, pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", out, "--max_train_steps", 3, "--validation_steps", 3,
+               "--checkpointing_steps", 0) == 0
+    assert len(_losses(out)) == 3
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step_000000.png", "step_000003.png"]
+    assert Image.open(out / "loss.png").format == "PNG"
+    assert (out / "config.yaml").exists() and (out / "checkpoint-3" / "uae_state.json").exists()
+    final = out / "final"
+    assert (final / "dit_lora" / "adapter_model.safetensors").exists() and (final / "llm" / "projector.safetensors").exists()
+    img = tmp_path / "from_sft.png"
+    code = demo.main(["--checkpoint", str(final), "--input_text", "a cat", "--output_path", str(img),
+                      "--steps", "2", "--height", "32", "--width", "48"])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(img).size == (48, 32)
+
+
+def test_trained_parameters_change_and_frozen_ones_do_not(tiny_ckpt, pairs, tmp_path):
+    out = tmp_path / "run"
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", out, "--max_train_steps", 2, "--validation_steps", 0,
+               "--dit_mode", "full", "--checkpointing_steps", 0) == 0
+    before = load_file(str(tiny_ckpt / "dit" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(out / "final" / "dit" / "diffusion_pytorch_model.safetensors"))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > 0.8 * len(before)
+    proj_new = load_file(str(out / "final" / "llm" / "projector.safetensors"))
+    assert any(not torch.equal(v, proj_new[k]) for k, v in _release_projector(tiny_ckpt).items())
+    assert json.loads((out / "final" / "uae_checkpoint.json").read_text())["dit_lora"] is None
+    # The LLM itself is frozen: its files in final/ are the originals (linked).
+    assert (out / "final" / "llm" / "model-00001-of-00002.safetensors").resolve() == \
+        (tiny_ckpt / "llm" / "model-00001-of-00002.safetensors").resolve()
+
+
+def _release_projector(ckpt):
+    out = {}
+    for f in (ckpt / "llm").glob("*.safetensors"):
+        out.update({k: v for k, v in load_file(str(f)).items() if k.startswith("projector.")})
+    return out
+
+
+def test_loss_falls_on_one_image(tiny_ckpt, pairs, tmp_path):
+    out = tmp_path / "run"
+    assert sft(tiny_ckpt, pairs / "one.jsonl", out, "--max_train_steps", 30, "--train_batch_size", 1,
+               "--dit_mode", "full", "--learning_rate", 3e-3, "--latent_sampling", "mode", "--caption_dropout", 0,
+               "--validation_steps", 0, "--checkpointing_steps", 0) == 0
+    losses = _losses(out)
+    first, last = sum(losses[:6]) / 6, sum(losses[-6:]) / 6
+    assert last < 0.85 * first, (first, last)
+
+
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, pairs, tmp_path, monkeypatch):
+    common = ["--max_train_steps", 6, "--checkpointing_steps", 2, "--validation_steps", 0, "--use_ema",
+              "--gradient_accumulation_steps", 2, "--link_unchanged", "false"]
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "a", *common) == 0
+
+    real_save = Checkpoints.save
+
+    def crash_after_step_4(self, acc, step, config):
+        path = real_save(self, acc, step, config)
+        if step == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return path
+
+    monkeypatch.setattr(Checkpoints, "save", crash_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "b", *common)
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    assert not (tmp_path / "b" / "final").exists()
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "b", *common, "--resume_from_checkpoint", "latest") == 0
+
+    for rel in ("dit_lora/adapter_model.safetensors", "llm/projector.safetensors"):
+        a, b = load_file(str(tmp_path / "a" / "final" / rel)), load_file(str(tmp_path / "b" / "final" / rel))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    # configs/sft/tiny.yaml keeps the 2 newest checkpoints
+    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+@pytest.fixture()
+def bad_pairs(pairs, tmp_path):
+    (tmp_path / "corrupt.jpg").write_text("not a jpeg")
+    lines = [{"image": str(pairs / "astronaut.jpg"), "caption": "an astronaut"},
+             {"image": str(pairs / "chelsea.jpg"), "caption": "a cat"},
+             {"image": str(tmp_path / "missing.jpg"), "caption": "gone"},
+             {"image": str(tmp_path / "corrupt.jpg"), "caption": "broken"},
+             {"image": str(pairs / "coffee.jpg"), "caption": "   "}]
+    path = tmp_path / "bad.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+def test_validate_data_reports_counts(bad_pairs, capsys):
+    assert train_sft.main(["--data", str(bad_pairs), "--validate_data"]) == 1
+    err = capsys.readouterr().err
+    assert "2 usable item(s); 1 missing image(s), 1 unreadable image(s), 1 without a caption" in err
+    assert "missing.jpg" in err and "corrupt.jpg" in err
+
+
+def test_bad_data_stops_or_is_skipped(tiny_ckpt, bad_pairs, tmp_path, capsys):
+    assert sft(tiny_ckpt, bad_pairs, tmp_path / "stop", "--max_train_steps", 1) == 2
+    assert "--on_bad_data skip" in capsys.readouterr().err
+    assert sft(tiny_ckpt, bad_pairs, tmp_path / "skip", "--max_train_steps", 2, "--on_bad_data", "skip",
+               "--validation_steps", 0) == 0
+    assert "skipping 3 bad item(s)" in capsys.readouterr().err
+
+
+def test_folder_with_txt_captions(tiny_ckpt, pairs, tmp_path):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for name, cap in CAPTIONS.items():
+        (folder / f"{name}.jpg").write_bytes((pairs / f"{name}.jpg").read_bytes())
+        (folder / f"{name}.txt").write_text(cap)
+    assert sft(tiny_ckpt, folder, tmp_path / "run", "--max_train_steps", 2, "--validation_steps", 0) == 0
+
+
+def test_bad_settings(capsys):
+    assert train_sft.main(["--data", "x.jsonl", "--dit_mode", "half"]) == 2
+    assert train_sft.main(["--data", "x.jsonl", "--resolution", "50"]) == 2
+    assert train_sft.main([]) == 2
+    err = capsys.readouterr().err
+    assert "--dit_mode" in err and "multiple of 16" in err and "--data is required" in err

@@ -1,0 +1,145 @@
+"""The loop skeleton every training script shares: accelerate set-up, data order and randomness
+derived from (seed, step) so that a resumed run is bit-identical to an uninterrupted one,
+atomic checkpoints with rotation, metrics to JSONL + tracker, and the official output layout."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from uae.errors import UAEError
+from uae.io import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def make_accelerator(cfg, project_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = [t for t in cfg.report_to.split(",") if t and t != "none"]
+    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                       log_with=trackers or None,
+                       project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
+                       cpu=cfg.device == "cpu")
+
+
+def generator_for(seed: int, step: int, device="cpu") -> torch.Generator:
+    """The randomness of one (micro-)step: a pure function of the run's seed and the step index,
+    so it needs no saved RNG state to resume exactly."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Indices for micro-steps `start`, `start + 1`, ...: each epoch is a permutation seeded by
+    (seed, epoch); a global batch of `batch * world` is split across processes by rank."""
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, start: int, total: int):
+        self.n, self.batch, self.world, self.rank = n, batch, world, rank
+        self.seed, self.start, self.total = seed, start, total
+        self.per_epoch = n // (batch * world)
+        if self.per_epoch == 0:
+            raise UAEError(f"the dataset has {n} usable item(s), fewer than one global batch "
+                           f"(train_batch_size {batch} x {world} process(es)): add data or lower train_batch_size")
+
+    def __len__(self) -> int:
+        return max(self.total - self.start, 0) * self.batch
+
+    def __iter__(self) -> Iterator[int]:
+        gb = self.batch * self.world
+        for m in range(self.start, self.total):
+            epoch, pos = divmod(m, self.per_epoch)
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch)).tolist()
+            yield from order[pos * gb:(pos + 1) * gb][self.rank::self.world]
+
+
+class Checkpoints:
+    """`output_dir/checkpoint-<step>/` written atomically via accelerate's save_state, plus
+    `uae_state.json` (step, resolved config); the oldest are removed past `limit`."""
+
+    def __init__(self, output_dir: Path, limit: int | None):
+        self.dir, self.limit = Path(output_dir), limit
+
+    def all(self) -> list[Path]:
+        found = [(int(m.group(1)), p) for p in self.dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))
+                 and (p / "uae_state.json").exists()]
+        return [p for _, p in sorted(found)]
+
+    def resolve(self, what: str | None) -> Path | None:
+        if not what:
+            return None
+        if what == "latest":
+            found = self.all()
+            if not found:
+                logger.info("no checkpoint in %s: starting from scratch", self.dir)
+            return found[-1] if found else None
+        p = Path(what)
+        if not (p / "uae_state.json").exists():
+            raise UAEError(f"--resume_from_checkpoint {what}: not a checkpoint folder (no uae_state.json); "
+                           f"use 'latest' or one of {[c.name for c in self.all()]}")
+        return p
+
+    def save(self, accelerator, step: int, config: dict) -> Path:
+        final = self.dir / f"checkpoint-{step}"
+        tmp = self.dir / f".checkpoint-{step}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            atomic_write_json(tmp / "uae_state.json", {"step": step, "config": config})
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            if self.limit:
+                for old in self.all()[:-self.limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        return final
+
+    @staticmethod
+    def load(accelerator, path: Path) -> int:
+        accelerator.load_state(str(path))
+        return int(json.loads((path / "uae_state.json").read_text())["step"])
+
+
+class MetricsLog:
+    """One JSON object per logged step in `metrics.jsonl` (appended, flushed), mirrored to the
+    accelerate trackers. On resume, entries past the resumed step are dropped first."""
+
+    def __init__(self, path: Path, accelerator, resume_step: int = 0):
+        self.path, self.acc = Path(path), accelerator
+        if accelerator.is_main_process and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, values: dict) -> None:
+        self.acc.log(values, step=step)
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
+
+
+def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
+    """Unchanged parts of a checkpoint: a symlink (no multi-GB copies) or a copy."""
+    src = Path(src).resolve()
+    if dst.exists() or dst.is_symlink():
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+    if link:
+        os.symlink(src, dst, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
