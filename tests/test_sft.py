@@ -166,3 +166,14 @@ def test_bad_settings(capsys):
     assert train_sft.main([]) == 2
     err = capsys.readouterr().err
     assert "--dit_mode" in err and "multiple of 16" in err and "--data is required" in err
+
+
+def test_datasets_folder_source(tiny_ckpt, pairs, tmp_path):
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"image": [Image.open(pairs / f"{n}.jpg") for n in CAPTIONS],
+                                     "caption": list(CAPTIONS.values())},
+                                    features=datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    assert sft(tiny_ckpt, tmp_path / "ds", tmp_path / "run", "--max_train_steps", 2, "--validation_steps", 0) == 0
+    assert len(_losses(tmp_path / "run")) == 2
