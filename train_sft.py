@@ -35,6 +35,15 @@ class SFTConfig:
     lora_alpha: float = field(64.0, help="DiT LoRA alpha")
     lora_target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
                                             "to_add_out"], help="DiT modules the LoRA wraps")
+    cache_latents: bool = field(False, help="precompute each image's VAE posterior once (on disk); steps sample from it")
+    cache_text: bool = field(False, help="precompute the frozen LLM's hidden states of each caption once (on disk); "
+                                         "needs --text_padding max_length")
+    cache_dir: str | None = field(None, help="cache folder (default: <output_dir>/cache); entries are keyed by content "
+                                            "and by a fingerprint of the model and settings")
+    text_padding: str = field("longest", help="longest (pad captions to the longest of the batch, as at inference) or "
+                                              "max_length (to --max_caption_tokens, batch-independent)")
+    max_caption_tokens: int = field(512, help="with text_padding max_length: tokens per templated caption (longer "
+                                              "captions are an error, never cut)")
     train_projector: bool = field(True, help="train the projector (LLM hidden states -> DiT conditioning)")
     caption_dropout: float = field(0.1, help="probability of replacing a caption with the empty prompt (for CFG)")
     weighting_scheme: str = field("logit_normal", help="timestep density / loss weighting: logit_normal, mode, uniform, sigma_sqrt, cosmap")
@@ -81,6 +90,11 @@ class SFTConfig:
             raise UAEError(f"--dit_mode {self.dit_mode}: use lora or full")
         if self.weighting_scheme not in ("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"):
             raise UAEError(f"--weighting_scheme {self.weighting_scheme}: use logit_normal, mode, uniform, sigma_sqrt, cosmap or none")
+        if self.text_padding not in ("longest", "max_length"):
+            raise UAEError(f"--text_padding {self.text_padding}: use longest or max_length")
+        if self.cache_text and self.text_padding != "max_length":
+            raise UAEError("--cache_text needs --text_padding max_length (a cached caption's states must not depend "
+                           "on the other captions of its batch)")
         if self.latent_sampling not in ("sample", "mode"):
             raise UAEError(f"--latent_sampling {self.latent_sampling}: use sample or mode")
         if not 0 <= self.caption_dropout <= 1:

@@ -177,3 +177,30 @@ def test_datasets_folder_source(tiny_ckpt, pairs, tmp_path):
     ds.save_to_disk(str(tmp_path / "ds"))
     assert sft(tiny_ckpt, tmp_path / "ds", tmp_path / "run", "--max_train_steps", 2, "--validation_steps", 0) == 0
     assert len(_losses(tmp_path / "run")) == 2
+
+
+def test_caches_give_the_same_training_and_skip_the_models(tiny_ckpt, pairs, tmp_path, monkeypatch):
+    common = ["--max_train_steps", 3, "--validation_steps", 0, "--checkpointing_steps", 0, "--text_padding", "max_length",
+              "--max_caption_tokens", 64, "--caption_dropout", 0.5]
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "plain", *common) == 0
+    args = [*common, "--cache_latents", "--cache_text", "--cache_dir", tmp_path / "cache"]
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "cached", *args) == 0
+    plain, cached = _losses(tmp_path / "plain"), _losses(tmp_path / "cached")
+    assert all(abs(a - b) < 1e-5 for a, b in zip(plain, cached)), (plain, cached)
+    entries = sorted(p.parent.name.split("-")[0] for p in (tmp_path / "cache").rglob("*.safetensors"))
+    assert entries.count("latents") == 4 and entries.count("text") == 5          # 4 captions + the empty prompt
+    # A second run reads the caches: no image is decoded and no caption goes through the LLM.
+    import uae.data
+    from uae.training.sft import SFTRecipe
+
+    monkeypatch.setattr(uae.data, "load_image", lambda *a: pytest.fail("image decoded"))
+    monkeypatch.setattr(SFTRecipe, "_hidden", lambda *a: pytest.fail("LLM called"))
+    monkeypatch.setattr(uae.data, "validate", lambda items: uae.data.Validation(ok=items))
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "again", *args) == 0
+    assert _losses(tmp_path / "again") == cached
+
+
+def test_long_caption_is_an_error_not_a_cut(tiny_ckpt, pairs, tmp_path, capsys):
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "r", "--max_train_steps", 1, "--text_padding", "max_length",
+               "--max_caption_tokens", 20, "--validation_steps", 0) == 2
+    assert "--max_caption_tokens 20" in capsys.readouterr().err

@@ -117,21 +117,43 @@ def center_crop_tensor(pil, height: int, width: int) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-class CaptionImageDataset(torch.utils.data.Dataset):
-    """Validated items -> {"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int}."""
+def item_key(it: Item) -> str:
+    """Content key of an item's image (file bytes, or pixels for in-memory images)."""
+    from uae.io import content_key
 
-    def __init__(self, items: list[Item], height: int, width: int):
-        self.items, self.height, self.width = items, height, width
+    if it.pil is not None:
+        return content_key(it.pil.convert("RGB").tobytes() + repr(it.pil.size).encode())
+    return content_key(it.image.read_bytes())
+
+
+class CaptionImageDataset(torch.utils.data.Dataset):
+    """Validated items -> {"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int}; with a
+    latent cache, {"latent_mean", "latent_std"} replace the pixels (no image is decoded)."""
+
+    def __init__(self, items: list[Item], height: int, width: int, latent_cache=None):
+        self.items, self.height, self.width, self.latent_cache = items, height, width, latent_cache
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> dict:
+    def pixels(self, i: int) -> torch.Tensor:
         it = self.items[i]
         pil = it.pil.convert("RGB") if it.pil is not None else load_image(it.image)
-        return {"pixels": center_crop_tensor(pil, self.height, self.width), "caption": it.caption.strip(), "index": i}
+        return center_crop_tensor(pil, self.height, self.width)
+
+    def __getitem__(self, i: int) -> dict:
+        out = {"caption": self.items[i].caption.strip(), "index": i}
+        if self.latent_cache is not None:
+            cached = self.latent_cache.get(item_key(self.items[i]))
+            out.update(latent_mean=cached["mean"], latent_std=cached["std"])
+        else:
+            out["pixels"] = self.pixels(i)
+        return out
 
 
 def collate(batch: list[dict]) -> dict:
-    return {"pixels": torch.stack([b["pixels"] for b in batch]), "caption": [b["caption"] for b in batch],
-            "index": torch.tensor([b["index"] for b in batch])}
+    out = {"caption": [b["caption"] for b in batch], "index": torch.tensor([b["index"] for b in batch])}
+    for key in ("pixels", "latent_mean", "latent_std"):
+        if key in batch[0]:
+            out[key] = torch.stack([b[key] for b in batch])
+    return out

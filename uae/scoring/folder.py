@@ -8,7 +8,6 @@ encoded against the same references. Only features are kept in memory, never ima
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
-from uae.io import IMAGE_EXTENSIONS, atomic_write_bytes
+from uae.io import IMAGE_EXTENSIONS, atomic_write_bytes, content_key
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +72,7 @@ def match_folders(image_dir: str | Path, ref_dir: str | Path) -> Matching:
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+    return content_key(path.read_bytes())
 
 
 class _Decode(torch.utils.data.Dataset):

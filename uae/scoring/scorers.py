@@ -9,7 +9,6 @@ outside `torch.no_grad()` on float images.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ import yaml
 from torch import nn
 
 from uae.errors import UAEError
+from uae.io import fingerprint
 from uae.paths import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
@@ -136,16 +136,6 @@ class Scorer(nn.Module):
 
 # ---------------------------------------------------------------------------- loading
 
-def _fingerprint(*parts: Any, files: Sequence[Path] = ()) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(repr(p).encode())
-    for f in sorted(files):
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
-
-
 def _local_files(path: str) -> list[Path]:
     p = Path(path)
     if p.is_file():
@@ -233,7 +223,7 @@ def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "off
         raise
     except Exception as e:
         raise UAEError(f"could not load scorer {name} from {checkpoint!r}: {type(e).__name__}: {e}") from None
-    fp = _fingerprint(name, kind, checkpoint, spec["preprocess"], str(dtype), files=files)
+    fp = fingerprint(name, kind, checkpoint, spec["preprocess"], str(dtype), files=files)
     scorer = Scorer(name, kind, model.eval().requires_grad_(False), pre, fp, tokenizer,
                     spec.get("context_length"))
     return scorer.to(device)

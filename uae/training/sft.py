@@ -79,13 +79,65 @@ class SFTRecipe:
                     "on" if cfg.train_projector else "off", cfg.dit_mode)
 
     # ------------------------------------------------------------------ one step
-    def _embed(self, captions: list[str]) -> torch.Tensor:
-        enc = self.model.encoder
-        tok = enc.processor.tokenizer(enc.generate_texts(captions), padding=True, padding_side="right",
-                                      return_tensors="pt").to(self.acc.device)
+    def _hidden(self, captions: list[str]) -> torch.Tensor:
+        """Frozen LLM: last hidden states of the captions in the "generate" template. Padding is
+        to the longest caption of the batch (as at inference), or to max_caption_tokens (needed
+        for caching: an item's states must not depend on its batch)."""
+        cfg, enc = self.cfg, self.model.encoder
+        texts = enc.generate_texts(captions)
+        if cfg.text_padding == "max_length":
+            lengths = [len(ids) for ids in enc.processor.tokenizer(texts)["input_ids"]]
+            if max(lengths) > cfg.max_caption_tokens:
+                i = max(range(len(lengths)), key=lengths.__getitem__)
+                raise UAEError(f"caption {captions[i][:60]!r}... has {lengths[i]} tokens with its template, more than "
+                               f"--max_caption_tokens {cfg.max_caption_tokens}: raise it (captions are never cut)")
+            pad = dict(padding="max_length", max_length=cfg.max_caption_tokens)
+        else:
+            pad = dict(padding=True)
+        tok = enc.processor.tokenizer(texts, padding_side="right", return_tensors="pt", **pad).to(self.acc.device)
         with torch.no_grad():  # the LLM is frozen: only the projector sees gradients
-            hidden = enc.qwen.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
-        return self.projector(hidden)
+            return enc.qwen.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+
+    def _embed(self, captions: list[str]) -> torch.Tensor:
+        if self.text_cache is not None:
+            from uae.io import content_key
+
+            hidden = torch.stack([self.text_cache.get(content_key(c.encode()))["hidden"] for c in captions])
+            return self.projector(hidden.to(self.acc.device))
+        return self.projector(self._hidden(captions))
+
+    @torch.no_grad()
+    def _precompute(self, items) -> None:
+        """Fill the latent / text caches for the items missing from them (shared across processes)."""
+        from tqdm.auto import tqdm
+
+        from uae.data import CaptionImageDataset, item_key
+        from uae.io import content_key, fingerprint
+        from uae.training.cache import DiskCache
+
+        cfg, acc = self.cfg, self.acc
+        root = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
+        self.latent_cache = self.text_cache = None
+        shard = slice(acc.process_index, None, acc.num_processes)
+        if cfg.cache_latents:
+            vae_dir = Path(self.paths.SD3) / "vae"
+            ns = "latents-" + fingerprint(str(vae_dir), cfg.resolution, files=list(vae_dir.glob("*")))
+            self.latent_cache = DiskCache(root, ns)
+            ds = CaptionImageDataset(items, cfg.resolution, cfg.resolution)
+            todo = [i for i in range(len(items))[shard] if not self.latent_cache.has(item_key(items[i]))]
+            vae = self.model.decoder.pipe.vae
+            for i in tqdm(todo, desc="caching latents", disable=not todo or not acc.is_local_main_process):
+                dist = vae.encode(ds.pixels(i)[None].to(acc.device)).latent_dist
+                self.latent_cache.put(item_key(items[i]), {"mean": dist.mean[0], "std": dist.std[0]})
+        if cfg.cache_text:
+            ns = "text-" + fingerprint(self.paths.llm, self.paths.llm_lora, self.paths.llm_processor,
+                                       cfg.max_caption_tokens, files=list(Path(self.paths.llm).glob("*.safetensors")))
+            self.text_cache = DiskCache(root, ns)
+            captions = sorted({it.caption.strip() for it in items} | {""})[shard]
+            todo = [c for c in captions if not self.text_cache.has(content_key(c.encode()))]
+            for c in tqdm(todo, desc="caching LLM states", disable=not todo or not acc.is_local_main_process):
+                self.text_cache.put(content_key(c.encode()), {"hidden": self._hidden([c])[0]})
+        acc.wait_for_everyone()
 
     def loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
@@ -94,10 +146,14 @@ class SFTRecipe:
         captions = [c if torch.rand((), generator=gen).item() >= cfg.caption_dropout else "" for c in batch["caption"]]
         embeds = self._embed(captions)
         vae = self.model.decoder.pipe.vae
-        pixels = batch["pixels"].to(dev)
         with torch.no_grad():
-            dist = vae.encode(pixels).latent_dist
-            latents = dist.sample(generator=gen) if cfg.latent_sampling == "sample" else dist.mode()
+            if "latent_mean" in batch:  # cached posterior: the same draw as DiagonalGaussianDistribution.sample
+                mean, std = batch["latent_mean"].to(dev), batch["latent_std"].to(dev)
+                eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(dev)
+                latents = mean + std * eps if cfg.latent_sampling == "sample" else mean
+            else:
+                dist = vae.encode(batch["pixels"].to(dev)).latent_dist
+                latents = dist.sample(generator=gen) if cfg.latent_sampling == "sample" else dist.mode()
             latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
         noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(dev)
         u = compute_density_for_timestep_sampling(cfg.weighting_scheme, latents.shape[0], logit_mean=cfg.logit_mean,
@@ -126,6 +182,7 @@ class SFTRecipe:
         data = self._data()
         set_seed(cfg.seed)  # new LoRA weights are drawn from the global RNG
         self._models()
+        self._precompute(data.ok)
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
@@ -148,7 +205,8 @@ class SFTRecipe:
         accum = cfg.gradient_accumulation_steps
         sampler = StepSampler(len(data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
                               start * accum, cfg.max_train_steps * accum)
-        loader = torch.utils.data.DataLoader(CaptionImageDataset(data.ok, cfg.resolution, cfg.resolution),
+        loader = torch.utils.data.DataLoader(CaptionImageDataset(data.ok, cfg.resolution, cfg.resolution,
+                                                                 self.latent_cache),
                                              batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.dataloader_num_workers)
         self.dit_train.train()
