@@ -29,7 +29,11 @@ class SFTConfig:
     output_dir: str = field("runs/sft", help="checkpoints, logs, validation grids, loss plot and final/ (official layout)")
     validate_data: bool = field(False, help="only check the data, report counts, and exit")
     on_bad_data: str = field("error", help="error: stop when any item is missing / unreadable / caption-less; skip: train without them")
-    resolution: int = field(512, help="training images are resized (shortest side) and centre-cropped to this square size")
+    resolution: int = field(512, help="training size: images are resized and centre-cropped to resolution^2 pixels "
+                                      "(a square, or with --bucketing the closest aspect-ratio bucket of that area)")
+    bucketing: bool = field(False, help="aspect-ratio buckets instead of square centre crops; a batch holds one bucket")
+    bucket_step: int = field(64, help="bucket sides are multiples of this (a multiple of 16)")
+    max_aspect_ratio: float = field(2.0, help="most elongated bucket (height/width or width/height)")
     dit_mode: str = field("lora", help="lora (train a new DiT LoRA) or full (fine-tune every DiT weight)")
     lora_rank: int = field(32, help="DiT LoRA rank")
     lora_alpha: float = field(64.0, help="DiT LoRA alpha")
@@ -102,6 +106,10 @@ class SFTConfig:
         for name in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps"):
             if getattr(self, name) < 1:
                 raise UAEError(f"--{name} must be at least 1")
+        if self.bucket_step % 16 or self.bucket_step < 16:
+            raise UAEError(f"--bucket_step {self.bucket_step} must be a positive multiple of 16")
+        if self.max_aspect_ratio < 1:
+            raise UAEError(f"--max_aspect_ratio must be >= 1 (got {self.max_aspect_ratio})")
         if self.resolution % 16:
             raise UAEError(f"--resolution {self.resolution} must be a multiple of 16")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

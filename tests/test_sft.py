@@ -204,3 +204,58 @@ def test_long_caption_is_an_error_not_a_cut(tiny_ckpt, pairs, tmp_path, capsys):
     assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "r", "--max_train_steps", 1, "--text_padding", "max_length",
                "--max_caption_tokens", 20, "--validation_steps", 0) == 2
     assert "--max_caption_tokens 20" in capsys.readouterr().err
+
+
+def test_buckets_and_grouped_sampler():
+    from uae.data import Item, assign_buckets, buckets_for
+    from uae.training.common import StepSampler
+
+    buckets = buckets_for(256, 64, 2.0)
+    assert (256, 256) in buckets
+    assert all(h % 64 == 0 and w % 64 == 0 and h * w <= 256 * 256 and 0.5 <= h / w <= 2 for h, w in buckets)
+
+    class Sized(Item):
+        def size(self):
+            return self.image  # (width, height)
+
+    items = [Sized((400, 200), "c", "wide"), Sized((200, 400), "c", "tall"), Sized((300, 300), "c", "square")]
+    got = assign_buckets(items, buckets)
+    assert got[0][1] > got[0][0] and got[1][0] > got[1][1] and got[2][0] == got[2][1]
+
+    groups = ["a"] * 5 + ["b"] * 7
+    sampler = StepSampler(12, 2, 1, 0, seed=3, start=0, total=10, groups=groups)
+    assert sampler.per_epoch == 5                                                 # 2 + 3 full batches
+    flat = list(sampler)
+    batches = [flat[i:i + 2] for i in range(0, len(flat), 2)]
+    assert all(len({groups[i] for i in b}) == 1 for b in batches)
+    assert list(StepSampler(12, 2, 1, 0, seed=3, start=4, total=10, groups=groups)) == flat[8:]   # resume position
+
+
+def test_bucketed_training_on_mixed_aspect_ratios(tiny_ckpt, pairs, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    img = data.astronaut()
+    for i, (h, w) in enumerate([(200, 400), (210, 420), (400, 200), (420, 210)]):
+        Image.fromarray(img[:h, :w] if h <= 512 and w <= 512 else img).resize((w, h)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"photo {i}")
+    assert sft(tiny_ckpt, folder, tmp_path / "run", "--max_train_steps", 4, "--bucketing", "--resolution", 64,
+               "--bucket_step", 16, "--validation_steps", 0) == 0
+    err = capsys.readouterr().err
+    assert "aspect-ratio buckets in use" in err and "x" in err
+    assert len(_losses(tmp_path / "run")) == 4
+
+
+def test_webdataset_shards(tiny_ckpt, pairs, tmp_path):
+    import io
+    import tarfile
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, (name, cap) in enumerate(CAPTIONS.items()):
+            for ext, payload in (("jpg", (pairs / f"{name}.jpg").read_bytes()), ("txt", cap.encode())):
+                info = tarfile.TarInfo(f"{i:04d}.{ext}")
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+    assert sft(tiny_ckpt, shard, tmp_path / "run", "--max_train_steps", 2, "--validation_steps", 0) == 0
+    assert sft(tiny_ckpt, str(tmp_path / "shard-*.tar"), tmp_path / "run2", "--max_train_steps", 1,
+               "--validation_steps", 0) == 0

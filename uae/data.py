@@ -1,9 +1,11 @@
 """Image + caption datasets for training, and their validation.
 
 Sources: a .jsonl file ({"image": path, "caption": text} per line, paths relative to the file),
-a folder of images with .txt sidecars (same stem), or a Hugging Face `datasets` dataset saved with
-`save_to_disk` (columns `image` and `caption`). `validate` reports missing, unreadable and
-caption-less items up front.
+a folder of images with .txt sidecars (same stem), a Hugging Face `datasets` dataset saved with
+`save_to_disk` (columns `image` and `caption`), or webdataset shards (`.tar` files: a folder of
+them, one file, or a glob; image under jpg/jpeg/png/webp, caption under txt or json["caption"]).
+Dataset rows are decoded lazily. `validate` reports missing, unreadable and caption-less items up
+front.
 """
 
 from __future__ import annotations
@@ -26,7 +28,27 @@ class Item:
     image: Path | None
     caption: str | None
     source: str  # where it came from, for messages (file:line or path)
-    pil: object = None  # in-memory image (datasets source)
+    ds: object = None  # a `datasets` dataset and the row of this item (image decoded on access)
+    row: int = -1
+    column: str = "image"
+
+    def open(self):
+        """The image as 8-bit RGB PIL (see uae.io.load_image for the conversions)."""
+        if self.ds is None:
+            return load_image(self.image)
+        from uae.io import to_rgb
+
+        return to_rgb(self.ds[self.row][self.column])
+
+    def size(self) -> tuple[int, int]:
+        """(width, height) as displayed, read from the header when possible."""
+        if self.ds is not None:
+            return self.open().size
+        from PIL import Image
+
+        with Image.open(self.image) as im:
+            w, h = im.size
+            return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 @dataclass
@@ -53,6 +75,13 @@ class Validation:
 
 def read_items(source: str | Path) -> list[Item]:
     src = Path(source)
+    if any(ch in str(source) for ch in "*?[") or (src.is_file() and src.suffix == ".tar"):
+        import glob
+
+        files = sorted(glob.glob(str(source)))
+        if not files:
+            raise UAEError(f"data {source}: no webdataset shard matches")
+        return read_webdataset(files, source)
     if not src.exists():
         raise UAEError(f"data {source} does not exist: give a .jsonl file, a folder of images with .txt "
                        "captions, or a `datasets` folder saved with save_to_disk")
@@ -76,12 +105,31 @@ def read_items(source: str | Path) -> list[Item]:
         ds = datasets.load_from_disk(str(src))
         if not {"image", "caption"} <= set(ds.column_names):
             raise UAEError(f"dataset {source} needs columns image and caption (has {ds.column_names})")
-        return [Item(None, r["caption"], f"{src.name}[{i}]", pil=r["image"]) for i, r in enumerate(ds)]
+        return [Item(None, c, f"{src.name}[{i}]", ds=ds, row=i) for i, c in enumerate(ds["caption"])]
+    shards = sorted(src.glob("*.tar"))
+    if shards:
+        return read_webdataset([str(p) for p in shards], source)
     images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise UAEError(f"data folder {source} holds no images")
     return [Item(p, p.with_suffix(".txt").read_text(encoding="utf-8") if p.with_suffix(".txt").exists() else None,
                  str(p)) for p in images]
+
+
+def read_webdataset(files: list[str], source) -> list[Item]:
+    import datasets
+
+    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
+    col = next((c for c in ("jpg", "jpeg", "png", "webp") if c in ds.column_names), None)
+    if col is None:
+        raise UAEError(f"webdataset {source}: no image entries (jpg, jpeg, png, webp) in {ds.column_names}")
+    if "txt" in ds.column_names:
+        captions = ds["txt"]
+    elif "json" in ds.column_names:
+        captions = [(j or {}).get("caption") for j in ds["json"]]
+    else:
+        raise UAEError(f"webdataset {source}: no caption entries (txt, or json with a caption) in {ds.column_names}")
+    return [Item(None, c, f"{Path(str(source)).name}[{i}]", ds=ds, row=i, column=col) for i, c in enumerate(captions)]
 
 
 def validate(items: list[Item]) -> Validation:
@@ -90,15 +138,17 @@ def validate(items: list[Item]) -> Validation:
         if not (it.caption or "").strip():
             v.no_caption.append(it.source)
             continue
-        if it.pil is None:
-            if it.image is None or not it.image.exists():
-                v.missing.append(f"{it.source} ({it.image})")
-                continue
-            try:
-                load_image(it.image)
-            except UAEError as e:
-                v.unreadable.append(f"{it.source}: {e}")
-                continue
+        if it.ds is None and (it.image is None or not it.image.exists()):
+            v.missing.append(f"{it.source} ({it.image})")
+            continue
+        try:
+            it.open()
+        except UAEError as e:
+            v.unreadable.append(f"{it.source}: {e}")
+            continue
+        except Exception as e:  # a dataset row that does not decode
+            v.unreadable.append(f"{it.source}: {type(e).__name__}: {e}")
+            continue
         v.ok.append(it)
     return v
 
@@ -117,38 +167,58 @@ def center_crop_tensor(pil, height: int, width: int) -> torch.Tensor:
     return x.float() / 127.5 - 1.0
 
 
-def item_key(it: Item) -> str:
-    """Content key of an item's image (file bytes, or pixels for in-memory images)."""
+def item_key(it: Item, height: int, width: int) -> str:
+    """Key of an item's image at a training size (file bytes, or the decoded pixels of a row)."""
     from uae.io import content_key
 
-    if it.pil is not None:
-        return content_key(it.pil.convert("RGB").tobytes() + repr(it.pil.size).encode())
-    return content_key(it.image.read_bytes())
+    data = it.open().tobytes() if it.ds is not None else it.image.read_bytes()
+    return f"{content_key(data)}-{height}x{width}"
 
 
 class CaptionImageDataset(torch.utils.data.Dataset):
     """Validated items -> {"pixels": (3, H, W) in [-1, 1], "caption": str, "index": int}; with a
-    latent cache, {"latent_mean", "latent_std"} replace the pixels (no image is decoded)."""
+    latent cache, {"latent_mean", "latent_std"} replace the pixels (no image is decoded).
+    `sizes[i]` is item i's (height, width): one square size, or its aspect-ratio bucket."""
 
-    def __init__(self, items: list[Item], height: int, width: int, latent_cache=None):
-        self.items, self.height, self.width, self.latent_cache = items, height, width, latent_cache
+    def __init__(self, items: list[Item], sizes: list[tuple[int, int]], latent_cache=None):
+        self.items, self.sizes, self.latent_cache = items, sizes, latent_cache
 
     def __len__(self) -> int:
         return len(self.items)
 
     def pixels(self, i: int) -> torch.Tensor:
-        it = self.items[i]
-        pil = it.pil.convert("RGB") if it.pil is not None else load_image(it.image)
-        return center_crop_tensor(pil, self.height, self.width)
+        return center_crop_tensor(self.items[i].open(), *self.sizes[i])
 
     def __getitem__(self, i: int) -> dict:
         out = {"caption": self.items[i].caption.strip(), "index": i}
         if self.latent_cache is not None:
-            cached = self.latent_cache.get(item_key(self.items[i]))
+            cached = self.latent_cache.get(item_key(self.items[i], *self.sizes[i]))
             out.update(latent_mean=cached["mean"], latent_std=cached["std"])
         else:
             out["pixels"] = self.pixels(i)
         return out
+
+
+def buckets_for(resolution: int, step: int, max_aspect: float) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (height, width): sides multiples of `step`, area at most
+    resolution^2, aspect within [1/max_aspect, max_aspect]; the largest area per aspect."""
+    area, out = resolution * resolution, set()
+    for h in range(step, int(resolution * max_aspect ** 0.5) + step, step):
+        w = (area // h) // step * step
+        if w >= step and 1 / max_aspect <= h / w <= max_aspect:
+            out.add((h, w))
+    return sorted(out)
+
+
+def assign_buckets(items: list[Item], buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Each item's bucket: the closest aspect ratio (in log space)."""
+    import math
+
+    out = []
+    for it in items:
+        w, h = it.size()
+        out.append(min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(h / w))))
+    return out
 
 
 def collate(batch: list[dict]) -> dict:

@@ -41,25 +41,46 @@ def generator_for(seed: int, step: int, device="cpu") -> torch.Generator:
 
 class StepSampler(torch.utils.data.Sampler):
     """Indices for micro-steps `start`, `start + 1`, ...: each epoch is a permutation seeded by
-    (seed, epoch); a global batch of `batch * world` is split across processes by rank."""
+    (seed, epoch), cut into global batches of `batch * world` (split across processes by rank).
+    With `groups` (e.g. aspect-ratio buckets), a batch only holds items of one group and the
+    batches' order is shuffled too; incomplete batches are dropped."""
 
-    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, start: int, total: int):
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int, start: int, total: int,
+                 groups: list | None = None):
         self.n, self.batch, self.world, self.rank = n, batch, world, rank
-        self.seed, self.start, self.total = seed, start, total
-        self.per_epoch = n // (batch * world)
+        self.seed, self.start, self.total, self.groups = seed, start, total, groups
+        gb = batch * world
+        counts = {}
+        for g in groups or [0] * n:
+            counts[g] = counts.get(g, 0) + 1
+        self.per_epoch = sum(c // gb for c in counts.values())
         if self.per_epoch == 0:
             raise UAEError(f"the dataset has {n} usable item(s), fewer than one global batch "
-                           f"(train_batch_size {batch} x {world} process(es)): add data or lower train_batch_size")
+                           f"(train_batch_size {batch} x {world} process(es)) in any group: add data or lower "
+                           "train_batch_size")
 
     def __len__(self) -> int:
         return max(self.total - self.start, 0) * self.batch
 
-    def __iter__(self) -> Iterator[int]:
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
         gb = self.batch * self.world
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch)).tolist()
+        if self.groups is None:
+            return [order[i * gb:(i + 1) * gb] for i in range(self.per_epoch)]
+        by_group: dict = {}
+        for i in order:
+            by_group.setdefault(self.groups[i], []).append(i)
+        batches = [idx[j:j + gb] for idx in by_group.values() for j in range(0, len(idx) - gb + 1, gb)]
+        perm = torch.randperm(len(batches), generator=torch.Generator().manual_seed(self.seed + 7919 * epoch + 1))
+        return [batches[k] for k in perm.tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        cached_epoch, batches = None, []
         for m in range(self.start, self.total):
             epoch, pos = divmod(m, self.per_epoch)
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + 7919 * epoch)).tolist()
-            yield from order[pos * gb:(pos + 1) * gb][self.rank::self.world]
+            if epoch != cached_epoch:
+                cached_epoch, batches = epoch, self.epoch_batches(epoch)
+            yield from batches[pos][self.rank::self.world]
 
 
 class Checkpoints:

@@ -121,14 +121,14 @@ class SFTRecipe:
         shard = slice(acc.process_index, None, acc.num_processes)
         if cfg.cache_latents:
             vae_dir = Path(self.paths.SD3) / "vae"
-            ns = "latents-" + fingerprint(str(vae_dir), cfg.resolution, files=list(vae_dir.glob("*")))
+            ns = "latents-" + fingerprint(str(vae_dir), files=list(vae_dir.glob("*")))
             self.latent_cache = DiskCache(root, ns)
-            ds = CaptionImageDataset(items, cfg.resolution, cfg.resolution)
-            todo = [i for i in range(len(items))[shard] if not self.latent_cache.has(item_key(items[i]))]
+            ds = CaptionImageDataset(items, self.sizes)
+            todo = [i for i in range(len(items))[shard] if not self.latent_cache.has(item_key(items[i], *self.sizes[i]))]
             vae = self.model.decoder.pipe.vae
             for i in tqdm(todo, desc="caching latents", disable=not todo or not acc.is_local_main_process):
                 dist = vae.encode(ds.pixels(i)[None].to(acc.device)).latent_dist
-                self.latent_cache.put(item_key(items[i]), {"mean": dist.mean[0], "std": dist.std[0]})
+                self.latent_cache.put(item_key(items[i], *self.sizes[i]), {"mean": dist.mean[0], "std": dist.std[0]})
         if cfg.cache_text:
             ns = "text-" + fingerprint(self.paths.llm, self.paths.llm_lora, self.paths.llm_processor,
                                        cfg.max_caption_tokens, files=list(Path(self.paths.llm).glob("*.safetensors")))
@@ -170,16 +170,22 @@ class SFTRecipe:
 
     # ------------------------------------------------------------------ loop
     def train(self) -> Path:
+        from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
         from tqdm.auto import tqdm
 
-        from uae.data import CaptionImageDataset, collate
-
-        from accelerate.utils import set_seed
+        from uae.data import CaptionImageDataset, assign_buckets, buckets_for, collate
 
         cfg, acc = self.cfg, self.acc
         data = self._data()
+        if cfg.bucketing:
+            buckets = buckets_for(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
+            self.sizes = assign_buckets(data.ok, buckets)
+            logger.info("aspect-ratio buckets in use (height x width: items): %s",
+                        ", ".join(f"{h}x{w}: {self.sizes.count((h, w))}" for h, w in sorted(set(self.sizes))))
+        else:
+            self.sizes = [(cfg.resolution, cfg.resolution)] * len(data.ok)
         set_seed(cfg.seed)  # new LoRA weights are drawn from the global RNG
         self._models()
         self._precompute(data.ok)
@@ -204,9 +210,8 @@ class SFTRecipe:
                                                   if isinstance(v, (int, float, str, bool))})
         accum = cfg.gradient_accumulation_steps
         sampler = StepSampler(len(data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                              start * accum, cfg.max_train_steps * accum)
-        loader = torch.utils.data.DataLoader(CaptionImageDataset(data.ok, cfg.resolution, cfg.resolution,
-                                                                 self.latent_cache),
+                              start * accum, cfg.max_train_steps * accum, groups=self.sizes if cfg.bucketing else None)
+        loader = torch.utils.data.DataLoader(CaptionImageDataset(data.ok, self.sizes, self.latent_cache),
                                              batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.dataloader_num_workers)
         self.dit_train.train()
