@@ -259,3 +259,11 @@ def test_webdataset_shards(tiny_ckpt, pairs, tmp_path):
     assert sft(tiny_ckpt, shard, tmp_path / "run", "--max_train_steps", 2, "--validation_steps", 0) == 0
     assert sft(tiny_ckpt, str(tmp_path / "shard-*.tar"), tmp_path / "run2", "--max_train_steps", 1,
                "--validation_steps", 0) == 0
+
+
+def test_gradient_checkpointing_and_bf16_autocast_run(tiny_ckpt, pairs, tmp_path):
+    out = tmp_path / "run"
+    assert sft(tiny_ckpt, pairs / "pairs.jsonl", out, "--max_train_steps", 2, "--gradient_checkpointing",
+               "--mixed_precision", "bf16", "--validation_steps", 0, "--checkpointing_steps", 0) == 0
+    losses = _losses(out)
+    assert len(losses) == 2 and all(l == l and l > 0 for l in losses)
