@@ -37,10 +37,10 @@ def setup_logging(level: str | int = "INFO") -> None:
 def script_main(fn: Callable[..., int]) -> Callable[..., int]:
     """Wrap a script's `main(argv)`: UAEError -> 'error: message' on stderr and exit code 2."""
     @functools.wraps(fn)
-    def wrapper(argv=None) -> int:
+    def wrapper(argv=None, **kwargs) -> int:
         setup_logging()
         try:
-            return fn(argv)
+            return fn(argv, **kwargs)
         except UAEError as e:
             logger.error("%s", e)
             return 2

@@ -1,0 +1,125 @@
+"""Unified-GRPO. Stage 3, Understanding for Generation (`--stage u4g`): Flow-GRPO on the decoder's
+LoRA with the reconstruction reward of the Unified-Bench scorers. (Stages 1 and 2 are being
+built in the project's open issues; this script accepts only the stages that exist.)
+
+    python train_grpo.py --stage u4g --config configs/grpo/tiny.yaml --data refs/        # CPU, tiny
+    accelerate launch --multi_gpu --num_processes 8 train_grpo.py --stage u4g --config configs/grpo/u4g.yaml \
+        --checkpoint zhiyuanyan1/UAE --data /data/images
+    python train_grpo.py --stage u4g --config configs/grpo/tiny.yaml --data refs/ --resume_from_checkpoint latest
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from uae.cli import script_main, setup_logging
+from uae.config import field, parse_config
+from uae.errors import UAEError
+
+logger = logging.getLogger("uae.grpo")
+
+STAGES = ("u4g",)
+
+
+@dataclass
+class GRPOConfig:
+    """Unified-GRPO training (defaults: Flow-GRPO's published SD3.5 values, DESIGN.md)."""
+
+    stage: str = field("u4g", help="u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
+    data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
+                                 "captions, a .jsonl of {image, caption}, a datasets folder or webdataset shards")
+    checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
+    output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, grids/, curves.png and final/")
+    resolution: int = field(512, help="rollout resolution (square)")
+    num_steps: int = field(10, help="sampling steps per rollout")
+    sde_window: list[int] | None = field(None, help="two ints [lo, hi): SDE (and training) only on steps lo..hi-1, "
+                                                    "ODE elsewhere (Flow-GRPO-Fast / MixGRPO); default all but the last")
+    sde_kind: str = field("sde", help="sde (Flow-GRPO) or cps (coefficients-preserving)")
+    noise_level: float = field(0.7, help="SDE noise level a (0.8 is usual for cps)")
+    guidance_scale: float = field(4.5, help="CFG during rollouts and training (both branches in one batch)")
+    group_size: int = field(24, help="rollouts per prompt (G)")
+    prompts_per_iteration: int = field(2, help="prompts per iteration over all processes")
+    sample_batch_size: int = field(8, help="rollouts sampled (and trained) together; rewards of a chunk overlap "
+                                           "the sampling of the next")
+    inner_epochs: int = field(1, help="optimizer passes over each iteration's rollouts")
+    clip_range: float = field(1e-4, help="PPO clip range (tiny: the log-prob is a mean over latent dims)")
+    beta: float = field(0.04, help="KL weight to the reference (the DiT with its LoRA disabled)")
+    adv_std_scope: str = field("group", help="advantage normalisation: group or batch")
+    adv_clip: float = field(5.0, help="advantages are clipped to [-adv_clip, adv_clip]")
+    reward_weights: list[str] = field(["clip=1.0"], help="scorer=weight pairs of the reconstruction reward")
+    text_reward_weight: float = field(0.0, help="weight of caption faithfulness (text scorer) in the reward")
+    text_scorer: str = field("longclip", help="clip or longclip, for text_reward_weight")
+    scorer_weights: str = field("auto", help="auto (tiny for the tiny model, else official), official, tiny")
+    max_new_tokens: int = field(512, help="encoder caption length limit (prompts of stage 3)")
+    temperature: float = field(0.7, help="encoder caption sampling temperature")
+    lora_rank: int = field(32, help="DiT LoRA rank")
+    lora_alpha: float = field(64.0, help="DiT LoRA alpha")
+    lora_target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
+                                            "to_add_out"], help="DiT modules the LoRA wraps")
+    learning_rate: float = field(3e-4, help="AdamW learning rate")
+    weight_decay: float = field(1e-4, help="AdamW weight decay")
+    adam_beta1: float = field(0.9, help="AdamW beta1")
+    adam_beta2: float = field(0.999, help="AdamW beta2")
+    max_grad_norm: float = field(1.0, help="gradient clipping (0: off)")
+    use_ema: bool = field(False, help="EMA of the LoRA weights; the output uses it")
+    ema_decay: float = field(0.9, help="EMA decay")
+    ema_every: int = field(8, help="EMA update every N iterations")
+    max_iterations: int = field(300, help="GRPO iterations (one optimizer step each, times inner_epochs)")
+    gradient_checkpointing: bool = field(False, help="recompute DiT activations in backward")
+    mixed_precision: str = field("no", help="no, bf16, fp16 (accelerate)")
+    gradient_accumulation_steps: int = field(1, help="kept at 1: GRPO accumulates over timesteps itself")
+    checkpointing_steps: int = field(50, help="resumable checkpoint every N iterations (0: only at the end)")
+    checkpoints_total_limit: int | None = field(None, help="keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = field(None, help="'latest' or a checkpoint folder")
+    image_log_steps: int = field(10, help="save a reference | group grid every N iterations (0: never)")
+    link_unchanged: bool = field(True, help="final/: symlink unchanged parts instead of copying")
+    report_to: str = field("tensorboard", help="accelerate trackers: tensorboard, wandb, none")
+    seed: int = field(0, help="prompt choice, initial noise and SDE noise are functions of (seed, iteration)")
+    device: str = field("auto", help="auto or cpu")
+    log_level: str = field("INFO", help="DEBUG, INFO, WARNING")
+
+    def __post_init__(self):
+        if self.stage not in STAGES:
+            raise UAEError(f"--stage {self.stage}: available stages are {', '.join(STAGES)}")
+        if not self.data:
+            raise UAEError("--data is required (reference images)")
+        if self.sde_kind not in ("sde", "cps"):
+            raise UAEError(f"--sde_kind {self.sde_kind}: use sde or cps")
+        if self.sde_window is not None and (len(self.sde_window) != 2 or not 0 <= self.sde_window[0] < self.sde_window[1] <= self.num_steps):
+            raise UAEError(f"--sde_window {self.sde_window}: give lo hi with 0 <= lo < hi <= num_steps ({self.num_steps})")
+        if self.adv_std_scope not in ("group", "batch"):
+            raise UAEError(f"--adv_std_scope {self.adv_std_scope}: use group or batch")
+        for name in ("resolution", "num_steps", "group_size", "prompts_per_iteration", "sample_batch_size",
+                     "inner_epochs", "max_iterations"):
+            if getattr(self, name) < 1:
+                raise UAEError(f"--{name} must be at least 1")
+        if self.group_size < 2:
+            raise UAEError("--group_size must be at least 2 (advantages are relative to the group)")
+        if self.resolution % 16:
+            raise UAEError(f"--resolution {self.resolution} must be a multiple of 16")
+        for pair in self.reward_weights:
+            name, _, w = pair.partition("=")
+            try:
+                float(w)
+            except ValueError:
+                raise UAEError(f"--reward_weights {pair!r}: use scorer=weight, e.g. clip=1.0 dinov2=0.5") from None
+        if self.gradient_accumulation_steps != 1:
+            raise UAEError("--gradient_accumulation_steps must stay 1 for GRPO (it accumulates over timesteps)")
+
+
+@script_main
+def main(argv=None, reward=None) -> int:
+    cfg = parse_config(GRPOConfig, argv, description=__doc__)
+    setup_logging(cfg.log_level)
+    from uae.config import save_config
+    from uae.rl.stages import U4GRecipe
+
+    recipe = U4GRecipe(cfg, reward=reward)
+    save_config(cfg, recipe.out / "config.yaml")
+    recipe.train()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

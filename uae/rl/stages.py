@@ -1,0 +1,351 @@
+"""Unified-GRPO stage 3, Understanding for Generation: Flow-GRPO on the decoder's LoRA.
+
+Each iteration: pick prompts (the encoder's captions of reference images), repeat each G times,
+sample reconstructions with the SDE sampler (CFG with both branches in one batch) while recording
+every stochastic transition and its log-probability, score them with the reward, turn rewards into
+group-relative advantages, then take PPO-clip steps on the recorded transitions with a KL term to
+the reference policy (the same DiT with its adapter disabled: no second copy in memory).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from uae.errors import UAEError
+from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
+from uae.rl.sde import sde_step, sde_window
+from uae.training.common import Checkpoints, MetricsLog, generator_for, link_or_copy, make_accelerator
+
+logger = logging.getLogger(__name__)
+
+
+def velocity(dit, x, t, pos, neg, pooled, guidance: float):
+    """The DiT's velocity with classifier-free guidance, both branches in one batched forward."""
+    b = x.shape[0]
+    tt = t.expand(b) if t.ndim == 0 else t
+    if guidance > 1:
+        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]),
+                  encoder_hidden_states=torch.cat([neg, pos]), pooled_projections=torch.cat([pooled, pooled]),
+                  return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+    return dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
+
+
+@torch.no_grad()
+def sample_trajectory(dit, latents, sched, pos, neg, pooled, *, guidance, noise_level, kind, window, generator):
+    """Run all steps; SDE on the `window` steps (recorded), the deterministic Euler step elsewhere.
+    Returns (final latents, [(i, x_i, x_{i+1}, log_prob_i)] for the recorded steps)."""
+    sigmas, timesteps = sched.sigmas, sched.timesteps
+    sde = sde_window(len(timesteps), window)
+    x, record = latents, []
+    for i, t in enumerate(timesteps):
+        v = velocity(dit, x.to(pos.dtype), t.to(x.device), pos, neg, pooled, guidance)
+        step = sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level if sde[i] else 0.0, kind=kind,
+                        sigma_max=sigmas[1], generator=generator)
+        if sde[i]:
+            record.append((i, x, step.prev_sample, step.log_prob))
+        x = step.prev_sample
+    return x, record
+
+
+def decode(vae, latents) -> torch.Tensor:
+    """Latents -> images in [0, 1], (B, 3, H, W)."""
+    x = latents / vae.config.scaling_factor + vae.config.shift_factor
+    return ((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+
+
+class U4GRecipe:
+    """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen."""
+
+    def __init__(self, cfg, reward=None):
+        from uae.config import to_dict
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.acc = make_accelerator(cfg, self.out)
+        self.config_dict = to_dict(cfg)
+        self.reward = reward
+        self.pool = ThreadPoolExecutor(max_workers=1)  # rewards overlap the next sampling batch
+
+    # ------------------------------------------------------------------ set-up
+    def _references(self):
+        """(key, image, caption or None) per reference: a folder of images (captions come from the
+        encoder), a folder with .txt captions, or a .jsonl / datasets / webdataset source."""
+        from uae.data import read_items
+
+        refs = []
+        for it in read_items(self.cfg.data):
+            try:
+                refs.append((it.image.name if it.image is not None else it.source, it.open(), it.caption))
+            except Exception as e:
+                logger.warning("skipping reference %s: %s", it.source, e)
+        if not refs:
+            raise UAEError(f"--data {self.cfg.data}: no readable reference image")
+        return refs
+
+    def _captions(self, refs) -> list[str]:
+        """The encoder's captions of the references (prompts of stage 3), generated once and kept in
+        captions.jsonl (a resumed run reads them back); given captions are used as they are."""
+        path = self.out / "captions.jsonl"
+        if path.exists():
+            stored = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
+            if set(stored) >= {k for k, _, _ in refs}:
+                return [stored[k] for k, _, _ in refs]
+        caps = []
+        todo = [i for i, (_, _, c) in enumerate(refs) if not c]
+        generated = {}
+        for j in range(0, len(todo), 4):
+            idx = todo[j:j + 4]
+            out = self.model.encoder.caption([refs[i][1] for i in idx], max_new_tokens=self.cfg.max_new_tokens,
+                                             temperature=self.cfg.temperature, seed=self.cfg.seed + j)
+            generated.update(zip(idx, out))
+        caps = [c if c else generated[i] for i, (_, _, c) in enumerate(refs)]
+        if self.acc.is_main_process:
+            from uae.io import atomic_write_text
+
+            atomic_write_text(path, "".join(json.dumps({"key": k, "caption": c}) + "\n" for (k, _, _), c in zip(refs, caps)))
+        return caps
+
+    def _models(self):
+        from peft import LoraConfig
+
+        from uae.models.uae import UAE
+
+        cfg = self.cfg
+        self.model = UAE.from_pretrained(cfg.checkpoint, overrides={"dit_lora": "none"}, device=self.acc.device,
+                                         dtype=torch.float32)
+        self.paths = self.model.components
+        self.model.encoder.requires_grad_(False)
+        pipe = self.model.decoder.pipe
+        pipe.vae.requires_grad_(False)
+        self.dit = pipe.transformer
+        self.dit.requires_grad_(False)
+        self.dit.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                        target_modules=list(cfg.lora_target_modules)))
+        for n, p in self.dit.named_parameters():
+            p.requires_grad_("lora_" in n)
+        if cfg.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing()
+        self.trainable = [p for p in self.dit.parameters() if p.requires_grad]
+        self.sched = copy.deepcopy(pipe.scheduler)
+        self.sched.set_timesteps(cfg.num_steps)
+
+    def _default_reward(self):
+        from uae.rl.rewards import ReconstructionReward
+        from uae.runtime import resolve_dtype
+        from uae.scoring.scorers import load_scorer
+
+        cfg = self.cfg
+        weights = dict(w.split("=") for w in cfg.reward_weights)
+        weights = {k: float(v) for k, v in weights.items()}
+        names = set(weights) | ({cfg.text_scorer} if cfg.text_reward_weight else set())
+        wmode = cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
+        scorers = {n: load_scorer(n, weights=wmode, device=self.acc.device,
+                                  dtype=resolve_dtype("float32", self.acc.device)) for n in sorted(names)}
+        return ReconstructionReward(scorers, weights, cfg.text_reward_weight, cfg.text_scorer)
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Path | None:
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        refs = self._references()
+        set_seed(cfg.seed)
+        self._models()
+        captions = self._captions(refs)
+        if self.reward is None:
+            self.reward = self._default_reward()
+        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.dit_train, opt = acc.prepare(self.dit, opt)
+        ema = None
+        if cfg.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(self.trainable, decay=cfg.ema_decay)
+            acc.register_for_checkpointing(ema)
+        ckpts = Checkpoints(self.out, cfg.checkpoints_total_limit)
+        start = 0
+        resume = ckpts.resolve(cfg.resume_from_checkpoint)
+        if resume is not None:
+            start = Checkpoints.load(acc, resume)
+            logger.info("resumed from %s at iteration %d", resume, start)
+        metrics = MetricsLog(self.out / "metrics.jsonl", acc, start)
+        if acc.is_main_process:
+            acc.init_trackers("uae_grpo_u4g", config={k: v for k, v in self.config_dict.items()
+                                                       if isinstance(v, (int, float, str, bool))})
+        bar = tqdm(total=cfg.max_iterations, initial=start, desc="grpo u4g", disable=not acc.is_local_main_process)
+        for it in range(start, cfg.max_iterations):
+            values = self.iteration(it, refs, captions, opt)
+            if ema is not None and (it + 1) % cfg.ema_every == 0:
+                ema.step(self.trainable)
+            metrics.log(it + 1, values)
+            bar.update(1)
+            bar.set_postfix(reward=f"{values['reward_mean']:.4f}")
+            if cfg.checkpointing_steps and (it + 1) % cfg.checkpointing_steps == 0 and it + 1 < cfg.max_iterations:
+                ckpts.save(acc, it + 1, self.config_dict)
+        bar.close()
+        ckpts.save(acc, cfg.max_iterations, self.config_dict)
+        final = self.save_output(ema)
+        if acc.is_main_process:
+            from uae.report import loss_curve
+
+            loss_curve(metrics.read(), self.out / "curves.png", "Unified-GRPO u4g", keys=("reward_mean", "kl"))
+        acc.end_training()
+        self.pool.shutdown()
+        return final
+
+    def iteration(self, it: int, refs, captions, opt) -> dict:
+        cfg, acc = self.cfg, self.acc
+        t_start = time.perf_counter()
+        world, rank = acc.num_processes, acc.process_index
+        # Prompts are chosen globally (same on every process); samples are split across processes,
+        # so a group may span processes: rewards are gathered before the group statistics.
+        pick = torch.randint(len(refs), (cfg.prompts_per_iteration,), generator=generator_for(cfg.seed + 1, it)).tolist()
+        samples = [p for p in pick for _ in range(cfg.group_size)]
+        if len(samples) % world:
+            raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
+        per = len(samples) // world
+        mine = samples[rank * per:(rank + 1) * per]
+        gen = generator_for(cfg.seed, it * world + rank)
+        dev = acc.device
+        vae = self.model.decoder.pipe.vae
+        side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        # Rollouts in chunks of sample_batch_size; each chunk's reward runs in a worker thread while
+        # the next chunk samples. Training reuses the same chunks, so the first ratio is exactly 1.
+        chunks, futures, t_sample = [], [], 0.0
+        for c0 in range(0, len(mine), cfg.sample_batch_size):
+            idx = mine[c0:c0 + cfg.sample_batch_size]
+            t0 = time.perf_counter()
+            with torch.no_grad():  # the encoder is frozen: conditioning as at inference
+                pos, neg = self.model.encoder.encode_prompts([captions[p] for p in idx])
+            pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
+            latents = torch.randn((len(idx), self.dit.config.in_channels, side, side), generator=gen).to(dev)
+            self.dit.eval()
+            final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled,
+                                              guidance=cfg.guidance_scale, noise_level=cfg.noise_level,
+                                              kind=cfg.sde_kind, generator=gen,
+                                              window=tuple(cfg.sde_window) if cfg.sde_window else None)
+            with torch.no_grad():
+                images = decode(vae, final)
+            t_sample += time.perf_counter() - t0
+            chunks.append((pos, neg, pooled, record, images))
+            futures.append(self.pool.submit(self._score, images, [refs[p][0] for p in idx],
+                                            [refs[p][1] for p in idx], [captions[p] for p in idx]))
+        t0 = time.perf_counter()
+        parts = [f.result() for f in futures]  # waits only for what did not overlap the sampling
+        t_reward = time.perf_counter() - t0
+        scores = {k: [v for part in parts for v in part[k]] for k in parts[0]}
+        rewards = torch.tensor(scores["total"], dtype=torch.float32, device=dev)
+        all_rewards = acc.gather(rewards)
+        group_ids = torch.arange(len(pick), device=dev).repeat_interleave(cfg.group_size)
+        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
+        my_adv, keep = adv.values[rank * per:(rank + 1) * per], adv.keep[rank * per:(rank + 1) * per]
+
+        t0 = time.perf_counter()
+        stats = self.train_on(chunks, my_adv, keep, opt)
+        t_train = time.perf_counter() - t0
+        total = time.perf_counter() - t_start
+        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
+                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
+                  "time_other": total - t_sample - t_reward - t_train, **stats}
+        for name, v in scores.items():
+            if name != "total":
+                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
+        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
+            self._grid(it + 1, refs, mine, torch.cat([c[4] for c in chunks]), scores["total"])
+        return values
+
+    def _score(self, images, keys, references, prompts) -> dict:
+        out = self.reward.score(images, keys, references, prompts) if hasattr(self.reward, "score") else \
+            {"total": torch.tensor(self.reward(images, keys, references, prompts))}
+        return {k: (v.tolist() if isinstance(v, torch.Tensor) else v) for k, v in out.items()}
+
+    def train_on(self, chunks, adv, keep, opt) -> dict:
+        """PPO-clip on the recorded transitions: gradients accumulated over chunks and trained
+        timesteps, one optimizer step per inner epoch."""
+        cfg, acc = self.cfg, self.acc
+        sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
+        self.dit_train.train()
+        agg: dict[str, float] = {}
+        n = sum(len(c[3]) for c in chunks)
+        for inner in range(cfg.inner_epochs):
+            opt.zero_grad(set_to_none=True)
+            offset, first = 0, True
+            for pos, neg, pooled, record, images in chunks:
+                b = images.shape[0]
+                a, kp = adv[offset:offset + b], keep[offset:offset + b]
+                offset += b
+                for i, x, x_next, old_lp in record:
+                    t = timesteps[i].to(x.device)
+                    v = velocity(self.dit_train, x, t, pos, neg, pooled, cfg.guidance_scale)
+                    step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
+                                    sigma_max=sigmas[1], prev_sample=x_next)
+                    kl = None
+                    if cfg.beta:
+                        with torch.no_grad():  # reference policy = the DiT with its adapter disabled
+                            self.dit.disable_adapters()
+                            v_ref = velocity(self.dit, x, t, pos, neg, pooled, cfg.guidance_scale)
+                            self.dit.enable_adapters()
+                            ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
+                                           sigma_max=sigmas[1], prev_sample=x_next)
+                        kl = flow_kl(step.mean, ref.mean, step.std)
+                    loss, stats = ppo_clip_loss(step.log_prob, old_lp, a, cfg.clip_range, kl, cfg.beta, kp)
+                    acc.backward(loss / n)
+                    if inner == 0 and first:  # the first inner step: same weights as the rollout
+                        agg.update({f"first_{k}": v for k, v in stats.items()})
+                        first = False
+                    for key, val in {**stats, "loss": loss.item()}.items():
+                        agg[key] = agg.get(key, 0.0) + val / (n * cfg.inner_epochs)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        return agg
+
+    def _grid(self, step, refs, mine, images, rewards) -> None:
+        from torchvision.transforms.v2.functional import to_pil_image
+
+        from uae.report import image_grid
+
+        g = self.cfg.group_size
+        ref = refs[mine[0]][1].resize((images.shape[-1], images.shape[-2]))
+        pics = [ref] + [to_pil_image(im) for im in images[:g]]
+        labels = ["reference"] + [f"r={r:.3f}" for r in rewards[:g]]
+        image_grid(pics, labels, self.out / "grids" / f"iter_{step:06d}.png", columns=min(g + 1, 9))
+
+    def save_output(self, ema) -> Path | None:
+        """final/: the trained `dit_lora/` with the other parts of the source checkpoint linked."""
+        from uae.checkpoints import MANIFEST
+        from uae.io import atomic_write_json
+        from uae.models.decoder import save_dit_lora
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if ema is not None:
+            ema.store(self.trainable)
+            ema.copy_to(self.trainable)
+        final = self.out / "final"
+        final.mkdir(exist_ok=True)
+        for part in ("SD3", "dit", "llm", "llm_lora", "llm_processor"):
+            if getattr(self.paths, part):
+                link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
+        save_dit_lora(acc.unwrap_model(self.dit_train), final / "dit_lora")
+        atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage u4g", "config": self.config_dict})
+        if ema is not None:
+            ema.restore(self.trainable)
+        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+        return final
