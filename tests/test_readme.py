@@ -31,6 +31,7 @@ def _flags(cls) -> set[str]:
     ("Score_i2i", "ScoreConfig", "### Scoring folders: eval/", "\n## "),
     ("run_unibench", "UniBenchConfig", "### The benchmark runner", "\n### "),
     ("train_sft", "SFTConfig", "## Training the decoder: train_sft.py", "\n## "),
+    ("train_grpo", "GRPOConfig", "## Unified-GRPO: train_grpo.py", "\n## "),
 ])
 def test_flags_match_the_readme_tables(module, cls, start, end):
     config = getattr(__import__(module), cls)
