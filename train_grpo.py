@@ -1,6 +1,10 @@
-"""Unified-GRPO. Stage 3, Understanding for Generation (`--stage u4g`): Flow-GRPO on the decoder's
-LoRA with the reconstruction reward of the Unified-Bench scorers. (Stages 1 and 2 are being
-built in the project's open issues; this script accepts only the stages that exist.)
+"""Unified-GRPO. Stage 2, Generation for Understanding (`--stage g4u`): GRPO on the encoder's
+LoRA, captions as actions, rewarded by how well the frozen decoder reconstructs the image from
+them. Stage 3, Understanding for Generation (`--stage u4g`): Flow-GRPO on the decoder's LoRA with
+the reconstruction reward. (Stage 1, the cold start, is being built in the project's open issues;
+this script accepts only the stages that exist.)
+
+    python train_grpo.py --stage g4u --config configs/grpo/tiny_g4u.yaml --data refs/
 
     python train_grpo.py --stage u4g --config configs/grpo/tiny.yaml --data refs/        # CPU, tiny
     accelerate launch --multi_gpu --num_processes 8 train_grpo.py --stage u4g --config configs/grpo/u4g.yaml \
@@ -19,14 +23,15 @@ from uae.errors import UAEError
 
 logger = logging.getLogger("uae.grpo")
 
-STAGES = ("u4g",)
+STAGES = ("g4u", "u4g")
 
 
 @dataclass
 class GRPOConfig:
     """Unified-GRPO training (defaults: Flow-GRPO's published SD3.5 values, DESIGN.md)."""
 
-    stage: str = field("u4g", help="u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
+    stage: str = field("u4g", help="g4u: stage 2, the encoder's LoRA learns to caption for reconstruction; "
+                                    "u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
     data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
                                  "captions, a .jsonl of {image, caption}, a datasets folder or webdataset shards")
     checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
@@ -51,8 +56,10 @@ class GRPOConfig:
     text_reward_weight: float = field(0.0, help="weight of caption faithfulness (text scorer) in the reward")
     text_scorer: str = field("longclip", help="clip or longclip, for text_reward_weight")
     scorer_weights: str = field("auto", help="auto (tiny for the tiny model, else official), official, tiny")
-    max_new_tokens: int = field(512, help="encoder caption length limit (prompts of stage 3)")
-    temperature: float = field(0.7, help="encoder caption sampling temperature")
+    max_new_tokens: int = field(512, help="caption length limit (stage 3 prompts; stage 2 actions)")
+    temperature: float = field(0.7, help="caption sampling temperature (stage 2 log-probs use the same)")
+    frozen_embedding: bool = field(False, help="g4u: condition the decoder through the LoRA-free LLM instead of the "
+                                               "current encoder weights")
     lora_rank: int = field(32, help="DiT LoRA rank")
     lora_alpha: float = field(64.0, help="DiT LoRA alpha")
     lora_target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -113,9 +120,9 @@ def main(argv=None, reward=None) -> int:
     cfg = parse_config(GRPOConfig, argv, description=__doc__)
     setup_logging(cfg.log_level)
     from uae.config import save_config
-    from uae.rl.stages import U4GRecipe
+    from uae.rl.stages import G4URecipe, U4GRecipe
 
-    recipe = U4GRecipe(cfg, reward=reward)
+    recipe = {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](cfg, reward=reward)
     save_config(cfg, recipe.out / "config.yaml")
     recipe.train()
     return 0

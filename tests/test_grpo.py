@@ -101,9 +101,107 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, monke
 
 
 def test_bad_settings(capsys):
-    assert train_grpo.main(["--data", "x", "--stage", "g4u"]) == 2
+    assert train_grpo.main(["--data", "x", "--stage", "cold_start"]) == 2
     assert train_grpo.main(["--data", "x", "--group_size", "1"]) == 2
     assert train_grpo.main(["--data", "x", "--sde_window", "3", "20"]) == 2
     assert train_grpo.main(["--data", "x", "--reward_weights", "clip:1"]) == 2
     err = capsys.readouterr().err
-    assert "available stages are u4g" in err and "--group_size" in err and "--sde_window" in err and "scorer=weight" in err
+    assert "available stages are g4u, u4g" in err and "--group_size" in err and "--sde_window" in err and "scorer=weight" in err
+
+
+# ----------------------------------------------------------------------------- stage 2 (g4u)
+
+def g4u(tiny_ckpt, out, *extra, reward=None):
+    return train_grpo.main(["--config", "configs/grpo/tiny_g4u.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(REFS),
+                            "--output_dir", str(out), "--scorer_weights", "tiny", *map(str, extra)], reward=reward)
+
+
+def test_g4u_smoke_with_the_reconstruction_reward_and_aha_page(tiny_ckpt, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert g4u(tiny_ckpt, out, "--max_iterations", 2, "--image_log_steps", 1) == 0
+    rec = _metrics(out)
+    assert [r["step"] for r in rec] == [1, 2]
+    for key in ("reward_mean", "reward_clip", "caption_len_mean", "caption_len_median", "caption_len_max",
+                "caption_tokens_mean", "first_ratio_min"):
+        assert key in rec[0], key
+    assert all(r["first_ratio_min"] == 1.0 == r["first_ratio_max"] for r in rec)
+    samples = [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 2] and len(samples[0]["captions"]) == 4
+    page = (out / "index.html").read_text()
+    assert page.count("<h3>step") == 2 and "curves.png" in page
+    # The trained LoRA is written in the release's three-shard format and loads in demo.py.
+    assert sorted(p.name for p in (out / "final" / "llm_lora").iterdir()) == [
+        "model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    assert demo.main(["--checkpoint", str(out / "final"), "--input_img", str(REFS / "chelsea.jpg"), "--prompt_only",
+                      "--max_new_tokens", "5"]) == 0, capsys.readouterr().err
+
+
+def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, tmp_path):
+    """One policy-gradient step on sampled captions moves log-probability towards the captions with
+    positive advantage: sum_i A_i * change_i > 0, the best caption gains, the worst loses (the
+    direction of the GRPO update, checked on the real model)."""
+    from uae.config import parse_config
+    from uae.rl.grpo import group_advantages, ppo_clip_loss
+    from uae.rl.stages import G4URecipe
+
+    cfg = parse_config(train_grpo.GRPOConfig, ["--config", "configs/grpo/tiny_g4u.yaml", "--checkpoint", str(tiny_ckpt),
+                                               "--data", str(REFS), "--output_dir", str(tmp_path)])
+    recipe = G4URecipe(cfg, reward=lambda *a: [])
+    refs = recipe._references()
+    recipe._models()
+    enc = recipe.model.encoder
+    batch = recipe._inputs([refs[0][1]] * 6)
+    torch.manual_seed(0)
+    out = enc.llm.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
+                           suppress_tokens=recipe.suppressed)
+    comp = out[:, batch["input_ids"].shape[1]:]
+    adv = group_advantages(torch.tensor([3.0, 1, 2, 5, 0, 4]), torch.zeros(6, dtype=torch.long)).values
+    with torch.no_grad():
+        old = recipe._token_logprobs(enc.llm, batch, comp)
+    opt = torch.optim.AdamW(recipe.trainable, lr=0.01)
+    lp = recipe._token_logprobs(enc.llm, batch, comp)
+    loss, stats = ppo_clip_loss(lp.flatten(), old.flatten(), adv[:, None].expand_as(lp).flatten(), 0.2)
+    assert stats["ratio_min"] == 1.0 == stats["ratio_max"]
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        change = (recipe._token_logprobs(enc.llm, batch, comp) - old).sum(1)
+    assert (adv * change).sum() > 0, (change, adv)
+    assert change[adv.argmax()] > 0 > change[adv.argmin()], (change, adv)
+
+
+def test_g4u_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, monkeypatch):
+    common = ["--max_iterations", 4, "--checkpointing_steps", 2, "--image_log_steps", 1, "--link_unchanged", "false"]
+    assert g4u(tiny_ckpt, tmp_path / "a", *common) == 0
+    real_save = Checkpoints.save
+
+    def crash_after_2(self, acc, step, config):
+        path = real_save(self, acc, step, config)
+        if step == 2:
+            raise KeyboardInterrupt("simulated interruption")
+        return path
+
+    monkeypatch.setattr(Checkpoints, "save", crash_after_2)
+    with pytest.raises(KeyboardInterrupt):
+        g4u(tiny_ckpt, tmp_path / "b", *common)
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    assert g4u(tiny_ckpt, tmp_path / "b", *common, "--resume_from_checkpoint", "latest") == 0
+    for i in (1, 2, 3):
+        name = f"model-0000{i}-of-00003.safetensors"
+        a = load_file(str(tmp_path / "a" / "final" / "llm_lora" / name))
+        b = load_file(str(tmp_path / "b" / "final" / "llm_lora" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rec: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rec]  # noqa: E731
+    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
+    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+
+
+def test_report_cli_makes_plots_and_page_for_any_run(tmp_path):
+    from uae.report import main as report_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward_mean": 0.1 * s, "caption_len_mean": 10 + s})
+                                               + "\n" for s in range(1, 8)))
+    assert report_main([str(run)]) == 0
+    assert Image.open(run / "curves.png").format == "PNG" and (run / "index.html").exists()

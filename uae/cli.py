@@ -14,11 +14,25 @@ from uae.errors import UAEError
 logger = logging.getLogger("uae")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not at set-up), so in-process
+    callers that swap stderr (tests, notebooks) keep seeing the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Our loggers at `level`; everything else (libraries, the root logger some of them use
     directly) at WARNING."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("uae").setLevel(level)
     # Libraries' loading chatter is not the user's business at INFO.
     for name in ("transformers", "diffusers", "huggingface_hub", "httpx", "urllib3"):

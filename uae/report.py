@@ -128,3 +128,56 @@ def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, la
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def run_page(run_dir: str | os.PathLike) -> Path:
+    """A training run at a glance: the curves, then the logged grids over time with the sampled
+    captions (samples.jsonl) under each. Written to <run_dir>/index.html."""
+    import json
+
+    run = Path(run_dir)
+    samples = {}
+    if (run / "samples.jsonl").exists():
+        for line in (run / "samples.jsonl").read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                samples[rec["step"]] = rec
+    parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(run.name)}</title>",
+             "<style>body{font-family:sans-serif} img{max-width:100%} li{font-size:12px}</style>",
+             f"<h1>{html.escape(run.name)}</h1>"]
+    for png in ("curves.png", "loss.png"):
+        if (run / png).exists():
+            parts.append(f"<img src='{png}' style='max-width:900px'>")
+    for grid in sorted((run / "grids").glob("*.png")) if (run / "grids").exists() else []:
+        step = int(grid.stem.split("_")[-1])
+        parts.append(f"<h3>step {step}</h3><img src='grids/{html.escape(grid.name)}'>")
+        rec = samples.get(step)
+        if rec:
+            items = "".join(f"<li>r={r:.4f}: {html.escape(c)}</li>" for c, r in zip(rec["captions"], rec["rewards"]))
+            parts.append(f"<p>{html.escape(str(rec['image']))}</p><ol>{items}</ol>")
+    out = run / "index.html"
+    atomic_write_text(out, "\n".join(parts) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    """python -m uae.report RUN_DIR: plots of every logged value against the step and the HTML page."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("run_dir")
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist: give a training run folder")
+    records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    keys = [k for k in ("loss", "reward_mean", "caption_len_mean", "kl") if any(k in r for r in records)]
+    loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
+    print(run_page(run))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,11 +35,11 @@ class ReconstructionReward:
 
     @torch.no_grad()
     def reference_features(self, name: str, keys: Sequence[str], references: Sequence) -> torch.Tensor:
-        missing = [(k, r) for k, r in zip(keys, references) if (name, k) not in self._ref]
-        if missing:
-            uniq = dict(missing)
-            feats = self.scorers[name].encode_images(to_uint8(list(uniq.values()))).cpu()
-            self._ref.update({(name, k): f for k, f in zip(uniq, feats)})
+        # One reference at a time: a reference's feature must not depend on which others happened to
+        # be encoded with it (batch composition changes float results; resumed runs must match).
+        for k, r in dict(zip(keys, references)).items():
+            if (name, k) not in self._ref:
+                self._ref[(name, k)] = self.scorers[name].encode_images(to_uint8([r]))[0].cpu()
         return torch.stack([self._ref[(name, k)] for k in keys])
 
     @torch.no_grad()

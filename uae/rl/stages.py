@@ -92,6 +92,15 @@ class U4GRecipe:
             raise UAEError(f"--data {self.cfg.data}: no readable reference image")
         return refs
 
+    def plots(self, records: list[dict]) -> None:
+        from uae.report import loss_curve
+
+        loss_curve(records, self.out / "curves.png", f"Unified-GRPO {self.cfg.stage}", keys=("reward_mean", "kl"))
+
+    def _prompts(self, refs):
+        """Stage 3's prompts: the encoder's captions of the references."""
+        return self._captions(refs)
+
     def _captions(self, refs) -> list[str]:
         """The encoder's captions of the references (prompts of stage 3), generated once and kept in
         captions.jsonl (a resumed run reads them back); given captions are used as they are."""
@@ -136,6 +145,7 @@ class U4GRecipe:
         if cfg.gradient_checkpointing:
             self.dit.enable_gradient_checkpointing()
         self.trainable = [p for p in self.dit.parameters() if p.requires_grad]
+        self.policy = self.dit
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
 
@@ -162,12 +172,12 @@ class U4GRecipe:
         refs = self._references()
         set_seed(cfg.seed)
         self._models()
-        captions = self._captions(refs)
+        captions = self._prompts(refs)
         if self.reward is None:
             self.reward = self._default_reward()
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
-        self.dit_train, opt = acc.prepare(self.dit, opt)
+        self.policy_train, opt = acc.prepare(self.policy, opt)
         ema = None
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel
@@ -181,10 +191,14 @@ class U4GRecipe:
             start = Checkpoints.load(acc, resume)
             logger.info("resumed from %s at iteration %d", resume, start)
         metrics = MetricsLog(self.out / "metrics.jsonl", acc, start)
+        samples = self.out / "samples.jsonl"
+        if acc.is_main_process and samples.exists():  # keep only what the resumed run will not redo
+            keep = [l for l in samples.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= start]
+            samples.write_text("".join(l + "\n" for l in keep))
         if acc.is_main_process:
-            acc.init_trackers("uae_grpo_u4g", config={k: v for k, v in self.config_dict.items()
+            acc.init_trackers(f"uae_grpo_{cfg.stage}", config={k: v for k, v in self.config_dict.items()
                                                        if isinstance(v, (int, float, str, bool))})
-        bar = tqdm(total=cfg.max_iterations, initial=start, desc="grpo u4g", disable=not acc.is_local_main_process)
+        bar = tqdm(total=cfg.max_iterations, initial=start, desc=f"grpo {cfg.stage}", disable=not acc.is_local_main_process)
         for it in range(start, cfg.max_iterations):
             values = self.iteration(it, refs, captions, opt)
             if ema is not None and (it + 1) % cfg.ema_every == 0:
@@ -200,7 +214,7 @@ class U4GRecipe:
         if acc.is_main_process:
             from uae.report import loss_curve
 
-            loss_curve(metrics.read(), self.out / "curves.png", "Unified-GRPO u4g", keys=("reward_mean", "kl"))
+            self.plots(metrics.read())
         acc.end_training()
         self.pool.shutdown()
         return final
@@ -277,7 +291,7 @@ class U4GRecipe:
         timesteps, one optimizer step per inner epoch."""
         cfg, acc = self.cfg, self.acc
         sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
-        self.dit_train.train()
+        self.policy_train.train()
         agg: dict[str, float] = {}
         n = sum(len(c[3]) for c in chunks)
         for inner in range(cfg.inner_epochs):
@@ -289,7 +303,7 @@ class U4GRecipe:
                 offset += b
                 for i, x, x_next, old_lp in record:
                     t = timesteps[i].to(x.device)
-                    v = velocity(self.dit_train, x, t, pos, neg, pooled, cfg.guidance_scale)
+                    v = velocity(self.policy_train, x, t, pos, neg, pooled, cfg.guidance_scale)
                     step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
                                     sigma_max=sigmas[1], prev_sample=x_next)
                     kl = None
@@ -343,8 +357,207 @@ class U4GRecipe:
         for part in ("SD3", "dit", "llm", "llm_lora", "llm_processor"):
             if getattr(self.paths, part):
                 link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
-        save_dit_lora(acc.unwrap_model(self.dit_train), final / "dit_lora")
+        save_dit_lora(acc.unwrap_model(self.policy_train), final / "dit_lora")
         atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage u4g", "config": self.config_dict})
+        if ema is not None:
+            ema.restore(self.trainable)
+        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+        return final
+
+
+class G4URecipe(U4GRecipe):
+    """Stage 2, Generation for Understanding (g4u): GRPO on the encoder. The prompt is the caption
+    instruction + an image; the G sampled captions are the actions; a caption's reward is the
+    similarity of the frozen decoder's image from that caption to the input image. The decoder is
+    conditioned through the LLM itself (as at inference): by default with the current LoRA,
+    with `frozen_embedding` through the LoRA-free LLM."""
+
+    def _models(self):
+        from uae.models.uae import UAE
+
+        cfg = self.cfg
+        self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=torch.float32)
+        self.paths = self.model.components
+        enc = self.model.encoder
+        if not hasattr(enc.llm, "disable_adapter"):
+            raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
+        self.model.decoder.pipe.transformer.requires_grad_(False)
+        self.model.decoder.pipe.vae.requires_grad_(False)
+        enc.projector.requires_grad_(False)
+        for n, p in enc.llm.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.trainable = [p for p in enc.llm.parameters() if p.requires_grad]
+        self.policy = enc.llm
+
+    def _prompts(self, refs):
+        return None  # the prompts are the images themselves
+
+    def plots(self, records: list[dict]) -> None:
+        from uae.report import loss_curve, run_page
+
+        loss_curve(records, self.out / "curves.png", "Unified-GRPO g4u: the aha moment",
+                   keys=("reward_mean", "caption_len_mean"))
+        run_page(self.out)
+
+    def _inputs(self, images):
+        enc = self.model.encoder
+        texts = [enc.processor.apply_chat_template(enc.caption_messages(im), tokenize=False, add_generation_prompt=True)
+                 for im in images]
+        batch = enc.processor(text=texts, images=list(images), padding=True, padding_side="left",
+                              return_tensors="pt").to(self.acc.device)
+        return batch
+
+    @property
+    def suppressed(self) -> list[int]:
+        """Vision placeholder tokens: a caption containing one would not re-encode with its image,
+        so they are excluded from the action space (in sampling and in the log-probabilities)."""
+        c = self.model.encoder.qwen.config
+        return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+
+    def _token_logprobs(self, model, batch, completion) -> torch.Tensor:
+        """log p(completion token | prefix) under `model` at the sampling temperature, over the
+        same action space as sampling, (B, T)."""
+        ids = torch.cat([batch["input_ids"], completion], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                    image_grid_thw=batch["image_grid_thw"])
+        p = batch["input_ids"].shape[1]
+        logits = out.logits[:, p - 1:-1].float() / self.cfg.temperature
+        logits[..., self.suppressed] = float("-inf")
+        return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
+
+    def iteration(self, it: int, refs, captions, opt) -> dict:
+        import statistics
+
+        cfg, acc = self.cfg, self.acc
+        enc = self.model.encoder
+        t_start = time.perf_counter()
+        world, rank = acc.num_processes, acc.process_index
+        pick = torch.randint(len(refs), (cfg.prompts_per_iteration,), generator=generator_for(cfg.seed + 1, it)).tolist()
+        samples = [p for p in pick for _ in range(cfg.group_size)]
+        if len(samples) % world:
+            raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
+        per = len(samples) // world
+        mine = samples[rank * per:(rank + 1) * per]
+
+        t0 = time.perf_counter()
+        self.policy_train.eval()
+        batch = self._inputs([refs[p][1] for p in mine])
+        torch.manual_seed((cfg.seed * 1_000_003 + it * world + rank) % (2 ** 63 - 1))
+        eos = enc.qwen.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        with torch.no_grad():
+            out = enc.llm.generate(**batch, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                                   max_new_tokens=cfg.max_new_tokens, suppress_tokens=self.suppressed)
+        completion = out[:, batch["input_ids"].shape[1]:]
+        is_eos = torch.zeros_like(completion, dtype=torch.bool)
+        for e in eos:
+            is_eos |= completion == e
+        # Tokens up to and including the first end-of-sequence token are the action.
+        after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
+        tok_mask = ~after
+        pad = enc.qwen.generation_config.pad_token_id
+        completion = completion.masked_fill(after, pad if pad is not None else 0)
+        texts = [t.strip() for t in enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0),
+                                                                skip_special_tokens=True)]
+        with torch.no_grad():
+            old_lp = self._token_logprobs(self.policy_train, batch, completion)
+        t_sample = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if cfg.frozen_embedding:
+                with enc.llm.disable_adapter():
+                    images = self.model.generate(texts, height=cfg.resolution, width=cfg.resolution,
+                                                 num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                                 seed=cfg.seed + it, progress=False)
+            else:
+                images = self.model.generate(texts, height=cfg.resolution, width=cfg.resolution,
+                                             num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                             seed=cfg.seed + it, progress=False)
+        scores = self._score(images, [refs[p][0] for p in mine], [refs[p][1] for p in mine], texts)
+        t_reward = time.perf_counter() - t0
+        dev = acc.device
+        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
+        group_ids = torch.arange(len(pick), device=dev).repeat_interleave(cfg.group_size)
+        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
+        my_adv, keep = adv.values[rank * per:(rank + 1) * per], adv.keep[rank * per:(rank + 1) * per]
+
+        t0 = time.perf_counter()
+        self.policy_train.train()
+        agg: dict[str, float] = {}
+        for inner in range(cfg.inner_epochs):
+            opt.zero_grad(set_to_none=True)
+            lp = self._token_logprobs(self.policy_train, batch, completion)
+            kl = None
+            if cfg.beta:
+                with torch.no_grad(), enc.llm.disable_adapter():
+                    ref = self._token_logprobs(enc.llm, batch, completion)
+                kl = torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
+            token_keep = tok_mask & keep[:, None]
+            a = my_adv[:, None].expand_as(lp)
+            loss, stats = ppo_clip_loss(lp[token_keep], old_lp[token_keep], a[token_keep], cfg.clip_range,
+                                        None if kl is None else kl[token_keep], cfg.beta)
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            opt.step()
+            if inner == 0:
+                agg.update({f"first_{k}": v for k, v in stats.items()})
+            agg.update(stats)
+            agg["loss"] = loss.item()
+        opt.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t0
+
+        # Caption length in words (the paper's "longer, more descriptive captions"), and in tokens.
+        words = acc.gather(torch.tensor([float(len(t.split())) for t in texts], device=dev)).tolist()
+        tokens = acc.gather(tok_mask.sum(1).float()).tolist()
+        total = time.perf_counter() - t_start
+        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+                  "caption_len_mean": sum(words) / len(words), "caption_len_median": statistics.median(words),
+                  "caption_len_max": max(words), "caption_tokens_mean": sum(tokens) / len(tokens),
+                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
+                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
+                  "time_other": total - t_sample - t_reward - t_train, **agg}
+        for name, v in scores.items():
+            if name != "total":
+                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
+        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
+            self._log_samples(it + 1, refs, mine, images, texts, scores["total"])
+        return values
+
+    def _log_samples(self, step, refs, mine, images, texts, rewards) -> None:
+        from uae.report import image_grid
+
+        g = self.cfg.group_size
+        side = images[0].size
+        pics = [refs[mine[0]][1].resize(side)] + list(images[:g])
+        labels = ["reference"] + [f"r={r:.3f} len={len(t.split())}w" for r, t in zip(rewards[:g], texts[:g])]
+        image_grid(pics, labels, self.out / "grids" / f"iter_{step:06d}.png", columns=min(g + 1, 9))
+        rec = {"step": step, "image": refs[mine[0]][0], "captions": texts[:g], "rewards": list(rewards[:g])}
+        with open(self.out / "samples.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def save_output(self, ema) -> Path | None:
+        """final/: the trained LLM LoRA as the release stores it (three shards), the rest linked."""
+        from uae.checkpoints import MANIFEST, save_official_llm_lora
+        from uae.io import atomic_write_json
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if ema is not None:
+            ema.store(self.trainable)
+            ema.copy_to(self.trainable)
+        final = self.out / "final"
+        final.mkdir(exist_ok=True)
+        for part in ("SD3", "dit", "dit_lora", "llm", "llm_processor"):
+            if getattr(self.paths, part):
+                link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
+        save_official_llm_lora(self.model.encoder, final / "llm_lora")
+        atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage g4u", "config": self.config_dict,
+                                             **({} if self.paths.dit_lora else {"dit_lora": None})})
         if ema is not None:
             ema.restore(self.trainable)
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
