@@ -23,15 +23,26 @@ from uae.errors import UAEError
 
 logger = logging.getLogger("uae.grpo")
 
-STAGES = ("g4u", "u4g")
+STAGES = ("cold_start", "g4u", "u4g")
 
 
 @dataclass
 class GRPOConfig:
     """Unified-GRPO training (defaults: Flow-GRPO's published SD3.5 values, DESIGN.md)."""
 
-    stage: str = field("u4g", help="g4u: stage 2, the encoder's LoRA learns to caption for reconstruction; "
-                                    "u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
+    stage: str = field("u4g", help="cold_start: stage 1 (reconstruction loss through the DiT into the encoder LoRA "
+                                    "+ projector); g4u: stage 2, the encoder's LoRA learns to caption for "
+                                    "reconstruction; u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
+    stages: str | None = field(None, help="'all': cold_start, then g4u, then u4g, each starting from the previous "
+                                          "stage's final/ (in <output_dir>/<stage>/); overrides --stage")
+    cold_start_max_steps: int = field(200, help="cold_start: optimizer steps")
+    cold_start_batch_size: int = field(1, help="cold_start: images per step and process")
+    cold_start_learning_rate: float = field(1e-4, help="cold_start: AdamW learning rate (LoRA + projector)")
+    cold_start_fixed_noise: bool = field(False, help="cold_start: the same initial noise for an image at every step "
+                                                     "(a deterministic loss, for debugging and overfitting checks)")
+    truncate_steps: int = field(1, help="cold_start: gradients flow through the last N sampling steps only")
+    use_data_captions: bool = field(False, help="u4g: use the captions that come with the data instead of the "
+                                                "encoder's")
     data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
                                  "captions, a .jsonl of {image, caption}, a datasets folder or webdataset shards")
     checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
@@ -89,6 +100,10 @@ class GRPOConfig:
     def __post_init__(self):
         if self.stage not in STAGES:
             raise UAEError(f"--stage {self.stage}: available stages are {', '.join(STAGES)}")
+        if self.stages not in (None, "all"):
+            raise UAEError(f"--stages {self.stages}: the only value is all (cold_start, g4u, u4g in sequence)")
+        if not 1 <= self.truncate_steps <= self.num_steps:
+            raise UAEError(f"--truncate_steps {self.truncate_steps} must be in [1, num_steps={self.num_steps}]")
         if not self.data:
             raise UAEError("--data is required (reference images)")
         if self.sde_kind not in ("sde", "cps"):
@@ -115,16 +130,39 @@ class GRPOConfig:
             raise UAEError("--gradient_accumulation_steps must stay 1 for GRPO (it accumulates over timesteps)")
 
 
-@script_main
-def main(argv=None, reward=None) -> int:
-    cfg = parse_config(GRPOConfig, argv, description=__doc__)
-    setup_logging(cfg.log_level)
+def run_stage(cfg: GRPOConfig, reward=None):
     from uae.config import save_config
+    from uae.rl.cold_start import ColdStartRecipe
     from uae.rl.stages import G4URecipe, U4GRecipe
 
-    recipe = {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](cfg, reward=reward)
+    recipe = ColdStartRecipe(cfg) if cfg.stage == "cold_start" else \
+        {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](cfg, reward=reward)
     save_config(cfg, recipe.out / "config.yaml")
-    recipe.train()
+    return recipe.train()
+
+
+@script_main
+def main(argv=None, reward=None) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    cfg = parse_config(GRPOConfig, argv, description=__doc__)
+    setup_logging(cfg.log_level)
+    if cfg.stages != "all":
+        run_stage(cfg, reward)
+        return 0
+    checkpoint = cfg.checkpoint
+    for stage in ("cold_start", "g4u", "u4g"):
+        logger.info("stage %s from %s", stage, checkpoint)
+        sub = dataclasses.replace(cfg, stage=stage, stages=None, checkpoint=checkpoint,
+                                  output_dir=str(Path(cfg.output_dir) / stage),
+                                  scorer_weights=cfg.scorer_weights if cfg.scorer_weights != "auto" else
+                                  ("tiny" if cfg.checkpoint == "tiny" else "official"))
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per stage
+        checkpoint = str(run_stage(sub, reward if stage != "cold_start" else None))
+    logger.info("all stages done: %s", checkpoint)
     return 0
 
 

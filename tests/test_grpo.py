@@ -101,12 +101,12 @@ def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, monke
 
 
 def test_bad_settings(capsys):
-    assert train_grpo.main(["--data", "x", "--stage", "cold_start"]) == 2
+    assert train_grpo.main(["--data", "x", "--stage", "stage9"]) == 2
     assert train_grpo.main(["--data", "x", "--group_size", "1"]) == 2
     assert train_grpo.main(["--data", "x", "--sde_window", "3", "20"]) == 2
     assert train_grpo.main(["--data", "x", "--reward_weights", "clip:1"]) == 2
     err = capsys.readouterr().err
-    assert "available stages are g4u, u4g" in err and "--group_size" in err and "--sde_window" in err and "scorer=weight" in err
+    assert "available stages are cold_start, g4u, u4g" in err and "--group_size" in err and "--sde_window" in err and "scorer=weight" in err
 
 
 # ----------------------------------------------------------------------------- stage 2 (g4u)
@@ -196,12 +196,118 @@ def test_g4u_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, m
     assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
 
 
-def test_report_cli_makes_plots_and_page_for_any_run(tmp_path):
+def test_report_cli_makes_plots_and_page_for_any_run(tmp_path, capsys):
     from uae.report import main as report_main
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward_mean": 0.1 * s, "caption_len_mean": 10 + s})
                                                + "\n" for s in range(1, 8)))
+    (run / "grids").mkdir()
+    for step in (3, 6):
+        Image.new("RGB", (8, 8)).save(run / "grids" / f"iter_{step:06d}.png")
+    (run / "samples.jsonl").write_text(json.dumps({"step": 3, "image": "a.jpg", "captions": ["a long caption"],
+                                                   "rewards": [0.5]}) + "\n")
     assert report_main([str(run)]) == 0
-    assert Image.open(run / "curves.png").format == "PNG" and (run / "index.html").exists()
+    out = capsys.readouterr().out
+    assert "reward_mean: 7 points" in out and "caption_len_mean: 7 points" in out  # one point per logged step
+    assert Image.open(run / "curves.png").format == "PNG"
+    page = (run / "index.html").read_text()
+    assert page.count("<h3>step") == 2 and "a long caption" in page
+
+
+# ----------------------------------------------------------------------------- stage 1 and the driver
+
+@pytest.fixture(scope="module")
+def captioned(tmp_path_factory):
+    from skimage import data
+
+    d = tmp_path_factory.mktemp("captioned")
+    Image.fromarray(data.astronaut()).save(d / "astronaut.jpg")
+    Image.fromarray(data.chelsea()).save(d / "chelsea.jpg")
+    (d / "one.jsonl").write_text(json.dumps({"image": "astronaut.jpg", "caption": "an astronaut with a flag"}) + "\n")
+    (d / "two.jsonl").write_text((d / "one.jsonl").read_text() + json.dumps({"image": "chelsea.jpg", "caption": "a cat"}) + "\n")
+    return d
+
+
+def _cold_cfg(tiny_ckpt, data, out, *extra):
+    from uae.config import parse_config
+
+    return parse_config(train_grpo.GRPOConfig, ["--config", "configs/grpo/tiny_cold_start.yaml", "--checkpoint",
+                                                str(tiny_ckpt), "--data", str(data), "--output_dir", str(out),
+                                                "--scorer_weights", "tiny", *map(str, extra)])
+
+
+def test_cold_start_trains_encoder_lora_and_projector_only_and_the_loss_falls(tiny_ckpt, captioned, tmp_path):
+    from uae.models.uae import UAE
+    from uae.rl.cold_start import ColdStartRecipe
+
+    recipe = ColdStartRecipe(_cold_cfg(tiny_ckpt, captioned / "one.jsonl", tmp_path / "run", "--cold_start_fixed_noise",
+                                       "--cold_start_learning_rate", 0.003))
+    assert recipe.train() is not None
+    fresh = UAE.from_pretrained(str(tiny_ckpt))
+    trained = dict(recipe.model.encoder.named_parameters())
+    before = dict(fresh.encoder.named_parameters())
+    lora = [n for n in before if "lora_" in n]
+    assert lora and all(not torch.equal(trained[n], before[n]) for n in lora)
+    assert all(not torch.equal(trained[n], before[n]) for n in before if n.startswith("projector."))
+    assert all(torch.equal(trained[n], before[n]) for n in before if "lora_" not in n and not n.startswith("projector."))
+    dit_a = recipe.model.decoder.pipe.transformer.state_dict()
+    dit_b = fresh.decoder.pipe.transformer.state_dict()
+    assert all(torch.equal(dit_a[k], dit_b[k]) for k in dit_b)
+    losses = [r["loss"] for r in _metrics(tmp_path / "run")]
+    assert len(losses) == 20 and losses[-1] < losses[0]
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 15, losses
+
+
+def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captioned, tmp_path, monkeypatch):
+    from uae.rl.cold_start import ColdStartRecipe
+
+    common = ["--cold_start_max_steps", 6, "--checkpointing_steps", 3, "--link_unchanged", "false"]
+    assert ColdStartRecipe(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "a", *common)).train()
+    real_save = Checkpoints.save
+
+    def crash_after_3(self, acc, step, config):
+        path = real_save(self, acc, step, config)
+        if step == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return path
+
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setattr(Checkpoints, "save", crash_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        ColdStartRecipe(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "b", *common)).train()
+    monkeypatch.setattr(Checkpoints, "save", real_save)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    assert ColdStartRecipe(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "b", *common,
+                                     "--resume_from_checkpoint", "latest")).train()
+    for i in (1, 2, 3):
+        name = f"model-0000{i}-of-00003.safetensors"
+        a = load_file(str(tmp_path / "a" / "final" / "llm_lora" / name))
+        b = load_file(str(tmp_path / "b" / "final" / "llm_lora" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rec: [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rec]  # noqa: E731
+    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
+
+
+def test_all_stages_in_sequence_and_the_result_loads_in_demo(tiny_ckpt, captioned, tmp_path, capsys):
+    out = tmp_path / "all"
+    argv = ["--stages", "all", "--config", "configs/grpo/tiny.yaml", "--checkpoint", tiny_ckpt,
+            "--data", captioned / "two.jsonl", "--output_dir", out, "--scorer_weights", "tiny",
+            "--max_iterations", 2, "--cold_start_max_steps", 2, "--group_size", 2,
+            "--sample_batch_size", 4, "--image_log_steps", 0, "--checkpointing_steps", 0]
+    code = train_grpo.main([str(a) for a in argv])
+    assert code == 0, capsys.readouterr().err
+    for stage in ("cold_start", "g4u", "u4g"):
+        assert (out / stage / "final" / "uae_checkpoint.json").exists(), stage
+    manifest = json.loads((out / "u4g" / "final" / "uae_checkpoint.json").read_text())
+    assert manifest["config"]["checkpoint"] == str(out / "g4u" / "final")
+    # u4g's final/ carries g4u's LLM LoRA (which carries cold start's projector) and its own DiT LoRA.
+    assert (out / "u4g" / "final" / "llm_lora").resolve() == (out / "g4u" / "final" / "llm_lora").resolve()
+    img = tmp_path / "final.png"
+    assert demo.main(["--checkpoint", str(out / "u4g" / "final"), "--input_img", str(captioned / "chelsea.jpg"),
+                      "--output_path", str(img), "--steps", "2", "--height", "32", "--width", "32",
+                      "--max_new_tokens", "4"]) == 0
+    assert Image.open(img).size == (32, 32)

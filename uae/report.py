@@ -79,8 +79,9 @@ td.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{b
     atomic_write_text(path, page)
 
 
-def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> None:
-    """Plot logged values against the step (one point per logged step), with a running mean."""
+def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> dict[str, int]:
+    """Plot logged values against the step (one point per logged step), with a running mean.
+    Returns the number of points drawn per key."""
     import io
 
     import matplotlib
@@ -89,8 +90,10 @@ def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.2), squeeze=False)
+    drawn = {}
     for ax, key in zip(axes[0], keys):
         pts = [(r["step"], r[key]) for r in records if key in r]
+        drawn[key] = len(pts)
         if pts:
             steps, vals = zip(*pts)
             ax.plot(steps, vals, ".", alpha=0.4, label=key)
@@ -106,6 +109,7 @@ def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return drawn
 
 
 def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60) -> None:
@@ -174,8 +178,9 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: {path} does not exist: give a training run folder")
     records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     keys = [k for k in ("loss", "reward_mean", "caption_len_mean", "kl") if any(k in r for r in records)]
-    loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
+    drawn = loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
     print(run_page(run))
+    print(", ".join(f"{k}: {n} points" for k, n in drawn.items()))
     return 0
 
 

@@ -103,21 +103,22 @@ class U4GRecipe:
 
     def _captions(self, refs) -> list[str]:
         """The encoder's captions of the references (prompts of stage 3), generated once and kept in
-        captions.jsonl (a resumed run reads them back); given captions are used as they are."""
+        captions.jsonl (a resumed run reads them back); with `use_data_captions`, captions that come
+        with the data are used instead."""
         path = self.out / "captions.jsonl"
         if path.exists():
             stored = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
             if set(stored) >= {k for k, _, _ in refs}:
                 return [stored[k] for k, _, _ in refs]
-        caps = []
-        todo = [i for i, (_, _, c) in enumerate(refs) if not c]
+        use_given = self.cfg.use_data_captions
+        todo = [i for i, (_, _, c) in enumerate(refs) if not (use_given and c)]
         generated = {}
         for j in range(0, len(todo), 4):
             idx = todo[j:j + 4]
             out = self.model.encoder.caption([refs[i][1] for i in idx], max_new_tokens=self.cfg.max_new_tokens,
                                              temperature=self.cfg.temperature, seed=self.cfg.seed + j)
             generated.update(zip(idx, out))
-        caps = [c if c else generated[i] for i, (_, _, c) in enumerate(refs)]
+        caps = [c if (use_given and c) else generated[i] for i, (_, _, c) in enumerate(refs)]
         if self.acc.is_main_process:
             from uae.io import atomic_write_text
 
