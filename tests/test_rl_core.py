@@ -95,3 +95,12 @@ def test_flow_kl():
     std = torch.tensor([0.5, 0.5]).view(2, 1, 1, 1)
     assert torch.equal(flow_kl(m, m, std), torch.zeros(2))
     assert torch.allclose(flow_kl(m + 1, m, std), torch.full((2,), 1 / (2 * 0.25)))
+
+
+def test_per_sample_generators_make_noise_independent_of_batching():
+    from uae.training.common import generator_for
+
+    v, x = _state(5)
+    whole = sde_step(v, x, 0.8, 0.6, 0.7, generator=[generator_for(0, j) for j in range(3)])
+    parts = [sde_step(v[j:j + 1], x[j:j + 1], 0.8, 0.6, 0.7, generator=[generator_for(0, j)]) for j in range(3)]
+    assert torch.allclose(whole.prev_sample, torch.cat([p.prev_sample for p in parts]))

@@ -33,6 +33,22 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
+def build_once(path: Path, build) -> Path:
+    """`build(path)` unless `path` exists, under an exclusive file lock, so that concurrent
+    processes (e.g. the ranks of a launch) build a cached artefact once and never see half of it."""
+    import fcntl
+
+    path = Path(path)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            build(path)
+    return path
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, then rename: readers never see half a file."""
     path = Path(path)

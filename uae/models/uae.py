@@ -23,16 +23,14 @@ TINY = "tiny"
 def embedded_tiny_checkpoint() -> Path:
     """The embedded default: a tiny random checkpoint, built on first use into the cache folder."""
     import uae
+    from uae.io import build_once
     from uae.paths import cache_dir
     from uae.tiny import build_checkpoint
 
     path = cache_dir() / f"tiny-v{uae.__version__}"
     if not path.exists():
         logger.info("building the embedded tiny checkpoint in %s (seconds, offline)", path)
-        try:
-            build_checkpoint(path, "tiny", seed=0)
-        except FileExistsError:  # another process built it meanwhile
-            pass
+    build_once(path, lambda p: build_checkpoint(p, "tiny", seed=0))
     return path
 
 

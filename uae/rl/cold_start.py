@@ -72,11 +72,15 @@ class ColdStartRecipe:
         prompt = enc.processor.apply_chat_template(enc.caption_messages(image), tokenize=False, add_generation_prompt=True)
         full = enc.processor(text=[prompt + caption], images=[image], return_tensors="pt").to(self.acc.device)
         n_prompt = enc.processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
-        hidden = enc.qwen.model(input_ids=full["input_ids"], attention_mask=full["attention_mask"],
-                                pixel_values=full["pixel_values"], image_grid_thw=full["image_grid_thw"]).last_hidden_state
+        # Through the prepared (DDP-wrapped) modules, so that gradients are synchronised across
+        # processes; hidden_states[-1] is the post-norm last hidden state (as at inference).
+        out = self.llm_train(input_ids=full["input_ids"], attention_mask=full["attention_mask"],
+                             pixel_values=full["pixel_values"], image_grid_thw=full["image_grid_thw"],
+                             output_hidden_states=True)
+        hidden = out.hidden_states[-1]
         if hidden.shape[1] <= n_prompt:
             raise UAEError(f"caption {caption[:40]!r} has no tokens")
-        return enc.projector(hidden[:, n_prompt:])
+        return self.proj_train(hidden[:, n_prompt:])
 
     def reconstruct(self, pos: torch.Tensor, neg: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Euler sampling from noise; gradients kept through the last `truncate_steps` steps."""
@@ -106,7 +110,8 @@ class ColdStartRecipe:
 
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.seed)
-        self._setup()
+        with acc.main_process_first():  # cached artefacts (embedded checkpoints) are built by rank 0 only
+            self._setup()
         enc = self.model.encoder
         opt = torch.optim.AdamW(self.trainable, lr=cfg.cold_start_learning_rate, weight_decay=cfg.weight_decay)
         self.llm_train, self.proj_train, opt = acc.prepare(enc.llm, enc.projector, opt)

@@ -38,10 +38,12 @@ def _bcast(t, like: torch.Tensor) -> torch.Tensor:
 
 
 def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: float, *, kind: str = "sde",
-             sigma_max=None, generator: torch.Generator | None = None, prev_sample: torch.Tensor | None = None) -> Step:
+             sigma_max=None, generator: torch.Generator | list[torch.Generator] | None = None,
+             prev_sample: torch.Tensor | None = None) -> Step:
     """One stochastic step from x at `sigma` to `sigma_next`. Draws x' (with `generator`) unless
     `prev_sample` is given, in which case its log-probability under this step is returned (the
-    policy-ratio recomputation). `sigma_max` (the scheduler's second sigma) replaces sigma in
+    policy-ratio recomputation). A list of generators gives each sample its own noise stream, so
+    a sample's noise does not depend on which batch or process it was drawn in. `sigma_max` (the scheduler's second sigma) replaces sigma in
     s's denominator where sigma == 1."""
     v, x = v.float(), x.float()
     sig, nxt = _bcast(sigma, x), _bcast(sigma_next, x)
@@ -59,7 +61,11 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
     else:
         raise ValueError(f"unknown SDE kind {kind!r}: use sde or cps")
     if prev_sample is None:
-        eps = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
+        if isinstance(generator, (list, tuple)):
+            eps = torch.stack([torch.randn(x.shape[1:], generator=g, dtype=torch.float32) for g in generator])
+        else:
+            eps = torch.randn(x.shape, generator=generator, dtype=torch.float32)
+        eps = eps.to(x.device)
         prev_sample = mean + std * eps
     prev_sample = prev_sample.float()
     if kind == "sde":

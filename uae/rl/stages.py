@@ -172,10 +172,11 @@ class U4GRecipe:
         cfg, acc = self.cfg, self.acc
         refs = self._references()
         set_seed(cfg.seed)
-        self._models()
+        with acc.main_process_first():  # cached artefacts (embedded checkpoints) are built by rank 0 only
+            self._models()
+            if self.reward is None:
+                self.reward = self._default_reward()
         captions = self._prompts(refs)
-        if self.reward is None:
-            self.reward = self._default_reward()
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                 betas=(cfg.adam_beta1, cfg.adam_beta2))
         self.policy_train, opt = acc.prepare(self.policy, opt)
@@ -232,7 +233,9 @@ class U4GRecipe:
             raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
         per = len(samples) // world
         mine = samples[rank * per:(rank + 1) * per]
-        gen = generator_for(cfg.seed, it * world + rank)
+        # Each rollout has its own noise stream, a function of (seed, iteration, global sample index):
+        # the same rollouts whatever the number of processes or the chunking.
+        gens = [generator_for(cfg.seed, it * len(samples) + rank * per + j) for j in range(per)]
         dev = acc.device
         vae = self.model.decoder.pipe.vae
         side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
@@ -245,11 +248,13 @@ class U4GRecipe:
             with torch.no_grad():  # the encoder is frozen: conditioning as at inference
                 pos, neg = self.model.encoder.encode_prompts([captions[p] for p in idx])
             pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
-            latents = torch.randn((len(idx), self.dit.config.in_channels, side, side), generator=gen).to(dev)
+            chunk_gens = gens[c0:c0 + len(idx)]
+            latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
+                                   for g in chunk_gens]).to(dev)
             self.dit.eval()
             final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled,
                                               guidance=cfg.guidance_scale, noise_level=cfg.noise_level,
-                                              kind=cfg.sde_kind, generator=gen,
+                                              kind=cfg.sde_kind, generator=chunk_gens,
                                               window=tuple(cfg.sde_window) if cfg.sde_window else None)
             with torch.no_grad():
                 images = decode(vae, final)

@@ -234,15 +234,13 @@ def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "off
 def tiny_scorer_dir() -> Path:
     """Offline random scorer checkpoints, built on first use into the cache folder."""
     import uae
+    from uae.io import build_once
     from uae.paths import cache_dir
 
     path = cache_dir() / f"scorers-tiny-v{uae.__version__}"
     if not path.exists():
         logger.info("building tiny random scorer checkpoints in %s", path)
-        try:
-            build_scorer_checkpoints(path, "tiny")
-        except FileExistsError:
-            pass
+    build_once(path, lambda p: build_scorer_checkpoints(p, "tiny"))
     return path
 
 

@@ -115,6 +115,7 @@ class Checkpoints:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         accelerator.wait_for_everyone()
+        tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its RNG state there
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             atomic_write_json(tmp / "uae_state.json", {"step": step, "config": config})

@@ -187,7 +187,8 @@ class SFTRecipe:
         else:
             self.sizes = [(cfg.resolution, cfg.resolution)] * len(data.ok)
         set_seed(cfg.seed)  # new LoRA weights are drawn from the global RNG
-        self._models()
+        with acc.main_process_first():  # cached artefacts (embedded checkpoints) are built by rank 0 only
+            self._models()
         self._precompute(data.ok)
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
