@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(cfg.log_level)
     from tqdm.auto import tqdm
 
-    from uae.io import atomic_write_json, atomic_write_text, list_images, load_image, save_image
+    from uae.io import atomic_write_text, list_images, load_image, save_image
     from uae.models.uae import UAE
 
     # Read and check every input before loading any model.

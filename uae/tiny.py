@@ -145,7 +145,6 @@ def llm_config(cfg: dict[str, Any], tokenizer):
 
 def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     """Random Qwen2.5-VL + projector (widths from the preset and the DiT's joint_attention_dim)."""
-    import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from uae.models.encoder import build_projector
@@ -250,7 +249,6 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
                      overwrite: bool = False) -> Path:
     """Build a complete random-weight checkpoint folder in the official layout. Written into a
     temporary sibling and renamed at the end, so a folder that exists is always complete."""
-    import torch
     from diffusers import StableDiffusion3Pipeline
 
     from uae.checkpoints import save_official_llm_lora
@@ -295,7 +293,6 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    del torch
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from uae.errors import UAEError
 from uae.rl.rewards import to_uint8
 from uae.rl.stages import decode
-from uae.training.common import Checkpoints, MetricsLog, StepSampler, generator_for, link_or_copy, make_accelerator
+from uae.training.common import Checkpoints, MetricsLog, StepSampler, generator_for, make_accelerator, write_final
 
 logger = logging.getLogger(__name__)
 
@@ -169,20 +169,14 @@ class ColdStartRecipe:
 
     def save_output(self) -> Path | None:
         """final/: the LLM LoRA and the trained projector in the release's three LoRA shards."""
-        from uae.checkpoints import MANIFEST, save_official_llm_lora
-        from uae.io import atomic_write_json
+        from uae.checkpoints import save_official_llm_lora
 
         acc = self.acc
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        final = self.out / "final"
-        final.mkdir(exist_ok=True)
-        for part in ("SD3", "dit", "dit_lora", "llm", "llm_processor"):
-            if getattr(self.paths, part):
-                link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
+        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "dit_lora", "llm", "llm_processor"),
+                            {"trained_by": "train_grpo.py --stage cold_start", "config": self.config_dict})
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
-        atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage cold_start", "config": self.config_dict,
-                                             **({} if self.paths.dit_lora else {"dit_lora": None})})
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
         return final

@@ -21,7 +21,7 @@ import torch
 from uae.errors import UAEError
 from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
 from uae.rl.sde import sde_step, sde_window
-from uae.training.common import Checkpoints, MetricsLog, generator_for, link_or_copy, make_accelerator
+from uae.training.common import Checkpoints, MetricsLog, generator_for, make_accelerator, write_final
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,18 @@ def decode(vae, latents) -> torch.Tensor:
     """Latents -> images in [0, 1], (B, 3, H, W)."""
     x = latents / vae.config.scaling_factor + vae.config.shift_factor
     return ((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+
+
+def rank_share(cfg, it: int, n_refs: int, world: int, rank: int) -> tuple[list[int], list[int], int, int]:
+    """The iteration's prompts, chosen the same on every process from (seed, iteration), each
+    repeated group_size times; samples are split across processes in contiguous shares, so a
+    group may span processes. Returns (prompts, this rank's sample prompts, share size, offset)."""
+    pick = torch.randint(n_refs, (cfg.prompts_per_iteration,), generator=generator_for(cfg.seed + 1, it)).tolist()
+    samples = [p for p in pick for _ in range(cfg.group_size)]
+    if len(samples) % world:
+        raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
+    per = len(samples) // world
+    return pick, samples[rank * per:(rank + 1) * per], per, rank * per
 
 
 class U4GRecipe:
@@ -214,8 +226,6 @@ class U4GRecipe:
         ckpts.save(acc, cfg.max_iterations, self.config_dict)
         final = self.save_output(ema)
         if acc.is_main_process:
-            from uae.report import loss_curve
-
             self.plots(metrics.read())
         acc.end_training()
         self.pool.shutdown()
@@ -225,17 +235,11 @@ class U4GRecipe:
         cfg, acc = self.cfg, self.acc
         t_start = time.perf_counter()
         world, rank = acc.num_processes, acc.process_index
-        # Prompts are chosen globally (same on every process); samples are split across processes,
-        # so a group may span processes: rewards are gathered before the group statistics.
-        pick = torch.randint(len(refs), (cfg.prompts_per_iteration,), generator=generator_for(cfg.seed + 1, it)).tolist()
-        samples = [p for p in pick for _ in range(cfg.group_size)]
-        if len(samples) % world:
-            raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
-        per = len(samples) // world
-        mine = samples[rank * per:(rank + 1) * per]
+        # A group may span processes: rewards are gathered before the group statistics.
+        pick, mine, per, offset = rank_share(cfg, it, len(refs), world, rank)
         # Each rollout has its own noise stream, a function of (seed, iteration, global sample index):
         # the same rollouts whatever the number of processes or the chunking.
-        gens = [generator_for(cfg.seed, it * len(samples) + rank * per + j) for j in range(per)]
+        gens = [generator_for(cfg.seed, it * len(pick) * cfg.group_size + offset + j) for j in range(per)]
         dev = acc.device
         vae = self.model.decoder.pipe.vae
         side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
@@ -270,7 +274,7 @@ class U4GRecipe:
         all_rewards = acc.gather(rewards)
         group_ids = torch.arange(len(pick), device=dev).repeat_interleave(cfg.group_size)
         adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
-        my_adv, keep = adv.values[rank * per:(rank + 1) * per], adv.keep[rank * per:(rank + 1) * per]
+        my_adv, keep = adv.values[offset:offset + per], adv.keep[offset:offset + per]
 
         t0 = time.perf_counter()
         stats = self.train_on(chunks, my_adv, keep, opt)
@@ -347,8 +351,6 @@ class U4GRecipe:
 
     def save_output(self, ema) -> Path | None:
         """final/: the trained `dit_lora/` with the other parts of the source checkpoint linked."""
-        from uae.checkpoints import MANIFEST
-        from uae.io import atomic_write_json
         from uae.models.decoder import save_dit_lora
 
         acc = self.acc
@@ -358,13 +360,9 @@ class U4GRecipe:
         if ema is not None:
             ema.store(self.trainable)
             ema.copy_to(self.trainable)
-        final = self.out / "final"
-        final.mkdir(exist_ok=True)
-        for part in ("SD3", "dit", "llm", "llm_lora", "llm_processor"):
-            if getattr(self.paths, part):
-                link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
+        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "llm", "llm_lora", "llm_processor"),
+                            {"trained_by": "train_grpo.py --stage u4g", "config": self.config_dict})
         save_dit_lora(acc.unwrap_model(self.policy_train), final / "dit_lora")
-        atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage u4g", "config": self.config_dict})
         if ema is not None:
             ema.restore(self.trainable)
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
@@ -439,12 +437,7 @@ class G4URecipe(U4GRecipe):
         enc = self.model.encoder
         t_start = time.perf_counter()
         world, rank = acc.num_processes, acc.process_index
-        pick = torch.randint(len(refs), (cfg.prompts_per_iteration,), generator=generator_for(cfg.seed + 1, it)).tolist()
-        samples = [p for p in pick for _ in range(cfg.group_size)]
-        if len(samples) % world:
-            raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
-        per = len(samples) // world
-        mine = samples[rank * per:(rank + 1) * per]
+        pick, mine, per, offset = rank_share(cfg, it, len(refs), world, rank)
 
         t0 = time.perf_counter()
         self.policy_train.eval()
@@ -487,7 +480,7 @@ class G4URecipe(U4GRecipe):
         all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
         group_ids = torch.arange(len(pick), device=dev).repeat_interleave(cfg.group_size)
         adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
-        my_adv, keep = adv.values[rank * per:(rank + 1) * per], adv.keep[rank * per:(rank + 1) * per]
+        my_adv, keep = adv.values[offset:offset + per], adv.keep[offset:offset + per]
 
         t0 = time.perf_counter()
         self.policy_train.train()
@@ -546,8 +539,7 @@ class G4URecipe(U4GRecipe):
 
     def save_output(self, ema) -> Path | None:
         """final/: the trained LLM LoRA as the release stores it (three shards), the rest linked."""
-        from uae.checkpoints import MANIFEST, save_official_llm_lora
-        from uae.io import atomic_write_json
+        from uae.checkpoints import save_official_llm_lora
 
         acc = self.acc
         acc.wait_for_everyone()
@@ -556,14 +548,9 @@ class G4URecipe(U4GRecipe):
         if ema is not None:
             ema.store(self.trainable)
             ema.copy_to(self.trainable)
-        final = self.out / "final"
-        final.mkdir(exist_ok=True)
-        for part in ("SD3", "dit", "dit_lora", "llm", "llm_processor"):
-            if getattr(self.paths, part):
-                link_or_copy(getattr(self.paths, part), final / part, self.cfg.link_unchanged)
+        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "dit_lora", "llm", "llm_processor"),
+                            {"trained_by": "train_grpo.py --stage g4u", "config": self.config_dict})
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
-        atomic_write_json(final / MANIFEST, {"trained_by": "train_grpo.py --stage g4u", "config": self.config_dict,
-                                             **({} if self.paths.dit_lora else {"dit_lora": None})})
         if ema is not None:
             ema.restore(self.trainable)
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)

@@ -165,3 +165,19 @@ def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
         shutil.copytree(src, dst)
     else:
         shutil.copy2(src, dst)
+
+
+def write_final(out_dir: Path, paths, link: bool, keep: tuple[str, ...], manifest: dict) -> Path:
+    """`<out_dir>/final/` in the official layout: the parts in `keep` linked (or copied) from the
+    source checkpoint, the manifest written; the caller then writes the parts it trained."""
+    from uae.checkpoints import MANIFEST
+
+    final = Path(out_dir) / "final"
+    final.mkdir(exist_ok=True)
+    for part in keep:
+        if getattr(paths, part):
+            link_or_copy(getattr(paths, part), final / part, link)
+    if "dit_lora" in keep and not paths.dit_lora:
+        manifest = {**manifest, "dit_lora": None}
+    atomic_write_json(final / MANIFEST, manifest)
+    return final
