@@ -179,8 +179,9 @@ def main(argv=None) -> int:
     records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     keys = [k for k in ("loss", "reward_mean", "caption_len_mean", "kl") if any(k in r for r in records)]
     drawn = loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
-    print(run_page(run))
-    print(", ".join(f"{k}: {n} points" for k, n in drawn.items()))
+    import sys
+
+    sys.stdout.write(f"{run_page(run)}\n" + ", ".join(f"{k}: {n} points" for k, n in drawn.items()) + "\n")
     return 0
 
 
