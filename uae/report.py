@@ -128,7 +128,7 @@ def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, la
     for i, (im, label) in enumerate(zip(images, labels)):
         x, y = (i % cols) * w, (i // cols) * (h + pad)
         grid.paste(im, (x, y))
-        draw.text((x + 2, y + h + 1), str(label)[:label_chars], fill="black")
+        draw.text((x + 2, y + h + 1), str(label)[:min(label_chars, max(4, w // 6))], fill="black")  # ~6 px a glyph
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
