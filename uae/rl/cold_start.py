@@ -124,12 +124,15 @@ class ColdStartRecipe:
         sampler = StepSampler(len(self.items), cfg.cold_start_batch_size, acc.num_processes, acc.process_index, cfg.seed,
                               start, cfg.cold_start_max_steps)
         order = iter(sampler)
+        targets: dict[int, torch.Tensor] = {}
         bar = tqdm(total=cfg.cold_start_max_steps, initial=start, desc="cold start", disable=not acc.is_local_main_process)
         for step in range(start, cfg.cold_start_max_steps):
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             idx = [next(order) for _ in range(cfg.cold_start_batch_size)]
             losses = []
+            with torch.no_grad():  # the negative branch: same weights for the whole step
+                neg, _ = enc.get_projected_embeddings([enc.prompts.negative_prompt])
             for k, i in enumerate(idx):
                 item = self.items[i]
                 image = item.open()
@@ -138,12 +141,11 @@ class ColdStartRecipe:
                 gen = generator_for(cfg.seed, i if cfg.cold_start_fixed_noise else
                                     (step * acc.num_processes + acc.process_index) * 1024 + k)
                 pos = self.conditioning(image, item.caption.strip())
-                with torch.no_grad():
-                    neg, _ = enc.get_projected_embeddings([enc.prompts.negative_prompt])
                 recon = self.reconstruct(pos, neg, gen)
-                with torch.no_grad():
-                    target = self.clip.encode_images(to_uint8([image]))
-                loss = 1 - (self.clip(self.clip.pixel_values(recon)) * target).sum(-1).mean()
+                if i not in targets:  # CLIP is frozen: each original's features are computed once
+                    with torch.no_grad():
+                        targets[i] = self.clip.encode_images(to_uint8([image]))
+                loss = 1 - (self.clip(self.clip.pixel_values(recon)) * targets[i]).sum(-1).mean()
                 acc.backward(loss / len(idx))
                 losses.append(loss.item())
             if cfg.max_grad_norm > 0:

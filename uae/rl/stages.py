@@ -349,10 +349,17 @@ class U4GRecipe:
         labels = ["reference"] + [f"r={r:.3f}" for r in rewards[:g]]
         image_grid(pics, labels, self.out / "grids" / f"iter_{step:06d}.png", columns=min(g + 1, 9))
 
-    def save_output(self, ema) -> Path | None:
-        """final/: the trained `dit_lora/` with the other parts of the source checkpoint linked."""
+    # Parts of the source checkpoint that final/ links unchanged; the trained part is written by
+    # `write_trained`.
+    unchanged_parts = ("SD3", "dit", "llm", "llm_lora", "llm_processor")
+
+    def write_trained(self, final: Path) -> None:
         from uae.models.decoder import save_dit_lora
 
+        save_dit_lora(self.acc.unwrap_model(self.policy_train), final / "dit_lora")
+
+    def save_output(self, ema) -> Path | None:
+        """final/: the trained part (EMA weights if kept) with the rest of the source checkpoint linked."""
         acc = self.acc
         acc.wait_for_everyone()
         if not acc.is_main_process:
@@ -360,9 +367,9 @@ class U4GRecipe:
         if ema is not None:
             ema.store(self.trainable)
             ema.copy_to(self.trainable)
-        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "llm", "llm_lora", "llm_processor"),
-                            {"trained_by": "train_grpo.py --stage u4g", "config": self.config_dict})
-        save_dit_lora(acc.unwrap_model(self.policy_train), final / "dit_lora")
+        final = write_final(self.out, self.paths, self.cfg.link_unchanged, self.unchanged_parts,
+                            {"trained_by": f"train_grpo.py --stage {self.cfg.stage}", "config": self.config_dict})
+        self.write_trained(final)
         if ema is not None:
             ema.restore(self.trainable)
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
@@ -537,21 +544,10 @@ class G4URecipe(U4GRecipe):
         with open(self.out / "samples.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
-    def save_output(self, ema) -> Path | None:
-        """final/: the trained LLM LoRA as the release stores it (three shards), the rest linked."""
+    unchanged_parts = ("SD3", "dit", "dit_lora", "llm", "llm_processor")
+
+    def write_trained(self, final: Path) -> None:
+        """The trained LLM LoRA as the release stores it (three shards)."""
         from uae.checkpoints import save_official_llm_lora
 
-        acc = self.acc
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        if ema is not None:
-            ema.store(self.trainable)
-            ema.copy_to(self.trainable)
-        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "dit_lora", "llm", "llm_processor"),
-                            {"trained_by": "train_grpo.py --stage g4u", "config": self.config_dict})
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
-        if ema is not None:
-            ema.restore(self.trainable)
-        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
-        return final
