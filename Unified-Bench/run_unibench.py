@@ -7,6 +7,8 @@
         --ref_path Unified-Bench/UniBench/Image --output_dir Unified-Bench/results/other
 
 Writes results.json, results.md, scores.png and report.html into --output_dir; a rerun resumes.
+On N GPUs: `accelerate launch --num_processes N Unified-Bench/run_unibench.py ...` splits captioning
+and generation over the processes (same images as one process); the main process scores.
 Exit code 0 when every pair was scored, 1 when some failed (0 with --allow_failures), 2 on bad settings.
 """
 
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
     from uae.unibench import run_unibench
 
     result = run_unibench(cfg)
+    if result is None:  # a non-main process of a multi-process run: the main one reports
+        return 0
     save_config(cfg, Path(cfg.output_dir) / "unibench_config.yaml")
     s = result["summary"]
     logger.info("overall %s over %d valid pair(s), %d failed: see %s/report.html",

@@ -1,6 +1,7 @@
-"""Two CPU processes (torchrun, gloo): every stage ends with identical weights on both ranks, and
-a GRPO group that spans the ranks gets the advantages of a one-process run with the same seed and
-global batch. Also: every accelerate launch config in configs/accelerate/ parses."""
+"""Two CPU processes (torchrun, gloo): every stage ends with identical weights on both ranks, a
+GRPO group that spans the ranks gets the advantages of a one-process run with the same seed and
+global batch, and the Unified-Bench runner split over two processes writes the JSON of one
+process. Also: every accelerate launch config in configs/accelerate/ parses."""
 
 import json
 import os
@@ -23,13 +24,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(nproc, stage, out, ckpt, data, *extra):
+def torchrun(nproc, script, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(WORKER), stage, str(out), str(ckpt), str(data), *map(str, extra)]
+           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def launch(nproc, stage, out, ckpt, data, *extra):
+    torchrun(nproc, WORKER, stage, out, ckpt, data, *extra)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
@@ -74,6 +79,26 @@ def test_group_spanning_ranks_gets_the_one_process_advantages(tiny_ckpt, pairs, 
     # Iteration 2 follows one optimizer step whose gradient was summed in another order (two
     # ranks' all-reduce vs one process): float differences, not different samples.
     assert torch.allclose(one["advantages"][1], two[0]["advantages"][1], atol=1e-2)
+
+
+def test_unibench_over_two_processes_writes_the_one_process_json(tiny_ckpt, tmp_path):
+    # 6 references in batches of 2: rank 0 captions and regenerates batches 0 and 2, rank 1 batch 1.
+    flags = ["--checkpoint", tiny_ckpt, "--height", 64, "--width", 64, "--steps", 2, "--max_new_tokens", 8,
+             "--batch_size", 2, "--models", "clip", "dinov2", "--scorer_weights", "tiny", "--num_workers", 0,
+             "--no_cache", "--allow_failures"]
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"p{n}"
+        proc = torchrun(n, ROOT / "Unified-Bench" / "run_unibench.py", *flags, "--output_dir", out)
+        if n == 2:
+            assert "process 0/2: 2 batch(es)" in proc.stderr and "process 1/2: 1 batch(es)" in proc.stderr
+        runs[n] = json.loads((out / "results.json").read_text())
+        runs[n].pop("meta")
+        assert (out / "report.html").exists()
+    assert runs[1]["summary"]["valid"] == 6 and all(isinstance(c, str) for c in runs[1]["captions"].values())
+    assert runs[1] == runs[2]
+    for png in (tmp_path / "p1" / "recon").iterdir():  # the same images, byte for byte
+        assert png.read_bytes() == (tmp_path / "p2" / "recon" / png.name).read_bytes()
 
 
 def test_accelerate_configs_parse():

@@ -40,25 +40,50 @@ def read_captions(source: str | Path) -> dict[str, str]:
     raise UAEError(f"--captions_from {source}: expected a folder of .txt files or a .jsonl file")
 
 
-def produce(cfg, refs: list[Path], out: Path) -> tuple[dict[str, str], dict[str, str]]:
+def _known_captions(cfg, cap_dir: Path) -> dict[str, str]:
+    captions = {p.stem: p.read_text(encoding="utf-8").strip() for p in cap_dir.glob("*.txt")} if cap_dir.exists() else {}
+    captions.update(read_captions(cfg.captions_from) if cfg.captions_from else {})
+    return captions
+
+
+def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str], dict[str, str]]:
     """Captions and reconstructions for every readable reference not done yet. Returns
-    ({stem: caption} for every reference that has one, {reference name: why it was skipped})."""
+    ({stem: caption} for every reference that has one, {reference name: why it was skipped}).
+
+    Under `accelerate launch` / torchrun (`state`: accelerate's PartialState) the batches are
+    formed as in one process and dealt out round-robin, each keeping its one-process seed, so
+    every image comes out the same however many processes run. Every process returns the
+    merged result."""
     from tqdm.auto import tqdm
 
+    world, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
     cap_dir, rec_dir = out / "captions", out / "recon"
-    given = read_captions(cfg.captions_from) if cfg.captions_from else {}
-    captions = {p.stem: p.read_text(encoding="utf-8").strip() for p in cap_dir.glob("*.txt")} if cap_dir.exists() else {}
-    captions.update(given)
+    captions = _known_captions(cfg, cap_dir)
     todo = [r for r in refs if not ((rec_dir / f"{r.stem}.png").exists() and r.stem in captions)]
-    logger.info("%d reference(s); %d already done, %d to caption and/or reconstruct",
-                len(refs), len(refs) - len(todo), len(todo))
+    logger.info("%d reference(s); %d already done, %d to caption and/or reconstruct%s",
+                len(refs), len(refs) - len(todo), len(todo), f" over {world} processes" if world > 1 else "")
     skipped: dict[str, str] = {}
-    if not todo:
-        return captions, skipped
+    starts = list(range(0, len(todo), cfg.batch_size))[rank::world]
+    if world > 1:
+        logger.info("process %d/%d: %d batch(es)", rank, world, len(starts))
+    if starts:
+        skipped = _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir,
+                                          tqdm, state.device if world > 1 else cfg.device)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        state.wait_for_everyone()
+        skipped = {k: v for part in gather_object([skipped]) for k, v in part.items()}
+        captions = _known_captions(cfg, cap_dir)  # the other processes' captions, from disk
+    return captions, skipped
+
+
+def _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir, tqdm, device) -> dict[str, str]:
     from uae.models.uae import UAE
 
-    model = UAE.from_pretrained(cfg.checkpoint, device=cfg.device, dtype=cfg.dtype)
-    for i in tqdm(range(0, len(todo), cfg.batch_size), desc="caption + regenerate"):
+    skipped: dict[str, str] = {}
+    model = UAE.from_pretrained(cfg.checkpoint, device=device, dtype=cfg.dtype)
+    for i in tqdm(starts, desc="caption + regenerate"):
         chunk, images = [], []
         for ref in todo[i:i + cfg.batch_size]:
             try:
@@ -81,7 +106,7 @@ def produce(cfg, refs: list[Path], out: Path) -> tuple[dict[str, str], dict[str,
         for ref, im in zip(chunk, recons):
             save_image(im, rec_dir / f"{ref.stem}.png")
     del model
-    return captions, skipped
+    return skipped
 
 
 @torch.no_grad()
@@ -102,7 +127,11 @@ def caption_faithfulness(scorers: dict, captions: dict[str, str], ref_features: 
     return out
 
 
-def run_unibench(cfg) -> dict:
+def run_unibench(cfg) -> dict | None:
+    """Caption + regenerate (split over the processes of an `accelerate launch` / torchrun job),
+    then score and report on the main process. Returns the result there, None elsewhere."""
+    from accelerate import PartialState
+
     from uae.paths import cache_dir
     from uae.report import bar_plot, html_report, markdown_table
     from uae.runtime import resolve_device, resolve_dtype
@@ -116,7 +145,10 @@ def run_unibench(cfg) -> dict:
         recon_dir = Path(cfg.recon_from)
         captions = read_captions(cfg.captions_from) if cfg.captions_from else {}
     else:
-        captions, skipped = produce(cfg, refs, out)
+        state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+        captions, skipped = produce(cfg, refs, out, state if state.num_processes > 1 else None)
+        if not state.is_main_process:
+            return None  # scoring (cheap next to generation) and the report happen once
         recon_dir = out / "recon"
         if not recon_dir.is_dir():
             raise UAEError(f"no reference in {cfg.ref_path} could be read: {skipped}")

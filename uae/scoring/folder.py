@@ -76,9 +76,10 @@ def file_digest(path: Path) -> str:
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decodes each image once and preprocesses it for every scorer, in the DataLoader's
-    workers (so decoding and resizing overlap the forward passes). Returns (index, {scorer:
-    pixel tensor}, None) or (index, None, reason the image cannot be read)."""
+    """Decodes each image once and resizes/crops it for every scorer, in the DataLoader's
+    workers (so decoding and resizing overlap the forward passes; normalising is done on the
+    batch). Returns (index, {scorer: pixel tensor}, None) or (index, None, reason the image
+    cannot be read)."""
 
     def __init__(self, paths: Sequence[Path], preprocess: dict):
         self.paths, self.preprocess = list(paths), preprocess
@@ -87,7 +88,7 @@ class _Decode(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        import numpy as np
+        import torchvision.transforms.v2.functional as TF
 
         from uae.io import load_image
 
@@ -95,8 +96,15 @@ class _Decode(torch.utils.data.Dataset):
             pil = load_image(self.paths[i])
         except UAEError as e:
             return i, None, str(e)
-        image = torch.from_numpy(np.array(pil)).permute(2, 0, 1).contiguous()
-        return i, {name: pre(image) for name, pre in self.preprocess.items()}, None
+        image = None
+        out = {}
+        for name, pre in self.preprocess.items():
+            if pre.backend == "pil":  # PIL-resizing scorers take the decoded image as it is
+                out[name] = pre.geometry(pil)
+            else:
+                image = TF.pil_to_tensor(pil) if image is None else image
+                out[name] = pre.geometry(image)
+        return i, out, None
 
 
 class FeatureCache:
@@ -149,8 +157,8 @@ def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_w
         if not ok:
             continue
         for name, scorer in scorers.items():
-            pixels = torch.stack([pix[name] for _, pix in ok]).to(scorer.device, scorer.dtype)
-            out = scorer(pixels).cpu()
+            pixels = scorer.preprocess.normalize(torch.stack([pix[name] for _, pix in ok]))
+            out = scorer(pixels.to(scorer.device, scorer.dtype)).cpu()
             feats[name].update({paths[i]: f for (i, _), f in zip(ok, out)})
     return feats, errors
 

@@ -51,18 +51,31 @@ class Preprocess:
     backend: str = "torch"
     crop_offset: str = "round"  # "floor": transformers' processors; "round": torchvision's CenterCrop
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """One image (3, H, W), uint8 or float in [0, 1] -> (3, S, S) normalised float."""
+    def __call__(self, image) -> torch.Tensor:
+        """One image (3, H, W), uint8 or float in [0, 1], or an RGB PIL image -> (3, S, S)
+        normalised float."""
+        return self.normalize(self.geometry(image))
+
+    def geometry(self, image) -> torch.Tensor:
+        """Resize and crop only: (3, S, S), uint8 where the reference keeps uint8 through resizing
+        (a quarter of the bytes to ship from a DataLoader worker), else float in [0, 1]. A PIL
+        image goes straight to the PIL backend, saving a conversion."""
         import torchvision.transforms.v2.functional as TF
+        from PIL import Image
         from torchvision.transforms import InterpolationMode
 
         mode = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[self.interpolation]
         size = list(self.resize) if isinstance(self.resize, (list, tuple)) else [self.resize]
-        x = image
-        if x.dtype == torch.uint8 and self.backend == "pil":
-            x = TF.to_pil_image(x.cpu())
-        elif x.dtype == torch.uint8 and self.rescale_first:
-            x = x.float() / 255.0
+        if isinstance(image, Image.Image):
+            if self.backend != "pil":
+                return self.geometry(TF.pil_to_tensor(image.convert("RGB")))
+            x = image.convert("RGB")
+        elif image.dtype == torch.uint8 and self.backend == "pil":
+            x = TF.to_pil_image(image.cpu())
+        elif image.dtype == torch.uint8 and self.rescale_first:
+            x = image.float() / 255.0
+        else:
+            x = image
         x = TF.resize(x, size, interpolation=mode, antialias=True)
         if self.crop and self.crop_offset == "floor":
             h, w = x.shape[-2:] if isinstance(x, torch.Tensor) else x.size[::-1]
@@ -70,7 +83,13 @@ class Preprocess:
         elif self.crop:
             x = TF.center_crop(x, [self.crop, self.crop])
         if not isinstance(x, torch.Tensor):
-            x = TF.pil_to_tensor(x).to(image.device)
+            x = TF.pil_to_tensor(x)
+            if isinstance(image, torch.Tensor):
+                x = x.to(image.device)
+        return x
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of `geometry` (one image or a batch) -> mean/std-normalised float."""
         if x.dtype == torch.uint8:
             x = x.float() / 255.0
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
