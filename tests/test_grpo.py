@@ -136,6 +136,28 @@ def test_g4u_smoke_with_the_reconstruction_reward_and_aha_page(tiny_ckpt, tmp_pa
                       "--max_new_tokens", "5"]) == 0, capsys.readouterr().err
 
 
+def test_g4u_learns_longer_captions_on_a_length_reward(tiny_ckpt, tmp_path):
+    """The aha effect in miniature: with reward = caption length in words, a seeded stage-2 run
+    raises the mean reward and the logged caption-length curve, well beyond the group noise."""
+    out = tmp_path / "learn"
+
+    def words(images, keys, references, prompts):
+        return [float(len(p.split())) for p in prompts]
+
+    assert g4u(tiny_ckpt, out, "--max_iterations", 40, "--prompts_per_iteration", 1, "--group_size", 16,
+               "--learning_rate", 0.01, "--checkpointing_steps", 0, "--image_log_steps", 0, reward=words) == 0
+    rec = _metrics(out)
+    assert len(rec) == 40
+    # "Clearly": the last iterations' mean beats the first ones' by more than 1.25x the spread of
+    # single captions' rewards. Measured with these settings: seed 0 (this test) +9.7 words against
+    # a spread of 3.5; seeds 1 and 2: +3.5 / 2.4 and +8.3 / 2.7.
+    spread = np.mean([r["reward_std"] for r in rec[:5]])
+    for key in ("reward_mean", "caption_len_mean"):
+        first, last = np.mean([r[key] for r in rec[:5]]), np.mean([r[key] for r in rec[-5:]])
+        assert last - first > 1.25 * spread, (key, first, last, spread)
+    assert (out / "curves.png").stat().st_size > 0
+
+
 def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, tmp_path):
     """One policy-gradient step on sampled captions moves log-probability towards the captions with
     positive advantage: sum_i A_i * change_i > 0, the best caption gains, the worst loses (the

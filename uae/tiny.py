@@ -83,6 +83,13 @@ def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def preset_key(preset: str | os.PathLike) -> str:
+    """Short content hash of a preset file: cached builds are rebuilt when the preset changes."""
+    from uae.io import content_key
+
+    return content_key(Path(preset_path(str(preset))).read_bytes())[:10]
+
+
 def _seed(seed: int) -> None:
     import torch
 
@@ -145,6 +152,7 @@ def llm_config(cfg: dict[str, Any], tokenizer):
 
 def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     """Random Qwen2.5-VL + projector (widths from the preset and the DiT's joint_attention_dim)."""
+    import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     from uae.models.encoder import build_projector
@@ -152,6 +160,11 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     config = llm_config(cfg, tokenizer)
     _seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
+    std = cfg["llm"].get("embedding_std")
+    if std:  # see configs/models/tiny.yaml
+        emb = model.get_input_embeddings().weight
+        with torch.no_grad():
+            emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed + 11)) * float(std))
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],

@@ -25,9 +25,9 @@ def embedded_tiny_checkpoint() -> Path:
     import uae
     from uae.io import build_once
     from uae.paths import cache_dir
-    from uae.tiny import build_checkpoint
+    from uae.tiny import build_checkpoint, preset_key
 
-    path = cache_dir() / f"tiny-v{uae.__version__}"
+    path = cache_dir() / f"tiny-v{uae.__version__}-{preset_key('tiny')}"
     if not path.exists():
         logger.info("building the embedded tiny checkpoint in %s (seconds, offline)", path)
     build_once(path, lambda p: build_checkpoint(p, "tiny", seed=0))

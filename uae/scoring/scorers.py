@@ -256,7 +256,10 @@ def tiny_scorer_dir() -> Path:
     from uae.io import build_once
     from uae.paths import cache_dir
 
-    path = cache_dir() / f"scorers-tiny-v{uae.__version__}"
+    from uae.io import content_key
+
+    # Keyed by the specs' content: editing configs/scorers.yaml rebuilds the tiny checkpoints.
+    path = cache_dir() / f"scorers-tiny-v{uae.__version__}-{content_key((CONFIG_DIR / 'scorers.yaml').read_bytes())[:10]}"
     if not path.exists():
         logger.info("building tiny random scorer checkpoints in %s", path)
     build_once(path, lambda p: build_scorer_checkpoints(p, "tiny"))
