@@ -1,14 +1,16 @@
-"""Benchmark: where the time of one Unified-GRPO stage-3 (u4g) iteration goes.
+"""Benchmark: where the time of one Unified-GRPO step goes, for each stage.
 
-Builds a random checkpoint of the given preset (tiny, or mid: a DiT whose forward takes tens of
-milliseconds on a 2-core CPU), runs a few iterations on the sample references, and splits each
-iteration's wall time into sampling (rollouts incl. prompt embedding and VAE decode), reward (the
-part not overlapped with sampling), training forward/backward + optimizer, and everything else
-(advantages, gathering, metrics, logging: measured as wall time minus the three phases). The first
-iteration is a warm-up and is not counted. Also prints one DiT forward's time at the same size.
+Runs `train_grpo.py` for a few steps on random weights (a preset built here, or a checkpoint
+folder) and the sample references, and splits each step's wall time as the stages log it:
+  u4g / g4u    sampling (rollouts: captions or images, incl. prompt embedding and VAE decode),
+               reward (the part not overlapped with sampling), train (forward/backward/optimizer),
+               other (advantages, gathering, metrics: the step's wall time minus the three)
+  cold_start   sampling = the differentiable reconstruction (conditioning, DiT schedule, VAE),
+               reward = CLIP features and loss, train = backward + optimizer, other
+The first step is a warm-up and is not counted. Also prints one DiT forward's time at the size.
 
-    python bench/bench_grpo.py --preset mid --iterations 4
-    python bench/bench_grpo.py --preset tiny --iterations 6
+    python bench/bench_grpo.py --stage u4g --preset mid --iterations 3
+    python bench/bench_grpo.py --stage all --preset tiny --resolution 64
 """
 
 from __future__ import annotations
@@ -21,93 +23,126 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
 
 import torch  # noqa: E402
+
+STAGES = ("cold_start", "g4u", "u4g")
+CONFIGS = {"u4g": "tiny.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}
+PHASES = ("sampling", "reward", "train", "other")
+
+
+def sample_pairs(folder: Path) -> Path:
+    """pairs.jsonl over the sample references (cold start reads image + reference caption)."""
+    refs = sorted((ROOT / "Unified-Bench" / "UniBench" / "sample").glob("*.jpg"))
+    lines = [json.dumps({"image": str(p), "caption": f"a photograph: {p.stem}"}) for p in refs]
+    path = folder / "pairs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def dit_forward_seconds(ckpt: Path, resolution: int, batch: int, device, dtype) -> float:
+    """One DiT forward over a CFG batch (2 x batch) at the benchmark's size, for scale."""
+    from diffusers import SD3Transformer2DModel
+
+    dit = SD3Transformer2DModel.from_pretrained(ckpt / "dit", torch_dtype=dtype).to(device).eval()
+    side = resolution // 8
+    kw = dict(hidden_states=torch.randn(2 * batch, dit.config.in_channels, side, side, device=device, dtype=dtype),
+              timestep=torch.full((2 * batch,), 500.0, device=device),
+              encoder_hidden_states=torch.randn(2 * batch, 60, dit.config.joint_attention_dim, device=device, dtype=dtype),
+              pooled_projections=torch.randn(2 * batch, dit.config.pooled_projection_dim, device=device, dtype=dtype))
+    with torch.no_grad():
+        dit(**kw)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(3):
+            dit(**kw)
+        sync()
+    del dit
+    return (time.perf_counter() - t0) / 3
+
+
+def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
+    from accelerate.state import AcceleratorState
+
+    import train_grpo
+
+    out = work / f"run_{stage}"
+    steps = args.iterations + 1
+    flags = ["--config", str(ROOT / "configs" / "grpo" / CONFIGS[stage]), "--stage", stage, "--checkpoint", str(ckpt),
+             "--output_dir", str(out), "--scorer_weights", args.scorer_weights, "--resolution", str(args.resolution),
+             "--num_steps", str(args.num_steps), "--checkpointing_steps", "0", "--image_log_steps", "0",
+             "--device", args.device, "--mixed_precision", args.mixed_precision, "--log_level", "WARNING",
+             "--max_new_tokens", str(args.max_new_tokens)]
+    if stage == "cold_start":
+        flags += ["--data", str(sample_pairs(work)), "--cold_start_max_steps", str(steps),
+                  "--truncate_steps", str(min(2, args.num_steps))]
+    else:
+        flags += ["--data", str(ROOT / "Unified-Bench" / "UniBench" / "sample"), "--group_size", str(args.group_size),
+                  "--prompts_per_iteration", str(args.prompts), "--max_iterations", str(steps),
+                  "--sample_batch_size", str(args.group_size * args.prompts)]
+    if args.gradient_checkpointing:
+        flags += ["--gradient_checkpointing"]
+    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_peak_memory()
+    code = train_grpo.main(flags)
+    if code != 0:
+        raise SystemExit(f"train_grpo.py --stage {stage} exited with {code}")
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
+    phases = {k: sum(r[f"time_{k}"] for r in rec) / len(rec) for k in PHASES}
+    step = sum(phases.values())
+    return {"seconds_per_step": step, "phase_seconds": phases, "phase_share": {k: v / step for k, v in phases.items()},
+            "steps_timed": len(rec), **peak_memory_mb()}
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="mid", help="model preset (tiny, mid, or a YAML path)")
-    ap.add_argument("--iterations", type=int, default=4, help="timed iterations (plus one warm-up)")
+    ap.add_argument("--stage", default="all", choices=[*STAGES, "all"])
+    ap.add_argument("--preset", default="mid", help="model preset to build (tiny, mid, full, or a YAML path)")
+    ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of building --preset")
+    ap.add_argument("--iterations", type=int, default=3, help="timed steps per stage (plus one warm-up)")
     ap.add_argument("--resolution", type=int, default=256)
     ap.add_argument("--num_steps", type=int, default=10)
     ap.add_argument("--group_size", type=int, default=4)
     ap.add_argument("--prompts", type=int, default=2)
+    ap.add_argument("--max_new_tokens", type=int, default=32, help="caption length (g4u actions, u4g prompts)")
+    ap.add_argument("--scorer_weights", default="tiny", help="reward scorers: tiny (random, offline) or official")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--mixed_precision", default="no", help="no, bf16 (GPU)")
+    ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from accelerate.state import AcceleratorState
+    from uae.cli import setup_logging
 
-    import train_grpo
-    from bench_score_i2i import machine
-    from uae.rl import stages
+    setup_logging("WARNING")
+    from uae.runtime import resolve_device
     from uae.tiny import build_checkpoint
 
+    stages = STAGES if args.stage == "all" else (args.stage,)
+    device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        ckpt = build_checkpoint(tmp / "ckpt", args.preset)
-        wall: list[float] = []
-        real_iteration = stages.U4GRecipe.iteration
-
-        def timed(self, *a, **k):
-            t0 = time.perf_counter()
-            out = real_iteration(self, *a, **k)
-            wall.append(time.perf_counter() - t0)
-            return out
-
-        stages.U4GRecipe.iteration = timed
-        t_loop = time.perf_counter()
-        try:
-            AcceleratorState._reset_state(reset_partial_state=True)
-            code = train_grpo.main(["--config", str(ROOT / "configs/grpo/tiny.yaml"), "--checkpoint", str(ckpt),
-                                    "--data", str(ROOT / "Unified-Bench/UniBench/sample"), "--output_dir", str(tmp / "run"),
-                                    "--scorer_weights", "tiny", "--resolution", str(args.resolution),
-                                    "--num_steps", str(args.num_steps), "--group_size", str(args.group_size),
-                                    "--prompts_per_iteration", str(args.prompts),
-                                    "--sample_batch_size", str(args.group_size * args.prompts),
-                                    "--max_iterations", str(args.iterations + 1), "--checkpointing_steps", "0",
-                                    "--image_log_steps", "0", "--log_level", "WARNING"])
-        finally:
-            stages.U4GRecipe.iteration = real_iteration
-        t_loop = time.perf_counter() - t_loop
-        if code != 0:
-            raise SystemExit(code)
-        rec = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][1:]
-        # One DiT forward (CFG batch) at the benchmark's size, for scale.
-        from diffusers import SD3Transformer2DModel
-
-        dit = SD3Transformer2DModel.from_pretrained(ckpt / "dit").eval()
-        side = args.resolution // 8
-        b = args.group_size * args.prompts
-        x = torch.randn(2 * b, dit.config.in_channels, side, side)
-        emb = torch.randn(2 * b, 60, dit.config.joint_attention_dim)
-        pooled = torch.randn(2 * b, dit.config.pooled_projection_dim)
-        with torch.no_grad():
-            dit(hidden_states=x, timestep=torch.full((2 * b,), 500.0), encoder_hidden_states=emb, pooled_projections=pooled)
-            t0 = time.perf_counter()
-            for _ in range(3):
-                dit(hidden_states=x, timestep=torch.full((2 * b,), 500.0), encoder_hidden_states=emb,
-                    pooled_projections=pooled)
-            t_fwd = (time.perf_counter() - t0) / 3
-    walls = wall[1:]
-    phases = {k: sum(r[f"time_{k}"] for r in rec) / len(rec) for k in ("sampling", "reward", "train")}
-    step = sum(walls) / len(walls)
-    phases["other"] = step - sum(phases.values())
-    res = {"machine": machine(), "preset": args.preset, "resolution": args.resolution, "num_steps": args.num_steps,
-           "samples_per_iteration": args.group_size * args.prompts, "seconds_per_iteration": step,
-           "phase_seconds": phases, "phase_share": {k: v / step for k, v in phases.items()},
-           "dit_forward_cfg_batch_seconds": t_fwd}
-    print(f"GRPO u4g iteration ({res['machine']}); preset {args.preset}, {args.resolution}px, {args.num_steps} steps, "
-          f"{res['samples_per_iteration']} rollouts; one DiT forward (CFG batch of {2 * b}): {t_fwd * 1000:.1f} ms")
-    print(f"{'phase':<10}{'seconds':>10}{'share':>8}")
-    for k, v in phases.items():
-        print(f"{k:<10}{v:>10.3f}{v / step:>8.1%}")
-    print(f"{'iteration':<10}{step:>10.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt", args.preset)
+        results = {s: run_stage(s, ckpt, tmp, args) for s in stages}
+        dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
+        # For scale, next to the stage that samples with the DiT (a full-size DiT is not reloaded per stage).
+        t_fwd = dit_forward_seconds(ckpt, args.resolution, args.group_size * args.prompts, device, dtype) \
+            if "u4g" in stages else None
+    res = {"machine": machine(), "preset": args.checkpoint or args.preset, "resolution": args.resolution,
+           "num_steps": args.num_steps, "rollouts_per_step": args.group_size * args.prompts,
+           "dit_forward_cfg_batch_seconds": t_fwd, "stages": results}
+    fwd = "" if t_fwd is None else \
+        f"; one DiT forward (CFG batch of {2 * res['rollouts_per_step']}): {t_fwd * 1000:.1f} ms"
+    print(f"GRPO step phases ({res['machine']}); {res['preset']}, {args.resolution}px, {args.num_steps} steps, "
+          f"{res['rollouts_per_step']} rollouts (cold start: 1 image){fwd}")
+    print(f"{'stage':<12}{'step s':>9}" + "".join(f"{k:>16}" for k in PHASES))
+    for s, r in results.items():
+        print(f"{s:<12}{r['seconds_per_step']:>9.3f}" +
+              "".join(f"{r['phase_seconds'][k]:>9.3f} ({r['phase_share'][k]:>4.0%})" for k in PHASES))
+    write_json(args.json, res)
     return res
 
 

@@ -20,31 +20,22 @@ the number of pairs).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import machine, peak_memory_mb, sync, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
 from uae.scoring.scorers import SCORERS, build_scorer_checkpoints, load_scorer  # noqa: E402
 
 logger = logging.getLogger("uae.bench")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def make_pairs(folder: Path, n: int, size: int) -> tuple[Path, Path]:
@@ -68,7 +59,7 @@ def make_pairs(folder: Path, n: int, size: int) -> tuple[Path, Path]:
     return rec, ref
 
 
-def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: int) -> float:
+def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: int, device: str) -> float:
     """Peak resident memory (MB) of a fresh `eval/Score_i2i.py` process scoring these folders
     (main process; DataLoader workers hold at most their prefetched batches). A fresh process per
     measurement, so one run's allocations cannot hide in another's baseline."""
@@ -79,7 +70,7 @@ def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: i
     script = Path(__file__).resolve().parent.parent / "eval" / "Score_i2i.py"
     cmd = [sys.executable, str(script), "--image_path", str(rec), "--ref_path", str(ref), "--no_cache",
            "--output_file", str(rec.parent / "mem.json"), "--num_workers", str(workers),
-           "--batch_size", str(batch_size), "--log_level", "WARNING"]
+           "--batch_size", str(batch_size), "--device", device, "--log_level", "WARNING"]
     cmd += [a for n in SCORERS for a in (f"--{n}_checkpoint", str(folders / n))]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -95,14 +86,14 @@ def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: i
     return peak / 2**20
 
 
-def run_loop(pairs, folders) -> dict:
+def run_loop(pairs, folders, device) -> dict:
     from PIL import Image
 
     from uae.scoring.reference import ReferenceEncoder
 
     scores = {}
     for name in SCORERS:
-        enc = ReferenceEncoder(name, folders / name)
+        enc = ReferenceEncoder(name, folders / name, device)
         scores[name] = {}
         for key, rec, ref in pairs:
             with Image.open(rec) as a, Image.open(ref) as b:
@@ -118,47 +109,54 @@ def run_ours(rec, ref, scorers, cache, batch_size, workers) -> dict:
 
 
 def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
+    """Forward passes alone over pre-decoded, pre-processed images already on the device."""
     import numpy as np
 
     from uae.io import load_image
 
     images = [torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1) for p in paths]
-    pixels = {n: torch.stack([s.preprocess(im) for im in images]) for n, s in scorers.items()}
+    pixels = {n: torch.stack([s.preprocess(im) for im in images]).to(s.device, s.dtype) for n, s in scorers.items()}
     best = (float("inf"), 0)
     for bs in batch_sizes:
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             for n, s in scorers.items():
                 for i in range(0, len(paths), bs):
                     s(pixels[n][i:i + bs])
+        sync()
         best = min(best, (time.perf_counter() - t0, bs))
     return best
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default="small", choices=["tiny", "xs", "small", "base"])
+    ap.add_argument("--size", default="small", choices=["tiny", "xs", "small", "base", "full"])
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--image_size", type=int, default=1024, help="reconstruction side in pixels")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--floor_batch_sizes", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args(argv)
+    from uae.runtime import resolve_device
+
+    device = resolve_device(args.device)
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rec, ref = make_pairs(tmp / "data", args.pairs, args.image_size)
         folders = build_scorer_checkpoints(tmp / "scorers", args.size)
-        scorers = {n: load_scorer(n, str(folders / n)) for n in SCORERS}
+        scorers = {n: load_scorer(n, str(folders / n), device=device) for n in SCORERS}
         from uae.scoring.folder import match_folders
 
         pairs = match_folders(rec, ref).pairs
         quarter = args.pairs // 4
 
         t0 = time.perf_counter()
-        loop = run_loop(pairs, folders)
+        loop = run_loop(pairs, folders, device)
         t_loop = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -171,8 +169,8 @@ def main(argv=None) -> dict:
         (sub / "rec").mkdir(parents=True), (sub / "ref").mkdir()
         for key, r, f in pairs[:quarter]:
             os.link(r, sub / "rec" / r.name), os.link(f, sub / "ref" / f.name)
-        mem = {f"{quarter}_pairs": peak_rss_mb(sub / "rec", sub / "ref", folders, args.workers, args.batch_size),
-               f"{len(pairs)}_pairs": peak_rss_mb(rec, ref, folders, args.workers, args.batch_size)}
+        mem = {f"{quarter}_pairs": peak_rss_mb(sub / "rec", sub / "ref", folders, args.workers, args.batch_size, str(device)),
+               f"{len(pairs)}_pairs": peak_rss_mb(rec, ref, folders, args.workers, args.batch_size, str(device))}
         unique = sorted({p for _, a, b in pairs for p in (a, b)})
         t_floor, best_bs = run_floor(unique, scorers, args.floor_batch_sizes)
     diff = max(abs(cold[n][k] - loop[n][k]) for n in SCORERS for k in loop[n])
@@ -189,6 +187,7 @@ def main(argv=None) -> dict:
                    "cold_speedup_over_loop": t_loop / t_cold},
         "max_abs_score_diff_vs_loop": {"cold": diff, "warm": diff_warm},
         "peak_rss_mb_score_i2i_process": mem,
+        "peak_memory": peak_memory_mb(),
     }
     print(f"Score_i2i benchmark ({res['machine']}); {args.size} random weights, {n} pairs, "
           f"{args.image_size}px PNG vs JPEG")
@@ -201,8 +200,7 @@ def main(argv=None) -> dict:
           f" ({res['forward_ms_per_image_per_scorer']:.1f} ms per image per scorer)")
     print(f"max |score - loop score|: cold {diff:.2e}, warm {diff_warm:.2e}")
     print("peak RSS of a fresh Score_i2i process: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} MB" for k, v in mem.items()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    write_json(args.json, res)
     return res
 
 

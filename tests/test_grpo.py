@@ -148,13 +148,13 @@ def test_g4u_learns_longer_captions_on_a_length_reward(tiny_ckpt, tmp_path):
                "--learning_rate", 0.01, "--checkpointing_steps", 0, "--image_log_steps", 0, reward=words) == 0
     rec = _metrics(out)
     assert len(rec) == 40
-    # "Clearly": the last iterations' mean beats the first ones' by more than 1.25x the spread of
-    # single captions' rewards. Measured with these settings: seed 0 (this test) +9.7 words against
-    # a spread of 3.5; seeds 1 and 2: +3.5 / 2.4 and +8.3 / 2.7.
+    # "Clearly": the last iterations' mean beats the first ones' by 2.5x the spread of single
+    # captions' rewards. Measured with these settings: +7.3 words against a spread of 2.0 (seed 0,
+    # this test), +9.0 / 2.0 and +8.7 / 2.1 with seeds 1 and 2.
     spread = np.mean([r["reward_std"] for r in rec[:5]])
     for key in ("reward_mean", "caption_len_mean"):
         first, last = np.mean([r[key] for r in rec[:5]]), np.mean([r[key] for r in rec[-5:]])
-        assert last - first > 1.25 * spread, (key, first, last, spread)
+        assert last - first > 2.5 * spread, (key, first, last, spread)
     assert (out / "curves.png").stat().st_size > 0
 
 
@@ -310,7 +310,8 @@ def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captione
         a = load_file(str(tmp_path / "a" / "final" / "llm_lora" / name))
         b = load_file(str(tmp_path / "b" / "final" / "llm_lora" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rec: [{k: v for k, v in r.items() if k != "seconds_per_step"} for r in rec]  # noqa: E731
+    strip = lambda rec: [{k: v for k, v in r.items() if k != "seconds_per_step" and not k.startswith("time_")}  # noqa: E731
+                         for r in rec]
     assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
 
 

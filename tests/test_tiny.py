@@ -97,3 +97,23 @@ def test_every_preset_file_is_valid_yaml_with_all_parts():
         assert cfg["llm"]["vision_config"]["out_hidden_size"] == cfg["llm"]["text_config"]["hidden_size"]
         assert cfg["dit"]["pooled_projection_dim"] == (cfg["text_encoder"]["projection_dim"]
                                                       + cfg["text_encoder_2"]["projection_dim"])
+
+
+def test_build_in_bfloat16_writes_bf16_weights_that_load(tmp_path):
+    """What bench/gpu_check.sh does for the full-size model (there with device=cuda)."""
+    import glob
+
+    from safetensors.torch import load_file
+
+    from uae.models.uae import UAE
+    from uae.tiny import build_checkpoint
+
+    before = torch.get_default_dtype()
+    path = build_checkpoint(tmp_path / "bf16", "tiny", dtype="bfloat16", device="cpu")
+    assert torch.get_default_dtype() == before  # restored
+    llm = {}
+    for f in glob.glob(str(path / "llm" / "*.safetensors")):
+        llm.update(load_file(f))
+    assert {v.dtype for v in llm.values()} == {torch.bfloat16}
+    model = UAE.from_pretrained(str(path), device="cpu", dtype=torch.bfloat16)
+    assert model.generate(["a cat"], height=32, width=32, num_inference_steps=2, progress=False)[0].size == (32, 32)

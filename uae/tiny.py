@@ -160,11 +160,13 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     config = llm_config(cfg, tokenizer)
     _seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    std = cfg["llm"].get("embedding_std")
+    std = cfg["llm"].get("output_embedding_std")
     if std:  # see configs/models/tiny.yaml
-        emb = model.get_input_embeddings().weight
+        if config.text_config.tie_word_embeddings:
+            raise ValueError("output_embedding_std needs tie_word_embeddings: false in the preset")
+        out = model.get_output_embeddings().weight
         with torch.no_grad():
-            emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(seed + 11)) * float(std))
+            out.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 11), device="cpu") * float(std))
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
@@ -200,7 +202,7 @@ def _randomise_lora_b(module, seed: int, std: float = 0.02) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * std)
+                p.copy_(torch.randn(p.shape, generator=gen, device="cpu") * std)
 
 
 # ---------------------------------------------------------------------------- decoder
@@ -259,9 +261,23 @@ def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any
 # ---------------------------------------------------------------------------- folder
 
 def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                     overwrite: bool = False) -> Path:
+                     overwrite: bool = False, dtype: str | None = None, device: str | None = None) -> Path:
     """Build a complete random-weight checkpoint folder in the official layout. Written into a
-    temporary sibling and renamed at the end, so a folder that exists is always complete."""
+    temporary sibling and renamed at the end, so a folder that exists is always complete.
+    `dtype` / `device` (e.g. "bfloat16", "cuda") create and initialise the weights there: a
+    full-size model is built on a GPU in seconds instead of minutes on a CPU. The weights then
+    differ from a float32 CPU build of the same seed."""
+    import torch
+
+    if device is not None or dtype is not None:
+        dt = getattr(torch, dtype) if dtype else torch.float32
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dt)
+        try:
+            with torch.device(device or "cpu"):
+                return build_checkpoint(out_dir, preset, seed, overwrite)
+        finally:
+            torch.set_default_dtype(old)
     from diffusers import StableDiffusion3Pipeline
 
     from uae.checkpoints import save_official_llm_lora
@@ -316,9 +332,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="tiny", help="tiny, full, or a path to a preset YAML")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--dtype", default=None, help="create the weights in this dtype (bfloat16 for full size)")
+    parser.add_argument("--device", default=None, help="create and initialise the weights here (cuda for full size)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite)
+    path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite, dtype=args.dtype,
+                            device=args.device)
     logger.info("wrote %s", path)
     return 0
 

@@ -127,8 +127,9 @@ class UAEEncoder(nn.Module):
 
     @torch.no_grad()
     def caption(self, images: Sequence, *, max_new_tokens: int = 512, temperature: float = 0.7,
-                do_sample: bool = True, seed: int | None = None) -> list[str]:
-        """Batched captioning (left padding); sampling at `temperature` as in the release."""
+                do_sample: bool = True, seed: int | None = None, min_new_tokens: int | None = None) -> list[str]:
+        """Batched captioning (left padding); sampling at `temperature` as in the release.
+        `min_new_tokens` holds back the end of the caption (benchmarks fix the length with it)."""
         texts = [self.processor.apply_chat_template(self.caption_messages(im), tokenize=False,
                                                     add_generation_prompt=True) for im in images]
         batch = self.processor(text=texts, images=list(images), padding=True, padding_side="left",
@@ -138,6 +139,8 @@ class UAEEncoder(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample)
+        if min_new_tokens:
+            kwargs["min_new_tokens"] = min_new_tokens
         if do_sample:
             kwargs["temperature"] = temperature
         out = self.llm.generate(**batch, **kwargs)

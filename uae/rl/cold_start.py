@@ -131,6 +131,11 @@ class ColdStartRecipe:
             opt.zero_grad(set_to_none=True)
             idx = [next(order) for _ in range(cfg.cold_start_batch_size)]
             losses = []
+            # Phases, as in the RL stages: sampling = the differentiable reconstruction
+            # (conditioning, DiT schedule, VAE), reward = CLIP features and loss, train = backward
+            # and optimizer step; other = the rest of the step.
+            t_sample = t_reward = t_train = 0.0
+            t1 = time.perf_counter()
             with torch.no_grad():  # the negative branch: same weights for the whole step
                 neg, _ = enc.get_projected_embeddings([enc.prompts.negative_prompt])
             for k, i in enumerate(idx):
@@ -142,19 +147,29 @@ class ColdStartRecipe:
                                     (step * acc.num_processes + acc.process_index) * 1024 + k)
                 pos = self.conditioning(image, item.caption.strip())
                 recon = self.reconstruct(pos, neg, gen)
+                t_sample += time.perf_counter() - t1
+                t1 = time.perf_counter()
                 if i not in targets:  # CLIP is frozen: each original's features are computed once
                     with torch.no_grad():
                         targets[i] = self.clip.encode_images(to_uint8([image]))
                 loss = 1 - (self.clip(self.clip.pixel_values(recon)) * targets[i]).sum(-1).mean()
+                t_reward += time.perf_counter() - t1
+                t1 = time.perf_counter()
                 acc.backward(loss / len(idx))
                 losses.append(loss.item())
+                t_train += time.perf_counter() - t1
+                t1 = time.perf_counter()
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             opt.step()
+            t_train += time.perf_counter() - t1
             value = sum(losses) / len(losses)
             if not math.isfinite(value):
                 raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --cold_start_learning_rate")
-            metrics.log(step + 1, {"loss": value, "seconds_per_step": time.perf_counter() - t0})
+            total = time.perf_counter() - t0
+            metrics.log(step + 1, {"loss": value, "seconds_per_step": total, "time_sampling": t_sample,
+                                   "time_reward": t_reward, "time_train": t_train,
+                                   "time_other": total - t_sample - t_reward - t_train})
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}")
             if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.cold_start_max_steps:

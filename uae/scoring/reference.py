@@ -15,9 +15,9 @@ from uae.scoring.scorers import load_specs
 class ReferenceEncoder:
     """encode(pil_image) -> L2-normalised feature (1, D), for one scorer's checkpoint folder."""
 
-    def __init__(self, name: str, folder: str | Path):
+    def __init__(self, name: str, folder: str | Path, device: str | torch.device = "cpu"):
         folder = Path(folder)
-        self.name = name
+        self.name, self.device = name, torch.device(device)
         spec = load_specs()[name]
         if name == "longclip":
             import open_clip
@@ -39,13 +39,14 @@ class ReferenceEncoder:
             cls = {"clip": CLIPModel, "dinov2": Dinov2Model, "dinov3": DINOv3ViTModel}[name]
             self.model = cls.from_pretrained(folder).eval()
             self.processor = AutoImageProcessor.from_pretrained(folder)
+        self.model.to(self.device)
 
     @torch.no_grad()
     def encode(self, image) -> torch.Tensor:
         if self.name == "longclip":
-            feats = self.model.encode_image(self.transform(image)[None])
+            feats = self.model.encode_image(self.transform(image)[None].to(self.device))
         else:
-            pix = self.processor(images=image, return_tensors="pt").pixel_values
+            pix = self.processor(images=image, return_tensors="pt").pixel_values.to(self.device)
             if self.name == "clip":
                 out = self.model.get_image_features(pixel_values=pix)
                 feats = out if isinstance(out, torch.Tensor) else out.pooler_output
