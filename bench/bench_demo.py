@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
+from common import machine, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
