@@ -129,6 +129,50 @@ def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
     return best
 
 
+def measure(args) -> dict:
+    """One method in this (fresh) process: `loop` (+ the compute floor) or `ours` (cold + warm)."""
+    from uae.runtime import resolve_device
+    from uae.scoring.folder import match_folders
+
+    device = resolve_device(args.device)
+    data, folders = Path(args.data), Path(args.scorers)
+    rec, ref = data / "rec", data / "ref"
+    pairs = match_folders(rec, ref).pairs
+    scorers = {n: load_scorer(n, str(folders / n), device=device) for n in SCORERS}
+    out: dict = {"seconds": {}, "scores": {}}
+    if args.method == "loop":
+        t0 = time.perf_counter()
+        out["scores"]["loop"] = run_loop(pairs, folders, device)
+        out["seconds"]["loop"] = time.perf_counter() - t0
+        unique = sorted({p for _, a, b in pairs for p in (a, b)})
+        out["seconds"]["floor"], out["floor_batch_size"] = run_floor(unique, scorers, args.floor_batch_sizes)
+        out["unique_images"] = len(unique)
+    else:
+        with tempfile.TemporaryDirectory() as cache:
+            for k in ("cold", "warm"):
+                t0 = time.perf_counter()
+                res = run_ours(rec, ref, scorers, Path(cache), args.batch_size, args.workers)
+                out["seconds"][k] = time.perf_counter() - t0
+                out["scores"][k] = {n: res[n] for n in SCORERS}
+    return out
+
+
+def spawn(args, method: str, data: Path, folders: Path) -> dict:
+    """Run `measure` for one method in a fresh process (so neither inherits the other's
+    allocator or thread-pool state)."""
+    import json
+    import subprocess
+
+    out = data / f"{method}.json"
+    cmd = [sys.executable, __file__, "--method", method, "--data", str(data), "--scorers", str(folders),
+           "--device", args.device, "--batch_size", str(args.batch_size), "--workers", str(args.workers),
+           "--floor_batch_sizes", *map(str, args.floor_batch_sizes), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", choices=["tiny", "xs", "small", "base", "full"])
@@ -139,66 +183,64 @@ def main(argv=None) -> dict:
     ap.add_argument("--floor_batch_sizes", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
     ap.add_argument("--json", default=None, help="also write the measurements here")
+    ap.add_argument("--method", choices=["loop", "ours"], help=argparse.SUPPRESS)  # internal: one measurement
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--scorers", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.method:
+        res = measure(args)
+        write_json(args.json, res)
+        return res
+
     from uae.runtime import resolve_device
 
     device = resolve_device(args.device)
-    logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         rec, ref = make_pairs(tmp / "data", args.pairs, args.image_size)
         folders = build_scorer_checkpoints(tmp / "scorers", args.size)
-        scorers = {n: load_scorer(n, str(folders / n), device=device) for n in SCORERS}
+        loop = spawn(args, "loop", tmp / "data", folders)
+        ours = spawn(args, "ours", tmp / "data", folders)
         from uae.scoring.folder import match_folders
 
         pairs = match_folders(rec, ref).pairs
         quarter = args.pairs // 4
-
-        t0 = time.perf_counter()
-        loop = run_loop(pairs, folders, device)
-        t_loop = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        cold = run_ours(rec, ref, scorers, tmp / "cache", args.batch_size, args.workers)
-        t_cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        warm = run_ours(rec, ref, scorers, tmp / "cache", args.batch_size, args.workers)
-        t_warm = time.perf_counter() - t0
         sub = tmp / "quarter"
         (sub / "rec").mkdir(parents=True), (sub / "ref").mkdir()
         for key, r, f in pairs[:quarter]:
             os.link(r, sub / "rec" / r.name), os.link(f, sub / "ref" / f.name)
         mem = {f"{quarter}_pairs": peak_rss_mb(sub / "rec", sub / "ref", folders, args.workers, args.batch_size, str(device)),
                f"{len(pairs)}_pairs": peak_rss_mb(rec, ref, folders, args.workers, args.batch_size, str(device))}
-        unique = sorted({p for _, a, b in pairs for p in (a, b)})
-        t_floor, best_bs = run_floor(unique, scorers, args.floor_batch_sizes)
-    diff = max(abs(cold[n][k] - loop[n][k]) for n in SCORERS for k in loop[n])
-    diff_warm = max(abs(warm[n][k] - loop[n][k]) for n in SCORERS for k in loop[n])
+    ref_scores = loop["scores"]["loop"]
+    diff = {k: max(abs(ours["scores"][k][n][key] - ref_scores[n][key]) for n in SCORERS for key in ref_scores[n])
+            for k in ("cold", "warm")}
+    sec = {"loop": loop["seconds"]["loop"], "cold": ours["seconds"]["cold"], "warm": ours["seconds"]["warm"],
+           "floor": loop["seconds"]["floor"]}
     n = len(pairs)
     res = {
         "machine": machine(),
         "size": args.size, "pairs": n, "image_size": args.image_size,
-        "pairs_per_s": {"loop": n / t_loop, "cold": n / t_cold, "warm": n / t_warm, "floor": n / t_floor},
-        "seconds": {"loop": t_loop, "cold": t_cold, "warm": t_warm, "floor": t_floor},
-        "floor_batch_size": best_bs,
-        "forward_ms_per_image_per_scorer": 1000 * t_floor / (len(unique) * len(scorers)),
-        "ratios": {"cold_vs_floor_time": t_cold / t_floor, "warm_speedup_over_cold": t_cold / t_warm,
-                   "cold_speedup_over_loop": t_loop / t_cold},
-        "max_abs_score_diff_vs_loop": {"cold": diff, "warm": diff_warm},
+        "pairs_per_s": {k: n / v for k, v in sec.items()},
+        "seconds": sec,
+        "floor_batch_size": loop["floor_batch_size"],
+        "forward_ms_per_image_per_scorer": 1000 * sec["floor"] / (loop["unique_images"] * len(SCORERS)),
+        "ratios": {"cold_vs_floor_time": sec["cold"] / sec["floor"], "warm_speedup_over_cold": sec["cold"] / sec["warm"],
+                   "cold_speedup_over_loop": sec["loop"] / sec["cold"]},
+        "max_abs_score_diff_vs_loop": diff,
         "peak_rss_mb_score_i2i_process": mem,
         "peak_memory": peak_memory_mb(),
     }
     print(f"Score_i2i benchmark ({res['machine']}); {args.size} random weights, {n} pairs, "
-          f"{args.image_size}px PNG vs JPEG")
+          f"{args.image_size}px PNG vs JPEG; each method in a fresh process")
     print(f"{'method':<8}{'seconds':>10}{'pairs/s':>10}")
     for k in ("loop", "cold", "warm", "floor"):
-        print(f"{k:<8}{res['seconds'][k]:>10.2f}{res['pairs_per_s'][k]:>10.2f}")
+        print(f"{k:<8}{sec[k]:>10.2f}{res['pairs_per_s'][k]:>10.2f}")
     r = res["ratios"]
     print(f"cold / floor time {r['cold_vs_floor_time']:.2f}x | warm speed-up over cold {r['warm_speedup_over_cold']:.2f}x"
-          f" | cold speed-up over loop {r['cold_speedup_over_loop']:.2f}x | floor batch {best_bs}"
-          f" ({res['forward_ms_per_image_per_scorer']:.1f} ms per image per scorer)")
-    print(f"max |score - loop score|: cold {diff:.2e}, warm {diff_warm:.2e}")
+          f" | cold speed-up over loop {r['cold_speedup_over_loop']:.2f}x"
+          f" | floor batch {res['floor_batch_size']} ({res['forward_ms_per_image_per_scorer']:.1f} ms per image per scorer)")
+    print(f"max |score - loop score|: cold {diff['cold']:.2e}, warm {diff['warm']:.2e}")
     print("peak RSS of a fresh Score_i2i process: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} MB" for k, v in mem.items()))
     write_json(args.json, res)
     return res

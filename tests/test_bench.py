@@ -21,7 +21,7 @@ def test_gpu_check_small_runs_every_benchmark_on_cpu(tmp_path):
     r = res["results"]
     # Score_i2i: the four ways were timed, and ours scores what the per-pair loop scores.
     s = r["score_i2i"]
-    assert set(s["pairs_per_s"]) == {"loop", "cold", "warm", "floor"} and all(v > 0 for v in s["pairs_per_s"].values())
+    assert {"loop", "cold", "warm", "floor"} <= set(s["pairs_per_s"]) and all(v > 0 for v in s["pairs_per_s"].values())
     assert s["max_abs_score_diff_vs_loop"]["cold"] < 1e-5 and s["max_abs_score_diff_vs_loop"]["warm"] < 1e-5
     # demo: our decoding produced the bare pipeline's image exactly; both timed.
     d = r["demo"]
