@@ -1,14 +1,17 @@
 """Benchmark: Score_i2i's folder scoring vs the official-style per-pair loop, side by side.
 
 On the same pairs (1024x1024 PNG reconstructions against JPEG references) and the same random
-weights of one size (small = ViT-S, base = ViT-B, xs = a forward of ~8 ms on a 2-core CPU, tiny),
+weights of one size (small = ViT-S, base = ViT-B, xs = a forward of ~4-5 ms on a 2-core CPU, tiny),
 it times:
   loop   the official style: for every scorer and pair, open both files, preprocess with the
          model's own processor, encode at batch 1
   cold   ours, empty reference-feature cache
   warm   ours again, references from the cache
   floor  the scorers' forward passes alone over the unique images (pre-decoded, pre-processed,
-         no file I/O) at the best of a few batch sizes
+         no file I/O): in the loop's process after the loop at a few batch sizes, and again in
+         ours' process right after warm at the best of them; cold / floor uses the second
+         (neighbouring measurements: this shared machine's speed drifts by 10-25% between
+         runs), loop / floor the first
 and prints pairs/s, the ratios, the largest score difference to the loop, and the peak RSS of a
 fresh Score_i2i process on a quarter of the pairs and on all of them (memory must not grow with
 the number of pairs).
@@ -155,10 +158,14 @@ def measure(args) -> dict:
                 out["seconds"][k] = time.perf_counter() - t0
                 out["scores"][k] = {n: res[n] for n in SCORERS}
     out["peak_memory"] = peak_memory_mb()
+    if args.method == "ours":  # the floor again, minutes after cold in the same process: the
+        # machine's speed drifts by 10-25% between runs, so cold vs floor compares neighbours
+        unique = sorted({p for _, a, b in pairs for p in (a, b)})
+        out["seconds"]["floor"], _ = run_floor(unique, scorers, args.floor_batch_sizes)
     return out
 
 
-def spawn(args, method: str, data: Path, folders: Path) -> dict:
+def spawn(args, method: str, data: Path, folders: Path, floor_batch_size: int = 0) -> dict:
     """Run `measure` for one method in a fresh process (so neither inherits the other's
     allocator or thread-pool state)."""
     import json
@@ -167,7 +174,8 @@ def spawn(args, method: str, data: Path, folders: Path) -> dict:
     out = data / f"{method}.json"
     cmd = [sys.executable, __file__, "--method", method, "--data", str(data), "--scorers", str(folders),
            "--device", args.device, "--batch_size", str(args.batch_size), "--workers", str(args.workers),
-           "--floor_batch_sizes", *map(str, args.floor_batch_sizes), "--json", str(out)]
+           "--floor_batch_sizes", *map(str, [floor_batch_size] if floor_batch_size else args.floor_batch_sizes),
+           "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
@@ -179,7 +187,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--size", default="small", choices=["tiny", "xs", "small", "base", "full"])
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--image_size", type=int, default=1024, help="reconstruction side in pixels")
-    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--batch_size", type=int, default=16, help="ours' batch size (Score_i2i's default)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--floor_batch_sizes", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
@@ -202,7 +210,7 @@ def main(argv=None) -> dict:
         rec, ref = make_pairs(tmp / "data", args.pairs, args.image_size)
         folders = build_scorer_checkpoints(tmp / "scorers", args.size)
         loop = spawn(args, "loop", tmp / "data", folders)
-        ours = spawn(args, "ours", tmp / "data", folders)
+        ours = spawn(args, "ours", tmp / "data", folders, loop["floor_batch_size"])
         from uae.scoring.folder import match_folders
 
         pairs = match_folders(rec, ref).pairs
@@ -217,20 +225,21 @@ def main(argv=None) -> dict:
     diff = {k: max(abs(ours["scores"][k][n][key] - ref_scores[n][key]) for n in SCORERS for key in ref_scores[n])
             for k in ("cold", "warm")}
     sec = {"loop": loop["seconds"]["loop"], "cold": ours["seconds"]["cold"], "warm": ours["seconds"]["warm"],
-           "floor": loop["seconds"]["floor"]}
+           "floor": ours["seconds"]["floor"], "floor_in_loop_process": loop["seconds"]["floor"]}
     n = len(pairs)
     res = {
         "machine": machine(),
         "size": args.size, "pairs": n, "image_size": args.image_size,
         "pairs_per_s": {k: n / v for k, v in sec.items()},
         "seconds": sec,
-        "floor_batch_size": loop["floor_batch_size"],
+        "floor_batch_size": loop["floor_batch_size"], "ours_batch_size": args.batch_size,
         "forward_ms_per_image_per_scorer": 1000 * sec["floor"] / (loop["unique_images"] * len(SCORERS)),
         "ratios": {"cold_vs_floor_time": sec["cold"] / sec["floor"], "warm_speedup_over_cold": sec["cold"] / sec["warm"],
-                   "cold_speedup_over_loop": sec["loop"] / sec["cold"]},
+                   "cold_speedup_over_loop": sec["loop"] / sec["cold"],
+                   "loop_vs_floor_time": sec["loop"] / sec["floor_in_loop_process"]},
         "max_abs_score_diff_vs_loop": diff,
         "peak_rss_mb_score_i2i_process": mem,
-        "peak_memory": ours["peak_memory"],  # the process that ran ours, cold and warm
+        "peak_memory": ours["peak_memory"],  # the process that ran ours, cold and warm (before its floor)
     }
     print(f"Score_i2i benchmark ({res['machine']}); {args.size} random weights, {n} pairs, "
           f"{args.image_size}px PNG vs JPEG; each method in a fresh process")
@@ -240,7 +249,8 @@ def main(argv=None) -> dict:
     r = res["ratios"]
     print(f"cold / floor time {r['cold_vs_floor_time']:.2f}x | warm speed-up over cold {r['warm_speedup_over_cold']:.2f}x"
           f" | cold speed-up over loop {r['cold_speedup_over_loop']:.2f}x"
-          f" | floor batch {res['floor_batch_size']} ({res['forward_ms_per_image_per_scorer']:.1f} ms per image per scorer)")
+          f" | loop / floor (loop's process, {sec['floor_in_loop_process']:.2f} s) {r['loop_vs_floor_time']:.2f}x"
+          f" | batch: floor {res['floor_batch_size']}, ours {args.batch_size} ({res['forward_ms_per_image_per_scorer']:.1f} ms per image per scorer)")
     print(f"max |score - loop score|: cold {diff['cold']:.2e}, warm {diff['warm']:.2e}")
     print("peak RSS of a fresh Score_i2i process: " + ", ".join(f"{k.replace('_', ' ')} {v:.0f} MB" for k, v in mem.items()))
     write_json(args.json, res)

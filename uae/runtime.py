@@ -47,3 +47,27 @@ def attention_backend(device: torch.device, requested: str | None = None) -> str
             and torch.cuda.get_device_capability(device)[0] >= 8):
         return "flash_attention_2"
     return "sdpa"
+
+
+_libc_trim = None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python/torch have freed back to the OS (glibc `malloc_trim`; a no-op on
+    other C libraries). Long CPU loops of large, short-lived activations otherwise fragment
+    glibc's heap so that resident memory creeps up with the number of batches (measured with
+    ViT-S scorers: +1 MB per image scored, 1455 MB at 25 pairs -> 1810 MB at 200); trimming once
+    per batch kept it flat at no measurable cost."""
+    global _libc_trim
+    if _libc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        _libc_trim = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc_trim = libc.malloc_trim if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            pass
+    if _libc_trim:
+        _libc_trim(0)

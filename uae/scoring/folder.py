@@ -17,6 +17,7 @@ import torch
 
 from uae.errors import UAEError
 from uae.io import IMAGE_EXTENSIONS, atomic_write_bytes, content_key
+from uae.runtime import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_w
             pixels = scorer.preprocess.normalize(torch.stack([pix[name] for _, pix in ok]))
             out = scorer(pixels.to(scorer.device, scorer.dtype)).cpu()
             feats[name].update({paths[i]: f for (i, _), f in zip(ok, out)})
+        release_freed_memory()  # keeps resident memory flat over any number of batches
     return feats, errors
 
 
