@@ -10,7 +10,7 @@ it times:
   floor  the scorers' forward passes alone over the unique images (pre-decoded, pre-processed,
          no file I/O): in the loop's process after the loop at a few batch sizes, and again in
          ours' process right after warm at the best of them; cold / floor uses the second
-         (neighbouring measurements: this shared machine's speed drifts by 10-25% between
+         (neighbouring measurements: this shared machine's speed drifts by 10-30% between
          runs), loop / floor the first
 and prints pairs/s, the ratios, the largest score difference to the loop, and the peak RSS of a
 fresh Score_i2i process on a quarter of the pairs and on all of them (memory must not grow with
@@ -133,7 +133,7 @@ def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
 
 
 def measure(args) -> dict:
-    """One method in this (fresh) process: `loop` (+ the compute floor) or `ours` (cold + warm)."""
+    """One method in this (fresh) process, `loop` or `ours` (cold + warm), then the compute floor."""
     from uae.runtime import resolve_device
     from uae.scoring.folder import match_folders
 
@@ -147,9 +147,6 @@ def measure(args) -> dict:
         t0 = time.perf_counter()
         out["scores"]["loop"] = run_loop(pairs, folders, device)
         out["seconds"]["loop"] = time.perf_counter() - t0
-        unique = sorted({p for _, a, b in pairs for p in (a, b)})
-        out["seconds"]["floor"], out["floor_batch_size"] = run_floor(unique, scorers, args.floor_batch_sizes)
-        out["unique_images"] = len(unique)
     else:
         with tempfile.TemporaryDirectory() as cache:
             for k in ("cold", "warm"):
@@ -157,15 +154,16 @@ def measure(args) -> dict:
                 res = run_ours(rec, ref, scorers, Path(cache), args.batch_size, args.workers)
                 out["seconds"][k] = time.perf_counter() - t0
                 out["scores"][k] = {n: res[n] for n in SCORERS}
-    out["peak_memory"] = peak_memory_mb()
-    if args.method == "ours":  # the floor again, minutes after cold in the same process: the
-        # machine's speed drifts by 10-25% between runs, so cold vs floor compares neighbours
-        unique = sorted({p for _, a, b in pairs for p in (a, b)})
-        out["seconds"]["floor"], _ = run_floor(unique, scorers, args.floor_batch_sizes)
+    out["peak_memory"] = peak_memory_mb()  # the method's own work, before the floor's decoded images
+    # The compute floor in the same process, minutes after the method: this machine's speed drifts
+    # by 10-30% between runs, so each method is compared with a neighbouring floor.
+    unique = sorted({p for _, a, b in pairs for p in (a, b)})
+    out["seconds"]["floor"], out["floor_batch_size"] = run_floor(unique, scorers, args.floor_batch_sizes)
+    out["unique_images"] = len(unique)
     return out
 
 
-def spawn(args, method: str, data: Path, folders: Path, floor_batch_size: int = 0) -> dict:
+def spawn(args, method: str, data: Path, folders: Path, floor_batch_sizes: list[int]) -> dict:
     """Run `measure` for one method in a fresh process (so neither inherits the other's
     allocator or thread-pool state)."""
     import json
@@ -174,7 +172,7 @@ def spawn(args, method: str, data: Path, folders: Path, floor_batch_size: int = 
     out = data / f"{method}.json"
     cmd = [sys.executable, __file__, "--method", method, "--data", str(data), "--scorers", str(folders),
            "--device", args.device, "--batch_size", str(args.batch_size), "--workers", str(args.workers),
-           "--floor_batch_sizes", *map(str, [floor_batch_size] if floor_batch_size else args.floor_batch_sizes),
+           "--floor_batch_sizes", *map(str, floor_batch_sizes),
            "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode != 0:
@@ -209,8 +207,8 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         rec, ref = make_pairs(tmp / "data", args.pairs, args.image_size)
         folders = build_scorer_checkpoints(tmp / "scorers", args.size)
-        loop = spawn(args, "loop", tmp / "data", folders)
-        ours = spawn(args, "ours", tmp / "data", folders, loop["floor_batch_size"])
+        loop = spawn(args, "loop", tmp / "data", folders, args.floor_batch_sizes)
+        ours = spawn(args, "ours", tmp / "data", folders, [loop["floor_batch_size"]])
         from uae.scoring.folder import match_folders
 
         pairs = match_folders(rec, ref).pairs
@@ -239,7 +237,7 @@ def main(argv=None) -> dict:
                    "loop_vs_floor_time": sec["loop"] / sec["floor_in_loop_process"]},
         "max_abs_score_diff_vs_loop": diff,
         "peak_rss_mb_score_i2i_process": mem,
-        "peak_memory": ours["peak_memory"],  # the process that ran ours, cold and warm (before its floor)
+        "peak_memory": ours["peak_memory"],  # the process that ran ours, cold and warm
     }
     print(f"Score_i2i benchmark ({res['machine']}); {args.size} random weights, {n} pairs, "
           f"{args.image_size}px PNG vs JPEG; each method in a fresh process")
