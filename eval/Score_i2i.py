@@ -3,9 +3,11 @@
     python eval/Score_i2i.py --image_path recon/ --ref_path Unified-Bench/UniBench/Image \
         --output_file results.json --models clip dinov2 dinov3 longclip
 
-Writes JSON: per scorer the per-image cosine similarities and average/min/max, the overall mean of
-the scorer averages, failures with their reasons and unmatched files. Exit code 0 when every pair
-was scored, 1 when some failed (0 with --allow_failures), 2 on a bad setting or folder.
+Writes the release's JSON layout to --output_file, exactly {scorer: {image: score, ..., "average",
+"min", "max"}}, so scripts that read the official files keep working; the overall mean of the
+scorer averages, the summary, failures with their reasons and unmatched files go to the sidecar
+<output>.details.json and the log. Exit code 0 when every pair was scored, 1 when some failed
+(0 with --allow_failures), 2 on a bad setting or folder.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ class ScoreConfig:
 
     image_path: str = field(None, help="folder of reconstructions (generated images)")
     ref_path: str = field(None, aliases=["--ref_image_path"], help="folder of reference images")
-    output_file: str = field("results.json", aliases=["--output"], help="JSON file to write (atomically)")
+    output_file: str = field("results.json", aliases=["--output"], help="JSON file to write (atomically), the release's "
+                                                                       "layout; details beside it in <stem>.details.json")
     models: list[str] = field(["clip", "dinov2", "dinov3", "longclip"], help="scorers to use")
     weights: str = field("official", help="official (checkpoints of configs/scorers.yaml, from the hub or "
                                           "the overrides below) or tiny (offline random weights, for tests)")
@@ -65,7 +68,7 @@ def run(cfg: ScoreConfig) -> int:
     from uae.io import atomic_write_json
     from uae.paths import cache_dir
     from uae.runtime import resolve_device, resolve_dtype
-    from uae.scoring.folder import score_folders
+    from uae.scoring.folder import details_path, score_folders, split_official
     from uae.scoring.scorers import load_scorer
 
     device = resolve_device(cfg.device)
@@ -77,14 +80,17 @@ def run(cfg: ScoreConfig) -> int:
     feature_cache = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "features"
     result = score_folders(cfg.image_path, cfg.ref_path, scorers, batch_size=cfg.batch_size,
                            num_workers=cfg.num_workers, cache_dir=feature_cache)
-    atomic_write_json(Path(cfg.output_file), result)
+    official, details = split_official(result, list(scorers))
+    out = Path(cfg.output_file)
+    atomic_write_json(out, official)
+    atomic_write_json(details_path(out), details)
     s = result["summary"]
     for m in scorers:
         avg = result[m]["average"]
         logger.info("%-9s average %s", m, "n/a" if avg is None else f"{avg:.4f}")
-    logger.info("overall %s over %d valid pair(s); %d failed; wrote %s",
+    logger.info("overall %s over %d valid pair(s); %d failed; wrote %s (details: %s)",
                 "n/a" if result["overall"] is None else f"{result['overall']:.4f}", s["valid"], s["failed"],
-                cfg.output_file)
+                cfg.output_file, details_path(out))
     for name, why in result["errors"].items():
         logger.warning("failed %s: %s", name, why)
     for side, names in result["unmatched"].items():

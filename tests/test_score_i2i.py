@@ -41,7 +41,15 @@ def score(rec, ref, tmp_path, *extra, capsys=None):
     code = Score_i2i.main(["--image_path", str(rec), "--ref_path", str(ref), "--output_file", str(out),
                            "--weights", "tiny", "--num_workers", "0", "--cache_dir", str(tmp_path / "cache"),
                            *map(str, extra)])
-    return code, (json.loads(out.read_text()) if out.exists() else None)
+    if not out.exists():
+        return code, None
+    official = json.loads(out.read_text())
+    # The output file holds exactly the release's layout; everything else is in the sidecar.
+    for name, per in official.items():
+        assert isinstance(per, dict) and {"average", "min", "max"} <= set(per), name
+    details = json.loads((tmp_path / "res.details.json").read_text())
+    assert set(details) == {"overall", "summary", "errors", "unmatched"} and not set(details) & set(official)
+    return code, {**official, **details}
 
 
 def test_json_layout_matching_and_identical_pair(folders, tmp_path):
@@ -66,7 +74,8 @@ def test_official_flag_names_and_single_scorer_scripts(folders, tmp_path):
     code = CLIP.main(["--image_path", str(rec), "--ref_image_path", str(ref), "--output", str(out),
                       "--weights", "tiny", "--num_workers", "0", "--no_cache"])
     assert code == 0
-    assert set(json.loads(out.read_text())) == {"clip", "overall", "summary", "errors", "unmatched"}
+    assert set(json.loads(out.read_text())) == {"clip"}
+    assert set(json.loads((tmp_path / "clip.details.json").read_text())) == {"overall", "summary", "errors", "unmatched"}
 
 
 def test_cache_is_used_and_invalidated_when_content_changes(folders, tmp_path, capsys):

@@ -210,3 +210,15 @@ def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, 
     result["errors"] = failed
     result["unmatched"] = {"references": m.unmatched_references, "reconstructions": m.unmatched_reconstructions}
     return result
+
+
+def split_official(result: dict, scorers: list[str]) -> tuple[dict, dict]:
+    """(the release's JSON: {scorer: {image: score, ..., average, min, max}}, everything else:
+    overall, summary, errors, unmatched)."""
+    return {name: result[name] for name in scorers}, {k: v for k, v in result.items() if k not in scorers}
+
+
+def details_path(output: Path) -> Path:
+    """Where the details of `output` go: results.json -> results.details.json."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.details.json")
