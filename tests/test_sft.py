@@ -73,6 +73,12 @@ def test_trained_parameters_change_and_frozen_ones_do_not(tiny_ckpt, pairs, tmp_
     proj_new = load_file(str(out / "final" / "llm" / "projector.safetensors"))
     assert any(not torch.equal(v, proj_new[k]) for k, v in _release_projector(tiny_ckpt).items())
     assert json.loads((out / "final" / "uae_checkpoint.json").read_text())["dit_lora"] is None
+    # The source's llm_lora shards hold a projector too, which the loader applies last (as the
+    # release's strict=False load did): final/ must carry the trained one there as well.
+    from uae.models.uae import UAE
+
+    loaded = UAE.from_pretrained(str(out / "final"), device="cpu", load_decoder=False).encoder.projector.state_dict()
+    assert all(torch.equal(loaded[k.removeprefix("projector.")], v) for k, v in proj_new.items())
     # The LLM itself is frozen: its files in final/ are the originals (linked).
     assert (out / "final" / "llm" / "model-00001-of-00002.safetensors").resolve() == \
         (tiny_ckpt / "llm" / "model-00001-of-00002.safetensors").resolve()

@@ -80,23 +80,21 @@ class SFTRecipe:
 
     # ------------------------------------------------------------------ one step
     def _hidden(self, captions: list[str]) -> torch.Tensor:
-        """Frozen LLM: last hidden states of the captions in the "generate" template. Padding is
-        to the longest caption of the batch (as at inference), or to max_caption_tokens (needed
-        for caching: an item's states must not depend on its batch)."""
+        """Frozen LLM: last hidden states of the captions in the "generate" template, computed as
+        at inference (the release's position ids and sdpa, `UAEEncoder.hidden_states`). Padding is
+        to the longest caption of the batch, or to max_caption_tokens (needed for caching: an
+        item's states must not depend on its batch)."""
         cfg, enc = self.cfg, self.model.encoder
-        texts = enc.generate_texts(captions)
+        ids = enc.generate_ids(captions)
+        length = None
         if cfg.text_padding == "max_length":
-            lengths = [len(ids) for ids in enc.processor.tokenizer(texts)["input_ids"]]
-            if max(lengths) > cfg.max_caption_tokens:
-                i = max(range(len(lengths)), key=lengths.__getitem__)
-                raise UAEError(f"caption {captions[i][:60]!r}... has {lengths[i]} tokens with its template, more than "
+            i = max(range(len(ids)), key=lambda k: len(ids[k]))
+            if len(ids[i]) > cfg.max_caption_tokens:
+                raise UAEError(f"caption {captions[i][:60]!r}... has {len(ids[i])} tokens with its template, more than "
                                f"--max_caption_tokens {cfg.max_caption_tokens}: raise it (captions are never cut)")
-            pad = dict(padding="max_length", max_length=cfg.max_caption_tokens)
-        else:
-            pad = dict(padding=True)
-        tok = enc.processor.tokenizer(texts, padding_side="right", return_tensors="pt", **pad).to(self.acc.device)
+            length = cfg.max_caption_tokens
         with torch.no_grad():  # the LLM is frozen: only the projector sees gradients
-            return enc.qwen.model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).last_hidden_state
+            return enc.hidden_states(*enc.pad_right(ids, length=length))
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
         if self.text_cache is not None:
@@ -130,8 +128,10 @@ class SFTRecipe:
                 dist = vae.encode(ds.pixels(i)[None].to(acc.device)).latent_dist
                 self.latent_cache.put(item_key(items[i], *self.sizes[i]), {"mean": dist.mean[0], "std": dist.std[0]})
         if cfg.cache_text:
+            # "release-positions": states computed with the release's position ids (older caches were not).
             ns = "text-" + fingerprint(self.paths.llm, self.paths.llm_lora, self.paths.llm_processor,
-                                       cfg.max_caption_tokens, files=list(Path(self.paths.llm).glob("*.safetensors")))
+                                       cfg.max_caption_tokens, "release-positions",
+                                       files=list(Path(self.paths.llm).glob("*.safetensors")))
             self.text_cache = DiskCache(root, ns)
             captions = sorted({it.caption.strip() for it in items} | {""})[shard]
             todo = [c for c in captions if not self.text_cache.has(content_key(c.encode()))]
@@ -277,7 +277,7 @@ class SFTRecipe:
     # ------------------------------------------------------------------ output
     def save_output(self, ema) -> Path | None:
         """The trained weights in the official layout: `demo.py --checkpoint <output_dir>/final`."""
-        from uae.checkpoints import MANIFEST
+        from uae.checkpoints import MANIFEST, replace_projector_in_shards, shards_hold_projector
         from uae.io import atomic_write_json
         from uae.models.decoder import save_dit_lora
         from uae.models.encoder import save_projector
@@ -292,9 +292,17 @@ class SFTRecipe:
         final = self.out / "final"
         final.mkdir(exist_ok=True)
         p = self.paths
+        projector = acc.unwrap_model(self.projector)
         for part in ("SD3", "llm_lora", "llm_processor"):
             if getattr(p, part):
                 link_or_copy(getattr(p, part), final / part, cfg.link_unchanged)
+        # The loader applies a projector in the llm_lora shards after llm/ (as the release did): if
+        # the source's shards hold one, they are rewritten with the trained projector, or it would
+        # be overridden by the old one.
+        if p.llm_lora and shards_hold_projector(Path(p.llm_lora)):
+            if (final / "llm_lora").is_symlink():
+                (final / "llm_lora").unlink()
+            replace_projector_in_shards(Path(p.llm_lora), final / "llm_lora", projector)
         llm = final / "llm"
         if llm.is_symlink():
             llm.unlink()
@@ -302,7 +310,7 @@ class SFTRecipe:
         for f in Path(p.llm).iterdir():
             if f.name != "projector.safetensors":
                 link_or_copy(f, llm / f.name, cfg.link_unchanged)
-        save_projector(acc.unwrap_model(self.projector), llm)
+        save_projector(projector, llm)
         dit = acc.unwrap_model(self.dit_train)
         if cfg.dit_mode == "lora":
             link_or_copy(p.dit, final / "dit", cfg.link_unchanged)
