@@ -25,6 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 from uae.cli import script_main, setup_logging  # noqa: E402
 from uae.config import field, parse_config, save_config  # noqa: E402
 from uae.errors import UAEError  # noqa: E402
+from uae.models.sampling import check_caption_sampling  # noqa: E402
 
 logger = logging.getLogger("uae.unibench")
 
@@ -46,8 +47,19 @@ class UniBenchConfig:
     width: int = field(1024, help="reconstruction width")
     max_new_tokens: int = field(512, help="caption length limit")
     temperature: float = field(0.7, help="caption sampling temperature")
-    seed: int = field(0, help="random seed")
-    batch_size: int = field(4, help="images per batch (captioning, generation, scoring)")
+    top_k: int | None = field(None, help="caption sampling top-k (default: llm/generation_config.json's)")
+    top_p: float | None = field(None, help="caption sampling top-p (default: llm/generation_config.json's)")
+    repetition_penalty: float | None = field(None, help="caption repetition penalty (default: llm/generation_config.json's)")
+    exif_transpose: bool = field(False, help="rotate references by their EXIF orientation before captioning (the "
+                                             "release does not)")
+    seed: int = field(42, help="seed of every caption and reconstruction (the release generates with 42)")
+    increment_seed: bool = field(False, help="reference i (in sorted order) uses seed + i instead of seed")
+    batch_size: int = field(4, help="references per batch (captioning, generation, scoring); results do not depend on it")
+    dit_batching: bool = field(False, help="prompts of a batch whose conditioning has the same length share DiT calls: "
+                                           "faster where lengths coincide, but images then match one-at-a-time "
+                                           "generation only to about 1/255 on a few pixels (off: exact)")
+    caption_batching: bool = field(False, help="caption a batch in one generate() call: faster on a GPU, but a sampled "
+                                               "caption then depends on its batch-mates (off: each reference alone)")
     num_workers: int = field(2, help="DataLoader workers decoding images for scoring")
     device: str = field("auto", help="auto, cpu, cuda, cuda:N")
     dtype: str = field("auto", help="model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
@@ -69,6 +81,7 @@ class UniBenchConfig:
         for name in ("steps", "height", "width", "batch_size", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UAEError(f"--{name} must be at least 1")
+        check_caption_sampling(self)
 
 
 @script_main

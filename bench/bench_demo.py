@@ -81,7 +81,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         for _ in range(args.repeats + 1):
             t_embed.append(timed(lambda: model.encoder.encode_prompts([PROMPT])))
-        pos, neg = model.encoder.encode_prompts([PROMPT])
+        [(pos, neg)] = model.encoder.encode_prompts([PROMPT])
         pooled = dec.pooled.to(pos.dtype)
         out = {}
 

@@ -68,7 +68,9 @@ def test_lora_weights_absent_from_shards_fail_loudly(tiny_ckpt, tmp_path):
         _load(tmp_path / "c")
 
 
-def test_projected_embeddings_shape_padding_and_reference(tiny_uae):
+def test_projected_embeddings_shape_padding_and_real_tokens(tiny_uae):
+    """Shapes and right padding; the real tokens' rows equal the full model's hidden_states[-1]
+    (only pad rows depend on the position convention: tests/test_fidelity.py checks those)."""
     enc = tiny_uae.encoder
     joint = tiny_uae.decoder.joint_attention_dim
     prompts = ["a very long prompt about a red cube on a wooden table in a bright room", "cat"]
@@ -76,14 +78,13 @@ def test_projected_embeddings_shape_padding_and_reference(tiny_uae):
         embeds, mask = enc.get_projected_embeddings(prompts)
         assert embeds.shape[0] == 2 and embeds.shape[2] == joint and mask.shape == embeds.shape[:2]
         assert mask[0].all() and not mask[1].all() and mask[1, 0] == 1 and mask[1, -1] == 0  # right padding
-        # Reference path: the full model's hidden_states[-1], projected token by token.
-        tok = enc.processor.tokenizer(enc.generate_texts(prompts), padding=True, padding_side="right",
-                                      return_tensors="pt")
-        out = enc.llm(**tok, output_hidden_states=True)
-        assert torch.allclose(enc.projector(out.hidden_states[-1]), embeds, atol=1e-6)
-        pos, neg = enc.encode_prompts(prompts)
-    assert pos.shape == neg.shape and pos.shape[:2] >= embeds.shape[:2]
-    assert torch.equal(neg[0], neg[1])
+        ids, _ = enc.pad_right(enc.generate_ids(prompts))
+        out = enc.llm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        real = mask.bool()
+        assert torch.allclose(enc.projector(out.hidden_states[-1])[real], embeds[real], atol=1e-6)
+        pairs = enc.encode_prompts(prompts)
+    for (pos, neg), p in zip(pairs, prompts):
+        assert pos.shape == neg.shape and pos.shape[0] == 1 and pos.shape[2] == joint
 
 
 def test_caption_batched_non_square_and_seeded(tiny_uae, photo):
@@ -95,3 +96,7 @@ def test_caption_batched_non_square_and_seeded(tiny_uae, photo):
     b = tiny_uae.caption(images, max_new_tokens=8, seed=3)
     assert len(a) == 2 and all(isinstance(c, str) and c for c in a)
     assert a == b
+    # Each image alone by default: a caption does not depend on its batch-mates.
+    assert tiny_uae.caption(images[1:], max_new_tokens=8, seed=3) == a[1:]
+    batched = tiny_uae.caption(images, max_new_tokens=8, seed=3, batch=True)
+    assert len(batched) == 2 and batched == tiny_uae.caption(images, max_new_tokens=8, seed=3, batch=True)

@@ -159,12 +159,23 @@ def check_component(comp: str, folder: Path) -> None:
 
 # ---------------------------------------------------------------------------- key names
 
-def current_to_official(key: str, peft: bool) -> str:
-    """transformers>=4.52 name (unwrapped by PEFT) -> the release's 4.50 name. With `peft`, the
-    text model carries the `base_model.model.` prefix of a PEFT-wrapped `uae_model.model`."""
+KEY_NAMES = ("4.50", "4.52")
+
+
+def current_to_official(key: str, peft: bool, names: str = "4.50") -> str:
+    """transformers>=4.52 name (unwrapped by PEFT) -> a name of the release's state dict. With
+    `peft`, the wrapped `uae_model.model` carries PEFT's `base_model.model.` prefix.
+
+    names "4.50" (the inferred release version): `model.` was the text model, the vision tower sat
+    at `visual.` outside it. names "4.52": `model.` holds both (`model.language_model.`,
+    `model.visual.`), as a release saved with transformers >= 4.52 would have it."""
+    if names not in KEY_NAMES:
+        raise ValueError(f"names {names!r}: use one of {KEY_NAMES}")
+    wrap = "model.base_model.model." if peft else "model."
+    if names == "4.52":
+        return wrap + key[len("model."):] if key.startswith("model.") else key
     if key.startswith("model.language_model."):
-        rest = key[len("model.language_model."):]
-        return ("model.base_model.model." if peft else "model.") + rest
+        return wrap + key[len("model.language_model."):]
     if key.startswith("model.visual."):
         return "visual." + key[len("model.visual."):]
     return key
@@ -208,19 +219,51 @@ def save_sharded(state: dict, out: Path, n_shards: int, index_name: str | None =
                                                   "weight_map": weight_map}, indent=2))
 
 
-def save_official_llm_lora(encoder, out: Path, full_state_dict: bool = False) -> None:
-    """Write the encoder's LoRA (and projector) in the release's three-shard format, with 4.50 key
-    names. `full_state_dict` also writes the base weights, as the release did."""
+def save_official_llm_lora(encoder, out: Path, full_state_dict: bool = False, names: str = "4.50",
+                           with_projector: bool = True) -> None:
+    """Write the encoder's LoRA (and projector) in the release's three-shard format, with the key
+    names of transformers `names` (see `current_to_official`). `full_state_dict` also writes the
+    base weights, as the release did."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {}
     for name, tensor in encoder.state_dict().items():
         if not full_state_dict and "lora_" not in name and not name.startswith("projector."):
             continue
+        if name.startswith("projector.") and not with_projector:
+            continue
         if name.startswith("llm."):
-            name = current_to_official(name[len("llm."):].replace("base_model.model.", "", 1), peft=True)
+            name = current_to_official(name[len("llm."):].replace("base_model.model.", "", 1), peft=True, names=names)
         state[name] = tensor
     save_sharded(state, out, len(LORA_SHARDS), names=LORA_SHARDS)
+
+
+def shards_hold_projector(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    for shard in LORA_SHARDS:
+        with safe_open(str(Path(folder) / shard), framework="pt") as f:
+            if any(k.startswith("projector.") for k in f.keys()):
+                return True
+    return False
+
+
+def replace_projector_in_shards(src: Path, dst: Path, projector) -> None:
+    """Copy the LoRA shards of `src` to `dst` with their projector tensors replaced by
+    `projector`'s (every other tensor unchanged, same shard assignment)."""
+    from safetensors.torch import load_file, save_file
+
+    dst = Path(dst)
+    if dst.exists():
+        import shutil
+
+        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+    dst.mkdir(parents=True)
+    new = {f"projector.{k}": v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
+    for shard in LORA_SHARDS:
+        state = load_file(str(Path(src) / shard))
+        state.update({k: new[k].to(v.dtype) for k, v in state.items() if k in new})
+        save_file(state, str(dst / shard), metadata={"format": "pt"})
 
 
 def load_official_llm_lora(encoder, folder: Path) -> dict[str, int]:
@@ -265,13 +308,28 @@ def load_official_llm_lora(encoder, folder: Path) -> dict[str, int]:
     return {"loaded": len(loaded), "lora": len(lora)}
 
 
-def lora_rank_in_shards(folder: Path) -> int:
-    """The LoRA rank stored in the shards (rows of any lora_A matrix)."""
+@dataclass
+class LoraLayout:
+    rank: int
+    modules: list[str]   # today's names of the modules the LoRA wraps, relative to the Qwen2.5-VL model
+
+
+def lora_layout_in_shards(folder: Path) -> LoraLayout:
+    """The LoRA the shards describe: its rank (rows of the lora_A matrices) and the modules that
+    carry lora_A tensors, in today's names. Reading the targets from the shards places a LoRA
+    saved with either transformers layout, including one that also wraps the vision tower (a
+    release saved with transformers >= 4.52, where "all-linear" on `model` reaches it)."""
     from safetensors import safe_open
 
+    ranks, modules = set(), set()
     for shard in LORA_SHARDS:
         with safe_open(str(Path(folder) / shard), framework="pt") as f:
             for key in f.keys():
                 if ".lora_A." in key:
-                    return int(f.get_slice(key).get_shape()[0])
-    raise UAEError(f"llm_lora {folder}: no lora_A tensor in {list(LORA_SHARDS)}")
+                    modules.add(official_to_current(key).split(".lora_A.", 1)[0])
+                    ranks.add(int(f.get_slice(key).get_shape()[0]))
+    if not modules:
+        raise UAEError(f"llm_lora {folder}: no lora_A tensor in {list(LORA_SHARDS)}")
+    if len(ranks) > 1:
+        raise UAEError(f"llm_lora {folder}: LoRA matrices of several ranks {sorted(ranks)}; one rank is supported")
+    return LoraLayout(ranks.pop(), sorted(modules))

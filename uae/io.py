@@ -82,12 +82,10 @@ def save_image(image, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_image(path: str | os.PathLike):
-    """Open an image as RGB, or raise UAEError saying why not.
-
-    Conversions (documented): EXIF orientation is applied; palette, grey, CMYK and 16-bit images
-    are converted to 8-bit RGB; transparency is composited on white; animated images use their
-    first frame."""
+def open_image(path: str | os.PathLike, *, exif_transpose: bool = False):
+    """Open and decode an image file as PIL gives it (mode unchanged, first frame), or raise
+    UAEError saying why not. This is what the release's captioning path reads (qwen_vl_utils
+    opens the file with PIL and converts it itself): no EXIF rotation unless asked."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = Path(path)
@@ -101,13 +99,22 @@ def load_image(path: str | os.PathLike):
         with Image.open(path) as im:
             im.seek(0)
             im.load()
-            return to_rgb(ImageOps.exif_transpose(im))
+            return ImageOps.exif_transpose(im) if exif_transpose else im.copy()
     except UnidentifiedImageError:
         raise UAEError(f"{path} is not an image PIL can read (wrong extension or corrupt file)") from None
     except Image.DecompressionBombError as e:
         raise UAEError(f"image {path} is larger than PIL's decompression-bomb limit ({e})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise UAEError(f"image {path} is corrupt or truncated ({e})") from None
+
+
+def load_image(path: str | os.PathLike):
+    """Open an image as RGB, or raise UAEError saying why not.
+
+    Conversions (documented): EXIF orientation is applied; palette, grey, CMYK and 16-bit images
+    are converted to 8-bit RGB; transparency is composited on white; animated images use their
+    first frame."""
+    return to_rgb(open_image(path, exif_transpose=True))
 
 
 def to_rgb(im):

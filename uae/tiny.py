@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,10 +168,13 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
         out = model.get_output_embeddings().weight
         with torch.no_grad():
             out.copy_(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 11), device="cpu") * float(std))
+    # Sampling processors in generation_config.json, as Qwen2.5-VL's own file has (the preset's
+    # `generation`): captioning inherits whatever the checkpoint's file holds.
     model.generation_config = GenerationConfig(
         bos_token_id=config.text_config.bos_token_id,
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
-        pad_token_id=config.text_config.pad_token_id, do_sample=True, temperature=0.7)
+        pad_token_id=config.text_config.pad_token_id, do_sample=True, temperature=0.7,
+        **cfg["llm"].get("generation", {}))
     _seed(seed + 1)
     projector = build_projector(config.text_config.hidden_size, cfg["projector"]["hidden_dim"],
                                 cfg["dit"]["joint_attention_dim"])
@@ -180,7 +184,7 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     return model.eval(), projector.eval()
 
 
-def save_llm_release_format(model, projector, out: Path, n_shards: int = 2) -> None:
+def save_llm_release_format(model, projector, out: Path, n_shards: int = 2, with_projector: bool = True) -> None:
     """Write `llm/` as the release does: Qwen2.5-VL weights with transformers-4.50 key names
     (`model.*` = text model, `visual.*` = vision tower) and the projector in the same shards."""
     from uae.checkpoints import current_to_official, save_sharded
@@ -189,7 +193,8 @@ def save_llm_release_format(model, projector, out: Path, n_shards: int = 2) -> N
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     state = {current_to_official(k, peft=False): v for k, v in model.state_dict().items()}
-    state.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
+    if with_projector:
+        state.update({f"projector.{k}": v for k, v in projector.state_dict().items()})
     save_sharded(state, out, n_shards, index_name="model.safetensors.index.json")
 
 
@@ -260,13 +265,37 @@ def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any
 
 # ---------------------------------------------------------------------------- folder
 
+@dataclass(frozen=True)
+class ReleaseLayout:
+    """Where the parts of a release checkpoint may keep their tensors. Not verified against the real
+    files (DESIGN.md), so the loader accepts each plausible variant and the builder writes each.
+
+    projector_in: "both" (llm/ and the llm_lora shards), "llm" (llm/ only) or "llm_lora" (the
+        shards only; the release's strict=False load applied them last).
+    dit_lora_format: "safetensors" or "bin" (PEFT's older adapter_model.bin).
+    llm_lora_names: "4.50" (text model at `model.`, vision tower outside it, not LoRA-wrapped) or
+        "4.52" (both inside `model.`, and "all-linear" wrapped the vision tower too)."""
+
+    projector_in: str = "both"
+    dit_lora_format: str = "safetensors"
+    llm_lora_names: str = "4.50"
+
+    def __post_init__(self):
+        for name, allowed in (("projector_in", ("both", "llm", "llm_lora")),
+                              ("dit_lora_format", ("safetensors", "bin")), ("llm_lora_names", ("4.50", "4.52"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"layout {name}={getattr(self, name)!r}: use one of {allowed}")
+
+
 def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
-                     overwrite: bool = False, dtype: str | None = None, device: str | None = None) -> Path:
-    """Build a complete random-weight checkpoint folder in the official layout. Written into a
-    temporary sibling and renamed at the end, so a folder that exists is always complete.
-    `dtype` / `device` (e.g. "bfloat16", "cuda") create and initialise the weights there: a
-    full-size model is built on a GPU in seconds instead of minutes on a CPU. The weights then
-    differ from a float32 CPU build of the same seed."""
+                     overwrite: bool = False, dtype: str | None = None, device: str | None = None,
+                     layout: ReleaseLayout = ReleaseLayout()) -> Path:
+    """Build a complete random-weight checkpoint folder in the official layout (`layout` picks
+    among the plausible variants of the release). Written into a temporary sibling and renamed at
+    the end, so a folder that exists is always complete. `dtype` / `device` (e.g. "bfloat16",
+    "cuda") create and initialise the weights there: a full-size model is built on a GPU in
+    seconds instead of minutes on a CPU. The weights then differ from a float32 CPU build of the
+    same seed."""
     import torch
 
     if device is not None or dtype is not None:
@@ -275,7 +304,7 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
         torch.set_default_dtype(dt)
         try:
             with torch.device(device or "cpu"):
-                return build_checkpoint(out_dir, preset, seed, overwrite)
+                return build_checkpoint(out_dir, preset, seed, overwrite, layout=layout)
         finally:
             torch.set_default_dtype(old)
     from diffusers import StableDiffusion3Pipeline
@@ -297,19 +326,21 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
         processor.save_pretrained(tmp / "llm_processor")
 
         model, projector = build_llm(cfg, processor.tokenizer, seed)
-        save_llm_release_format(model, projector, tmp / "llm")
+        save_llm_release_format(model, projector, tmp / "llm", with_projector=layout.projector_in != "llm_lora")
 
         lcfg = cfg["llm_lora"]
         encoder = UAEEncoder(model, projector, processor)
-        encoder.add_lora(llm_lora_config(encoder.llm, r=lcfg["r"], alpha=lcfg["alpha"]))
+        encoder.add_lora(llm_lora_config(encoder.llm, r=lcfg["r"], alpha=lcfg["alpha"],
+                                         include_vision=layout.llm_lora_names == "4.52"))
         _randomise_lora_b(encoder, seed + 2)
-        save_official_llm_lora(encoder, tmp / "llm_lora", full_state_dict=True)
+        save_official_llm_lora(encoder, tmp / "llm_lora", full_state_dict=True, names=layout.llm_lora_names,
+                               with_projector=layout.projector_in != "llm")
 
         dit = build_dit(cfg, seed + 3)
         dit.save_pretrained(tmp / "dit")
         dit.add_adapter(dit_lora_config(cfg))
         _randomise_lora_b(dit, seed + 4)
-        save_dit_lora(dit, tmp / "dit_lora")
+        save_dit_lora(dit, tmp / "dit_lora", binary=layout.dit_lora_format == "bin")
 
         parts = build_sd3_parts(cfg, seed + 5)
         pipe = StableDiffusion3Pipeline(transformer=None, text_encoder_3=None, tokenizer_3=None, **parts)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from uae.errors import UAEError
-from uae.io import atomic_write_json, atomic_write_text, load_image, save_image
+from uae.io import atomic_write_json, atomic_write_text, open_image, save_image
 from uae.scoring.folder import _images
 
 logger = logging.getLogger(__name__)
@@ -23,17 +23,19 @@ logger = logging.getLogger(__name__)
 
 def read_captions(source: str | Path) -> dict[str, str]:
     """Captions from another system: a folder of <stem>.txt files or a .jsonl of
-    {"image": name-or-stem, "caption": text}. Keys are stems."""
+    {"image": name-or-stem, "caption": text}. Keys are stems. A caption is the file's text or the
+    record's string exactly, never stripped (the release does not strip a caption before it
+    becomes a prompt, and whitespace changes the conditioning)."""
     src = Path(source)
     if src.is_dir():
-        return {p.stem: p.read_text(encoding="utf-8").strip() for p in sorted(src.glob("*.txt"))}
+        return {p.stem: p.read_text(encoding="utf-8") for p in sorted(src.glob("*.txt"))}
     if src.is_file() and src.suffix == ".jsonl":
         out = {}
         for i, line in enumerate(src.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():
                 try:
                     rec = json.loads(line)
-                    out[Path(str(rec["image"])).stem] = str(rec["caption"]).strip()
+                    out[Path(str(rec["image"])).stem] = str(rec["caption"])
                 except (json.JSONDecodeError, KeyError, TypeError):
                     raise UAEError(f"--captions_from {src} line {i}: expected {{\"image\": ..., \"caption\": ...}}") from None
         return out
@@ -41,7 +43,7 @@ def read_captions(source: str | Path) -> dict[str, str]:
 
 
 def _known_captions(cfg, cap_dir: Path) -> dict[str, str]:
-    captions = {p.stem: p.read_text(encoding="utf-8").strip() for p in cap_dir.glob("*.txt")} if cap_dir.exists() else {}
+    captions = read_captions(cap_dir) if cap_dir.exists() else {}
     captions.update(read_captions(cfg.captions_from) if cfg.captions_from else {})
     return captions
 
@@ -51,9 +53,9 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     ({stem: caption} for every reference that has one, {reference name: why it was skipped}).
 
     Under `accelerate launch` / torchrun (`state`: accelerate's PartialState) the batches are
-    formed as in one process and dealt out round-robin, each keeping its one-process seed, so
-    every image comes out the same however many processes run. Every process returns the
-    merged result."""
+    formed as in one process and dealt out round-robin; every caption and image has its own seed
+    (`seeds`), so it comes out the same however many processes run and whatever the batch size.
+    Every process returns the merged result."""
     from tqdm.auto import tqdm
 
     world, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
@@ -67,7 +69,8 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     if world > 1:
         logger.info("process %d/%d: %d batch(es)", rank, world, len(starts))
     if starts:
-        skipped = _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir,
+        seeds = {r: cfg.seed + k if cfg.increment_seed else cfg.seed for k, r in enumerate(refs)}
+        skipped = _caption_and_regenerate(cfg, todo, starts, seeds, captions, cap_dir, rec_dir,
                                           tqdm, state.device if world > 1 else cfg.device)
     if world > 1:
         from accelerate.utils import gather_object
@@ -78,7 +81,9 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     return captions, skipped
 
 
-def _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir, tqdm, device) -> dict[str, str]:
+def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir, tqdm, device) -> dict[str, str]:
+    """`seed[reference]`: the release's one seed for all, or the reference's index added to it
+    (--increment_seed), independent of batches, processes and resumes."""
     from uae.models.uae import UAE
 
     skipped: dict[str, str] = {}
@@ -87,7 +92,7 @@ def _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir, tqdm,
         chunk, images = [], []
         for ref in todo[i:i + cfg.batch_size]:
             try:
-                images.append(load_image(ref))
+                images.append(open_image(ref, exif_transpose=cfg.exif_transpose))
                 chunk.append(ref)
             except UAEError as e:
                 skipped[ref.name] = str(e)  # reported as a failed pair
@@ -96,13 +101,15 @@ def _caption_and_regenerate(cfg, todo, starts, captions, cap_dir, rec_dir, tqdm,
         missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
         if missing:
             new = model.caption([images[j] for j in missing], max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=cfg.seed + i)
+                                temperature=cfg.temperature, seed=[seed[chunk[j]] for j in missing],
+                                batch=cfg.caption_batching, top_k=cfg.top_k, top_p=cfg.top_p,
+                                repetition_penalty=cfg.repetition_penalty)
             for j, cap in zip(missing, new):
                 captions[chunk[j].stem] = cap
-                atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap + "\n")
+                atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap)
         recons = model.generate([captions[r.stem] for r in chunk], height=cfg.height, width=cfg.width,
                                 num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                seed=cfg.seed + i, progress=False)
+                                seed=[seed[r] for r in chunk], progress=False, dit_batching=cfg.dit_batching)
         for ref, im in zip(chunk, recons):
             save_image(im, rec_dir / f"{ref.stem}.png")
     del model

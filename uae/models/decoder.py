@@ -4,6 +4,7 @@ encoder's projected embeddings. Sampling is diffusers' own StableDiffusion3Pipel
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -44,24 +45,46 @@ def pooled_empty_prompt(sd3_path: str, dtype: torch.dtype, device) -> torch.Tens
 PEFT_PREFIX = "base_model.model."
 
 
-def load_dit_lora(dit, folder: str, adapter_name: str = "default") -> None:
-    """Inject a PEFT adapter folder (adapter_config.json + adapter_model.safetensors, the format
-    of the release's `dit_lora/`) into the DiT in place, so it stays an SD3Transformer2DModel
-    (diffusers' enable/disable_adapters give the LoRA-free reference without a second copy).
-    Every tensor of the file must land on a LoRA parameter, and every LoRA parameter be loaded."""
-    from peft import LoraConfig, set_peft_model_state_dict
+def add_dit_lora(dit, config, adapter_name: str = "default") -> None:
+    """Inject a LoRA into the DiT in place (diffusers' PEFT integration: it stays an
+    SD3Transformer2DModel, and enable/disable_adapters give the LoRA-free reference without a
+    second copy). On a bf16 / fp16 DiT the LoRA weights are kept in fp32, as the release's
+    `PeftModel.from_pretrained` (autocast_adapter_dtype) keeps them."""
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    dit.add_adapter(config, adapter_name=adapter_name)
+    cast_adapter_dtype(dit, adapter_name)
+
+
+def _adapter_state(folder: Path) -> dict:
+    """The adapter's tensors: adapter_model*.safetensors, or adapter_model.bin (PEFT's older
+    format, read with weights_only=True: tensors, never pickled code)."""
     from safetensors.torch import load_file
 
-    from pathlib import Path
+    files = sorted(folder.glob("adapter_model*.safetensors"))
+    if files:
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    binary = folder / "adapter_model.bin"
+    if binary.exists():
+        state = torch.load(binary, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UAEError(f"dit_lora {binary} is not a state dict of tensors")
+        return state
+    raise UAEError(f"dit_lora {folder}: no adapter_model.safetensors (or adapter_model.bin)")
+
+
+def load_dit_lora(dit, folder: str, adapter_name: str = "default") -> None:
+    """Inject a PEFT adapter folder (adapter_config.json + adapter_model.safetensors or .bin, the
+    format of the release's `dit_lora/`) into the DiT in place. Every tensor of the file must
+    land on a LoRA parameter, and every LoRA parameter be loaded."""
+    from peft import LoraConfig, set_peft_model_state_dict
 
     config = LoraConfig.from_pretrained(folder)
-    files = sorted(Path(folder).glob("adapter_model*.safetensors"))
-    if not files:
-        raise UAEError(f"dit_lora {folder}: no adapter_model.safetensors")
-    state = {}
-    for f in files:
-        state.update({k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(f)).items()})
-    dit.add_adapter(config, adapter_name=adapter_name)
+    state = {k.removeprefix(PEFT_PREFIX): v for k, v in _adapter_state(Path(folder)).items()}
+    add_dit_lora(dit, config, adapter_name)
     result = set_peft_model_state_dict(dit, state, adapter_name=adapter_name)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     lora_missing = [k for k in (getattr(result, "missing_keys", []) or []) if "lora_" in k]
@@ -70,11 +93,10 @@ def load_dit_lora(dit, folder: str, adapter_name: str = "default") -> None:
                        f"LoRA weights not in the file {lora_missing[:3]}")
 
 
-def save_dit_lora(dit, folder, adapter_name: str = "default") -> None:
+def save_dit_lora(dit, folder, adapter_name: str = "default", binary: bool = False) -> None:
     """Write the DiT's adapter in PEFT's folder format (loadable by `load_dit_lora` and by
-    `peft.PeftModel.from_pretrained`, as the official code does)."""
-    from pathlib import Path
-
+    `peft.PeftModel.from_pretrained`, as the official code does); `binary` writes PEFT's older
+    adapter_model.bin instead of safetensors."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -83,8 +105,11 @@ def save_dit_lora(dit, folder, adapter_name: str = "default") -> None:
     config = dit.peft_config[adapter_name]
     config.save_pretrained(str(folder))
     state = get_peft_model_state_dict(dit, adapter_name=adapter_name)
-    save_file({PEFT_PREFIX + k: v.detach().contiguous() for k, v in state.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    tensors = {PEFT_PREFIX + k: v.detach().contiguous() for k, v in state.items()}
+    if binary:
+        torch.save(tensors, folder / "adapter_model.bin")
+    else:
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 class UAEDecoder:

@@ -10,7 +10,7 @@ import torch
 
 from uae.checkpoints import COMPONENTS, ComponentPaths, resolve_components
 from uae.models.decoder import UAEDecoder
-from uae.models.encoder import EncoderPrompts, UAEEncoder
+from uae.models.encoder import EncoderPrompts, UAEEncoder, group_by_length
 from uae.runtime import attention_backend, resolve_device, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 ENCODER_PARTS = ("llm", "llm_lora", "llm_processor")
 DECODER_PARTS = ("SD3", "dit", "dit_lora")
 TINY = "tiny"
+RELEASE_SEED = 42  # the release's demo.py generates every image with seed 42
 
 
 def embedded_tiny_checkpoint() -> Path:
@@ -82,17 +83,33 @@ class UAE:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, height: int = 1024, width: int = 1024,
-                 num_inference_steps: int = 40, guidance_scale: float = 5.0, seed: int | None = 0,
-                 progress: bool = True) -> list:
+                 num_inference_steps: int = 40, guidance_scale: float = 5.0,
+                 seed: int | Sequence[int] | None = RELEASE_SEED, progress: bool = True,
+                 dit_batching: bool = False) -> list:
+        """One image per prompt, each exactly the image the release's demo makes from that prompt
+        alone: its conditioning is its own [negative, positive] pair (`embed_pair`), its initial
+        noise comes from its own generator on the model's device, seeded with `seed` (one seed for
+        every image, the release's 42 by default; or one seed per prompt; None: random), and its
+        DiT calls are its own. With `dit_batching`, prompts whose conditioning has the same length
+        share DiT calls: the same conditioning, but batched kernels round differently, so images
+        match one-at-a-time generation only to about one level of 255 on a few pixels."""
         if self.decoder is None:
             raise RuntimeError("this UAE was loaded without its decoder (load_decoder=False)")
-        pos, neg = self.encoder.encode_prompts(list(prompts))
-        # One generator per image, seeded seed, seed+1, ...: an image does not depend on its batch.
-        gens = None if seed is None else [torch.Generator(self.device).manual_seed(seed + i)
-                                          for i in range(len(prompts))]
-        return self.decoder.generate(pos, neg if guidance_scale > 1 else None, height=height, width=width,
-                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                     generator=gens, progress=progress)
+        prompts = list(prompts)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+        images: list = [None] * len(prompts)
+        pairs = self.encoder.encode_prompts(prompts)
+        groups = group_by_length(pairs) if dit_batching else [([i], pos, neg) for i, (pos, neg) in enumerate(pairs)]
+        for idx, pos, neg in groups:
+            gens = [torch.Generator(self.device).manual_seed(seeds[i]) if seeds[i] is not None else None for i in idx]
+            out = self.decoder.generate(pos, neg if guidance_scale > 1 else None, height=height, width=width,
+                                        num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                        generator=None if None in gens else gens, progress=progress)
+            for i, im in zip(idx, out):
+                images[i] = im
+        return images
 
     def reconstruct(self, images: Sequence, *, caption_kwargs: dict | None = None, **generate_kwargs):
         """image -> caption -> image. Returns (captions, reconstructions)."""

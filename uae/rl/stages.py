@@ -62,6 +62,16 @@ def decode(vae, latents) -> torch.Tensor:
     return ((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
 
 
+def rollout_chunks(samples: list[int], length: dict[int, int], size: int):
+    """(offset, samples) chunks of at most `size` consecutive samples whose prompts' conditioning
+    has one length: each prompt keeps exactly its own (release) conditioning, no longer padding."""
+    start = 0
+    for i in range(1, len(samples) + 1):
+        if i == len(samples) or i - start == size or length[samples[i]] != length[samples[start]]:
+            yield start, samples[start:i]
+            start = i
+
+
 def rank_share(cfg, it: int, n_refs: int, world: int, rank: int) -> tuple[list[int], list[int], int, int]:
     """The iteration's prompts, chosen the same on every process from (seed, iteration), each
     repeated group_size times; samples are split across processes in contiguous shares, so a
@@ -246,11 +256,14 @@ class U4GRecipe:
         # Rollouts in chunks of sample_batch_size; each chunk's reward runs in a worker thread while
         # the next chunk samples. Training reuses the same chunks, so the first ratio is exactly 1.
         chunks, futures, t_sample = [], [], 0.0
-        for c0 in range(0, len(mine), cfg.sample_batch_size):
-            idx = mine[c0:c0 + cfg.sample_batch_size]
+        t0 = time.perf_counter()
+        with torch.no_grad():  # the encoder is frozen: each prompt's conditioning as at inference
+            pairs = {p: self.model.encoder.embed_pair(captions[p]) for p in dict.fromkeys(mine)}
+        t_sample += time.perf_counter() - t0
+        for c0, idx in rollout_chunks(mine, {p: pos.shape[1] for p, (pos, _) in pairs.items()}, cfg.sample_batch_size):
             t0 = time.perf_counter()
-            with torch.no_grad():  # the encoder is frozen: conditioning as at inference
-                pos, neg = self.model.encoder.encode_prompts([captions[p] for p in idx])
+            pos = torch.cat([pairs[p][0] for p in idx])
+            neg = torch.cat([pairs[p][1] for p in idx])
             pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
             chunk_gens = gens[c0:c0 + len(idx)]
             latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
@@ -464,8 +477,8 @@ class G4URecipe(U4GRecipe):
         tok_mask = ~after
         pad = enc.qwen.generation_config.pad_token_id
         completion = completion.masked_fill(after, pad if pad is not None else 0)
-        texts = [t.strip() for t in enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0),
-                                                                skip_special_tokens=True)]
+        # Unstripped, as the release turns a caption into a prompt.
+        texts = enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0), skip_special_tokens=True)
         with torch.no_grad():
             old_lp = self._token_logprobs(self.policy_train, batch, completion)
         t_sample = time.perf_counter() - t0
