@@ -1,8 +1,9 @@
-"""Unified-GRPO. Stage 2, Generation for Understanding (`--stage g4u`): GRPO on the encoder's
-LoRA, captions as actions, rewarded by how well the frozen decoder reconstructs the image from
-them. Stage 3, Understanding for Generation (`--stage u4g`): Flow-GRPO on the decoder's LoRA with
-the reconstruction reward. (Stage 1, the cold start, is being built in the project's open issues;
-this script accepts only the stages that exist.)
+"""Unified-GRPO. Stage 1, cold start (`--stage cold_start`): the reconstruction loss back-propagated
+through the decoder's sampling into the encoder's LoRA, the projector and the decoder's LoRA.
+Stage 2, Generation for Understanding (`--stage g4u`): GRPO on the encoder's LoRA, captions as
+actions, rewarded by how well the frozen decoder reconstructs the image from them. Stage 3,
+Understanding for Generation (`--stage u4g`): Flow-GRPO on the decoder's LoRA with the
+reconstruction reward. `--stages all` runs the three in sequence.
 
     python train_grpo.py --stage g4u --config configs/grpo/tiny_g4u.yaml --data refs/
 
@@ -30,8 +31,8 @@ STAGES = ("cold_start", "g4u", "u4g")
 class GRPOConfig:
     """Unified-GRPO training (defaults: Flow-GRPO's published SD3.5 values, DESIGN.md)."""
 
-    stage: str = field("u4g", help="cold_start: stage 1 (reconstruction loss through the DiT into the encoder LoRA "
-                                    "+ projector); g4u: stage 2, the encoder's LoRA learns to caption for "
+    stage: str = field("u4g", help="cold_start: stage 1 (reconstruction loss through the DiT's sampling into the "
+                                    "encoder LoRA, the projector and the decoder LoRA); g4u: stage 2, the encoder's LoRA learns to caption for "
                                     "reconstruction; u4g: stage 3, the decoder's LoRA learns from the reconstruction reward")
     stages: str | None = field(None, help="'all': cold_start, then g4u, then u4g, each starting from the previous "
                                           "stage's final/ (in <output_dir>/<stage>/); overrides --stage")
@@ -40,7 +41,18 @@ class GRPOConfig:
     cold_start_learning_rate: float = field(1e-4, help="cold_start: AdamW learning rate (LoRA + projector)")
     cold_start_fixed_noise: bool = field(False, help="cold_start: the same initial noise for an image at every step "
                                                      "(a deterministic loss, for debugging and overfitting checks)")
-    truncate_steps: int = field(1, help="cold_start: gradients flow through the last N sampling steps only")
+    cold_start_gradient: str = field("full", help="cold_start: full (exact, through every sampling step), truncated "
+                                                  "(only the last truncate_steps), x0 (one-step x0 estimate at a random step)")
+    truncate_steps: int = field(1, help="cold_start with --cold_start_gradient truncated: gradients flow through the "
+                                        "last N sampling steps only")
+    cold_start_checkpointing: bool = field(True, help="cold_start: checkpoint each sampling step (memory of about one "
+                                                      "step's activations, one more forward per step)")
+    cold_start_train_decoder: bool = field(True, help="cold_start: train the decoder's LoRA too (the checkpoint's "
+                                                      "dit_lora, or a new one), at its own learning rate")
+    cold_start_decoder_learning_rate: float = field(1e-5, help="cold_start: AdamW learning rate of the decoder's LoRA")
+    cold_start_conditioning: str = field("caption_tokens", help="cold_start: caption_tokens (states at the caption's "
+                                                               "tokens after instruction + image), all_tokens, or "
+                                                               "generate_template (as at inference)")
     use_data_captions: bool = field(False, help="u4g: use the captions that come with the data instead of the "
                                                 "encoder's")
     data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
@@ -49,8 +61,17 @@ class GRPOConfig:
     output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, grids/, curves.png and final/")
     resolution: int = field(512, help="rollout resolution (square)")
     num_steps: int = field(10, help="sampling steps per rollout")
-    sde_window: list[int] | None = field(None, help="two ints [lo, hi): SDE (and training) only on steps lo..hi-1, "
-                                                    "ODE elsewhere (Flow-GRPO-Fast / MixGRPO); default all but the last")
+    sde_window_mode: str = field("fixed", help="u4g: fixed (--sde_window), random (a window of --sde_window_size "
+                                               "steps drawn anew each iteration within --sde_window_range: "
+                                               "Flow-GRPO-Fast) or sliding (moves by --sde_window_shift every "
+                                               "--sde_window_shift_every iterations: MixGRPO)")
+    sde_window: list[int] | None = field(None, help="fixed mode: two ints [lo, hi), SDE (and training) only on steps "
+                                                    "lo..hi-1, ODE elsewhere; default: all steps but the last (Flow-GRPO)")
+    sde_window_size: int = field(3, help="random / sliding mode: SDE steps per window (Flow-GRPO-Fast: 3)")
+    sde_window_range: list[int] | None = field(None, help="random / sliding mode: [lo, hi) the window stays in; "
+                                                          "default the first half of the schedule")
+    sde_window_shift_every: int = field(25, help="sliding mode: iterations between moves (MixGRPO: 25)")
+    sde_window_shift: int = field(1, help="sliding mode: steps per move (MixGRPO: 1)")
     sde_kind: str = field("sde", help="sde (Flow-GRPO) or cps (coefficients-preserving)")
     noise_level: float = field(0.7, help="SDE noise level a (0.8 is usual for cps)")
     guidance_scale: float = field(4.5, help="CFG during rollouts and training (both branches in one batch)")
@@ -58,10 +79,16 @@ class GRPOConfig:
     prompts_per_iteration: int = field(2, help="prompts per iteration over all processes")
     sample_batch_size: int = field(8, help="rollouts sampled (and trained) together; rewards of a chunk overlap "
                                            "the sampling of the next")
-    inner_epochs: int = field(1, help="optimizer passes over each iteration's rollouts")
+    train_batch_size: int | None = field(None, help="u4g: samples per training forward (default sample_batch_size)")
+    updates_per_iteration: int = field(1, help="u4g: optimizer steps per batch of rollouts, each on a share shuffled "
+                                               "across groups (Flow-GRPO: 2, so that the clip range acts)")
+    inner_epochs: int = field(1, help="passes over each iteration's rollouts")
     clip_range: float = field(1e-4, help="PPO clip range (tiny: the log-prob is a mean over latent dims)")
-    beta: float = field(0.04, help="KL weight to the reference (the DiT with its LoRA disabled)")
-    adv_std_scope: str = field("group", help="advantage normalisation: group or batch")
+    beta: float = field(0.04, help="KL weight to the reference policy")
+    kl_reference: str = field("start", help="the KL's reference: start (the LoRA as the stage began; a fresh LoRA "
+                                            "starts at the base model, as in Flow-GRPO) or base (the model without LoRA)")
+    adv_std_scope: str = field("group", help="advantage normalisation: group (std per prompt, TRL) or batch (std over "
+                                             "the whole batch, Flow-GRPO's SD3.5 configs)")
     adv_clip: float = field(5.0, help="advantages are clipped to [-adv_clip, adv_clip]")
     reward_weights: list[str] = field(["clip=1.0"], help="scorer=weight pairs of the reconstruction reward")
     text_reward_weight: float = field(0.0, help="weight of caption faithfulness (text scorer) in the reward")
@@ -71,6 +98,9 @@ class GRPOConfig:
     temperature: float = field(0.7, help="caption sampling temperature (stage 2 log-probs use the same)")
     frozen_embedding: bool = field(False, help="g4u: condition the decoder through the LoRA-free LLM instead of the "
                                                "current encoder weights")
+    g4u_decoder_noise: str = field("group", help="g4u: the decoder's initial noise is shared by a group's captions "
+                                                 "(group) or drawn per caption (sample)")
+    fresh_dit_lora: bool = field(False, help="u4g: train a new DiT LoRA instead of the checkpoint's dit_lora")
     lora_rank: int = field(32, help="DiT LoRA rank")
     lora_alpha: float = field(64.0, help="DiT LoRA alpha")
     lora_target_modules: list[str] = field(["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj",
@@ -82,7 +112,7 @@ class GRPOConfig:
     max_grad_norm: float = field(1.0, help="gradient clipping (0: off)")
     use_ema: bool = field(False, help="EMA of the LoRA weights; the output uses it")
     ema_decay: float = field(0.9, help="EMA decay")
-    ema_every: int = field(8, help="EMA update every N iterations")
+    ema_every: int = field(8, help="EMA update every N optimizer steps (its warm-up counts optimizer steps too)")
     max_iterations: int = field(300, help="GRPO iterations (one optimizer step each, times inner_epochs)")
     gradient_checkpointing: bool = field(False, help="recompute DiT activations in backward")
     mixed_precision: str = field("no", help="no, bf16, fp16 (accelerate)")
@@ -104,6 +134,19 @@ class GRPOConfig:
             raise UAEError(f"--stages {self.stages}: the only value is all (cold_start, g4u, u4g in sequence)")
         if not 1 <= self.truncate_steps <= self.num_steps:
             raise UAEError(f"--truncate_steps {self.truncate_steps} must be in [1, num_steps={self.num_steps}]")
+        for name, allowed in (("cold_start_gradient", ("full", "truncated", "x0")),
+                              ("cold_start_conditioning", ("caption_tokens", "all_tokens", "generate_template")),
+                              ("sde_window_mode", ("fixed", "random", "sliding")), ("kl_reference", ("start", "base")),
+                              ("g4u_decoder_noise", ("group", "sample"))):
+            if getattr(self, name) not in allowed:
+                raise UAEError(f"--{name} {getattr(self, name)}: use one of {', '.join(allowed)}")
+        if self.sde_window_mode != "fixed":
+            lo, hi = self.sde_window_range or (0, self.num_steps // 2)
+            if not (0 <= lo < hi <= self.num_steps and 1 <= self.sde_window_size <= hi - lo):
+                raise UAEError(f"--sde_window_range {[lo, hi]} / --sde_window_size {self.sde_window_size}: need "
+                               f"0 <= lo < hi <= num_steps ({self.num_steps}) and 1 <= size <= hi - lo")
+            if self.sde_window_shift_every < 1 or self.sde_window_shift < 1:
+                raise UAEError("--sde_window_shift_every and --sde_window_shift must be at least 1")
         if not self.data:
             raise UAEError("--data is required (reference images)")
         if self.sde_kind not in ("sde", "cps"):
@@ -113,7 +156,7 @@ class GRPOConfig:
         if self.adv_std_scope not in ("group", "batch"):
             raise UAEError(f"--adv_std_scope {self.adv_std_scope}: use group or batch")
         for name in ("resolution", "num_steps", "group_size", "prompts_per_iteration", "sample_batch_size",
-                     "inner_epochs", "max_iterations"):
+                     "inner_epochs", "max_iterations", "updates_per_iteration", "ema_every"):
             if getattr(self, name) < 1:
                 raise UAEError(f"--{name} must be at least 1")
         if self.group_size < 2:
@@ -131,14 +174,16 @@ class GRPOConfig:
 
 
 def run_stage(cfg: GRPOConfig, reward=None):
-    from uae.config import save_config
     from uae.rl.cold_start import ColdStartRecipe
-    from uae.rl.stages import G4URecipe, U4GRecipe
+    from uae.rl.g4u import G4URecipe
+    from uae.rl.u4g import U4GRecipe
+    from uae.training.run import Run
 
-    recipe = ColdStartRecipe(cfg) if cfg.stage == "cold_start" else \
-        {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](cfg, reward=reward)
-    save_config(cfg, recipe.out / "config.yaml")
-    return recipe.train()
+    run = Run(cfg, f"uae_grpo_{cfg.stage}")
+    if cfg.stage == "cold_start":
+        return run.train(ColdStartRecipe(run), cfg.cold_start_max_steps, "cold start")
+    recipe = {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](run, reward=reward)
+    return run.train(recipe, cfg.max_iterations, f"grpo {cfg.stage}")
 
 
 @script_main

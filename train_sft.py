@@ -126,12 +126,11 @@ def main(argv=None) -> int:
         v = validate(read_items(cfg.data))
         logger.info("data %s: %s", cfg.data, v.report())
         return 1 if v.bad else 0
-    from uae.config import save_config
+    from uae.training.run import Run
     from uae.training.sft import SFTRecipe
 
-    recipe = SFTRecipe(cfg)
-    save_config(cfg, recipe.out / "config.yaml")
-    recipe.train()
+    run = Run(cfg, "uae_sft")
+    run.train(SFTRecipe(run), cfg.max_train_steps, "sft")
     return 0
 
 

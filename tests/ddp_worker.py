@@ -23,31 +23,45 @@ def main() -> None:
     advantages = []
     if stage == "sft":
         import train_sft
+        from uae.training.run import Run
         from uae.training.sft import SFTRecipe
 
         cfg = parse_config(train_sft.SFTConfig, ["--config", str(ROOT / "configs/sft/tiny.yaml"), "--checkpoint", ckpt,
                                                  "--data", data, "--output_dir", out, "--validation_steps", "0", *extra])
-        recipe = SFTRecipe(cfg)
+        run = Run(cfg, "test")
+        recipe = SFTRecipe(run)
+        run.train(recipe, cfg.max_train_steps, "sft")
     else:
         import train_grpo
-        import uae.rl.stages as stages
+        import uae.rl.g4u
+        import uae.rl.u4g
         from uae.rl.cold_start import ColdStartRecipe
+        from uae.training.run import Run
 
-        real = stages.group_advantages
+        for module in (uae.rl.g4u, uae.rl.u4g):
+            real = module.group_advantages
 
-        def record(*a, **k):
-            res = real(*a, **k)
-            advantages.append(res.values.cpu())
-            return res
+            def record(*a, real=real, **k):
+                res = real(*a, **k)
+                advantages.append(res.values.cpu())
+                return res
 
-        stages.group_advantages = record
+            module.group_advantages = record
         preset = {"u4g": "tiny.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[stage]
         cfg = parse_config(train_grpo.GRPOConfig, ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
                                                    "--checkpoint", ckpt, "--data", data, "--output_dir", out,
                                                    "--scorer_weights", "tiny", "--image_log_steps", "0", *extra])
-        recipe = ColdStartRecipe(cfg) if stage == "cold_start" else \
-            {"u4g": stages.U4GRecipe, "g4u": stages.G4URecipe}[stage](cfg)
-    recipe.train()
+        run = Run(cfg, "test")
+        reward = None
+        if os.environ.get("UAE_TEST_REWARD") == "one_flat_image":
+            # A caption-length reward, except for one reference whose reward is flat: a process whose
+            # share holds only that reference's group has no signal at all.
+            def reward(images, keys, references, prompts):
+                return [1.0 if k == "astronaut.jpg" else float(len(p.split())) for k, p in zip(keys, prompts)]
+        recipe = ColdStartRecipe(run) if stage == "cold_start" else \
+            {"u4g": uae.rl.u4g.U4GRecipe, "g4u": uae.rl.g4u.G4URecipe}[stage](run, reward=reward)
+        total = cfg.cold_start_max_steps if stage == "cold_start" else cfg.max_iterations
+        run.train(recipe, total, stage)
     torch.save({"params": [p.detach().cpu().clone() for p in recipe.trainable], "advantages": advantages},
                Path(out) / f"rank{rank}.pt")
 

@@ -47,3 +47,19 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh")], capture_output=True, text=True, env=env,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and "--small" in proc.stderr
+
+
+def test_cold_start_bench_compares_gradients_and_measures_memory(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_cold_start
+
+    res = bench_cold_start.main(["--preset", "tiny", "--resolution", "32", "--steps", "3", "--memory_steps", "2",
+                                 "--json", str(tmp_path / "r.json")])
+    rows = {r["gradient"]: r for r in res["gradients"]}
+    assert set(rows) == {"truncated-1", "truncated-2", "truncated-3", "x0"}
+    # Truncated to every step is the exact gradient; to the last step it is not.
+    assert abs(rows["truncated-3"]["norm_ratio"] - 1) < 1e-5 and rows["truncated-3"]["cosine"] > 1 - 1e-5
+    assert rows["truncated-1"]["norm_ratio"] < 0.9
+    assert {(m["steps"], m["checkpointing"]) for m in res["memory"]} == {(2, True), (2, False)}
+    assert all(m["peak_mb"] >= 0 and m["seconds"] > 0 for m in res["memory"])
+    assert json.loads((tmp_path / "r.json").read_text())["steps"] == 3

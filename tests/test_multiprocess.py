@@ -24,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc, script, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+def torchrun(nproc, script, *args, env=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
@@ -33,8 +33,8 @@ def torchrun(nproc, script, *args):
     return proc
 
 
-def launch(nproc, stage, out, ckpt, data, *extra):
-    torchrun(nproc, WORKER, stage, out, ckpt, data, *extra)
+def launch(nproc, stage, out, ckpt, data, *extra, env=None):
+    torchrun(nproc, WORKER, stage, out, ckpt, data, *extra, env=env)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nproc)]
 
 
@@ -79,6 +79,17 @@ def test_group_spanning_ranks_gets_the_one_process_advantages(tiny_ckpt, pairs, 
     # Iteration 2 follows one optimizer step whose gradient was summed in another order (two
     # ranks' all-reduce vs one process): float differences, not different samples.
     assert torch.allclose(one["advantages"][1], two[0]["advantages"][1], atol=1e-2)
+
+
+def test_g4u_process_without_signal_keeps_step_with_the_other(tiny_ckpt, pairs, tmp_path):
+    """Two ranks, one group each; one reference's reward is flat. In the iterations where a rank
+    holds only that group it has no token to train on: it must still join the gradient
+    all-reduce (a zero loss), or the run would hang or crash."""
+    extra = ["--max_iterations", 4, "--prompts_per_iteration", 2, "--group_size", 2, "--max_new_tokens", 6]
+    r0, r1 = launch(2, "g4u", tmp_path / "run", tiny_ckpt, pairs, *extra, env={"UAE_TEST_REWARD": "one_flat_image"})
+    assert _same(r0["params"], r1["params"])
+    rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == 4 and any(r["skipped_groups"] == 1 for r in rec)  # a rank without signal happened
 
 
 def test_unibench_over_two_processes_writes_the_one_process_json(tiny_ckpt, tmp_path):

@@ -112,8 +112,9 @@ def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...
     return drawn
 
 
-def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60) -> None:
-    """A grid of PIL images with a short label under each (e.g. prompts, rewards)."""
+def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60):
+    """A grid of PIL images with a short label under each (e.g. prompts, rewards), written to
+    `path` and returned."""
     import io
 
     from PIL import Image, ImageDraw
@@ -132,6 +133,7 @@ def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, la
     buf = io.BytesIO()
     grid.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+    return grid
 
 
 def run_page(run_dir: str | os.PathLike) -> Path:

@@ -112,6 +112,12 @@ def save_dit_lora(dit, folder, adapter_name: str = "default", binary: bool = Fal
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """SD3 latents -> images in [0, 1], (B, 3, H, W) (differentiable)."""
+    x = latents / vae.config.scaling_factor + vae.config.shift_factor
+    return ((vae.decode(x.to(vae.dtype), return_dict=False)[0].float() + 1) / 2).clamp(0, 1)
+
+
 class UAEDecoder:
     """SD3 pipeline without text encoders + the precomputed pooled vector."""
 

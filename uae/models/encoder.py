@@ -178,15 +178,18 @@ class UAEEncoder(nn.Module):
         return [{"role": "user", "content": [{"type": "text", "text": self.prompts.caption_instruction},
                                              {"type": "image", "image": image}]}]
 
-    def caption_inputs(self, images: Sequence, padding_side: str = "left"):
+    def caption_inputs(self, images: Sequence, padding_side: str = "left", answers: Sequence[str] | None = None):
         """Processor inputs for captioning, built as the release builds them: chat template of
         [instruction, image], pixels through qwen_vl_utils' `process_vision_info` (its RGB
-        conversion and bicubic resize), then the processor."""
+        conversion and bicubic resize), then the processor. `answers` are appended after the
+        generation prompt (teacher forcing: a caption, or the negative prompt)."""
         from qwen_vl_utils import process_vision_info
 
         conversations = [self.caption_messages(im) for im in images]
         texts = [self.processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True)
                  for m in conversations]
+        if answers is not None:
+            texts = [t + a for t, a in zip(texts, answers)]
         patch = getattr(self.processor.image_processor, "patch_size", 14)
         image_inputs, video_inputs = process_vision_info(conversations, image_patch_size=patch)
         batch = self.processor(text=texts, images=image_inputs, videos=video_inputs, padding=True,

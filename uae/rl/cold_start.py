@@ -1,8 +1,31 @@
 """Unified-GRPO stage 1, cold start: the encoder reads image + caption instruction + a reference
-caption (teacher forcing); the hidden states at the caption tokens, projected, condition the DiT,
-which samples a reconstruction with gradients kept through the last `truncate_steps` steps of a
-short schedule; the VAE decodes it and the loss is 1 - cos(CLIP image features of the
-reconstruction, of the original). Trained: the encoder's LoRA and the projector.
+caption (teacher forcing); its hidden states, projected, condition the DiT, which samples a
+reconstruction through a short schedule (the release's training code: 512 px, 10 steps, CFG 5);
+the VAE decodes it and the loss is 1 - cos(CLIP image features of the reconstruction, of the
+original). The paper's cold start "gently initialises both encoder and decoder": by default the
+encoder's LoRA, the projector and the decoder's LoRA (at its own, smaller learning rate) train.
+
+Gradients (`cold_start_gradient`):
+- "full" (default): the exact gradient, back-propagated through every sampling step. Each step is
+  gradient-checkpointed (`cold_start_checkpointing`): only its input latent is kept, and its
+  activations are recomputed during the backward pass, so memory stays about one step's
+  activations whatever the number of steps, for one more forward per step.
+- "truncated": the first steps run without gradients and only the last `truncate_steps` keep them.
+  Cheaper, but at SD3.5's schedule (shift 3.0, 10 steps) the last step moves the latent by only
+  0.0089 v: the content is set by the early steps, whose influence this gradient ignores
+  (`bench/bench_cold_start.py` prints how far it is from the exact one).
+- "x0": the schedule runs without gradients down to a step drawn at random, then one DiT call with
+  gradients predicts the clean latent x0 = x - sigma v, which is decoded. One forward's memory, but
+  the gradient of a one-step prediction rather than of the sampled image.
+
+Conditioning (`cold_start_conditioning`), each with a negative branch of the same form:
+- "caption_tokens" (default): the hidden states at the caption's tokens, the instruction and the
+  image in context before them; negative: the negative prompt's tokens in the same place. This is
+  what the release's cold-start composition selects (labels != -100).
+- "all_tokens": every token of [instruction, image, caption] (the release's ComposedModelLongContext
+  projects whole sequences); negative: every token of [instruction, image, negative prompt].
+- "generate_template": the caption in the text-only "generate" template, exactly as at inference
+  (`UAEEncoder.embed_pair`: [negative, caption] padded together, the release's positions).
 
 Preprocessing note: the official code scales an image that is already in [0, 1] by 1/255 a second
 time before CLIP; here the reconstruction (in [0, 1]) goes through the CLIP scorer's own
@@ -18,27 +41,49 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from uae.errors import UAEError
 from uae.rl.rewards import to_uint8
-from uae.rl.stages import decode
-from uae.training.common import Checkpoints, MetricsLog, StepSampler, generator_for, make_accelerator, write_final
+from uae.models.decoder import decode_latents as decode
+from uae.rl.rollout import scorer_weights
+from uae.training.common import generator_for
 
 logger = logging.getLogger(__name__)
 
+GRADIENTS = ("full", "truncated", "x0")
+CONDITIONINGS = ("caption_tokens", "all_tokens", "generate_template")
+
+
+def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float):
+    """One Euler step of the flow ODE with classifier-free guidance (two DiT calls when the
+    branches' lengths differ, one batched call when they are equal)."""
+    tt = t.expand(x.shape[0])
+    if guidance > 1 and pos.shape[1] == neg.shape[1]:
+        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]), encoder_hidden_states=torch.cat([neg, pos]),
+                  pooled_projections=torch.cat([pooled, pooled]), return_dict=False)[0]
+        uncond, v = out.chunk(2)
+        v = uncond + guidance * (v - uncond)
+    else:
+        v = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
+        if guidance > 1:
+            uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled,
+                         return_dict=False)[0]
+            v = uncond + guidance * (v - uncond)
+    return x + (sigma_next - sigma) * v, v
+
 
 class ColdStartRecipe:
-    def __init__(self, cfg):
-        from uae.config import to_dict
+    trained_by = "train_grpo.py --stage cold_start"
 
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.acc = make_accelerator(cfg, self.out)
-        self.config_dict = to_dict(cfg)
+    def __init__(self, run):
+        self.run, self.cfg, self.acc = run, run.cfg, run.acc
 
-    def _setup(self):
+    def setup(self):
+        from peft import LoraConfig
+
         from uae.data import read_items, validate
+        from uae.models.decoder import add_dit_lora
         from uae.models.uae import UAE
         from uae.scoring.scorers import load_scorer
 
@@ -55,145 +100,165 @@ class ColdStartRecipe:
         enc, pipe = self.model.encoder, self.model.decoder.pipe
         if not hasattr(enc.llm, "disable_adapter"):
             raise UAEError("stage cold_start trains the LLM LoRA: the checkpoint needs an llm_lora/")
-        pipe.transformer.requires_grad_(False)
+        dit = pipe.transformer
+        dit.requires_grad_(False)
         pipe.vae.requires_grad_(False)
         for n, p in enc.llm.named_parameters():
             p.requires_grad_("lora_" in n)
         enc.projector.requires_grad_(True)
-        self.trainable = [p for p in list(enc.llm.parameters()) + list(enc.projector.parameters()) if p.requires_grad]
-        wmode = cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
-        self.clip = load_scorer("clip", weights=wmode, device=self.acc.device)
+        self.dit_trainable = []
+        if cfg.cold_start_train_decoder:
+            if not getattr(dit, "peft_config", None):  # no dit_lora in the checkpoint: a new one
+                add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                             target_modules=list(cfg.lora_target_modules)))
+            for n, p in dit.named_parameters():
+                p.requires_grad_("lora_" in n)
+            self.dit_trainable = [p for p in dit.parameters() if p.requires_grad]
+        self.enc_trainable = [p for p in list(enc.llm.parameters()) + list(enc.projector.parameters()) if p.requires_grad]
+        self.trainable = self.enc_trainable + self.dit_trainable
+        self.clip = load_scorer("clip", weights=scorer_weights(cfg), device=self.acc.device)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
+        self.linked_parts = ("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",))
+        groups = [{"params": self.enc_trainable, "lr": cfg.cold_start_learning_rate}]
+        if self.dit_trainable:
+            groups.append({"params": self.dit_trainable, "lr": cfg.cold_start_decoder_learning_rate})
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        # The DiT is not DDP-wrapped: its checkpointed steps are recomputed inside the backward
+        # pass, where a DDP forward must not run. Its LoRA gradients are averaged explicitly.
+        self.dit_train = dit
+        self.llm_train, self.proj_train, self.opt = self.acc.prepare(enc.llm, enc.projector, opt)
+        self.targets: dict[int, torch.Tensor] = {}
 
-    def conditioning(self, image, caption: str) -> torch.Tensor:
-        """Projected hidden states at the caption tokens of [instruction + image -> caption]."""
-        enc = self.model.encoder
-        prompt = enc.processor.apply_chat_template(enc.caption_messages(image), tokenize=False, add_generation_prompt=True)
-        full = enc.processor(text=[prompt + caption], images=[image], return_tensors="pt").to(self.acc.device)
-        n_prompt = enc.processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"].shape[1]
-        # Through the prepared (DDP-wrapped) modules, so that gradients are synchronised across
-        # processes; hidden_states[-1] is the post-norm last hidden state (as at inference).
-        out = self.llm_train(input_ids=full["input_ids"], attention_mask=full["attention_mask"],
-                             pixel_values=full["pixel_values"], image_grid_thw=full["image_grid_thw"],
-                             output_hidden_states=True)
-        hidden = out.hidden_states[-1]
-        if hidden.shape[1] <= n_prompt:
+    # ------------------------------------------------------------------ the loss
+    def conditioning(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive, negative) conditioning of `caption` for `image`, as `cold_start_conditioning`
+        says (module docstring). Through the prepared (DDP-wrapped) modules, so that gradients are
+        synchronised across processes; hidden_states[-1] is the post-norm last hidden state."""
+        enc, mode = self.model.encoder, self.cfg.cold_start_conditioning
+        negative = enc.prompts.negative_prompt
+        if mode == "generate_template":
+            from uae.models.encoder import attention, release_position_ids
+
+            ids, mask = enc.pad_right(enc.generate_ids([negative, caption]))
+            with attention(enc.qwen, "sdpa"):
+                out = self.llm_train(input_ids=ids, attention_mask=mask, position_ids=release_position_ids(mask),
+                                     output_hidden_states=True, logits_to_keep=1)
+            neg, pos = self.proj_train(out.hidden_states[-1]).chunk(2)
+            return pos, neg
+        # [instruction, image, caption] and [instruction, image, negative] in one right-padded batch.
+        batch = enc.caption_inputs([image, image], padding_side="right", answers=[caption, negative])
+        n_prompt = enc.caption_inputs([image], padding_side="right")["input_ids"].shape[1]
+        lengths = batch["attention_mask"].sum(1).tolist()
+        if min(lengths) <= n_prompt:
             raise UAEError(f"caption {caption[:40]!r} has no tokens")
-        return self.proj_train(hidden[:, n_prompt:])
+        out = self.llm_train(**batch, output_hidden_states=True, logits_to_keep=1)
+        hidden = self.proj_train(out.hidden_states[-1])
+        start = n_prompt if mode == "caption_tokens" else 0
+        return hidden[0:1, start:lengths[0]], hidden[1:2, start:lengths[1]]
 
     def reconstruct(self, pos: torch.Tensor, neg: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Euler sampling from noise; gradients kept through the last `truncate_steps` steps."""
+        """Sample from noise with the Euler ODE; gradients as `cold_start_gradient` says."""
         cfg = self.cfg
-        pipe = self.model.decoder.pipe
-        dit, vae = pipe.transformer, pipe.vae
+        dit, vae = self.dit_train, self.model.decoder.pipe.vae
         side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
-        x = torch.randn((1, dit.config.in_channels, side, side), generator=gen).to(self.acc.device)
+        x = torch.randn((1, self.model.decoder.transformer.config.in_channels, side, side), generator=gen).to(self.acc.device)
         pooled = self.model.decoder.pooled.to(self.acc.device)
-        sig, steps = self.sched.sigmas, self.sched.timesteps
-        first_grad = len(steps) - cfg.truncate_steps
-        for i, t in enumerate(steps):
-            with torch.set_grad_enabled(i >= first_grad):
-                tt = t.expand(1).to(x.device)
-                cond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled,
-                           return_dict=False)[0]
-                if cfg.guidance_scale > 1:  # branches of different lengths: two forwards
-                    uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled,
-                                 return_dict=False)[0]
-                    cond = uncond + cfg.guidance_scale * (cond - uncond)
-                x = x + (sig[i + 1] - sig[i]) * cond
+        sig, steps = self.sched.sigmas.to(self.acc.device), self.sched.timesteps.to(self.acc.device)
+        n = len(steps)
+        if cfg.cold_start_gradient == "x0":
+            k = int(torch.randint(n, (1,), generator=gen))  # the step whose one-step estimate is trained
+            first_grad = k
+        else:
+            first_grad = 0 if cfg.cold_start_gradient == "full" else n - cfg.truncate_steps
+        for i in range(n):
+            args = (dit, x, steps[i], sig[i], sig[i + 1], pos, neg, pooled, cfg.guidance_scale)
+            if i < first_grad:
+                with torch.no_grad():
+                    x, _ = euler_step(*args)
+                continue
+            if cfg.cold_start_gradient == "x0":
+                _, v = euler_step(*args)
+                return decode(vae, x - sig[i] * v)
+            if cfg.cold_start_checkpointing:
+                x = checkpoint(lambda *a: euler_step(*a)[0], *args, use_reentrant=False)
+            else:
+                x, _ = euler_step(*args)
         return decode(vae, x)
 
-    def train(self) -> Path | None:
-        from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
+    def loss(self, image, caption: str, gen: torch.Generator, target: torch.Tensor) -> torch.Tensor:
+        """1 - cos(CLIP(reconstruction), CLIP(original) = `target`), differentiable in every trained
+        weight."""
+        pos, neg = self.conditioning(image, caption)
+        recon = self.reconstruct(pos, neg, gen)
+        return 1 - (self.clip(self.clip.pixel_values(recon)) * target).sum(-1).mean()
+
+    # ------------------------------------------------------------------ one step
+    def begin(self, start: int) -> None:
+        from uae.training.common import StepSampler
 
         cfg, acc = self.cfg, self.acc
-        set_seed(cfg.seed)
-        with acc.main_process_first():  # cached artefacts (embedded checkpoints) are built by rank 0 only
-            self._setup()
-        enc = self.model.encoder
-        opt = torch.optim.AdamW(self.trainable, lr=cfg.cold_start_learning_rate, weight_decay=cfg.weight_decay)
-        self.llm_train, self.proj_train, opt = acc.prepare(enc.llm, enc.projector, opt)
-        ckpts = Checkpoints(self.out, cfg.checkpoints_total_limit)
-        start = 0
-        resume = ckpts.resolve(cfg.resume_from_checkpoint)
-        if resume is not None:
-            start = Checkpoints.load(acc, resume)
-        metrics = MetricsLog(self.out / "metrics.jsonl", acc, start)
-        sampler = StepSampler(len(self.items), cfg.cold_start_batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                              start, cfg.cold_start_max_steps)
-        order = iter(sampler)
-        targets: dict[int, torch.Tensor] = {}
-        bar = tqdm(total=cfg.cold_start_max_steps, initial=start, desc="cold start", disable=not acc.is_local_main_process)
-        for step in range(start, cfg.cold_start_max_steps):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            idx = [next(order) for _ in range(cfg.cold_start_batch_size)]
-            losses = []
-            # Phases, as in the RL stages: sampling = the differentiable reconstruction
-            # (conditioning, DiT schedule, VAE), reward = CLIP features and loss, train = backward
-            # and optimizer step; other = the rest of the step.
-            t_sample = t_reward = t_train = 0.0
+        self.order = iter(StepSampler(len(self.items), cfg.cold_start_batch_size, acc.num_processes, acc.process_index,
+                                      cfg.seed, start, cfg.cold_start_max_steps))
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        idx = [next(self.order) for _ in range(cfg.cold_start_batch_size)]
+        losses = []
+        # Phases, as in the RL stages: sampling = conditioning and the differentiable
+        # reconstruction's forward, reward = CLIP features of the original, train = the loss's
+        # backward (through the recomputed steps) and the optimizer step; other = the rest.
+        t_sample = t_reward = t_train = 0.0
+        for k, i in enumerate(idx):
+            item = self.items[i]
+            image = item.open()
             t1 = time.perf_counter()
-            with torch.no_grad():  # the negative branch: same weights for the whole step
-                neg, _ = enc.get_projected_embeddings([enc.prompts.negative_prompt])
-            for k, i in enumerate(idx):
-                item = self.items[i]
-                image = item.open()
-                # Fresh noise per step, or (cold_start_fixed_noise) one noise per image: the loss is then
-                # a deterministic function of the weights, which shows optimisation without sampling noise.
-                gen = generator_for(cfg.seed, i if cfg.cold_start_fixed_noise else
-                                    (step * acc.num_processes + acc.process_index) * 1024 + k)
-                pos = self.conditioning(image, item.caption.strip())
-                recon = self.reconstruct(pos, neg, gen)
-                t_sample += time.perf_counter() - t1
-                t1 = time.perf_counter()
-                if i not in targets:  # CLIP is frozen: each original's features are computed once
-                    with torch.no_grad():
-                        targets[i] = self.clip.encode_images(to_uint8([image]))
-                loss = 1 - (self.clip(self.clip.pixel_values(recon)) * targets[i]).sum(-1).mean()
-                t_reward += time.perf_counter() - t1
-                t1 = time.perf_counter()
-                acc.backward(loss / len(idx))
-                losses.append(loss.item())
-                t_train += time.perf_counter() - t1
-                t1 = time.perf_counter()
-            if cfg.max_grad_norm > 0:
-                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-            opt.step()
+            if i not in self.targets:  # CLIP is frozen: each original's features are computed once
+                with torch.no_grad():
+                    self.targets[i] = self.clip.encode_images(to_uint8([image]))
+            t_reward += time.perf_counter() - t1
+            # Fresh noise per step, or (cold_start_fixed_noise) one noise per image: the loss is then
+            # a deterministic function of the weights, which shows optimisation without sampling noise.
+            gen = generator_for(cfg.seed, i if cfg.cold_start_fixed_noise else
+                                (step * acc.num_processes + acc.process_index) * 1024 + k)
+            t1 = time.perf_counter()
+            loss = self.loss(image, item.caption.strip(), gen, self.targets[i])
+            t_sample += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            acc.backward(loss / len(idx))
+            losses.append(loss.item())
             t_train += time.perf_counter() - t1
-            value = sum(losses) / len(losses)
-            if not math.isfinite(value):
-                raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --cold_start_learning_rate")
-            total = time.perf_counter() - t0
-            metrics.log(step + 1, {"loss": value, "seconds_per_step": total, "time_sampling": t_sample,
-                                   "time_reward": t_reward, "time_train": t_train,
-                                   "time_other": total - t_sample - t_reward - t_train})
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            if cfg.checkpointing_steps and (step + 1) % cfg.checkpointing_steps == 0 and step + 1 < cfg.cold_start_max_steps:
-                ckpts.save(acc, step + 1, self.config_dict)
-        bar.close()
-        ckpts.save(acc, cfg.cold_start_max_steps, self.config_dict)
-        final = self.save_output()
-        if acc.is_main_process:
-            from uae.report import loss_curve
+        t1 = time.perf_counter()
+        if self.dit_trainable and acc.num_processes > 1:
+            from accelerate.utils import reduce
 
-            loss_curve(metrics.read(), self.out / "curves.png", "Unified-GRPO cold start: 1 - cos(CLIP)")
-        acc.end_training()
-        return final
+            for p in self.dit_trainable:
+                p.grad = reduce(p.grad, reduction="mean")
+        if cfg.max_grad_norm > 0:
+            acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+        self.opt.step()
+        self.run.optimizer_stepped()
+        t_train += time.perf_counter() - t1
+        value = sum(losses) / len(losses)
+        if not math.isfinite(value):
+            raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --cold_start_learning_rate")
+        total = time.perf_counter() - t0
+        return {"loss": value, "seconds_per_step": total, "time_sampling": t_sample, "time_reward": t_reward,
+                "time_train": t_train, "time_other": total - t_sample - t_reward - t_train}
 
-    def save_output(self) -> Path | None:
-        """final/: the LLM LoRA and the trained projector in the release's three LoRA shards."""
+    def plot(self, records: list[dict]) -> None:
+        from uae.report import loss_curve
+
+        loss_curve(records, self.run.out / "curves.png", "Unified-GRPO cold start: 1 - cos(CLIP)")
+
+    def write_trained(self, final) -> None:
+        """The LLM LoRA and the trained projector in the release's three LoRA shards, and the
+        decoder's LoRA when it was trained."""
         from uae.checkpoints import save_official_llm_lora
+        from uae.models.decoder import save_dit_lora
 
-        acc = self.acc
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        final = write_final(self.out, self.paths, self.cfg.link_unchanged, ("SD3", "dit", "dit_lora", "llm", "llm_processor"),
-                            {"trained_by": "train_grpo.py --stage cold_start", "config": self.config_dict})
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
-        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
-        return final
+        if self.dit_trainable:
+            save_dit_lora(self.model.decoder.transformer, final / "dit_lora")

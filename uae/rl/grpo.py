@@ -41,9 +41,13 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std_scop
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
-                  kl: torch.Tensor | None = None, beta: float = 0.0, keep: torch.Tensor | None = None):
-    """mean over kept samples of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * KL,
-    rho = exp(log p_theta - log p_old). Returns (loss, stats)."""
+                  kl: torch.Tensor | None = None, beta: float = 0.0, keep: torch.Tensor | None = None,
+                  normalizer: float | None = None):
+    """sum over kept samples of max(-A rho, -A clip(rho, 1 - eps, 1 + eps)) + beta * KL, divided by
+    `normalizer` (default: the number of kept samples), rho = exp(log p_theta - log p_old).
+    Returns (loss, stats). With nothing to train on (no sample, or none kept) the loss is a zero
+    that still depends on `log_prob`, so every process of a distributed run takes part in the
+    gradient all-reduce; its statistics are then NaN, never an error."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
@@ -51,17 +55,25 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     if kl is not None and beta:
         per = per + beta * kl
     w = keep.float() if keep is not None else torch.ones_like(per)
-    loss = (per * w).sum() / w.sum().clamp(min=1)
+    loss = (per * w).sum() / (normalizer if normalizer is not None else w.sum().clamp(min=1))
+    if per.numel() == 0:
+        loss = log_prob.sum() * 0.0
     with torch.no_grad():
-        stats = {"ratio_mean": ratio.mean().item(), "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
-                 "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-                 "approx_kl": (0.5 * (log_prob - old_log_prob) ** 2).mean().item(),
-                 "kl": kl.mean().item() if kl is not None else 0.0}
+        if per.numel():
+            d = log_prob - old_log_prob
+            stats = {"ratio_mean": ratio.mean().item(), "ratio_min": ratio.min().item(),
+                     "ratio_max": ratio.max().item(), "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+                     "approx_kl": (0.5 * d ** 2).mean().item(), "kl": kl.mean().item() if kl is not None else 0.0}
+        else:
+            stats = {k: float("nan") for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "kl")}
     return loss, stats
 
 
-def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Flow-GRPO's KL between the policy's and the reference's Gaussian steps of equal std:
-    mean_D (mu_theta - mu_ref)^2 / (2 std^2), per sample."""
+def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:
+    """Flow-GRPO's KL between the policy's and the reference's Gaussian steps, per sample:
+    mean_D (mu_theta - mu_ref)^2 / (2 s^2), with s its `std_dev_t` (`Step.noise_scale`: the noise
+    scale a sqrt(sigma / (1 - sigma)) of the SDE step, not the step's std s sqrt(-d); dividing by
+    the step's variance would make the penalty 1/|d| times stronger, 4-25x at 10 steps, and
+    published beta values would not carry over)."""
     dims = tuple(range(1, mean.ndim))
-    return ((mean - ref_mean) ** 2).mean(dim=dims) / (2 * std.reshape(-1).clamp(min=1e-12) ** 2)
+    return ((mean - ref_mean) ** 2).mean(dim=dims) / (2 * noise_scale.reshape(-1).clamp(min=1e-12) ** 2)

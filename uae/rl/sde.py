@@ -11,7 +11,14 @@ v the velocity predicted by the DiT (after CFG), a the noise level. All maths in
 - "cps": coefficients-preserving sampling (newer Flow-GRPO):
       x0 = x - sigma v, x1 = x + (1 - sigma) v, s = sigma_next * sin(a pi / 2)
       mu = (1 - sigma_next) x0 + sqrt(sigma_next^2 - s^2) x1,   std = s
-      log p = -mean_D (x' - mu)^2   (the dropped terms depend only on the step: they cancel in ratios)
+      log p = -mean_D (x' - mu)^2
+  Flow-GRPO's convention, kept so that its clip ranges mean the same here: it drops the
+  constants (which cancel in a ratio) and also the factor 1/(2 s^2), which does NOT cancel: the
+  ratio exp(lp - lp_old) is the Gaussian ratio raised to the power 2 s^2.
+
+`Step.noise_scale` is what Flow-GRPO calls std_dev_t and divides its KL by (2 std_dev_t^2): s
+for "sde" (a sqrt(sigma / (1 - sigma)), without the sqrt(-d) of the step's std) and the step's
+std for "cps".
 """
 
 from __future__ import annotations
@@ -26,8 +33,9 @@ import torch
 class Step:
     prev_sample: torch.Tensor   # x_{i+1}
     mean: torch.Tensor          # mu
-    std: torch.Tensor           # per-sample std, shape (B, 1, ..., 1)
+    std: torch.Tensor           # per-sample std of the step, shape (B, 1, ..., 1)
     log_prob: torch.Tensor      # (B,)
+    noise_scale: torch.Tensor   # Flow-GRPO's std_dev_t (see the module docstring), shape (B, 1, ..., 1)
 
 
 def _bcast(t, like: torch.Tensor) -> torch.Tensor:
@@ -54,10 +62,12 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
         s = noise_level * torch.sqrt(sig / denom)
         mean = x + (v + s ** 2 / (2 * sig) * (x + (1 - sig) * v)) * d
         std = s * torch.sqrt(-d)
+        scale = s
     elif kind == "cps":
         x0, x1 = x - sig * v, x + (1 - sig) * v
         std = nxt * math.sin(noise_level * math.pi / 2)
         mean = (1 - nxt) * x0 + torch.sqrt((nxt ** 2 - std ** 2).clamp(min=0)) * x1
+        scale = std
     else:
         raise ValueError(f"unknown SDE kind {kind!r}: use sde or cps")
     if prev_sample is None:
@@ -74,7 +84,7 @@ def sde_step(v: torch.Tensor, x: torch.Tensor, sigma, sigma_next, noise_level: f
         log_prob = lp.mean(dim=dims)
     else:
         log_prob = -((prev_sample - mean) ** 2).mean(dim=dims)
-    return Step(prev_sample, mean, std, log_prob)
+    return Step(prev_sample, mean, std, log_prob, scale)
 
 
 def sde_window(num_steps: int, window: tuple[int, int] | None) -> list[bool]:

@@ -18,20 +18,17 @@ from pathlib import Path
 import torch
 
 from uae.errors import UAEError
-from uae.training.common import Checkpoints, MetricsLog, StepSampler, generator_for, link_or_copy, make_accelerator
+from uae.training.common import StepSampler, generator_for, link_or_copy
 
 logger = logging.getLogger(__name__)
 
 
 class SFTRecipe:
-    def __init__(self, cfg):
-        from uae.config import to_dict
+    trained_by = "train_sft.py"
 
-        self.cfg = cfg
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.acc = make_accelerator(cfg, self.out)
-        self.config_dict = to_dict(cfg)
+    def __init__(self, run):
+        self.run, self.cfg, self.acc = run, run.cfg, run.acc
+        self.out = run.out
 
     # ------------------------------------------------------------------ set-up
     def _data(self):
@@ -168,97 +165,75 @@ class SFTRecipe:
         weight = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigmas)
         return (weight.float() * (pred.float() - (noise - latents).float()) ** 2).mean()
 
-    # ------------------------------------------------------------------ loop
-    def train(self) -> Path:
-        from accelerate.utils import set_seed
+    # ------------------------------------------------------------------ the run
+    def setup(self) -> None:
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
-        from tqdm.auto import tqdm
 
-        from uae.data import CaptionImageDataset, assign_buckets, buckets_for, collate
+        from uae.data import assign_buckets, buckets_for
 
         cfg, acc = self.cfg, self.acc
-        data = self._data()
+        self.data = self._data()
         if cfg.bucketing:
             buckets = buckets_for(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
-            self.sizes = assign_buckets(data.ok, buckets)
+            self.sizes = assign_buckets(self.data.ok, buckets)
             logger.info("aspect-ratio buckets in use (height x width: items): %s",
                         ", ".join(f"{h}x{w}: {self.sizes.count((h, w))}" for h, w in sorted(set(self.sizes))))
         else:
-            self.sizes = [(cfg.resolution, cfg.resolution)] * len(data.ok)
-        set_seed(cfg.seed)  # new LoRA weights are drawn from the global RNG
-        with acc.main_process_first():  # cached artefacts (embedded checkpoints) are built by rank 0 only
-            self._models()
-        self._precompute(data.ok)
+            self.sizes = [(cfg.resolution, cfg.resolution)] * len(self.data.ok)
+        self._models()  # new LoRA weights are drawn from the global RNG, seeded by the run
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_train_steps)
-        self.projector, self.dit_train, opt, sched = acc.prepare(self.model.encoder.projector, self.dit, opt, sched)
-        ema = None
-        if cfg.use_ema:
-            ema = EMAModel(self.trainable, decay=cfg.ema_decay)
-            acc.register_for_checkpointing(ema)
-        ckpts = Checkpoints(self.out, cfg.checkpoints_total_limit)
-        start = 0
-        resume = ckpts.resolve(cfg.resume_from_checkpoint)
-        if resume is not None:
-            start = Checkpoints.load(acc, resume)
-            logger.info("resumed from %s at step %d", resume, start)
-        metrics = MetricsLog(self.out / "metrics.jsonl", acc, start)
-        if acc.is_main_process:
-            acc.init_trackers("uae_sft", config={k: v for k, v in self.config_dict.items()
-                                                  if isinstance(v, (int, float, str, bool))})
+        self.projector, self.dit_train, self.opt, self.lr = self.acc.prepare(self.model.encoder.projector, self.dit,
+                                                                             opt, sched)
+        self.linked_parts = ("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ())
+        self.manifest = {} if cfg.dit_mode == "lora" else {"dit_lora": None}
+
+    def begin(self, start: int) -> None:
+        from uae.data import CaptionImageDataset, collate
+
+        cfg, acc = self.cfg, self.acc
+        self._precompute(self.data.ok)  # all processes together (it ends at a barrier)
         accum = cfg.gradient_accumulation_steps
-        sampler = StepSampler(len(data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
+        sampler = StepSampler(len(self.data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
                               start * accum, cfg.max_train_steps * accum, groups=self.sizes if cfg.bucketing else None)
-        loader = torch.utils.data.DataLoader(CaptionImageDataset(data.ok, self.sizes, self.latent_cache),
+        loader = torch.utils.data.DataLoader(CaptionImageDataset(self.data.ok, self.sizes, self.latent_cache),
                                              batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.dataloader_num_workers)
+        self.batches = iter(loader)
+        self.micro = start * accum
         self.dit_train.train()
-        bar = tqdm(total=cfg.max_train_steps, initial=start, desc="sft", disable=not acc.is_local_main_process)
-        step, micro, t0 = start, start * accum, time.perf_counter()
         if start == 0 and cfg.validation_steps and acc.is_main_process:
             self.validate(0)
-        for batch in loader:
-            gen = generator_for(cfg.seed, micro * acc.num_processes + acc.process_index)
+
+    def step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        t0 = time.perf_counter()
+        for _ in range(cfg.gradient_accumulation_steps):
+            batch = next(self.batches)
+            gen = generator_for(cfg.seed, self.micro * acc.num_processes + acc.process_index)
             with acc.accumulate(self.projector, self.dit_train):
                 loss = self.loss(batch, gen)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-            micro += 1
-            if not acc.sync_gradients:
-                continue
-            step += 1
-            if ema is not None:
-                ema.step(self.trainable)
-            loss_all = acc.gather(loss.detach()[None]).mean().item()
-            if not math.isfinite(loss_all):
-                raise UAEError(f"loss is {loss_all} at step {step}: lower --learning_rate or check the data")
-            metrics.log(step, {"loss": loss_all, "lr": sched.get_last_lr()[0],
-                               "seconds_per_step": (time.perf_counter() - t0)})
-            t0 = time.perf_counter()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_all:.4f}")
-            if cfg.checkpointing_steps and step % cfg.checkpointing_steps == 0 and step < cfg.max_train_steps:
-                ckpts.save(acc, step, self.config_dict)
-            if cfg.validation_steps and step % cfg.validation_steps == 0 and acc.is_main_process:
-                self.validate(step)
-            if step >= cfg.max_train_steps:
-                break
-        bar.close()
-        ckpts.save(acc, step, self.config_dict)
-        final = self.save_output(ema)
-        if acc.is_main_process:
-            from uae.report import loss_curve
+                self.opt.step()
+                self.lr.step()
+                self.opt.zero_grad(set_to_none=True)
+            self.micro += 1
+        self.run.optimizer_stepped()
+        loss_all = acc.gather(loss.detach()[None]).mean().item()
+        if not math.isfinite(loss_all):
+            raise UAEError(f"loss is {loss_all} at step {step + 1}: lower --learning_rate or check the data")
+        if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and acc.is_main_process:
+            self.validate(step + 1)
+        return {"loss": loss_all, "lr": self.lr.get_last_lr()[0], "seconds_per_step": time.perf_counter() - t0}
 
-            loss_curve(metrics.read(), self.out / "loss.png", "SFT loss")
-        acc.end_training()
-        return final
+    def plot(self, records: list[dict]) -> None:
+        from uae.report import loss_curve
+
+        loss_curve(records, self.out / "loss.png", "SFT loss")
 
     # ------------------------------------------------------------------ seeing it work
     @torch.no_grad()
@@ -275,27 +250,15 @@ class SFTRecipe:
         self.dit.train()
 
     # ------------------------------------------------------------------ output
-    def save_output(self, ema) -> Path | None:
-        """The trained weights in the official layout: `demo.py --checkpoint <output_dir>/final`."""
-        from uae.checkpoints import MANIFEST, replace_projector_in_shards, shards_hold_projector
-        from uae.io import atomic_write_json
+    def write_trained(self, final: Path) -> None:
+        """The trained projector (in llm/, whose other files are linked, and in llm_lora's shards if
+        they hold one) and the DiT (its new LoRA, or all of it)."""
+        from uae.checkpoints import replace_projector_in_shards, shards_hold_projector
         from uae.models.decoder import save_dit_lora
-        from uae.models.encoder import save_projector
+        from uae.models.encoder import PROJECTOR_FILE, save_projector
 
-        acc, cfg = self.acc, self.cfg
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        if ema is not None:
-            ema.store(self.trainable)
-            ema.copy_to(self.trainable)
-        final = self.out / "final"
-        final.mkdir(exist_ok=True)
-        p = self.paths
+        acc, cfg, p = self.acc, self.cfg, self.paths
         projector = acc.unwrap_model(self.projector)
-        for part in ("SD3", "llm_lora", "llm_processor"):
-            if getattr(p, part):
-                link_or_copy(getattr(p, part), final / part, cfg.link_unchanged)
         # The loader applies a projector in the llm_lora shards after llm/ (as the release did): if
         # the source's shards hold one, they are rewritten with the trained projector, or it would
         # be overridden by the old one.
@@ -308,19 +271,11 @@ class SFTRecipe:
             llm.unlink()
         llm.mkdir(exist_ok=True)
         for f in Path(p.llm).iterdir():
-            if f.name != "projector.safetensors":
+            if f.name != PROJECTOR_FILE:
                 link_or_copy(f, llm / f.name, cfg.link_unchanged)
         save_projector(projector, llm)
         dit = acc.unwrap_model(self.dit_train)
         if cfg.dit_mode == "lora":
-            link_or_copy(p.dit, final / "dit", cfg.link_unchanged)
             save_dit_lora(dit, final / "dit_lora")
-            manifest = {}
         else:
             dit.save_pretrained(final / "dit")
-            manifest = {"dit_lora": None}
-        atomic_write_json(final / MANIFEST, {**manifest, "trained_by": "train_sft.py", "config": self.config_dict})
-        if ema is not None:
-            ema.restore(self.trainable)
-        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
-        return final

@@ -1,0 +1,252 @@
+"""Unified-GRPO stage 2, Generation for Understanding: GRPO on the encoder's LoRA.
+
+The prompt is the caption instruction + an image; the G sampled captions are the actions; a
+caption's reward is the similarity of the frozen decoder's image from that caption to the input
+image. The decoder is conditioned through the LLM itself (as at inference): with the current
+LoRA by default, with `frozen_embedding` through the LoRA-free LLM.
+
+On-policy: captions are sampled with an explicit generation config whose only logits processors
+are the temperature and the suppressed vision tokens, exactly what the log-probabilities are
+recomputed with (a checkpoint's generation_config.json may hold repetition_penalty, top_k or top_p,
+which would make the rollouts come from another distribution than the one the ratio assumes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import statistics
+import time
+
+import torch
+
+from uae.errors import UAEError
+from uae.rl.grpo import group_advantages, ppo_clip_loss
+from uae.rl.rollout import ReferenceWeights, default_reward, iteration_share, load_references, score
+from uae.training.common import generator_for
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def only_this_generation_config(model, config):
+    """generate() fills what a given config leaves unset from the model's own generation_config
+    (transformers 5): for the duration of the block the model's is `config` itself, so nothing of
+    the checkpoint's file (repetition_penalty, top_k, top_p, ...) leaks into the sampling."""
+    before = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = before
+
+
+class G4URecipe:
+    """Stage 2 (g4u): the encoder's LoRA learns to caption for reconstruction; the decoder is frozen."""
+
+    trained_by = "train_grpo.py --stage g4u"
+    linked_parts = ("SD3", "dit", "dit_lora", "llm", "llm_processor")
+
+    def __init__(self, run, reward=None):
+        self.run, self.cfg, self.acc = run, run.cfg, run.acc
+        self.reward = reward
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from uae.models.uae import UAE
+
+        cfg, acc = self.cfg, self.acc
+        self.refs = load_references(cfg.data)
+        self.model = UAE.from_pretrained(cfg.checkpoint, device=acc.device, dtype=torch.float32)
+        self.paths = self.model.components
+        enc = self.model.encoder
+        if not hasattr(enc.llm, "disable_adapter"):
+            raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
+        self.model.decoder.pipe.transformer.requires_grad_(False)
+        self.model.decoder.pipe.vae.requires_grad_(False)
+        enc.projector.requires_grad_(False)
+        for n, p in enc.llm.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.trainable = [p for p in enc.llm.parameters() if p.requires_grad]
+        self.reference = None
+        if cfg.beta and cfg.kl_reference == "start":
+            self.reference = ReferenceWeights(self.trainable)
+            acc.register_for_checkpointing(self.reference)
+        if self.reward is None:
+            self.reward = default_reward(cfg, acc.device)
+        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.policy, self.opt = acc.prepare(enc.llm, opt)
+
+    # ------------------------------------------------------------------ rollouts
+    @property
+    def suppressed(self) -> list[int]:
+        """Vision placeholder tokens: a caption containing one would not re-encode with its image,
+        so they are excluded from the action space (in sampling and in the log-probabilities)."""
+        c = self.model.encoder.qwen.config
+        return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
+
+    def generation_config(self):
+        """Sampling with the temperature and the suppressed tokens only: every other processor off."""
+        from transformers import GenerationConfig
+
+        own = self.model.encoder.qwen.generation_config
+        return GenerationConfig(do_sample=True, temperature=self.cfg.temperature, top_k=0, top_p=1.0, min_p=None,
+                                typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                max_new_tokens=self.cfg.max_new_tokens, suppress_tokens=self.suppressed,
+                                bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
+                                pad_token_id=own.pad_token_id)
+
+    def sample(self, batch, **kwargs):
+        """Sampled completions (B, T) of the caption prompts in `batch`, on-policy."""
+        config = self.generation_config()
+        with torch.no_grad(), only_this_generation_config(self.model.encoder.qwen, config):
+            return self.model.encoder.llm.generate(**batch, generation_config=config, **kwargs)
+
+    def token_logprobs(self, model, batch, completion) -> torch.Tensor:
+        """log p(completion token | prefix) under `model` with the sampling processors (temperature,
+        suppressed tokens), (B, T)."""
+        ids = torch.cat([batch["input_ids"], completion], dim=1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
+        extra = {}
+        if "mm_token_type_ids" in batch:  # where the image tokens are: M-RoPE positions depend on it
+            extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                    image_grid_thw=batch["image_grid_thw"], **extra)
+        p = batch["input_ids"].shape[1]
+        logits = out.logits[:, p - 1:-1].float() / self.cfg.temperature
+        logits[..., self.suppressed] = float("-inf")
+        return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
+
+    def decoder_seeds(self, it: int, share) -> list[int]:
+        """The decoder's initial-noise seed of each of this process's captions: one per group by
+        default (a group's captions are compared on the same noise, so the advantage reflects the
+        caption, not the noise), new in every iteration and for every group of the iteration
+        whatever process it is on; with g4u_decoder_noise "sample", one per caption."""
+        per_group = self.cfg.g4u_decoder_noise == "group"
+        n = len(share.prompts) * self.cfg.group_size
+        return [generator_for(self.cfg.seed + 2, it * n + ((share.offset + j) // self.cfg.group_size if per_group
+                                                             else share.offset + j)).initial_seed() % 2 ** 31
+                for j in range(share.size)]
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, it: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        enc = self.model.encoder
+        t_start = time.perf_counter()
+        share = iteration_share(cfg, it, len(self.refs), acc.num_processes, acc.process_index)
+        mine = share.samples
+
+        t0 = time.perf_counter()
+        self.policy.eval()
+        batch = enc.caption_inputs([self.refs[p].image for p in mine])
+        torch.manual_seed((cfg.seed * 1_000_003 + it * acc.num_processes + acc.process_index) % (2 ** 63 - 1))
+        out = self.sample(batch)
+        completion = out[:, batch["input_ids"].shape[1]:]
+        eos = enc.qwen.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        is_eos = torch.zeros_like(completion, dtype=torch.bool)
+        for e in eos:
+            is_eos |= completion == e
+        # Tokens up to and including the first end-of-sequence token are the action.
+        after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
+        tok_mask = ~after
+        pad = enc.qwen.generation_config.pad_token_id
+        completion = completion.masked_fill(after, pad if pad is not None else 0)
+        # Unstripped, as the release turns a caption into a prompt.
+        texts = enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0), skip_special_tokens=True)
+        with torch.no_grad():
+            old_lp = self.token_logprobs(self.policy, batch, completion)
+        t_sample = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        seeds = self.decoder_seeds(it, share)
+        gen = dict(height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps,
+                   guidance_scale=cfg.guidance_scale, seed=seeds, progress=False)
+        with torch.no_grad(), (enc.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
+            images = self.model.generate(texts, **gen)
+        scores = score(self.reward, images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine], texts)
+        t_reward = time.perf_counter() - t0
+        dev = acc.device
+        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
+        group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
+        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
+        my_adv, keep = adv.values[share.offset:share.offset + share.size], adv.keep[share.offset:share.offset + share.size]
+
+        t0 = time.perf_counter()
+        self.policy.train()
+        agg: dict[str, float] = {}
+        token_keep = tok_mask & keep[:, None]
+        for inner in range(cfg.inner_epochs):
+            self.opt.zero_grad(set_to_none=True)
+            ref = None
+            if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
+                with torch.no_grad():
+                    if self.reference is not None:  # the LoRA the stage started from
+                        with self.reference.active():
+                            ref = self.token_logprobs(enc.llm, batch, completion)
+                    else:
+                        with enc.llm.disable_adapter():
+                            ref = self.token_logprobs(enc.llm, batch, completion)
+            lp = self.token_logprobs(self.policy, batch, completion)
+            kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
+            a = my_adv[:, None].expand_as(lp)
+            # A process whose groups all have zero reward variance keeps no token: its loss is then a
+            # zero that still reaches every LoRA weight, so the gradient all-reduce goes on.
+            loss, stats = ppo_clip_loss(lp[token_keep], old_lp[token_keep], a[token_keep], cfg.clip_range,
+                                        None if kl is None else kl[token_keep], cfg.beta)
+            acc.backward(loss)
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            self.opt.step()
+            self.run.optimizer_stepped()
+            if inner == 0:
+                agg.update({f"first_{k}": v for k, v in stats.items()})
+            agg.update(stats)
+            agg["loss"] = loss.item()
+        self.opt.zero_grad(set_to_none=True)
+        t_train = time.perf_counter() - t0
+
+        # Caption length in words (the paper's "longer, more descriptive captions"), and in tokens.
+        words = acc.gather(torch.tensor([float(len(t.split())) for t in texts], device=dev)).tolist()
+        tokens = acc.gather(tok_mask.sum(1).float()).tolist()
+        total = time.perf_counter() - t_start
+        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+                  "caption_len_mean": sum(words) / len(words), "caption_len_median": statistics.median(words),
+                  "caption_len_max": max(words), "caption_tokens_mean": sum(tokens) / len(tokens),
+                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
+                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
+                  "time_other": total - t_sample - t_reward - t_train, **agg}
+        for name, v in scores.items():
+            if name != "total":
+                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
+        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
+            self._log_samples(it + 1, mine, images, texts, scores["total"])
+        return values
+
+    # ------------------------------------------------------------------ seeing it work
+    def _log_samples(self, step, mine, images, texts, rewards) -> None:
+        from uae.report import image_grid
+
+        g = self.cfg.group_size
+        side = images[0].size
+        pics = [self.refs[mine[0]].image.resize(side)] + list(images[:g])
+        labels = ["reference"] + [f"r={r:.3f} len={len(t.split())}w" for r, t in zip(rewards[:g], texts[:g])]
+        grid = image_grid(pics, labels, self.run.out / "grids" / f"iter_{step:06d}.png", columns=min(g + 1, 9))
+        self.run.log_image(step, "grids/group", grid)
+        record = {"image": self.refs[mine[0]].key, "captions": texts[:g], "rewards": list(rewards[:g])}
+        table = "\n\n".join(f"r={r:.3f}: {t}" for r, t in zip(rewards[:g], texts[:g]))
+        self.run.log_sample(step, record, text=table)
+
+    def plot(self, records: list[dict]) -> None:
+        from uae.report import loss_curve, run_page
+
+        loss_curve(records, self.run.out / "curves.png", "Unified-GRPO g4u: the aha moment",
+                   keys=("reward_mean", "caption_len_mean"))
+        run_page(self.run.out)
+
+    def write_trained(self, final) -> None:
+        """The trained LLM LoRA as the release stores it (three shards)."""
+        from uae.checkpoints import save_official_llm_lora
+
+        save_official_llm_lora(self.model.encoder, final / "llm_lora")

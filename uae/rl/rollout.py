@@ -1,0 +1,142 @@
+"""What the RL stages share around their rollouts: the reference images, the default reward, each
+process's share of an iteration's prompts, the SDE window of an iteration, the KL reference
+weights, and reward scoring."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import NamedTuple
+
+import torch
+
+from uae.errors import UAEError
+
+logger = logging.getLogger(__name__)
+
+
+class Reference(NamedTuple):
+    key: str
+    image: object          # PIL RGB
+    caption: str | None    # the caption that came with the data, if any
+
+
+def load_references(data: str) -> list[Reference]:
+    """A folder of images (captions from the encoder), a folder with .txt captions, or a .jsonl /
+    datasets / webdataset source; unreadable images are skipped with a warning."""
+    from uae.data import read_items
+
+    refs = []
+    for it in read_items(data):
+        try:
+            refs.append(Reference(it.image.name if it.image is not None else it.source, it.open(), it.caption))
+        except Exception as e:
+            logger.warning("skipping reference %s: %s", it.source, e)
+    if not refs:
+        raise UAEError(f"--data {data}: no readable reference image")
+    return refs
+
+
+def default_reward(cfg, device):
+    """The UAE reward: reconstruction similarity with the configured scorer weights."""
+    from uae.rl.rewards import ReconstructionReward
+    from uae.runtime import resolve_dtype
+    from uae.scoring.scorers import load_scorer
+
+    weights = {k: float(v) for k, v in (w.split("=") for w in cfg.reward_weights)}
+    names = set(weights) | ({cfg.text_scorer} if cfg.text_reward_weight else set())
+    scorers = {n: load_scorer(n, weights=scorer_weights(cfg), device=device, dtype=resolve_dtype("float32", device))
+               for n in sorted(names)}
+    return ReconstructionReward(scorers, weights, cfg.text_reward_weight, cfg.text_scorer)
+
+
+def scorer_weights(cfg) -> str:
+    """`auto`: the tiny random scorers for the tiny model, the official checkpoints otherwise."""
+    return cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
+
+
+def score(reward, images, keys, references, prompts) -> dict[str, list[float]]:
+    """{"total": [...], and per-reward parts when the reward reports them}."""
+    out = reward.score(images, keys, references, prompts) if hasattr(reward, "score") else \
+        {"total": torch.tensor(reward(images, keys, references, prompts))}
+    return {k: (v.tolist() if isinstance(v, torch.Tensor) else list(v)) for k, v in out.items()}
+
+
+class Share(NamedTuple):
+    prompts: list[int]   # the iteration's prompts (reference indices), the same on every process
+    samples: list[int]   # this process's samples: the prompt of each, groups in order
+    size: int            # samples per process
+    offset: int          # global index of this process's first sample
+
+
+def iteration_share(cfg, it: int, n_refs: int, world: int, rank: int) -> Share:
+    """The iteration's prompts, drawn without replacement (a permutation seeded by (seed, iteration),
+    as Flow-GRPO's sampler does, so no two groups share a prompt), each repeated group_size times;
+    samples split across processes in contiguous shares, so a group may span processes."""
+    from uae.training.common import generator_for
+
+    if cfg.prompts_per_iteration > n_refs:
+        raise UAEError(f"prompts_per_iteration {cfg.prompts_per_iteration} is more than the {n_refs} reference(s) "
+                       "of --data: prompts are drawn without replacement; lower it or add references")
+    pick = torch.randperm(n_refs, generator=generator_for(cfg.seed + 1, it))[:cfg.prompts_per_iteration].tolist()
+    samples = [p for p in pick for _ in range(cfg.group_size)]
+    if len(samples) % world:
+        raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
+    per = len(samples) // world
+    return Share(pick, samples[rank * per:(rank + 1) * per], per, rank * per)
+
+
+def sde_window_for(cfg, it: int) -> tuple[int, int] | None:
+    """The steps [lo, hi) sampled with the SDE (and trained) in iteration `it`; None: all but the
+    last (Flow-GRPO). `sde_window_mode`:
+    - fixed: `sde_window`, the same every iteration;
+    - random: a window of `sde_window_size` steps whose start is drawn anew each iteration within
+      `sde_window_range` (Flow-GRPO-Fast; the same on every process here);
+    - sliding: the start moves by `sde_window_shift` steps every `sde_window_shift_every`
+      iterations across `sde_window_range`, back to its beginning after the end (MixGRPO's
+      progressive strategy)."""
+    from uae.training.common import generator_for
+
+    mode = cfg.sde_window_mode
+    if mode == "fixed":
+        return tuple(cfg.sde_window) if cfg.sde_window else None
+    lo, hi = sde_window_range(cfg)
+    starts = hi - cfg.sde_window_size - lo + 1
+    if mode == "random":
+        start = lo + int(torch.randint(starts, (1,), generator=generator_for(cfg.seed + 5, it)))
+    else:
+        start = lo + (it // cfg.sde_window_shift_every) * cfg.sde_window_shift % starts
+    return start, start + cfg.sde_window_size
+
+
+def sde_window_range(cfg) -> tuple[int, int]:
+    """Where a moving window may lie; default: the first half of the schedule (Flow-GRPO-Fast)."""
+    return tuple(cfg.sde_window_range) if cfg.sde_window_range else (0, cfg.num_steps // 2)
+
+
+class ReferenceWeights:
+    """The KL reference "start": the trained weights as they were when the stage began, kept on
+    the side (a LoRA's worth of memory) and swapped in for the reference's forward pass."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.start = [p.detach().clone() for p in params]
+
+    @contextlib.contextmanager
+    def active(self):
+        current = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.start):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, c in zip(self.params, current):
+                    p.copy_(c)
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = [t.to(p.device) for t, p in zip(state["start"], self.params)]

@@ -1,0 +1,341 @@
+"""Unified-GRPO stage 3, Understanding for Generation: Flow-GRPO on the decoder's LoRA.
+
+Each iteration: the iteration's prompts (the encoder's captions of reference images, drawn without
+replacement), each repeated G times; reconstructions sampled with the SDE sampler (CFG with both
+branches in one batch) while every stochastic transition and its log-probability are recorded;
+rewards; group-relative advantages (std over the whole batch by default, as Flow-GRPO's SD3.5
+configs); then `updates_per_iteration` optimizer steps, each on a share of the rollouts shuffled
+across groups, of PPO-clip on the recorded transitions with Flow-GRPO's KL to the reference policy
+(the LoRA the stage started from, or the DiT without it: no second DiT in memory).
+
+Each prompt keeps the conditioning it has at inference (its own [negative, positive] pair):
+rollouts and training forwards only batch prompts whose conditioning has the same length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from uae.models.decoder import decode_latents
+from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
+from uae.rl.rollout import (ReferenceWeights, default_reward, iteration_share, load_references, score,
+                            sde_window_for)
+from uae.rl.sde import sde_step, sde_window
+from uae.training.common import generator_for
+
+logger = logging.getLogger(__name__)
+
+
+def velocity(dit, x, t, pos, neg, pooled, guidance: float):
+    """The DiT's velocity with classifier-free guidance, both branches in one batched forward."""
+    b = x.shape[0]
+    tt = t.expand(b) if t.ndim == 0 else t
+    if guidance > 1:
+        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]),
+                  encoder_hidden_states=torch.cat([neg, pos]), pooled_projections=torch.cat([pooled, pooled]),
+                  return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+    return dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
+
+
+@torch.no_grad()
+def sample_trajectory(dit, latents, sched, pos, neg, pooled, *, guidance, noise_level, kind, window, generator):
+    """Run all steps; SDE on the `window` steps (recorded), the deterministic Euler step elsewhere.
+    Returns (final latents, [(i, x_i, x_{i+1}, log_prob_i)] for the recorded steps)."""
+    sigmas, timesteps = sched.sigmas, sched.timesteps
+    sde = sde_window(len(timesteps), window)
+    x, record = latents, []
+    for i, t in enumerate(timesteps):
+        v = velocity(dit, x.to(pos.dtype), t.to(x.device), pos, neg, pooled, guidance)
+        step = sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level if sde[i] else 0.0, kind=kind,
+                        sigma_max=sigmas[1], generator=generator)
+        if sde[i]:
+            record.append((i, x, step.prev_sample, step.log_prob))
+        x = step.prev_sample
+    return x, record
+
+
+def same_length_batches(samples: list[int], length, size: int) -> list[list[int]]:
+    """Consecutive runs of at most `size` of `samples` whose `length(sample)` is the same."""
+    out: list[list[int]] = []
+    for s in samples:
+        if out and len(out[-1]) < size and length(out[-1][0]) == length(s):
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return out
+
+
+def update_shares(n: int, updates: int, seed: int, it: int) -> list[list[int]]:
+    """The samples of each optimizer step of an iteration: a permutation seeded by (seed, iteration),
+    so that each step sees a mix of groups, cut into `updates` nearly equal shares."""
+    perm = torch.randperm(n, generator=generator_for(seed + 3, it)).tolist()
+    return [perm[u * n // updates:(u + 1) * n // updates] for u in range(updates)]
+
+
+class U4GRecipe:
+    """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen."""
+
+    trained_by = "train_grpo.py --stage u4g"
+    linked_parts = ("SD3", "dit", "llm", "llm_lora", "llm_processor")
+
+    def __init__(self, run, reward=None):
+        self.run, self.cfg, self.acc = run, run.cfg, run.acc
+        self.reward = reward
+        self.pool = ThreadPoolExecutor(max_workers=1)  # rewards overlap the next sampling batch
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from peft import LoraConfig
+
+        from uae.models.decoder import add_dit_lora
+        from uae.models.uae import UAE
+
+        cfg, acc = self.cfg, self.acc
+        self.refs = load_references(cfg.data)
+        # The checkpoint's dit_lora (e.g. the cold start's) is trained further; fresh_dit_lora starts a new one.
+        overrides = {"dit_lora": "none"} if cfg.fresh_dit_lora else None
+        self.model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=acc.device, dtype=torch.float32)
+        self.paths = self.model.components
+        self.model.encoder.requires_grad_(False)
+        pipe = self.model.decoder.pipe
+        pipe.vae.requires_grad_(False)
+        self.dit = pipe.transformer
+        self.dit.requires_grad_(False)
+        if not getattr(self.dit, "peft_config", None):
+            add_dit_lora(self.dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                              target_modules=list(cfg.lora_target_modules)))
+        else:
+            logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
+        for n, p in self.dit.named_parameters():
+            p.requires_grad_("lora_" in n)
+        if cfg.gradient_checkpointing:
+            self.dit.enable_gradient_checkpointing()
+        self.trainable = [p for p in self.dit.parameters() if p.requires_grad]
+        self.reference = None
+        if cfg.beta and cfg.kl_reference == "start":
+            self.reference = ReferenceWeights(self.trainable)
+            acc.register_for_checkpointing(self.reference)
+        self.sched = copy.deepcopy(pipe.scheduler)
+        self.sched.set_timesteps(cfg.num_steps)
+        if self.reward is None:
+            self.reward = default_reward(cfg, acc.device)
+        self.captions = self._captions()
+        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.policy, self.opt = acc.prepare(self.dit, opt)
+
+    def _captions(self) -> list[str]:
+        """The encoder's captions of the references (prompts of stage 3), generated once and kept in
+        captions.jsonl (a resumed run reads them back); with `use_data_captions`, captions that come
+        with the data are used instead."""
+        refs, cfg = self.refs, self.cfg
+        path = self.run.out / "captions.jsonl"
+        if path.exists():
+            stored = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
+            if set(stored) >= {r.key for r in refs}:
+                return [stored[r.key] for r in refs]
+        todo = [i for i, r in enumerate(refs) if not (cfg.use_data_captions and r.caption)]
+        generated = {}
+        for j in range(0, len(todo), 4):
+            idx = todo[j:j + 4]
+            out = self.model.encoder.caption([refs[i].image for i in idx], max_new_tokens=cfg.max_new_tokens,
+                                             temperature=cfg.temperature, seed=cfg.seed)
+            generated.update(zip(idx, out))
+        caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
+        if self.acc.is_main_process:
+            from uae.io import atomic_write_text
+
+            atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
+        return caps
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self, it: int) -> dict:
+        cfg, acc = self.cfg, self.acc
+        t_start = time.perf_counter()
+        world, rank = acc.num_processes, acc.process_index
+        share = iteration_share(cfg, it, len(self.refs), world, rank)
+        mine = share.samples
+        window = sde_window_for(cfg, it)
+        dev = acc.device
+        t0 = time.perf_counter()
+        with torch.no_grad():  # the encoder is frozen: each prompt's conditioning as at inference
+            pairs = {p: self.model.encoder.embed_pair(self.captions[p]) for p in dict.fromkeys(mine)}
+        t_sample = time.perf_counter() - t0
+        length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731  (local sample -> conditioning length)
+        # Rollouts in chunks of sample_batch_size samples of one conditioning length; each chunk's
+        # reward runs in a worker thread while the next chunk samples. Each rollout's noise is a
+        # function of (seed, iteration, global sample index): the same whatever the chunking or the
+        # number of processes.
+        gens = [generator_for(cfg.seed, it * len(share.prompts) * cfg.group_size + share.offset + j)
+                for j in range(share.size)]
+        vae = self.model.decoder.pipe.vae
+        side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
+        chunks, futures = [], []
+        self.policy.eval()
+        for local in same_length_batches(list(range(share.size)), length, cfg.sample_batch_size):
+            t0 = time.perf_counter()
+            idx = [mine[j] for j in local]
+            pos, neg = (torch.cat([pairs[p][k] for p in idx]) for k in (0, 1))
+            pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
+            chunk_gens = [gens[j] for j in local]
+            latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
+                                   for g in chunk_gens]).to(dev)
+            final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled, guidance=cfg.guidance_scale,
+                                              noise_level=cfg.noise_level, kind=cfg.sde_kind, window=window,
+                                              generator=chunk_gens)
+            with torch.no_grad():
+                images = decode_latents(vae, final)
+            t_sample += time.perf_counter() - t0
+            chunks.append((local, record, images))
+            futures.append(self.pool.submit(score, self.reward, images, [self.refs[p].key for p in idx],
+                                            [self.refs[p].image for p in idx], [self.captions[p] for p in idx]))
+        t0 = time.perf_counter()
+        parts = [f.result() for f in futures]  # waits only for what did not overlap the sampling
+        t_reward = time.perf_counter() - t0
+        # Back to this process's sample order.
+        order = [j for local, _, _ in chunks for j in local]
+        scores = {k: [0.0] * share.size for k in parts[0]}
+        for (local, _, _), part in zip(chunks, parts):
+            for key, vals in part.items():
+                for j, v in zip(local, vals):
+                    scores[key][j] = v
+        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
+        group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
+        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
+        my_adv, keep = adv.values[share.offset:share.offset + share.size], adv.keep[share.offset:share.offset + share.size]
+
+        t0 = time.perf_counter()
+        stats = self.train_on(it, chunks, pairs, mine, my_adv, keep)
+        t_train = time.perf_counter() - t0
+        total = time.perf_counter() - t_start
+        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
+                  "sde_window_start": window[0] if window else 0,
+                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
+                  "time_other": total - t_sample - t_reward - t_train, **stats}
+        for name, v in scores.items():
+            if name != "total":
+                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
+        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
+            images = torch.cat([c[2] for c in chunks])[torch.argsort(torch.tensor(order))]
+            self._grid(it + 1, mine, images, scores["total"])
+        return values
+
+    def train_on(self, it: int, chunks, pairs, mine, adv, keep) -> dict:
+        """PPO-clip on the recorded transitions. The samples are shuffled across groups and split
+        into `updates_per_iteration` shares, one optimizer step each (Flow-GRPO takes 2 per batch
+        of rollouts, so its clip range acts from the second on); within a share, gradients are
+        accumulated over micro-batches of one conditioning length and over the trained steps, and
+        the loss is the mean over the share's kept samples and steps."""
+        cfg, acc = self.cfg, self.acc
+        sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
+        n = len(mine)
+        # Per-sample views of the recorded transitions: step k -> (N, ...) in local sample order.
+        steps = [i for i, *_ in chunks[0][1]]
+        order = torch.tensor([j for local, _, _ in chunks for j in local])
+        inverse = torch.argsort(order)
+        x_k = [torch.cat([rec[k][1] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
+        nxt_k = [torch.cat([rec[k][2] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
+        lp_k = [torch.cat([rec[k][3] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
+        pooled = self.model.decoder.pooled.to(acc.device)
+        length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731
+        shares = update_shares(n, cfg.updates_per_iteration, cfg.seed, it)
+        self.policy.train()
+        agg: dict[str, float] = {}
+        dev_first, dev_later, count, loss_total = 0.0, 0.0, 0, 0.0
+        for inner in range(cfg.inner_epochs):
+            for u, share in enumerate(shares):
+                self.opt.zero_grad(set_to_none=True)
+                batches = same_length_batches(sorted(share, key=length), length, cfg.train_batch_size or cfg.sample_batch_size)
+                norm = max(int(keep[share].sum()), 1) * len(steps)
+                calls = [(b, k) for b in batches for k in range(len(steps))]
+                for c, (b, k) in enumerate(calls):
+                    # One gradient all-reduce per optimizer step: the last backward of the share.
+                    sync = acc.no_sync(self.policy) if c < len(calls) - 1 else contextlib.nullcontext()
+                    with sync:
+                        loss, stats = self._loss(b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, keep, norm,
+                                                 sigmas, timesteps)
+                        acc.backward(loss)
+                    dev = max(abs(stats["ratio_max"] - 1), abs(stats["ratio_min"] - 1))
+                    if inner == 0 and u == 0:
+                        dev_first = max(dev_first, dev)
+                        if c == 0:
+                            agg.update({f"first_{key}": v for key, v in stats.items()})
+                    else:
+                        dev_later = max(dev_later, dev)
+                    for key, val in stats.items():
+                        agg[key] = agg.get(key, 0.0) + val
+                    count += 1
+                    loss_total += loss.item()
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+                self.opt.step()
+                self.run.optimizer_stepped()
+        self.opt.zero_grad(set_to_none=True)
+        out = {k: v / count for k, v in agg.items() if not k.startswith("first_")}
+        out.update({k: v for k, v in agg.items() if k.startswith("first_")})
+        updates = cfg.inner_epochs * cfg.updates_per_iteration
+        out.update(loss=loss_total / updates, ratio_dev_first_update=dev_first, ratio_dev_later_updates=dev_later,
+                   optimizer_steps=updates)
+        return out
+
+    def _loss(self, b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, keep, norm, sigmas, timesteps):
+        cfg = self.cfg
+        i = steps[k]
+        idx = [mine[j] for j in b]
+        pos, neg = (torch.cat([pairs[p][m] for p in idx]) for m in (0, 1))
+        x, x_next, old = x_k[k][b], nxt_k[k][b], lp_k[k][b]
+        t = timesteps[i].to(x.device)
+        pool = pooled.expand(len(b), -1)
+        ref = None
+        if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
+            with torch.no_grad():
+                if self.reference is not None:  # the LoRA the stage started from
+                    with self.reference.active():
+                        v_ref = velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                else:  # the DiT without its LoRA
+                    self.dit.disable_adapters()
+                    v_ref = velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                    self.dit.enable_adapters()
+                ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
+                               sigma_max=sigmas[1], prev_sample=x_next)
+        v = velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale)
+        step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind, sigma_max=sigmas[1],
+                        prev_sample=x_next)
+        kl = None if ref is None else flow_kl(step.mean, ref.mean, step.noise_scale)
+        return ppo_clip_loss(step.log_prob, old, adv[b], cfg.clip_range, kl, cfg.beta, keep[b], normalizer=norm)
+
+    # ------------------------------------------------------------------ seeing it work
+    def _grid(self, step, mine, images, rewards) -> None:
+        from torchvision.transforms.v2.functional import to_pil_image
+
+        from uae.report import image_grid
+
+        g = self.cfg.group_size
+        ref = self.refs[mine[0]].image.resize((images.shape[-1], images.shape[-2]))
+        pics = [ref] + [to_pil_image(im) for im in images[:g]]
+        labels = ["reference"] + [f"r={r:.3f}" for r in rewards[:g]]
+        grid = image_grid(pics, labels, self.run.out / "grids" / f"iter_{step:06d}.png", columns=min(g + 1, 9))
+        self.run.log_image(step, "grids/group", grid)
+
+    def plot(self, records: list[dict]) -> None:
+        from uae.report import loss_curve
+
+        loss_curve(records, self.run.out / "curves.png", f"Unified-GRPO {self.cfg.stage}", keys=("reward_mean", "kl"))
+
+    def write_trained(self, final) -> None:
+        from uae.models.decoder import save_dit_lora
+
+        save_dit_lora(self.acc.unwrap_model(self.policy), final / "dit_lora")
+
+    def close(self) -> None:
+        self.pool.shutdown()

@@ -1,0 +1,226 @@
+"""One training run, whatever the recipe: the accelerator, the resolved config beside the results,
+resume, the JSONL logs, the trackers, EMA, the progress bar, the checkpoint cadence, `final/` in
+the official layout, the end-of-run plots and `end_training`.
+
+A recipe provides only what is its own (composition, not inheritance):
+
+    setup()                 load models, build the optimizer, `run.acc.prepare(...)` what trains
+    trainable               the parameters it trains (EMA and gradient clipping act on these)
+    begin(start)            optional: build data iterators that depend on the resumed step
+    step(i) -> dict         one step (optimizer steps inside it call `run.optimizer_stepped()`)
+    paths, linked_parts     the source checkpoint's parts, and those that final/ links unchanged
+    trained_by, manifest    the manifest's "trained_by" and optional extra entries
+    write_trained(final)    write what it trained into final/
+    plot(records)           optional: the end-of-run plots from the logged metrics
+    close()                 optional: release what it holds (threads), on every process
+
+and `Run(cfg, name).train(recipe, total)` does the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class OptimizerSteps:
+    """How many optimizer steps the run has taken (saved in every checkpoint): the EMA's warm-up
+    and cadence count these, whatever the number of optimizer steps per recipe step."""
+
+    def __init__(self):
+        self.count = 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+
+
+class JsonlLog:
+    """One JSON object per line, appended; on resume, lines past the resumed step are dropped."""
+
+    def __init__(self, path: Path, accelerator, resume_step: int = 0):
+        self.path, self.acc = Path(path), accelerator
+        if accelerator.is_main_process and self.path.exists():
+            keep = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in keep))
+
+    def append(self, record: dict) -> None:
+        if self.acc.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
+
+
+class Run:
+    def __init__(self, cfg, name: str):
+        """`name`: the trackers' project name (e.g. uae_sft, uae_grpo_u4g)."""
+        from uae.config import save_config, to_dict
+        from uae.training.common import make_accelerator
+
+        self.cfg, self.name = cfg, name
+        self.out = Path(cfg.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.acc = make_accelerator(cfg, self.out)
+        self.config_dict = to_dict(cfg)
+        if self.acc.is_main_process:
+            save_config(cfg, self.out / "config.yaml")
+        self.steps = OptimizerSteps()
+        self.ema = None
+        self.trainable: list[torch.nn.Parameter] = []
+
+    # ------------------------------------------------------------------ logging
+    def log(self, step: int, values: dict) -> None:
+        self.metrics.append({"step": step, **values})
+        self.acc.log(values, step=step)
+
+    def log_sample(self, step: int, record: dict, text: str | None = None) -> None:
+        """A sample record in samples.jsonl, and as text in the trackers."""
+        self.samples.append({"step": step, **record})
+        if self.acc.is_main_process and text:
+            self.acc.log({"samples": text}, step=step)
+
+    def log_image(self, step: int, tag: str, image) -> None:
+        """A PIL image (a grid) to every tracker that takes images."""
+        import numpy as np
+
+        if not self.acc.is_main_process:
+            return
+        arr = np.asarray(image.convert("RGB"))
+        for tracker in self.acc.trackers:
+            if not hasattr(tracker, "log_images"):
+                continue
+            kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({tag: arr[None]}, step=step, **kwargs)
+
+    # ------------------------------------------------------------------ optimizer steps and EMA
+    def optimizer_stepped(self) -> None:
+        """Call after every optimizer step. With `use_ema`, the EMA is updated every `ema_every`
+        optimizer steps, its warm-up counting optimizer steps (diffusers' EMAModel: decay =
+        min((1 + s) / (10 + s), ema_decay), s = optimizer steps - 1), not EMA updates."""
+        self.steps.count += 1
+        if self.ema is not None and self.steps.count % getattr(self.cfg, "ema_every", 1) == 0:
+            self.ema.optimization_step = self.steps.count - 1  # EMAModel.step adds one
+            self.ema.step(self.trainable)
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, recipe, total: int, desc: str) -> Path | None:
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        from uae.training.common import Checkpoints
+
+        cfg, acc = self.cfg, self.acc
+        set_seed(cfg.seed)
+        # Every process sets up together (accelerate's prepare is collective); cached artefacts such
+        # as the embedded tiny checkpoint are built once under a file lock (uae.io.build_once).
+        recipe.setup()
+        self.trainable = list(recipe.trainable)
+        if getattr(cfg, "use_ema", False):
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.trainable, decay=cfg.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        acc.register_for_checkpointing(self.steps)
+        self._checkpoint_trainable_only()
+        ckpts = Checkpoints(self.out, cfg.checkpoints_total_limit)
+        start = 0
+        resume = ckpts.resolve(cfg.resume_from_checkpoint)
+        if resume is not None:
+            start = Checkpoints.load(acc, resume)
+            logger.info("resumed from %s at step %d", resume, start)
+        self.metrics = JsonlLog(self.out / "metrics.jsonl", acc, start)
+        self.samples = JsonlLog(self.out / "samples.jsonl", acc, start)
+        if acc.is_main_process:
+            acc.init_trackers(self.name, config={k: v for k, v in self.config_dict.items()
+                                                 if isinstance(v, (int, float, str, bool))})
+        if hasattr(recipe, "begin"):
+            recipe.begin(start)
+        bar = tqdm(total=total, initial=start, desc=desc, disable=not acc.is_local_main_process)
+        for i in range(start, total):
+            values = recipe.step(i)
+            self.log(i + 1, values)
+            bar.update(1)
+            key = next((k for k in ("loss", "reward_mean") if k in values), None)
+            if key:
+                bar.set_postfix({key: f"{values[key]:.4f}"})
+            if cfg.checkpointing_steps and (i + 1) % cfg.checkpointing_steps == 0 and i + 1 < total:
+                ckpts.save(acc, i + 1, self.config_dict)
+        bar.close()
+        ckpts.save(acc, total, self.config_dict)
+        final = self.write_final(recipe)
+        if acc.is_main_process and hasattr(recipe, "plot"):
+            recipe.plot(self.metrics.read())
+        if hasattr(recipe, "close"):
+            recipe.close()
+        acc.end_training()
+        return final
+
+    TRAINABLE_FILE = "trainable.safetensors"
+
+    def _checkpoint_trainable_only(self) -> None:
+        """Checkpoints hold the trained weights, not whole models (diffusers' LoRA scripts do the
+        same with these hooks): a LoRA run's checkpoint is megabytes, not the frozen 8B DiT again.
+        Trained weights of modules that accelerate does not wrap (the cold start's DiT LoRA) are
+        included. Under FSDP / DeepSpeed, accelerate's own sharded saving is kept."""
+        from accelerate.utils import DistributedType
+
+        acc = self.acc
+        if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return
+
+        def save(models, weights, output_dir):
+            from safetensors.torch import save_file
+
+            if acc.is_main_process:
+                state = {f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable)}
+                save_file(state, str(Path(output_dir) / self.TRAINABLE_FILE))
+            weights.clear()
+
+        def load(models, input_dir):
+            from safetensors.torch import load_file
+
+            state = load_file(str(Path(input_dir) / self.TRAINABLE_FILE))
+            if len(state) != len(self.trainable):
+                from uae.errors import UAEError
+
+                raise UAEError(f"checkpoint {input_dir} holds {len(state)} trained tensors, this run trains "
+                               f"{len(self.trainable)}: it was written by another configuration")
+            with torch.no_grad():
+                for i, p in enumerate(self.trainable):
+                    p.copy_(state[f"{i:05d}"].to(p.device, p.dtype))
+            models.clear()
+
+        acc.register_save_state_pre_hook(save)
+        acc.register_load_state_pre_hook(load)
+
+    def write_final(self, recipe) -> Path | None:
+        """final/: the parts the recipe trained (the EMA weights when kept), the rest of the source
+        checkpoint linked (or copied), and the manifest."""
+        from uae.training.common import write_final
+
+        acc = self.acc
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        if self.ema is not None:
+            self.ema.store(self.trainable)
+            self.ema.copy_to(self.trainable)
+        try:
+            manifest = {**getattr(recipe, "manifest", {}), "trained_by": recipe.trained_by, "config": self.config_dict}
+            final = write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
+            recipe.write_trained(final)
+        finally:
+            if self.ema is not None:
+                self.ema.restore(self.trainable)
+        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+        return final
