@@ -47,7 +47,7 @@ def _pair(folder: Path) -> Path:
 
 
 def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *extra: str):
-    import train_grpo
+    from uae.training.configs import ColdStartConfig
     from accelerate.state import AcceleratorState
 
     from uae.config import parse_config
@@ -55,7 +55,7 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
     from uae.training.run import Run
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    cfg = parse_config(train_grpo.GRPOConfig, [
+    cfg = parse_config(ColdStartConfig, [
         "--stage", "cold_start", "--checkpoint", str(ckpt), "--data", str(pairs), "--output_dir", str(out),
         "--num_steps", str(steps), "--resolution", str(resolution), "--guidance_scale", "5.0",
         "--scorer_weights", "tiny", "--report_to", "none", "--device", "auto", *extra])
@@ -84,13 +84,13 @@ def gradients(args, ckpt: Path, pairs: Path, tmp: Path) -> list[dict]:
     rows = []
     settings = [("truncated", k) for k in range(1, args.steps + 1)] + [("x0", None)]
     for mode, k in settings:
-        cfg.cold_start_gradient = mode
+        cfg.gradient = mode
         if k is not None:
             cfg.truncate_steps = k
         g = _gradient(recipe)
         rows.append({"gradient": mode if k is None else f"truncated-{k}", "norm_ratio": float(g.norm() / exact.norm()),
                      "cosine": float(torch.nn.functional.cosine_similarity(g, exact, dim=0))})
-    cfg.cold_start_gradient = "full"
+    cfg.gradient = "full"
     return rows
 
 
@@ -121,7 +121,7 @@ def measure(args) -> dict:
     """One loss + backward in this (fresh) process: memory above what was held before the step."""
     tmp = Path(args.tmp)
     recipe = _recipe(Path(args.ckpt), Path(args.pairs), tmp / f"m{args.steps}", args.steps, args.resolution,
-                     "--cold_start_checkpointing", str(args.checkpointing).lower())
+                     "--step_checkpointing", str(args.checkpointing).lower())
     _gradient(recipe)  # warm-up: allocator pools, lazy initialisation
     if torch.cuda.is_available():
         torch.cuda.synchronize()

@@ -30,7 +30,7 @@ from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write
 import torch  # noqa: E402
 
 STAGES = ("cold_start", "g4u", "u4g")
-CONFIGS = {"u4g": "tiny.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}
+CONFIGS = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}
 PHASES = ("sampling", "reward", "train", "other")
 
 
@@ -77,12 +77,12 @@ def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
              "--device", args.device, "--mixed_precision", args.mixed_precision, "--log_level", "WARNING",
              "--max_new_tokens", str(args.max_new_tokens)]
     if stage == "cold_start":
-        flags += ["--data", str(sample_pairs(work)), "--cold_start_max_steps", str(steps),
-                  "--truncate_steps", str(min(2, args.num_steps))]
+        flags += ["--data", str(sample_pairs(work)), "--max_steps", str(steps)]
     else:
         flags += ["--data", str(ROOT / "Unified-Bench" / "UniBench" / "sample"), "--group_size", str(args.group_size),
-                  "--prompts_per_iteration", str(args.prompts), "--max_iterations", str(steps),
-                  "--sample_batch_size", str(args.group_size * args.prompts)]
+                  "--prompts_per_iteration", str(args.prompts), "--max_steps", str(steps)]
+    if stage == "u4g":
+        flags += ["--sample_batch_size", str(args.group_size * args.prompts)]
     if args.gradient_checkpointing:
         flags += ["--gradient_checkpointing"]
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt", args.preset)
         flags = ["--config", str(ROOT / "configs" / "sft" / "tiny.yaml"), "--checkpoint", str(ckpt),
                  "--data", str(sample_pairs(tmp)), "--output_dir", str(tmp / "run"),
-                 "--max_train_steps", str(args.steps + 1), "--train_batch_size", str(args.batch_size),
+                 "--max_steps", str(args.steps + 1), "--train_batch_size", str(args.batch_size),
                  "--resolution", str(args.resolution), "--validation_steps", "0", "--checkpointing_steps", "0",
                  "--device", args.device, "--mixed_precision", args.mixed_precision, "--log_level", "WARNING"]
         if args.gradient_checkpointing:

@@ -22,20 +22,20 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     advantages = []
     if stage == "sft":
-        import train_sft
+        from uae.training.configs import SFTConfig
         from uae.training.run import Run
         from uae.training.sft import SFTRecipe
 
-        cfg = parse_config(train_sft.SFTConfig, ["--config", str(ROOT / "configs/sft/tiny.yaml"), "--checkpoint", ckpt,
-                                                 "--data", data, "--output_dir", out, "--validation_steps", "0", *extra])
+        cfg = parse_config(SFTConfig, ["--config", str(ROOT / "configs/sft/tiny.yaml"), "--checkpoint", ckpt,
+                                       "--data", data, "--output_dir", out, "--validation_steps", "0", *extra])
         run = Run(cfg, "test")
         recipe = SFTRecipe(run)
-        run.train(recipe, cfg.max_train_steps, "sft")
+        run.train(recipe, cfg.max_steps, "sft")
     else:
-        import train_grpo
         import uae.rl.g4u
         import uae.rl.u4g
         from uae.rl.cold_start import ColdStartRecipe
+        from uae.training.configs import STAGE_CONFIGS
         from uae.training.run import Run
 
         for module in (uae.rl.g4u, uae.rl.u4g):
@@ -47,10 +47,10 @@ def main() -> None:
                 return res
 
             module.group_advantages = record
-        preset = {"u4g": "tiny.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[stage]
-        cfg = parse_config(train_grpo.GRPOConfig, ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
-                                                   "--checkpoint", ckpt, "--data", data, "--output_dir", out,
-                                                   "--scorer_weights", "tiny", "--image_log_steps", "0", *extra])
+        preset = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[stage]
+        cfg = parse_config(STAGE_CONFIGS[stage], ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
+                                                  "--checkpoint", ckpt, "--data", data, "--output_dir", out,
+                                                  "--scorer_weights", "tiny", "--image_log_steps", "0", *extra])
         run = Run(cfg, "test")
         reward = None
         if os.environ.get("UAE_TEST_REWARD") == "one_flat_image":
@@ -60,8 +60,7 @@ def main() -> None:
                 return [1.0 if k == "astronaut.jpg" else float(len(p.split())) for k, p in zip(keys, prompts)]
         recipe = ColdStartRecipe(run) if stage == "cold_start" else \
             {"u4g": uae.rl.u4g.U4GRecipe, "g4u": uae.rl.g4u.G4URecipe}[stage](run, reward=reward)
-        total = cfg.cold_start_max_steps if stage == "cold_start" else cfg.max_iterations
-        run.train(recipe, total, stage)
+        run.train(recipe, cfg.max_steps, stage)
     torch.save({"params": [p.detach().cpu().clone() for p in recipe.trainable], "advantages": advantages},
                Path(out) / f"rank{rank}.pt")
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import demo
 import train_grpo
-from uae.rl.rewards import TargetImageReward
+from tests.rewards import TargetImageReward
 from uae.training.common import Checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ def _fresh_accelerate():
 
 
 def grpo(tiny_ckpt, out, *extra, reward=None):
-    return train_grpo.main(["--config", "configs/grpo/tiny.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(REFS),
+    return train_grpo.main(["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(REFS),
                             "--output_dir", str(out), "--scorer_weights", "tiny", *map(str, extra)], reward=reward)
 
 
@@ -39,11 +39,11 @@ def _metrics(out):
 
 def test_smoke_with_the_reconstruction_reward(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
-    assert grpo(tiny_ckpt, out, "--max_iterations", 3, "--image_log_steps", 3, "--reward_weights", "clip=1.0",
-                "dinov2=0.5", "--text_reward_weight", 0.1) == 0
+    assert grpo(tiny_ckpt, out, "--max_iterations", 3, "--image_log_steps", 3, "--reward_funcs", "clip", "dinov2",
+                "text:longclip", "--reward_weights", 1.0, 0.5, 0.1) == 0
     rec = _metrics(out)
     assert [r["step"] for r in rec] == [1, 2, 3]
-    for key in ("reward_mean", "reward_std", "reward_clip", "reward_dinov2", "reward_longclip_text", "kl", "clip_frac",
+    for key in ("reward_mean", "reward_std", "reward_clip", "reward_dinov2", "reward_text_longclip", "kl", "clip_frac",
                 "approx_kl", "ratio_mean", "skipped_groups", "time_sampling", "time_reward", "time_train", "time_other"):
         assert key in rec[0], key
     # First inner step of every iteration: the policy is the rollout policy, so the ratio is exactly 1;
@@ -104,9 +104,11 @@ def test_bad_settings(capsys):
     assert train_grpo.main(["--data", "x", "--stage", "stage9"]) == 2
     assert train_grpo.main(["--data", "x", "--group_size", "1"]) == 2
     assert train_grpo.main(["--data", "x", "--sde_window", "3", "20"]) == 2
-    assert train_grpo.main(["--data", "x", "--reward_weights", "clip:1"]) == 2
+    assert train_grpo.main(["--data", "x", "--reward_funcs", "clip", "--reward_weights", "1", "2"]) == 2
+    assert train_grpo.main(["--data", "x", "--reward_funcs", "bleu"]) == 2
     err = capsys.readouterr().err
-    assert "available stages are cold_start, g4u, u4g" in err and "--group_size" in err and "--sde_window" in err and "scorer=weight" in err
+    assert "--stage stage9: choose from cold_start, g4u, u4g, all" in err and "--group_size must be at least 2" in err
+    assert "--sde_window" in err and "one each" in err and "reward 'bleu'" in err
 
 
 # ----------------------------------------------------------------------------- stage 2 (g4u)
@@ -190,9 +192,10 @@ def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, tmp_path):
 def _g4u_recipe(tiny_ckpt, tmp_path, *extra):
     from uae.config import parse_config
     from uae.rl.g4u import G4URecipe
+    from uae.training.configs import G4UConfig
     from uae.training.run import Run
 
-    cfg = parse_config(train_grpo.GRPOConfig, ["--config", "configs/grpo/tiny_g4u.yaml", "--checkpoint", str(tiny_ckpt),
+    cfg = parse_config(G4UConfig, ["--config", "configs/grpo/tiny_g4u.yaml", "--checkpoint", str(tiny_ckpt),
                                                "--data", str(REFS), "--output_dir", str(tmp_path), *map(str, extra)])
     recipe = G4URecipe(Run(cfg, "test"), reward=lambda *a: [])
     recipe.setup()
@@ -262,7 +265,9 @@ def captioned(tmp_path_factory):
 def _cold_cfg(tiny_ckpt, data, out, *extra):
     from uae.config import parse_config
 
-    return parse_config(train_grpo.GRPOConfig, ["--config", "configs/grpo/tiny_cold_start.yaml", "--checkpoint",
+    from uae.training.configs import ColdStartConfig
+
+    return parse_config(ColdStartConfig, ["--config", "configs/grpo/tiny_cold_start.yaml", "--checkpoint",
                                                 str(tiny_ckpt), "--data", str(data), "--output_dir", str(out),
                                                 "--scorer_weights", "tiny", *map(str, extra)])
 
@@ -273,18 +278,18 @@ def _cold_start(cfg):
 
     run = Run(cfg, "test")
     recipe = ColdStartRecipe(run)
-    return recipe, run.train(recipe, cfg.cold_start_max_steps, "cold start")
+    return recipe, run.train(recipe, cfg.max_steps, "cold start")
 
 
 @pytest.mark.parametrize("decoder", [True, False])
 def test_cold_start_trains_what_it_claims_and_the_loss_falls(tiny_ckpt, captioned, tmp_path, decoder):
     """Default: the encoder's LoRA, the projector and the decoder's LoRA ("both halves"); with
-    --cold_start_train_decoder false, the encoder's side only. Nothing else moves."""
+    --train_decoder false, the encoder's side only. Nothing else moves."""
     from uae.models.uae import UAE
 
-    recipe, final = _cold_start(_cold_cfg(tiny_ckpt, captioned / "one.jsonl", tmp_path / "run", "--cold_start_fixed_noise",
-                                          "--cold_start_learning_rate", 0.003, "--cold_start_decoder_learning_rate", 0.001,
-                                          "--cold_start_train_decoder", str(decoder).lower()))
+    recipe, final = _cold_start(_cold_cfg(tiny_ckpt, captioned / "one.jsonl", tmp_path / "run", "--fixed_noise",
+                                          "--learning_rate", 0.003, "--decoder_learning_rate", 0.001,
+                                          "--train_decoder", str(decoder).lower()))
     assert final is not None
     fresh = UAE.from_pretrained(str(tiny_ckpt))
     trained = dict(recipe.model.encoder.named_parameters())
@@ -308,7 +313,7 @@ def test_cold_start_trains_what_it_claims_and_the_loss_falls(tiny_ckpt, captione
 
 
 def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captioned, tmp_path, monkeypatch):
-    common = ["--cold_start_max_steps", 6, "--checkpointing_steps", 3, "--link_unchanged", "false"]
+    common = ["--max_steps", 6, "--checkpointing_steps", 3, "--link_unchanged", "false"]
     assert _cold_start(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "a", *common))[1]
     real_save = Checkpoints.save
 
@@ -339,9 +344,9 @@ def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captione
 
 def test_all_stages_in_sequence_and_the_result_loads_in_demo(tiny_ckpt, captioned, tmp_path, capsys):
     out = tmp_path / "all"
-    argv = ["--stages", "all", "--config", "configs/grpo/tiny.yaml", "--checkpoint", tiny_ckpt,
+    argv = ["--stage", "all", "--config", "configs/grpo/tiny_all.yaml", "--checkpoint", tiny_ckpt,
             "--data", captioned / "two.jsonl", "--output_dir", out, "--scorer_weights", "tiny",
-            "--max_iterations", 2, "--cold_start_max_steps", 2, "--group_size", 2,
+            "--max_steps", 2, "--group_size", 2,
             "--sample_batch_size", 4, "--image_log_steps", 0, "--checkpointing_steps", 0]
     code = train_grpo.main([str(a) for a in argv])
     assert code == 0, capsys.readouterr().err

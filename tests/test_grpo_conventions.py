@@ -29,7 +29,9 @@ def _fresh_accelerate():
 
 
 def _cfg(*argv):
-    return parse_config(train_grpo.GRPOConfig, [str(a) for a in argv])
+    from uae.rl.train import parse
+
+    return parse([str(a) for a in argv])[0]
 
 
 def _metrics(out):
@@ -39,7 +41,7 @@ def _metrics(out):
 def _recipe(kind, tiny_ckpt, tmp_path, *extra, reward=None):
     from uae.training.run import Run
 
-    preset = {"u4g": "tiny.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[kind]
+    preset = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[kind]
     cfg = _cfg("--config", f"configs/grpo/{preset}", "--stage", kind, "--checkpoint", tiny_ckpt, "--data", REFS,
                "--output_dir", tmp_path / "run", "--scorer_weights", "tiny", *extra)
     run = Run(cfg, "test")
@@ -105,7 +107,7 @@ def test_update_shares_mix_groups():
 
 def test_second_update_of_an_iteration_sees_ratios_other_than_one(tiny_ckpt, tmp_path):
     out = tmp_path / "run"
-    argv = ["--config", "configs/grpo/tiny.yaml", "--checkpoint", tiny_ckpt, "--data", REFS, "--output_dir", out,
+    argv = ["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", tiny_ckpt, "--data", REFS, "--output_dir", out,
             "--scorer_weights", "tiny", "--max_iterations", 2, "--updates_per_iteration", 2, "--image_log_steps", 0,
             "--checkpointing_steps", 0, "--clip_range", 1e-4]
     assert train_grpo.main([str(a) for a in argv]) == 0
@@ -155,7 +157,7 @@ def test_ema_warm_up_counts_optimizer_steps(tiny_ckpt, tmp_path, monkeypatch):
         return d
 
     monkeypatch.setattr(EMAModel, "get_decay", spy)
-    argv = ["--config", "configs/grpo/tiny.yaml", "--checkpoint", tiny_ckpt, "--data", REFS, "--output_dir",
+    argv = ["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", tiny_ckpt, "--data", REFS, "--output_dir",
             tmp_path / "run", "--scorer_weights", "tiny", "--max_iterations", 3, "--updates_per_iteration", 2,
             "--use_ema", "--ema_every", 2, "--ema_decay", 0.9, "--image_log_steps", 0, "--checkpointing_steps", 0]
     assert train_grpo.main([str(a) for a in argv]) == 0
@@ -215,7 +217,7 @@ def test_g4u_decoder_noise_is_one_seed_per_group(tiny_ckpt, tmp_path):
     two = [s for r in (0, 1) for s in recipe.decoder_seeds(5, iteration_share(cfg, 5, 6, 2, r))]
     assert two == one                                                 # whatever the number of processes
     assert not set(one) & set(recipe.decoder_seeds(6, iteration_share(cfg, 6, 6, 1, 0)))  # new each iteration
-    recipe.cfg.g4u_decoder_noise = "sample"
+    recipe.cfg.decoder_noise = "sample"
     assert len(set(recipe.decoder_seeds(5, iteration_share(cfg, 5, 6, 1, 0)))) == 12
 
 
@@ -316,14 +318,14 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, one_p
     ref = run(reference)
     assert ref.norm() > 0
     assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item()), (ours - ref).abs().max()
-    recipe.cfg.cold_start_gradient, recipe.cfg.truncate_steps = "truncated", 1
+    recipe.cfg.gradient, recipe.cfg.truncate_steps = "truncated", 1
     last = run(lambda: recipe.loss(image, item.caption, generator_for(0, 1), target))
     assert last.norm() < 0.5 * ref.norm()
 
 
 @pytest.mark.parametrize("mode", ["caption_tokens", "all_tokens", "generate_template"])
 def test_cold_start_conditioning_variants_and_their_negatives(tiny_ckpt, one_pair, tmp_path, mode):
-    recipe = _recipe("cold_start", tiny_ckpt, tmp_path, "--data", one_pair, "--cold_start_conditioning", mode)
+    recipe = _recipe("cold_start", tiny_ckpt, tmp_path, "--data", one_pair, "--conditioning", mode)
     recipe.setup()
     enc = recipe.model.encoder
     image = recipe.items[0].open()

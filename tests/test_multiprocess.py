@@ -57,7 +57,7 @@ def _same(a, b):
 
 @pytest.mark.parametrize("stage, extra", [
     ("sft", ["--max_train_steps", 2, "--train_batch_size", 1]),
-    ("cold_start", ["--cold_start_max_steps", 2]),
+    ("cold_start", ["--max_steps", 2]),
     ("g4u", ["--max_iterations", 2]),
     ("u4g", ["--max_iterations", 2]),
 ])

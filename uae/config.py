@@ -1,6 +1,9 @@
 """Typed configs: a dataclass is the CLI (one flag per field, help from field metadata) and is
 also readable from YAML (`--config file.yaml`; flags given on the command line win).
-Validation lives in each dataclass's `__post_init__` and raises UAEError naming the setting."""
+
+A field declares its `choices` and bounds (`min`, `max`, inclusive); `check_fields(cfg)` (called
+from `__post_init__`) enforces them with a UAEError naming the flag, and argparse lists the
+choices in --help. Checks that involve several fields stay in the dataclass's `__post_init__`."""
 
 from __future__ import annotations
 
@@ -18,9 +21,11 @@ from uae.errors import UAEError
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str, aliases: Sequence[str] = (), **kw) -> Any:
-    """A dataclass field with help text (and extra flag spellings) for the CLI."""
-    meta = {"help": help, "aliases": tuple(aliases)}
+def field(default: Any = dataclasses.MISSING, *, help: str, aliases: Sequence[str] = (),
+          choices: Sequence[Any] | None = None, min: float | None = None, max: float | None = None, **kw) -> Any:
+    """A dataclass field with help text, extra flag spellings, and its allowed values for the CLI."""
+    meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None,
+            "min": min, "max": max}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -45,12 +50,32 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags become a UAEError (one line, exit code 2 through the scripts' wrapper) instead of
+    argparse's SystemExit, which an in-process caller would not get a return code from."""
+
+    def error(self, message):
+        raise UAEError(f"{message} (see --help)")
+
+
+def _fields(classes) -> list[dataclasses.Field]:
+    """The union of the classes' fields, each name once (the first class's definition)."""
+    seen: dict[str, dataclasses.Field] = {}
+    for c in classes:
+        for f in dataclasses.fields(c):
+            seen.setdefault(f.name, f)
+    return list(seen.values())
+
+
 def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or cls.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The CLI of a config class (or of several: the union of their fields)."""
+    classes = list(cls) if isinstance(cls, (list, tuple)) else [cls]
+    parser = _Parser(description=description or classes[0].__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of the settings below")
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    hints: dict[str, Any] = {}
+    for c in classes:
+        hints.update({k: v for k, v in typing.get_type_hints(c).items() if k not in hints})
+    for f in _fields(classes):
         tp, is_list = _base_type(hints[f.name])
         names = ["--" + f.name] + list(f.metadata.get("aliases", ()))
         kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name, "default": argparse.SUPPRESS}
@@ -63,8 +88,27 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
             kw["type"] = tp if tp in (int, float, str) else str
             if is_list:
                 kw["nargs"] = "+"
+        if f.metadata.get("choices") and len(classes) == 1:
+            kw["choices"] = f.metadata["choices"]
         parser.add_argument(*names, **kw)
     return parser
+
+
+def check_fields(cfg) -> None:
+    """Every field's declared choices and bounds (a list is checked item by item; None passes)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if value is None:
+            continue
+        items = value if isinstance(value, (list, tuple)) else [value]
+        choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
+        for v in items:
+            if choices and v not in choices:
+                raise UAEError(f"--{f.name} {v}: choose from {', '.join(map(str, choices))}")
+            if lo is not None and v < lo:
+                raise UAEError(f"--{f.name} must be at least {lo} (got {v})")
+            if hi is not None and v > hi:
+                raise UAEError(f"--{f.name} must be at most {hi} (got {v})")
 
 
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
@@ -75,25 +119,53 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     return cls(**values)
 
 
+def read_yaml(cfg_path: str) -> dict[str, Any]:
+    path = Path(cfg_path)
+    if not path.is_file():
+        raise UAEError(f"--config {cfg_path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UAEError(f"--config {cfg_path} is not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise UAEError(f"--config {cfg_path} must hold a mapping of setting: value")
+    return loaded
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
     """CLI flags over YAML (`--config`) over the dataclass defaults."""
     parser = build_parser(cls, description)
     args = vars(parser.parse_args(argv))
-    values: dict[str, Any] = {}
     cfg_path = args.pop("config", None)
-    if cfg_path:
-        path = Path(cfg_path)
-        if not path.is_file():
-            raise UAEError(f"--config {cfg_path}: no such file")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise UAEError(f"--config {cfg_path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise UAEError(f"--config {cfg_path} must hold a mapping of setting: value")
-        values.update(loaded)
+    values = read_yaml(cfg_path) if cfg_path else {}
     values.update(args)
     return from_dict(cls, values, source=cfg_path or "command line")
+
+
+def parse_configs(classes: dict[str, type], argv: Sequence[str] | None = None, description: str | None = None,
+                  drop: Sequence[str] = ()) -> dict[str, Any]:
+    """One config per named class from one command line: a flag or top-level YAML key goes to every
+    class that has the field (an error if none has it); a YAML section named after a class
+    (`cold_start: {...}`) goes to that class only, above the top level and below the flags. Keys in
+    `drop` (e.g. the `stage: all` that chose this mode) are not passed on."""
+    parser = build_parser(list(classes.values()), description)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if k not in drop}
+    cfg_path = args.pop("config", None)
+    loaded = read_yaml(cfg_path) if cfg_path else {}
+    sections = {name: loaded.pop(name) for name in classes if isinstance(loaded.get(name), dict)}
+    loaded = {k: v for k, v in loaded.items() if k not in drop}
+    known = {f.name for c in classes.values() for f in dataclasses.fields(c)}
+    unknown = sorted(set(loaded) - known)
+    if unknown:
+        raise UAEError(f"{cfg_path}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    out = {}
+    for name, cls in classes.items():
+        mine = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in loaded.items() if k in mine}
+        values.update(sections.get(name, {}))
+        values.update({k: v for k, v in args.items() if k in mine})
+        out[name] = from_dict(cls, values, source=f"{cfg_path or 'command line'} ({name})")
+    return out
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -143,7 +143,7 @@ def run_unibench(cfg) -> dict | None:
     from uae.report import bar_plot, html_report, markdown_table
     from uae.runtime import resolve_device, resolve_dtype
     from uae.scoring.folder import score_folders
-    from uae.scoring.scorers import load_scorer
+    from uae.scoring.scorers import load_scorer, resolve_scorer_weights
 
     out = Path(cfg.output_dir)
     refs = _images(Path(cfg.ref_path), "reference (--ref_path)")
@@ -160,7 +160,7 @@ def run_unibench(cfg) -> dict | None:
         if not recon_dir.is_dir():
             raise UAEError(f"no reference in {cfg.ref_path} could be read: {skipped}")
     device = resolve_device(cfg.device)
-    weights = cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
+    weights = resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint)
     if weights == "tiny":
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
     scorers = {m: load_scorer(m, weights=weights, device=device, dtype=resolve_dtype(cfg.scorer_dtype, device))

@@ -5,9 +5,9 @@ the VAE decodes it and the loss is 1 - cos(CLIP image features of the reconstruc
 original). The paper's cold start "gently initialises both encoder and decoder": by default the
 encoder's LoRA, the projector and the decoder's LoRA (at its own, smaller learning rate) train.
 
-Gradients (`cold_start_gradient`):
+Gradients (`gradient`):
 - "full" (default): the exact gradient, back-propagated through every sampling step. Each step is
-  gradient-checkpointed (`cold_start_checkpointing`): only its input latent is kept, and its
+  gradient-checkpointed (`step_checkpointing`): only its input latent is kept, and its
   activations are recomputed during the backward pass, so memory stays about one step's
   activations whatever the number of steps, for one more forward per step.
 - "truncated": the first steps run without gradients and only the last `truncate_steps` keep them.
@@ -18,7 +18,7 @@ Gradients (`cold_start_gradient`):
   gradients predicts the clean latent x0 = x - sigma v, which is decoded. One forward's memory, but
   the gradient of a one-step prediction rather than of the sampled image.
 
-Conditioning (`cold_start_conditioning`), each with a negative branch of the same form:
+Conditioning (`conditioning`), each with a negative branch of the same form:
 - "caption_tokens" (default): the hidden states at the caption's tokens, the instruction and the
   image in context before them; negative: the negative prompt's tokens in the same place. This is
   what the release's cold-start composition selects (labels != -100).
@@ -46,7 +46,6 @@ from torch.utils.checkpoint import checkpoint
 from uae.errors import UAEError
 from uae.rl.rewards import to_uint8
 from uae.models.decoder import decode_latents as decode
-from uae.rl.rollout import scorer_weights
 from uae.training.common import generator_for
 
 logger = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ class ColdStartRecipe:
             p.requires_grad_("lora_" in n)
         enc.projector.requires_grad_(True)
         self.dit_trainable = []
-        if cfg.cold_start_train_decoder:
+        if cfg.train_decoder:
             if not getattr(dit, "peft_config", None):  # no dit_lora in the checkpoint: a new one
                 add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
                                              target_modules=list(cfg.lora_target_modules)))
@@ -116,13 +115,16 @@ class ColdStartRecipe:
             self.dit_trainable = [p for p in dit.parameters() if p.requires_grad]
         self.enc_trainable = [p for p in list(enc.llm.parameters()) + list(enc.projector.parameters()) if p.requires_grad]
         self.trainable = self.enc_trainable + self.dit_trainable
-        self.clip = load_scorer("clip", weights=scorer_weights(cfg), device=self.acc.device)
+        from uae.scoring.scorers import resolve_scorer_weights
+
+        self.clip = load_scorer("clip", weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
+                                device=self.acc.device)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
         self.linked_parts = ("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",))
-        groups = [{"params": self.enc_trainable, "lr": cfg.cold_start_learning_rate}]
+        groups = [{"params": self.enc_trainable, "lr": cfg.learning_rate}]
         if self.dit_trainable:
-            groups.append({"params": self.dit_trainable, "lr": cfg.cold_start_decoder_learning_rate})
+            groups.append({"params": self.dit_trainable, "lr": cfg.decoder_learning_rate})
         opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
         # The DiT is not DDP-wrapped: its checkpointed steps are recomputed inside the backward
         # pass, where a DDP forward must not run. Its LoRA gradients are averaged explicitly.
@@ -132,10 +134,10 @@ class ColdStartRecipe:
 
     # ------------------------------------------------------------------ the loss
     def conditioning(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive, negative) conditioning of `caption` for `image`, as `cold_start_conditioning`
+        """(positive, negative) conditioning of `caption` for `image`, as `conditioning`
         says (module docstring). Through the prepared (DDP-wrapped) modules, so that gradients are
         synchronised across processes; hidden_states[-1] is the post-norm last hidden state."""
-        enc, mode = self.model.encoder, self.cfg.cold_start_conditioning
+        enc, mode = self.model.encoder, self.cfg.conditioning
         negative = enc.prompts.negative_prompt
         if mode == "generate_template":
             from uae.models.encoder import attention, release_position_ids
@@ -158,7 +160,7 @@ class ColdStartRecipe:
         return hidden[0:1, start:lengths[0]], hidden[1:2, start:lengths[1]]
 
     def reconstruct(self, pos: torch.Tensor, neg: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """Sample from noise with the Euler ODE; gradients as `cold_start_gradient` says."""
+        """Sample from noise with the Euler ODE; gradients as `gradient` says."""
         cfg = self.cfg
         dit, vae = self.dit_train, self.model.decoder.pipe.vae
         side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
@@ -166,21 +168,21 @@ class ColdStartRecipe:
         pooled = self.model.decoder.pooled.to(self.acc.device)
         sig, steps = self.sched.sigmas.to(self.acc.device), self.sched.timesteps.to(self.acc.device)
         n = len(steps)
-        if cfg.cold_start_gradient == "x0":
+        if cfg.gradient == "x0":
             k = int(torch.randint(n, (1,), generator=gen))  # the step whose one-step estimate is trained
             first_grad = k
         else:
-            first_grad = 0 if cfg.cold_start_gradient == "full" else n - cfg.truncate_steps
+            first_grad = 0 if cfg.gradient == "full" else n - cfg.truncate_steps
         for i in range(n):
             args = (dit, x, steps[i], sig[i], sig[i + 1], pos, neg, pooled, cfg.guidance_scale)
             if i < first_grad:
                 with torch.no_grad():
                     x, _ = euler_step(*args)
                 continue
-            if cfg.cold_start_gradient == "x0":
+            if cfg.gradient == "x0":
                 _, v = euler_step(*args)
                 return decode(vae, x - sig[i] * v)
-            if cfg.cold_start_checkpointing:
+            if cfg.step_checkpointing:
                 x = checkpoint(lambda *a: euler_step(*a)[0], *args, use_reentrant=False)
             else:
                 x, _ = euler_step(*args)
@@ -198,14 +200,14 @@ class ColdStartRecipe:
         from uae.training.common import StepSampler
 
         cfg, acc = self.cfg, self.acc
-        self.order = iter(StepSampler(len(self.items), cfg.cold_start_batch_size, acc.num_processes, acc.process_index,
-                                      cfg.seed, start, cfg.cold_start_max_steps))
+        self.order = iter(StepSampler(len(self.items), cfg.batch_size, acc.num_processes, acc.process_index,
+                                      cfg.seed, start, cfg.max_steps))
 
     def step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.acc
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
-        idx = [next(self.order) for _ in range(cfg.cold_start_batch_size)]
+        idx = [next(self.order) for _ in range(cfg.batch_size)]
         losses = []
         # Phases, as in the RL stages: sampling = conditioning and the differentiable
         # reconstruction's forward, reward = CLIP features of the original, train = the loss's
@@ -219,9 +221,9 @@ class ColdStartRecipe:
                 with torch.no_grad():
                     self.targets[i] = self.clip.encode_images(to_uint8([image]))
             t_reward += time.perf_counter() - t1
-            # Fresh noise per step, or (cold_start_fixed_noise) one noise per image: the loss is then
+            # Fresh noise per step, or (fixed_noise) one noise per image: the loss is then
             # a deterministic function of the weights, which shows optimisation without sampling noise.
-            gen = generator_for(cfg.seed, i if cfg.cold_start_fixed_noise else
+            gen = generator_for(cfg.seed, i if cfg.fixed_noise else
                                 (step * acc.num_processes + acc.process_index) * 1024 + k)
             t1 = time.perf_counter()
             loss = self.loss(image, item.caption.strip(), gen, self.targets[i])
@@ -243,7 +245,7 @@ class ColdStartRecipe:
         t_train += time.perf_counter() - t1
         value = sum(losses) / len(losses)
         if not math.isfinite(value):
-            raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --cold_start_learning_rate")
+            raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --learning_rate")
         total = time.perf_counter() - t0
         return {"loss": value, "seconds_per_step": total, "time_sampling": t_sample, "time_reward": t_reward,
                 "time_train": t_train, "time_other": total - t_sample - t_reward - t_train}

@@ -122,8 +122,8 @@ class G4URecipe:
         """The decoder's initial-noise seed of each of this process's captions: one per group by
         default (a group's captions are compared on the same noise, so the advantage reflects the
         caption, not the noise), new in every iteration and for every group of the iteration
-        whatever process it is on; with g4u_decoder_noise "sample", one per caption."""
-        per_group = self.cfg.g4u_decoder_noise == "group"
+        whatever process it is on; with decoder_noise "sample", one per caption."""
+        per_group = self.cfg.decoder_noise == "group"
         n = len(share.prompts) * self.cfg.group_size
         return [generator_for(self.cfg.seed + 2, it * n + ((share.offset + j) // self.cfg.group_size if per_group
                                                              else share.offset + j)).initial_seed() % 2 ** 31

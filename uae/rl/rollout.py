@@ -38,28 +38,19 @@ def load_references(data: str) -> list[Reference]:
 
 
 def default_reward(cfg, device):
-    """The UAE reward: reconstruction similarity with the configured scorer weights."""
-    from uae.rl.rewards import ReconstructionReward
-    from uae.runtime import resolve_dtype
-    from uae.scoring.scorers import load_scorer
+    """The configured rewards (`reward_funcs`, `reward_weights`; the reconstruction similarity by default)."""
+    from uae.rl.rewards import build_rewards
+    from uae.scoring.scorers import resolve_scorer_weights
 
-    weights = {k: float(v) for k, v in (w.split("=") for w in cfg.reward_weights)}
-    names = set(weights) | ({cfg.text_scorer} if cfg.text_reward_weight else set())
-    scorers = {n: load_scorer(n, weights=scorer_weights(cfg), device=device, dtype=resolve_dtype("float32", device))
-               for n in sorted(names)}
-    return ReconstructionReward(scorers, weights, cfg.text_reward_weight, cfg.text_scorer)
-
-
-def scorer_weights(cfg) -> str:
-    """`auto`: the tiny random scorers for the tiny model, the official checkpoints otherwise."""
-    return cfg.scorer_weights if cfg.scorer_weights != "auto" else ("tiny" if cfg.checkpoint == "tiny" else "official")
+    return build_rewards(cfg.reward_funcs, cfg.reward_weights, device=device,
+                         scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint))
 
 
 def score(reward, images, keys, references, prompts) -> dict[str, list[float]]:
-    """{"total": [...], and per-reward parts when the reward reports them}."""
-    out = reward.score(images, keys, references, prompts) if hasattr(reward, "score") else \
-        {"total": torch.tensor(reward(images, keys, references, prompts))}
-    return {k: (v.tolist() if isinstance(v, torch.Tensor) else list(v)) for k, v in out.items()}
+    """{"total": [...], and each reward function's values}."""
+    from uae.rl.rewards import Rewards
+
+    return Rewards.wrap(reward).score(images, keys, references, prompts)
 
 
 class Share(NamedTuple):

@@ -29,6 +29,14 @@ SCORERS = ("clip", "dinov2", "dinov3", "longclip")
 WEIGHTS = ("official", "tiny")
 
 
+def resolve_scorer_weights(setting: str, checkpoint: str | None) -> str:
+    """`auto`: the tiny random scorers for the tiny model (offline tests), the official checkpoints
+    for any other model; `official` / `tiny` as given."""
+    if setting not in ("auto",) + WEIGHTS:
+        raise UAEError(f"scorer weights {setting!r}: choose from auto, {', '.join(WEIGHTS)}")
+    return setting if setting != "auto" else ("tiny" if checkpoint == "tiny" else "official")
+
+
 def load_specs(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     with open(path or CONFIG_DIR / "scorers.yaml") as f:
         return yaml.safe_load(f)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from uae.cli import script_main, setup_logging
 from uae.errors import UAEError
 from uae.training.common import StepSampler, generator_for, link_or_copy
 
@@ -184,7 +185,7 @@ class SFTRecipe:
         opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=cfg.max_train_steps)
+                              num_training_steps=cfg.max_steps)
         self.projector, self.dit_train, self.opt, self.lr = self.acc.prepare(self.model.encoder.projector, self.dit,
                                                                              opt, sched)
         self.linked_parts = ("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ())
@@ -197,7 +198,7 @@ class SFTRecipe:
         self._precompute(self.data.ok)  # all processes together (it ends at a barrier)
         accum = cfg.gradient_accumulation_steps
         sampler = StepSampler(len(self.data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                              start * accum, cfg.max_train_steps * accum, groups=self.sizes if cfg.bucketing else None)
+                              start * accum, cfg.max_steps * accum, groups=self.sizes if cfg.bucketing else None)
         loader = torch.utils.data.DataLoader(CaptionImageDataset(self.data.ok, self.sizes, self.latent_cache),
                                              batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
                                              num_workers=cfg.dataloader_num_workers)
@@ -279,3 +280,23 @@ class SFTRecipe:
             save_dit_lora(dit, final / "dit_lora")
         else:
             dit.save_pretrained(final / "dit")
+
+
+@script_main
+def main(argv=None, description: str | None = None) -> int:
+    """train_sft.py: parse SFTConfig (flags over --config YAML), check the data or train."""
+    from uae.config import parse_config
+    from uae.training.configs import SFTConfig
+    from uae.training.run import Run
+
+    cfg = parse_config(SFTConfig, argv, description=description)
+    setup_logging(cfg.log_level)
+    if cfg.validate_data:
+        from uae.data import read_items, validate
+
+        v = validate(read_items(cfg.data))
+        logger.info("data %s: %s", cfg.data, v.report())
+        return 1 if v.bad else 0
+    run = Run(cfg, "uae_sft")
+    run.train(SFTRecipe(run), cfg.max_steps, "sft")
+    return 0

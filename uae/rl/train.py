@@ -1,0 +1,89 @@
+"""train_grpo.py: Unified-GRPO's three stages from one command line.
+
+`--stage cold_start|g4u|u4g` parses that stage's config (uae.training.configs) and runs it;
+`--stage all` runs the three in sequence, each from the previous stage's final/, into
+<output_dir>/<stage>/: a flag or a top-level YAML key goes to every stage that has the setting, a
+YAML section named after a stage (`u4g: {learning_rate: ...}`) to that stage only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from uae.cli import script_main, setup_logging
+from uae.config import parse_config, parse_configs, read_yaml
+from uae.training.configs import STAGE_CONFIGS, STAGES
+
+logger = logging.getLogger("uae.grpo")
+
+
+def requested_stage(argv: Sequence[str]) -> str:
+    """`--stage` from the command line, else from the --config YAML, else u4g."""
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        if a == "--stage" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--stage="):
+            return a.split("=", 1)[1]
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith("--config=") else None
+        if path:
+            return str(read_yaml(path).get("stage", "u4g"))
+    return "u4g"
+
+
+def parse(argv: Sequence[str] | None = None, description: str | None = None) -> list:
+    """The config of each stage to run, in order."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage = requested_stage(argv)
+    if stage != "all":
+        from uae.errors import UAEError
+
+        if stage not in STAGE_CONFIGS:
+            raise UAEError(f"--stage {stage}: choose from {', '.join(STAGES)}, all")
+        return [parse_config(STAGE_CONFIGS[stage], argv, description)]
+    configs = parse_configs(STAGE_CONFIGS, argv, description, drop=("stage",))
+    return [configs[s] for s in STAGES]
+
+
+def run_stage(cfg, reward=None):
+    """One stage's run; returns its final/ (on the main process)."""
+    from uae.rl.cold_start import ColdStartRecipe
+    from uae.rl.g4u import G4URecipe
+    from uae.rl.u4g import U4GRecipe
+    from uae.training.run import Run
+
+    run = Run(cfg, f"uae_grpo_{cfg.stage}")
+    recipe = ColdStartRecipe(run) if cfg.stage == "cold_start" else \
+        {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](run, reward=reward)
+    return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "))
+
+
+@script_main
+def main(argv=None, reward=None, description: str | None = None) -> int:
+    """`reward`: a reward callable (or uae.rl.rewards.Rewards) for the RL stages instead of the
+    configured reward functions."""
+    from uae.scoring.scorers import resolve_scorer_weights
+
+    configs = parse(argv, description)
+    setup_logging(configs[0].log_level)
+    if len(configs) == 1:
+        run_stage(configs[0], reward)
+        return 0
+    from accelerate.state import AcceleratorState
+
+    checkpoint = configs[0].checkpoint
+    weights = resolve_scorer_weights(configs[0].scorer_weights, checkpoint)  # "tiny" stays tiny after stage 1
+    for cfg in configs:
+        logger.info("stage %s from %s", cfg.stage, checkpoint)
+        cfg = dataclasses.replace(cfg, checkpoint=checkpoint, output_dir=str(Path(cfg.output_dir) / cfg.stage),
+                                  scorer_weights=weights)
+        AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per stage
+        checkpoint = str(run_stage(cfg, reward if cfg.stage != "cold_start" else None))
+    logger.info("all stages done: %s", checkpoint)
+    return 0
