@@ -29,11 +29,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, write_json
 
-from common import ROOT, machine, write_json  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 
 def _pair(folder: Path) -> Path:

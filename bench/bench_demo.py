@@ -17,16 +17,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, peak_memory_mb, reset_peak_memory, sync, write_json
 
-from common import machine, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 PROMPT = ("A wide photograph of a red-brick lighthouse on a rocky shore at dusk; waves break on dark stones in "
           "the foreground, a wooden boat rests on the sand to the left, gulls circle the lamp, and the sky shades "

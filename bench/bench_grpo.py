@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write_json
 
-from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write_json  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 STAGES = ("cold_start", "g4u", "u4g")
 CONFIGS = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}
@@ -67,7 +64,7 @@ def dit_forward_seconds(ckpt: Path, resolution: int, batch: int, device, dtype) 
 def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
     from accelerate.state import AcceleratorState
 
-    import train_grpo
+    from uae.rl import train as train_grpo
 
     out = work / f"run_{stage}"
     steps = args.iterations + 1

@@ -30,13 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, peak_memory_mb, sync, write_json
 
-from common import machine, peak_memory_mb, sync, write_json  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from uae.scoring.scorers import SCORERS, build_scorer_checkpoints, load_scorer  # noqa: E402
+from uae.scoring.scorers import SCORERS, load_scorer
+from uae.tiny import build_scorer_checkpoints
 
 logger = logging.getLogger("uae.bench")
 

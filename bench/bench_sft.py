@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_grpo import sample_pairs  # noqa: E402
-from common import ROOT, machine, peak_memory_mb, reset_peak_memory, write_json  # noqa: E402
+from bench_grpo import sample_pairs
+from common import ROOT, machine, peak_memory_mb, reset_peak_memory, write_json
 
 
 def main(argv=None) -> dict:
@@ -37,7 +34,7 @@ def main(argv=None) -> dict:
     setup_logging("WARNING")
     from accelerate.state import AcceleratorState
 
-    import train_sft
+    from uae.training import sft as train_sft
     from uae.tiny import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import ROOT, machine  # noqa: E402
+from common import ROOT, machine
 
 logger = logging.getLogger("uae.bench")
 BENCH = ROOT / "bench"
@@ -41,25 +39,32 @@ PROFILES: dict[str, dict[str, list]] = {
         "grpo": ["--preset", "tiny", "--iterations", 1, "--resolution", 64, "--num_steps", 3,
                  "--group_size", 2, "--prompts", 1, "--max_new_tokens", 8],
         "sft": ["--preset", "tiny", "--steps", 1, "--resolution", 64, "--batch_size", 1],
+        "memory_plan": ["--preset", "tiny", "--settings", "u4g", "--act_preset", "", "--measure", "u4g",
+                        "--measure_checkpoint", "{ckpt}", "--measure_resolution", 64],
     },
     "cpu": {
         "score_i2i": ["--size", "xs", "--pairs", 100],
         "demo": ["--preset", "mid", "--size", 256, "--steps", 10, "--repeats", 3, "--caption_tokens", 32],
         "grpo": ["--preset", "mid", "--iterations", 2, "--resolution", 256, "--num_steps", 10],
         "sft": ["--preset", "mid", "--steps", 3, "--resolution", 256, "--batch_size", 2],
+        "memory_plan": ["--act_preset", "mid"],
     },
-    "gpu": {  # "{ckpt}": the full-size random checkpoint built once at the start
-        "score_i2i": ["--size", "full", "--pairs", 100, "--workers", 8, "--batch_size", 32,
-                      "--floor_batch_sizes", 32, 64],
-        "demo": ["--checkpoint", "{ckpt}", "--size", 1024, "--steps", 40, "--repeats", 1, "--caption_tokens", 128],
+    "gpu": {  # "{ckpt}": the full-size random checkpoint built once at the start and shared by all
+        "memory_plan": ["--act_preset", "", "--settings", "u4g", "--measure", "u4g", "--measure_checkpoint", "{ckpt}"],
+        "demo": ["--checkpoint", "{ckpt}", "--size", 1024, "--steps", 40, "--repeats", 1, "--caption_tokens", 64],
         "grpo": ["--checkpoint", "{ckpt}", "--iterations", 1, "--resolution", 512, "--num_steps", 10,
-                 "--group_size", 4, "--prompts", 1, "--max_new_tokens", 128, "--mixed_precision", "bf16",
+                 "--group_size", 4, "--prompts", 1, "--max_new_tokens", 64, "--mixed_precision", "bf16",
                  "--gradient_checkpointing"],
         "sft": ["--checkpoint", "{ckpt}", "--steps", 2, "--resolution", 1024, "--batch_size", 1,
                 "--mixed_precision", "bf16", "--gradient_checkpointing"],
+        "score_i2i": ["--size", "full", "--pairs", 50, "--workers", 8, "--batch_size", 32, "--floor_batch_sizes", 32],
     },
 }
-SCRIPTS = {"score_i2i": "bench_score_i2i.py", "demo": "bench_demo.py", "grpo": "bench_grpo.py", "sft": "bench_sft.py"}
+SCRIPTS = {"score_i2i": "bench_score_i2i.py", "demo": "bench_demo.py", "grpo": "bench_grpo.py", "sft": "bench_sft.py",
+           "memory_plan": "memory_plan.py"}
+# Seconds a benchmark is expected to take on one H100 (the budget skips what would not fit, and says so).
+GPU_SECONDS = {"memory_plan": 90, "demo": 60, "grpo_cold_start": 60, "grpo_g4u": 60, "grpo_u4g": 60, "sft": 60,
+               "score_i2i": 45}
 TARGETS = {"cold_vs_loop": ">= 2x (forward ~8 ms)", "warm_vs_cold": ">= 1.8x (ViT-B)", "cold_vs_floor": "<= 1.2x (ViT-B)",
            "decode": "<= 1.05x", "other": "other <= 15% (mid)"}
 
@@ -118,6 +123,12 @@ def rows(results: dict) -> list[list[str]]:
     if f:
         out.append([f"SFT step, {f['preset']}, {f['resolution']}px, batch {f['batch_size']}", "seconds per step",
                     f"{f['seconds_per_step']:.3f}", "", "", "", memory(f)])
+    m = (results.get("memory_plan") or {}).get("measured")
+    if m:
+        out.append([f"stage-3 step, {m['preset']} size", f"GiB: measured peak vs planned (weights, grads, optimizer)",
+                    f"{m['measured_peak_gib']:.2f}", f"{m['planned_without_activations_gib']:.2f}",
+                    f"{m['measured_peak_gib'] / max(m['planned_without_activations_gib'], 1e-9):.2f}x",
+                    "activations on top", m["memory"]])
     return out
 
 
@@ -126,6 +137,17 @@ def markdown(table: list[list[str]], header: str) -> str:
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
     lines += ["| " + " | ".join(r) + " |" for r in table]
     return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, profile: str, total: float, walls: dict, results: dict, failures: dict,
+                  skipped: dict) -> dict:
+    """results.json as it stands (after every benchmark: an interrupted run keeps what it measured)."""
+    from uae.io import atomic_write_json
+
+    summary = {"machine": machine(), "profile": profile, "seconds_total": total, "seconds_per_benchmark": walls,
+               "results": results, "failed": failures, "skipped": skipped}
+    atomic_write_json(out / "results.json", summary)
+    return summary
 
 
 def build_full_checkpoint(work: Path) -> Path:
@@ -144,6 +166,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="a subset of the benchmarks")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md (default bench/results/PROFILE)")
     ap.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--budget_s", type=float, default=None,
+                    help="wall-clock budget: a benchmark that would not finish within it (GPU_SECONDS) is skipped and "
+                         "reported as such; what was measured is kept (results are written after each benchmark)")
     args = ap.parse_args(argv)
     from uae.cli import setup_logging
 
@@ -154,13 +179,22 @@ def main(argv=None) -> dict:
         work = Path(work)
         t_start = time.perf_counter()
         ckpt = build_full_checkpoint(work) if args.profile == "gpu" else None
-        results, walls, failures = {}, {}, {}
-        for name in args.only:
+        if ckpt is None and any("{ckpt}" in map(str, PROFILES[args.profile][n]) for n in args.only):
+            from uae.tiny import build_checkpoint  # the small profile's stand-in for the shared checkpoint
+
+            ckpt = build_checkpoint(work / "uae-tiny", "tiny", seed=0)
+        results, walls, failures, skipped = {}, {}, {}, {}
+        for name in [n for n in PROFILES[args.profile] if n in args.only]:
             flags = [str(ckpt) if f == "{ckpt}" else f for f in PROFILES[args.profile][name]]
             # GRPO: one process per stage, so each stage's peak memory is its own.
             runs = [(f"grpo_{st}", flags + ["--stage", st]) for st in ("cold_start", "g4u", "u4g")] \
                 if name == "grpo" else [(name, flags)]
             for key, fl in runs:
+                left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - t_start)
+                if left is not None and left < GPU_SECONDS.get(key, 60):
+                    skipped[key] = f"budget: {left:.0f} s left, about {GPU_SECONDS.get(key, 60)} s needed"
+                    logger.warning("skipping %s (%s)", key, skipped[key])
+                    continue
                 res, walls[key], err = run_one(name, fl, work, key)
                 if res is None:
                     failures[key] = err
@@ -168,16 +202,15 @@ def main(argv=None) -> dict:
                     results.setdefault("grpo", {**res, "stages": {}})["stages"].update(res["stages"])
                 else:
                     results[name] = res
+                write_summary(out, args.profile, time.perf_counter() - t_start, walls, results, failures, skipped)
         total = time.perf_counter() - t_start
     header = (f"Benchmarks, profile `{args.profile}`, on {machine()}; {time.strftime('%Y-%m-%d')}; "
               f"whole suite {total:.0f} s")
     table = markdown(rows(results), header)
     print(table)
-    summary = {"machine": machine(), "profile": args.profile, "seconds_total": total, "seconds_per_benchmark": walls,
-               "results": results, "failed": failures}
-    from uae.io import atomic_write_json, atomic_write_text
+    summary = write_summary(out, args.profile, total, walls, results, failures, skipped)
+    from uae.io import atomic_write_text
 
-    atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", table)
     logger.info("wrote %s and %s", out / "results.json", out / "results.md")
     if failures:

@@ -3,20 +3,9 @@
     python eval/DINO_v3.py --image_path recon/ --ref_path references/ --output_file dinov3.json
 """
 
-import sys
-from pathlib import Path
+from uae.scoring.cli import scorer_main
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from Score_i2i import main_with  # noqa: E402
-
-from uae.cli import script_main  # noqa: E402
-
-
-@script_main
-def main(argv=None) -> int:
-    return main_with(argv, models=["dinov3"])
-
+main = scorer_main("dinov3")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(description=__doc__))

@@ -1,14 +1,12 @@
 """Shared fixtures: everything runs on CPU, offline, on tiny random checkpoints built here."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -41,3 +39,13 @@ def photo(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "astronaut.jpg"
     Image.fromarray(data.astronaut()[:, 64:]).save(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Every test starts (and leaves) with no accelerate state: trainers create their Accelerator."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

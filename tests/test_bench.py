@@ -3,6 +3,8 @@
 
 import json
 import os
+
+import torch
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +36,13 @@ def test_gpu_check_small_runs_every_benchmark_on_cpu(tmp_path):
         assert abs(sum(g["phase_share"].values()) - 1.0) < 1e-9 and g["phase_seconds"]["train"] > 0, stage
         assert g["peak_rss_mb"] > 0
     assert r["sft"]["seconds_per_step"] > 0
+    m = r["memory_plan"]["measured"]  # the stage-3 step run for real, beside its plan
+    assert m["measured_peak_gib"] > 0 and m["planned_without_activations_gib"] > 0
     # One table, printed and written: a row per measurement.
     table = (out / "results.md").read_text()
     assert table in proc.stdout
     for row in ("cold vs per-pair loop", "ours vs bare diffusers", "GRPO cold_start step", "GRPO g4u step",
-                "GRPO u4g step", "SFT step"):
+                "GRPO u4g step", "SFT step", "stage-3 step"):
         assert row in table, row
 
 
@@ -50,7 +54,6 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path):
 
 
 def test_cold_start_bench_compares_gradients_and_measures_memory(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
     import bench_cold_start
 
     res = bench_cold_start.main(["--preset", "tiny", "--resolution", "32", "--steps", "3", "--memory_steps", "2",
@@ -63,3 +66,30 @@ def test_cold_start_bench_compares_gradients_and_measures_memory(tmp_path):
     assert {(m["steps"], m["checkpointing"]) for m in res["memory"]} == {(2, True), (2, False)}
     assert all(m["peak_mb"] >= 0 and m["seconds"] > 0 for m in res["memory"])
     assert json.loads((tmp_path / "r.json").read_text())["steps"] == 3
+
+
+def test_memory_plan_counts_what_each_trainer_trains_at_full_size():
+    """The plan's trained parameters, counted independently from the architectures: the u4g
+    LoRA (r 32 on the attention projections of 38 joint blocks) and SFT's whole DiT + projector."""
+    import memory_plan
+    from diffusers import SD3Transformer2DModel
+
+    from uae.tiny import load_preset
+
+    cfg = load_preset("full")
+    with torch.device("meta"):
+        dit = SD3Transformer2DModel(**cfg["dit"])
+    targets = set(cfg["dit_lora"]["target_modules"])
+    lora = sum(32 * (m.in_features + m.out_features) for n, m in dit.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets))
+    u4g = memory_plan.plan("u4g")
+    assert u4g["trained_parameters"] == lora
+    t = u4g["parallel"]["1 GPU"]
+    assert abs(t["optimizer"] - 8 * lora) < 1 and abs(t["gradients"] - 4 * lora) < 1  # fp32 AdamW, fp32 grads
+    assert u4g["freed"] == ["llm", "projector"]  # stage 3 frees the encoder
+    sft = memory_plan.plan("SFT full")
+    dit_params = sum(p.numel() for p in dit.parameters())
+    projector = 2048 * 8192 + 8192 + 8192 * 4096 + 4096
+    assert sft["trained_parameters"] == dit_params + projector
+    # FSDP shards what accelerate wraps (projector and DiT) over 8 GPUs: trained weights / 8.
+    assert abs(sft["parallel"]["8 GPUs FSDP"]["trained_weights"] * 8 - sft["parallel"]["1 GPU"]["trained_weights"]) < 8

@@ -12,15 +12,6 @@ GRPO = sorted((ROOT / "configs" / "grpo").glob("*.yaml"))
 SFT = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.mark.parametrize("path", GRPO + SFT, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_parses(path):
     from uae.config import parse_config

@@ -331,10 +331,7 @@ def test_dit_batching_shares_calls_between_equal_lengths_only(tiny_uae, monkeypa
 
 
 def test_unibench_runner_is_batch_invariant(tiny_ckpt, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "Unified-Bench"))
-    import run_unibench
+    from uae import unibench as run_unibench
 
     outs = {}
     for b in (1, 3):

@@ -19,15 +19,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def grpo(tiny_ckpt, out, *extra, reward=None):
     return train_grpo.main(["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(REFS),
                             "--output_dir", str(out), "--scorer_weights", "tiny", *map(str, extra)], reward=reward)

@@ -13,19 +13,9 @@ import yaml
 from PIL import Image
 
 import train_grpo
-from uae.config import parse_config
 
 ROOT = Path(__file__).resolve().parent.parent
 REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _cfg(*argv):

@@ -81,6 +81,46 @@ def test_group_spanning_ranks_gets_the_one_process_advantages(tiny_ckpt, pairs, 
     assert torch.allclose(one["advantages"][1], two[0]["advantages"][1], atol=1e-2)
 
 
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("stage, one, two", [
+    # SFT, every DiT weight trained: a global batch of 2 on one process, or 1 per process on two.
+    # Captions padded to a fixed length: padded to the batch's longest, a caption's pad rows (which
+    # reach the DiT) would depend on the other captions of its batch.
+    ("sft", ["--dit_mode", "full", "--max_steps", 2, "--train_batch_size", 2, "--adam_epsilon", 1e-4,
+             "--text_padding", "max_length", "--max_caption_tokens", 96],
+     ["--dit_mode", "full", "--max_steps", 2, "--train_batch_size", 1, "--adam_epsilon", 1e-4,
+      "--text_padding", "max_length", "--max_caption_tokens", 96]),
+    # Stage 3: one prompt x 4 rollouts, two optimizer steps on shares shuffled across the processes.
+    ("u4g", ["--max_steps", 1, "--prompts_per_iteration", 1, "--group_size", 4, "--sample_batch_size", 2,
+             "--updates_per_iteration", 2],
+     ["--max_steps", 1, "--prompts_per_iteration", 1, "--group_size", 4, "--sample_batch_size", 2,
+      "--updates_per_iteration", 2]),
+])
+def test_two_processes_train_the_weights_of_one(tiny_ckpt, pairs, tmp_path, stage, one, two):
+    """Data-parallel training (the launch that runs on a CPU: accelerate has no FSDP without GPUs)
+    takes the optimizer steps of one process: every sample's randomness is a function of its
+    global index, and each step's loss is the mean over the whole global batch. (AdamW's first
+    steps move a weight by about lr * sign(gradient): for weights whose gradient is ~1e-10, float
+    noise flips the sign; SFT's larger epsilon keeps the comparison about the gradients.)"""
+    a = launch(1, stage, tmp_path / "one", tiny_ckpt, pairs, *one)[0]
+    b = launch(2, stage, tmp_path / "two", tiny_ckpt, pairs, *two)[0]
+    assert _max_diff(a["params"], b["params"]) < 2e-5   # float noise of batching and all-reduce order only
+
+
+def test_two_process_run_resumes_bit_identically(tiny_ckpt, pairs, tmp_path):
+    """Stopped after 2 iterations and resumed for a third, a 2-process stage-3 run ends where the
+    uninterrupted one does (trained weights, optimizer, RNG and EMA from the checkpoint)."""
+    common = ["--prompts_per_iteration", 2, "--group_size", 2, "--sample_batch_size", 2, "--use_ema", "--ema_every", 1]
+    straight = launch(2, "u4g", tmp_path / "a", tiny_ckpt, pairs, "--max_steps", 3, *common)
+    launch(2, "u4g", tmp_path / "b", tiny_ckpt, pairs, "--max_steps", 2, *common)
+    resumed = launch(2, "u4g", tmp_path / "b", tiny_ckpt, pairs, "--max_steps", 3, "--resume_from_checkpoint", "latest",
+                     *common)
+    assert _same(straight[0]["params"], resumed[0]["params"]) and _same(resumed[0]["params"], resumed[1]["params"])
+
+
 def test_g4u_process_without_signal_keeps_step_with_the_other(tiny_ckpt, pairs, tmp_path):
     """Two ranks, one group each; one reference's reward is flat. In the iterations where a rank
     holds only that group it has no token to train on: it must still join the gradient

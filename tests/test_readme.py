@@ -2,15 +2,12 @@
 
 import dataclasses
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-sys.path.insert(0, str(ROOT / "eval"))
-sys.path.insert(0, str(ROOT / "Unified-Bench"))
 
 
 def _documented(section_start: str, section_end: str) -> set[str]:
@@ -28,9 +25,9 @@ def _flags(*classes) -> set[str]:
 
 
 @pytest.mark.parametrize("module, classes, start, end", [
-    ("demo", ["DemoConfig"], "## demo.py", "\n## "),
-    ("Score_i2i", ["ScoreConfig"], "### Scoring folders: eval/", "\n## "),
-    ("run_unibench", ["UniBenchConfig"], "### The benchmark runner", "\n### "),
+    ("uae.demo", ["DemoConfig"], "## demo.py", "\n## "),
+    ("uae.scoring.cli", ["ScoreConfig"], "### Scoring folders: eval/", "\n## "),
+    ("uae.unibench", ["UniBenchConfig"], "### The benchmark runner", "\n### "),
     ("uae.training.configs", ["SFTConfig"], "## Training the decoder: train_sft.py", "\n## "),
     ("uae.training.configs", ["ColdStartConfig", "G4UConfig", "U4GConfig"], "## Unified-GRPO: train_grpo.py", "\n## "),
 ])

@@ -2,6 +2,7 @@
 
 import io
 import json
+import runpy
 import shutil
 import sys
 from pathlib import Path
@@ -11,12 +12,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from uae.io import load_image
+from uae.scoring import cli as Score_i2i
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "eval"))
-
-import Score_i2i  # noqa: E402
-
-from uae.io import load_image  # noqa: E402
 
 
 def _save(arr, path, **kw):
@@ -66,14 +65,14 @@ def test_json_layout_matching_and_identical_pair(folders, tmp_path):
     assert res["summary"] == {"pairs": 3, "valid": 3, "failed": 0, "scorers": ["clip", "dinov2", "dinov3", "longclip"]}
 
 
-def test_official_flag_names_and_single_scorer_scripts(folders, tmp_path):
-    import CLIP
-
+def test_official_flag_names_and_single_scorer_scripts(folders, tmp_path, monkeypatch):
     rec, ref = folders
     out = tmp_path / "clip.json"
-    code = CLIP.main(["--image_path", str(rec), "--ref_image_path", str(ref), "--output", str(out),
-                      "--weights", "tiny", "--num_workers", "0", "--no_cache"])
-    assert code == 0
+    monkeypatch.setattr(sys, "argv", ["eval/CLIP.py", "--image_path", str(rec), "--ref_image_path", str(ref), "--output",
+                                      str(out), "--weights", "tiny", "--num_workers", "0", "--no_cache"])
+    with pytest.raises(SystemExit) as exit_:  # the script itself, as a user runs it
+        runpy.run_path(str(ROOT / "eval" / "CLIP.py"), run_name="__main__")
+    assert exit_.value.code == 0
     assert set(json.loads(out.read_text())) == {"clip"}
     assert set(json.loads((tmp_path / "clip.details.json").read_text())) == {"overall", "summary", "errors", "unmatched"}
 

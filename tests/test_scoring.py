@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 from skimage import data
 
-from uae.scoring.scorers import SCORERS, load_scorer, tiny_scorer_dir
+from uae.scoring.scorers import SCORERS, load_scorer
+from uae.tiny import tiny_scorer_dir
 
 
 @pytest.fixture(scope="module")

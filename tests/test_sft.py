@@ -17,15 +17,6 @@ CAPTIONS = {"astronaut": "an astronaut in a white suit", "chelsea": "an orange c
             "rocket": "a rocket on a launch pad"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pairs")

@@ -2,16 +2,14 @@
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "Unified-Bench"))
+from uae import unibench as run_unibench
 
-import run_unibench  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"
 FAST = ["--steps", "2", "--height", "48", "--width", "64", "--max_new_tokens", "8", "--num_workers", "0"]

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from uae.cli import script_main, setup_logging
+from uae.config import field, parse_config, save_config
 from uae.errors import UAEError
+from uae.models.sampling import InferenceConfig
 from uae.io import atomic_write_json, atomic_write_text, open_image, save_image
+from uae.paths import REPO_ROOT
 from uae.scoring.folder import _images
 
 logger = logging.getLogger(__name__)
+BENCH_DIR = REPO_ROOT / "Unified-Bench"
 
 
 def read_captions(source: str | Path) -> dict[str, str]:
@@ -69,7 +75,7 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     if world > 1:
         logger.info("process %d/%d: %d batch(es)", rank, world, len(starts))
     if starts:
-        seeds = {r: cfg.seed + k if cfg.increment_seed else cfg.seed for k, r in enumerate(refs)}
+        seeds = dict(zip(refs, cfg.seeds(range(len(refs)))))
         skipped = _caption_and_regenerate(cfg, todo, starts, seeds, captions, cap_dir, rec_dir,
                                           tqdm, state.device if world > 1 else cfg.device)
     if world > 1:
@@ -100,16 +106,13 @@ def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir,
             continue
         missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
         if missing:
-            new = model.caption([images[j] for j in missing], max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, seed=[seed[chunk[j]] for j in missing],
-                                batch=cfg.caption_batching, top_k=cfg.top_k, top_p=cfg.top_p,
-                                repetition_penalty=cfg.repetition_penalty)
+            new = model.caption([images[j] for j in missing], seed=[seed[chunk[j]] for j in missing],
+                                **cfg.caption_kwargs())
             for j, cap in zip(missing, new):
                 captions[chunk[j].stem] = cap
                 atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap)
-        recons = model.generate([captions[r.stem] for r in chunk], height=cfg.height, width=cfg.width,
-                                num_inference_steps=cfg.steps, guidance_scale=cfg.guidance_scale,
-                                seed=[seed[r] for r in chunk], progress=False, dit_batching=cfg.dit_batching)
+        recons = model.generate([captions[r.stem] for r in chunk], seed=[seed[r] for r in chunk], progress=False,
+                                **cfg.generate_kwargs())
         for ref, im in zip(chunk, recons):
             save_image(im, rec_dir / f"{ref.stem}.png")
     del model
@@ -189,3 +192,49 @@ def run_unibench(cfg) -> dict | None:
              "caption": captions.get(r.stem)} for r in refs]
     html_report(result, names, rows, out / "report.html", title)
     return result
+
+
+# ---------------------------------------------------------------------------- the runner's command line
+
+@dataclass
+class UniBenchConfig(InferenceConfig):
+    """Unified-Bench: image -> caption -> image reconstruction similarity of a UAE model."""
+
+    checkpoint: str = field("tiny", help="model under test: folder in the official layout, hub id, or 'tiny'")
+    ref_path: str = field(str(BENCH_DIR / "UniBench" / "sample"), help="reference images (the real benchmark: UniBench/Image, 100 images)")
+    output_dir: str = field(str(BENCH_DIR / "results" / "run"), help="run folder (captions/, recon/, results.*, report.html)")
+    models: list[str] = field(["clip", "dinov2", "dinov3", "longclip"], choices=("clip", "dinov2", "dinov3", "longclip"),
+                              help="scorers")
+    scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),
+                                help="auto (tiny for the tiny model, else official), official, tiny")
+    captions_from: str | None = field(None, help="use another system's captions: folder of <stem>.txt or .jsonl")
+    recon_from: str | None = field(None, help="score another system's reconstructions (skips the model)")
+    batch_size: int = field(4, min=1, help="references per batch (captioning, generation, scoring); results do not "
+                                           "depend on it")
+    num_workers: int = field(2, min=0, help="DataLoader workers decoding images for scoring")
+    scorer_dtype: str = field("float32", help="scorer dtype")
+    no_cache: bool = field(False, help="do not use the reference-feature cache")
+    allow_failures: bool = field(False, help="exit 0 even when some pairs failed")
+
+    def __post_init__(self):
+        if not self.models:
+            raise UAEError("--models: give at least one scorer")
+        if self.recon_from and not Path(self.recon_from).is_dir():
+            raise UAEError(f"--recon_from {self.recon_from}: no such folder")
+        super().__post_init__()
+
+
+@script_main
+def main(argv=None, description: str | None = None) -> int:
+    """Unified-Bench/run_unibench.py."""
+    cfg = parse_config(UniBenchConfig, argv, description=description or __doc__)
+    setup_logging(cfg.log_level)
+    result = run_unibench(cfg)
+    if result is None:  # a non-main process of a multi-process run: the main one reports
+        return 0
+    save_config(cfg, Path(cfg.output_dir) / "unibench_config.yaml")
+    s = result["summary"]
+    logger.info("overall %s over %d valid pair(s), %d failed: see %s/report.html",
+                "n/a" if result["overall"] is None else f"{result['overall']:.4f}", s["valid"], s["failed"],
+                cfg.output_dir)
+    return 1 if s["failed"] and not cfg.allow_failures else 0

@@ -112,6 +112,22 @@ def save_dit_lora(dit, folder, adapter_name: str = "default", binary: bool = Fal
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def save_dit(dit, folder, dtype: torch.dtype | None = None) -> None:
+    """A DiT in diffusers' folder format (config + sharded safetensors, loadable by
+    SD3Transformer2DModel.from_pretrained), its weights written in `dtype` (the dtype of the files
+    it was loaded from: a DiT trained in fp32 from a bf16 release is saved in bf16), tensor by
+    tensor, without casting the model itself."""
+    from huggingface_hub import save_torch_state_dict
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dit.save_config(folder)
+    state = {k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach())
+             for k, v in dit.state_dict().items()}
+    save_torch_state_dict(state, folder, filename_pattern="diffusion_pytorch_model{suffix}.safetensors",
+                          max_shard_size="10GB")
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """SD3 latents -> images in [0, 1], (B, 3, H, W) (differentiable)."""
     x = latents / vae.config.scaling_factor + vae.config.shift_factor
@@ -135,10 +151,11 @@ class UAEDecoder:
 
     @classmethod
     def from_pretrained(cls, sd3_path: str, dit_path: str, dit_lora_path: str | None = None, *,
-                        dtype: torch.dtype = torch.float32, device="cpu") -> "UAEDecoder":
+                        dtype: torch.dtype = torch.float32, device="cpu", dit_dtype: torch.dtype | None = None) -> "UAEDecoder":
+        """`dtype`: the VAE, the text encoders of the pooled vector and (unless `dit_dtype`) the DiT."""
         from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 
-        dit = _wrap("the DiT", dit_path, SD3Transformer2DModel.from_pretrained, dit_path, dtype=dtype)
+        dit = _wrap("the DiT", dit_path, SD3Transformer2DModel.from_pretrained, dit_path, dtype=dit_dtype or dtype)
         if dit_lora_path is not None:
             _wrap("the DiT LoRA", dit_lora_path, load_dit_lora, dit, dit_lora_path)
         pipe = _wrap("the SD3 pipeline", sd3_path, StableDiffusion3Pipeline.from_pretrained, sd3_path,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -140,7 +139,7 @@ class UAEEncoder(nn.Module):
     def from_pretrained(cls, llm_path: str, processor_path: str, lora_path: str | None = None, *,
                         lora_alpha_ratio: float = 2.0, dtype: torch.dtype = torch.float32,
                         device: str | torch.device = "cpu", attn_implementation: str = "sdpa",
-                        prompts: EncoderPrompts | None = None) -> "UAEEncoder":
+                        prompts: EncoderPrompts | None = None, projector_dtype: torch.dtype | None = None) -> "UAEEncoder":
         """Load `llm/` (Qwen2.5-VL + projector, release or current key names), the processor, and
         the LoRA shards of `llm_lora/`. The LoRA's rank and the modules it wraps are read from
         the shards (alpha = ratio * rank; the release used r=32, alpha=64); a projector in the
@@ -163,7 +162,8 @@ class UAEEncoder(nn.Module):
             raise UAEError(f"LLM weights in {llm_path} do not fit its config.json: missing "
                            f"{missing[:3]}, mismatched {list(info.get('mismatched_keys', []))[:3]}")
         lora_files = [] if lora_path is None else [Path(lora_path) / s for s in _lora_shard_names()]
-        projector = load_projector(llm_path, llm.config.text_config.hidden_size, dtype, later_files=lora_files)
+        projector = load_projector(llm_path, llm.config.text_config.hidden_size, projector_dtype or dtype,
+                                   later_files=lora_files)
         encoder = cls(llm.eval(), projector.eval(), processor, prompts)
         if lora_path is not None:
             layout = lora_layout_in_shards(Path(lora_path))

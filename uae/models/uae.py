@@ -49,10 +49,15 @@ class UAE:
     def from_pretrained(cls, checkpoint: str | None = TINY, *, overrides: dict[str, str | None] | None = None,
                         load_encoder: bool = True, load_decoder: bool = True, device: str | None = None,
                         dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
-                        prompts: EncoderPrompts | None = None) -> "UAE":
+                        prompts: EncoderPrompts | None = None,
+                        part_dtypes: dict[str, torch.dtype] | None = None, offload: bool = False) -> "UAE":
         """Load from a checkpoint folder in the official layout, a hub id, or "tiny" (the embedded
         random checkpoint); `overrides` gives single parts by path or hub id ("none" switches a
-        LoRA off). Only the parts of the halves asked for are loaded."""
+        LoRA off). Only the parts of the halves asked for are loaded. `part_dtypes` overrides `dtype`
+        for "projector" and "dit" (a trainer loads what trains fully in fp32: uae.training.precision).
+        `offload` keeps the models in CPU memory and moves each to the GPU only while it runs (the LLM,
+        then the DiT, then the VAE: diffusers' model CPU offload), so that about one model's weights
+        are on the GPU at a time (inference on a 24 GB card)."""
         if checkpoint == TINY:
             checkpoint = str(embedded_tiny_checkpoint())
             logger.warning("using the embedded tiny checkpoint %s: its weights are RANDOM, captions are "
@@ -63,11 +68,18 @@ class UAE:
         paths = resolve_components(checkpoint, overrides, need)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        encoder = UAEEncoder.from_pretrained(paths.llm, paths.llm_processor, paths.llm_lora, dtype=dt, device=dev,
+        if offload and dev.type != "cuda":
+            from uae.errors import UAEError
+
+            raise UAEError("--offload moves each model between CPU memory and the GPU while it runs: it needs a "
+                           f"CUDA GPU (the device is {dev}); without a GPU everything is in CPU memory already")
+        load_on = torch.device("cpu") if offload else dev
+        encoder = UAEEncoder.from_pretrained(paths.llm, paths.llm_processor, paths.llm_lora, dtype=dt, device=load_on,
                                              attn_implementation=attention_backend(dev, attn_implementation),
-                                             prompts=prompts) if (load_encoder or load_decoder) else None
-        decoder = UAEDecoder.from_pretrained(paths.SD3, paths.dit, paths.dit_lora, dtype=dt, device=dev) \
-            if load_decoder else None
+                                             prompts=prompts, projector_dtype=(part_dtypes or {}).get("projector")) \
+            if (load_encoder or load_decoder) else None
+        decoder = UAEDecoder.from_pretrained(paths.SD3, paths.dit, paths.dit_lora, dtype=dt, device=load_on,
+                                             dit_dtype=(part_dtypes or {}).get("dit")) if load_decoder else None
         if encoder is not None and decoder is not None:
             out = encoder.projector[-1].out_features
             if out != decoder.joint_attention_dim:
@@ -76,10 +88,33 @@ class UAE:
                 raise UAEError(f"the projector in {paths.llm} outputs {out} features but the DiT in {paths.dit} "
                                f"expects joint_attention_dim={decoder.joint_attention_dim}: llm/ and dit/ "
                                "come from different models")
-        return cls(encoder, decoder, dev, dt, paths)
+        model = cls(encoder, decoder, dev, dt, paths)
+        if offload:
+            model._offload(dev)
+        return model
+
+    def _offload(self, device: torch.device) -> None:
+        """accelerate's CPU-offload hooks: the LLM comes to the GPU for a forward and goes back after
+        the encoder's work; the pipeline's components (DiT, VAE) are handled by diffusers' model
+        CPU offload. The projector and the pooled vector are small and stay on the GPU."""
+        from accelerate import cpu_offload_with_hook
+
+        self._llm_hook = None
+        if self.encoder is not None:
+            self.encoder.projector.to(device)
+            self.encoder.llm, self._llm_hook = cpu_offload_with_hook(self.encoder.llm, device)
+        if self.decoder is not None:
+            self.decoder.pooled = self.decoder.pooled.to(device)
+            self.decoder.pipe.enable_model_cpu_offload(device=device)
+
+    def _encoder_done(self) -> None:
+        if getattr(self, "_llm_hook", None) is not None:
+            self._llm_hook.offload()
 
     def caption(self, images: Sequence, **kwargs) -> list[str]:
-        return self.encoder.caption(images, **kwargs)
+        out = self.encoder.caption(images, **kwargs)
+        self._encoder_done()
+        return out
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], *, height: int = 1024, width: int = 1024,
@@ -101,6 +136,7 @@ class UAE:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         images: list = [None] * len(prompts)
         pairs = self.encoder.encode_prompts(prompts)
+        self._encoder_done()
         groups = group_by_length(pairs) if dit_batching else [([i], pos, neg) for i, (pos, neg) in enumerate(pairs)]
         for idx, pos, neg in groups:
             gens = [torch.Generator(self.device).manual_seed(seeds[i]) if seeds[i] is not None else None for i in idx]

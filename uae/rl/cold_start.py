@@ -38,7 +38,6 @@ import copy
 import logging
 import math
 import time
-from pathlib import Path
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -46,7 +45,9 @@ from torch.utils.checkpoint import checkpoint
 from uae.errors import UAEError
 from uae.rl.rewards import to_uint8
 from uae.models.decoder import decode_latents as decode
-from uae.training.common import generator_for
+from uae.training.common import generator_for, make_optimizer
+from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,36 @@ def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float):
     return x + (sigma_next - sigma) * v, v
 
 
+def fully_trained(cfg) -> set[str]:
+    """Parts whose every weight trains (loaded in fp32 by the precision policy): the projector."""
+    return {"projector"}
+
+
+def configure(model, cfg) -> Parts:
+    """The cold start trains the encoder's LoRA and the projector ("encoder" group) and, by
+    default, the decoder's LoRA ("decoder" group, its own learning rate); the rest is frozen."""
+    enc, pipe = model.encoder, model.decoder.pipe
+    if not hasattr(enc.llm, "disable_adapter"):
+        raise UAEError("stage cold_start trains the LLM LoRA: the checkpoint needs an llm_lora/")
+    dit = pipe.transformer
+    dit.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    enc_params = train_lora_only(enc.llm)
+    enc.projector.requires_grad_(True)
+    dit_params = []
+    if cfg.train_decoder:
+        ensure_dit_lora(dit, cfg)
+        dit_params = train_lora_only(dit)
+    if cfg.gradient_checkpointing:  # block-level, inside the per-step checkpoints
+        enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if dit_params:
+            dit.enable_gradient_checkpointing()
+    parts = Parts({"encoder": enc_params + list(enc.projector.parameters()), "decoder": dit_params},
+                  prepared=("llm", "projector"))
+    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
+    return parts
+
+
 class ColdStartRecipe:
     trained_by = "train_grpo.py --stage cold_start"
 
@@ -79,10 +110,7 @@ class ColdStartRecipe:
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
 
     def setup(self):
-        from peft import LoraConfig
-
         from uae.data import read_items, validate
-        from uae.models.decoder import add_dit_lora
         from uae.models.uae import UAE
         from uae.scoring.scorers import load_scorer
 
@@ -94,42 +122,31 @@ class ColdStartRecipe:
         if v.bad:
             logger.warning("skipping %d item(s) without a readable image or a caption", v.bad)
         self.items = v.ok
-        self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=torch.float32)
+        precision = precision_policy(cfg.mixed_precision)
+        self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=precision.frozen,
+                                         part_dtypes=precision.load_dtypes(fully_trained(cfg)))
         self.paths = self.model.components
         enc, pipe = self.model.encoder, self.model.decoder.pipe
-        if not hasattr(enc.llm, "disable_adapter"):
-            raise UAEError("stage cold_start trains the LLM LoRA: the checkpoint needs an llm_lora/")
         dit = pipe.transformer
-        dit.requires_grad_(False)
-        pipe.vae.requires_grad_(False)
-        for n, p in enc.llm.named_parameters():
-            p.requires_grad_("lora_" in n)
-        enc.projector.requires_grad_(True)
-        self.dit_trainable = []
-        if cfg.train_decoder:
-            if not getattr(dit, "peft_config", None):  # no dit_lora in the checkpoint: a new one
-                add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                             target_modules=list(cfg.lora_target_modules)))
-            for n, p in dit.named_parameters():
-                p.requires_grad_("lora_" in n)
-            self.dit_trainable = [p for p in dit.parameters() if p.requires_grad]
-        self.enc_trainable = [p for p in list(enc.llm.parameters()) + list(enc.projector.parameters()) if p.requires_grad]
-        self.trainable = self.enc_trainable + self.dit_trainable
+        parts = configure(self.model, cfg)
+        self.enc_trainable, self.dit_trainable = parts.groups["encoder"], parts.groups["decoder"]
+        self.trainable = parts.trainable
         from uae.scoring.scorers import resolve_scorer_weights
 
         self.clip = load_scorer("clip", weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
-                                device=self.acc.device)
+                                device=self.acc.device, dtype=precision.frozen)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
         self.linked_parts = ("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",))
         groups = [{"params": self.enc_trainable, "lr": cfg.learning_rate}]
         if self.dit_trainable:
             groups.append({"params": self.dit_trainable, "lr": cfg.decoder_learning_rate})
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2))
+        opt = make_optimizer(cfg, groups)
         # The DiT is not DDP-wrapped: its checkpointed steps are recomputed inside the backward
         # pass, where a DDP forward must not run. Its LoRA gradients are averaged explicitly.
         self.dit_train = dit
         self.llm_train, self.proj_train, self.opt = self.acc.prepare(enc.llm, enc.projector, opt)
+        self.llm_train.train()  # (no dropout in Qwen2.5-VL) so that gradient checkpointing applies
         self.targets: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ the loss

@@ -22,10 +22,22 @@ import torch
 
 from uae.errors import UAEError
 from uae.rl.grpo import group_advantages, ppo_clip_loss
-from uae.rl.rollout import ReferenceWeights, default_reward, iteration_share, load_references, score
-from uae.training.common import generator_for
+from uae.rl.rollout import kl_reference, default_reward, iteration_share, load_references, score
+from uae.training.common import generator_for, make_optimizer
+from uae.training.parts import Parts, train_lora_only
+from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
+
+
+def _pixel_rows(batch, rows: slice) -> torch.Tensor:
+    """Qwen2.5-VL flattens every image's patches into one pixel_values tensor: the rows of images
+    `rows` are the patches counted by their image_grid_thw."""
+    counts = batch["image_grid_thw"].prod(-1).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return batch["pixel_values"][starts[rows.start]:starts[rows.stop]]
 
 
 @contextlib.contextmanager
@@ -39,6 +51,26 @@ def only_this_generation_config(model, config):
         yield
     finally:
         model.generation_config = before
+
+
+def fully_trained(cfg) -> set[str]:
+    """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
+    return set()
+
+
+def configure(model, cfg) -> Parts:
+    """Stage 2 trains the encoder's LoRA; the projector and the decoder are frozen."""
+    enc = model.encoder
+    if not hasattr(enc.llm, "disable_adapter"):
+        raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
+    model.decoder.pipe.transformer.requires_grad_(False)
+    model.decoder.pipe.vae.requires_grad_(False)
+    enc.projector.requires_grad_(False)
+    parts = Parts({"encoder": train_lora_only(enc.llm)}, prepared=("llm",))
+    if cfg.gradient_checkpointing:
+        enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
+    return parts
 
 
 class G4URecipe:
@@ -57,25 +89,15 @@ class G4URecipe:
 
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
-        self.model = UAE.from_pretrained(cfg.checkpoint, device=acc.device, dtype=torch.float32)
+        precision = precision_policy(cfg.mixed_precision)
+        self.model = UAE.from_pretrained(cfg.checkpoint, device=acc.device, dtype=precision.frozen)
         self.paths = self.model.components
         enc = self.model.encoder
-        if not hasattr(enc.llm, "disable_adapter"):
-            raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
-        self.model.decoder.pipe.transformer.requires_grad_(False)
-        self.model.decoder.pipe.vae.requires_grad_(False)
-        enc.projector.requires_grad_(False)
-        for n, p in enc.llm.named_parameters():
-            p.requires_grad_("lora_" in n)
-        self.trainable = [p for p in enc.llm.parameters() if p.requires_grad]
-        self.reference = None
-        if cfg.beta and cfg.kl_reference == "start":
-            self.reference = ReferenceWeights(self.trainable)
-            acc.register_for_checkpointing(self.reference)
+        self.trainable = configure(self.model, cfg).trainable
+        self.reference = kl_reference(cfg, self.trainable, acc)
         if self.reward is None:
-            self.reward = default_reward(cfg, acc.device)
-        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+            self.reward = default_reward(cfg, acc.device, precision.frozen)
+        opt = make_optimizer(cfg, self.trainable)
         self.policy, self.opt = acc.prepare(enc.llm, opt)
 
     # ------------------------------------------------------------------ rollouts
@@ -103,18 +125,23 @@ class G4URecipe:
         with torch.no_grad(), only_this_generation_config(self.model.encoder.qwen, config):
             return self.model.encoder.llm.generate(**batch, generation_config=config, **kwargs)
 
-    def token_logprobs(self, model, batch, completion) -> torch.Tensor:
+    def token_logprobs(self, model, batch, completion, rows: slice | None = None) -> torch.Tensor:
         """log p(completion token | prefix) under `model` with the sampling processors (temperature,
-        suppressed tokens), (B, T)."""
+        suppressed tokens), (B, T); `rows`: only these samples of the batch. The LM head runs on
+        the completion's positions only (`logits_to_keep`): the logits are samples x tokens x the
+        vocabulary (151,936 for Qwen2.5-VL), the largest activation of this stage."""
+        if rows is not None:
+            batch = {k: v[rows] if k != "pixel_values" else _pixel_rows(batch, rows) for k, v in batch.items()}
+            completion = completion[rows]
         ids = torch.cat([batch["input_ids"], completion], dim=1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
         extra = {}
         if "mm_token_type_ids" in batch:  # where the image tokens are: M-RoPE positions depend on it
             extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
+        t = completion.shape[1]
         out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                    image_grid_thw=batch["image_grid_thw"], **extra)
-        p = batch["input_ids"].shape[1]
-        logits = out.logits[:, p - 1:-1].float() / self.cfg.temperature
+                    image_grid_thw=batch["image_grid_thw"], logits_to_keep=t + 1, **extra)
+        logits = out.logits[:, :-1].float() / self.cfg.temperature
         logits[..., self.suppressed] = float("-inf")
         return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
 
@@ -128,6 +155,10 @@ class G4URecipe:
         return [generator_for(self.cfg.seed + 2, it * n + ((share.offset + j) // self.cfg.group_size if per_group
                                                              else share.offset + j)).initial_seed() % 2 ** 31
                 for j in range(share.size)]
+
+    def micro_batches(self, n: int) -> list[slice]:
+        size = self.cfg.train_batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
@@ -155,8 +186,9 @@ class G4URecipe:
         completion = completion.masked_fill(after, pad if pad is not None else 0)
         # Unstripped, as the release turns a caption into a prompt.
         texts = enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0), skip_special_tokens=True)
+        rows = self.micro_batches(len(mine))
         with torch.no_grad():
-            old_lp = self.token_logprobs(self.policy, batch, completion)
+            old_lp = torch.cat([self.token_logprobs(self.policy, batch, completion, r) for r in rows])
         t_sample = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -177,25 +209,38 @@ class G4URecipe:
         self.policy.train()
         agg: dict[str, float] = {}
         token_keep = tok_mask & keep[:, None]
+        # The loss is the mean over every kept token of the iteration, on all processes (DDP
+        # averages the processes' gradients: each sums its own and scales by their number).
+        kept = acc.gather(token_keep.sum()[None].float()).sum().item()
+        norm = max(kept, 1.0) / acc.num_processes
         for inner in range(cfg.inner_epochs):
             self.opt.zero_grad(set_to_none=True)
-            ref = None
-            if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
-                with torch.no_grad():
-                    if self.reference is not None:  # the LoRA the stage started from
-                        with self.reference.active():
-                            ref = self.token_logprobs(enc.llm, batch, completion)
-                    else:
-                        with enc.llm.disable_adapter():
-                            ref = self.token_logprobs(enc.llm, batch, completion)
-            lp = self.token_logprobs(self.policy, batch, completion)
-            kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
-            a = my_adv[:, None].expand_as(lp)
-            # A process whose groups all have zero reward variance keeps no token: its loss is then a
-            # zero that still reaches every LoRA weight, so the gradient all-reduce goes on.
-            loss, stats = ppo_clip_loss(lp[token_keep], old_lp[token_keep], a[token_keep], cfg.clip_range,
-                                        None if kl is None else kl[token_keep], cfg.beta)
-            acc.backward(loss)
+            loss_value, parts = 0.0, []
+            for c, r in enumerate(rows):
+                ref = None
+                if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
+                    with torch.no_grad():
+                        if self.reference is not None:  # the LoRA the stage started from
+                            with self.reference.active():
+                                ref = self.token_logprobs(enc.llm, batch, completion, r)
+                        else:
+                            with enc.llm.disable_adapter():
+                                ref = self.token_logprobs(enc.llm, batch, completion, r)
+                sync = acc.no_sync(self.policy) if c < len(rows) - 1 else contextlib.nullcontext()
+                with sync:  # one gradient all-reduce per optimizer step
+                    lp = self.token_logprobs(self.policy, batch, completion, r)
+                    kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
+                    tk = token_keep[r]
+                    a = my_adv[r][:, None].expand_as(lp)
+                    # A process whose groups all have zero reward variance keeps no token: its loss is
+                    # then a zero that still reaches every LoRA weight, so the all-reduce goes on.
+                    loss, stats = ppo_clip_loss(lp[tk], old_lp[r][tk], a[tk], cfg.clip_range,
+                                                None if kl is None else kl[tk], cfg.beta, normalizer=norm)
+                    acc.backward(loss)
+                loss_value += loss.item()
+                parts.append((int(tk.sum()), stats))
+            n_tok = sum(n for n, _ in parts)
+            stats = {k: sum(n * s[k] for n, s in parts) / n_tok if n_tok else float("nan") for k in parts[0][1]}
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.opt.step()
@@ -203,7 +248,7 @@ class G4URecipe:
             if inner == 0:
                 agg.update({f"first_{k}": v for k, v in stats.items()})
             agg.update(stats)
-            agg["loss"] = loss.item()
+            agg["loss"] = loss_value
         self.opt.zero_grad(set_to_none=True)
         t_train = time.perf_counter() - t0
 

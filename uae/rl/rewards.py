@@ -125,7 +125,8 @@ def load_callable(spec: str) -> Callable:
     return obj
 
 
-def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scorer_weights: str, device) -> Rewards:
+def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scorer_weights: str, device,
+                  dtype: torch.dtype | None = None) -> Rewards:
     """The Rewards of a config's `reward_funcs` / `reward_weights` (module docstring); the scorers
     they need are loaded once."""
     from uae.runtime import resolve_dtype
@@ -141,7 +142,7 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scor
                            f"text:clip, text:longclip, or module:callable")
         if name not in scorers:
             scorers[name] = load_scorer(name, weights=scorer_weights, device=device,
-                                        dtype=resolve_dtype("float32", device))
+                                        dtype=dtype or resolve_dtype("float32", device))
         return scorers[name]
 
     funcs = []

@@ -37,12 +37,13 @@ def load_references(data: str) -> list[Reference]:
     return refs
 
 
-def default_reward(cfg, device):
-    """The configured rewards (`reward_funcs`, `reward_weights`; the reconstruction similarity by default)."""
+def default_reward(cfg, device, dtype=None):
+    """The configured rewards (`reward_funcs`, `reward_weights`; the reconstruction similarity by
+    default), their scorers in `dtype` (the frozen dtype of the precision policy)."""
     from uae.rl.rewards import build_rewards
     from uae.scoring.scorers import resolve_scorer_weights
 
-    return build_rewards(cfg.reward_funcs, cfg.reward_weights, device=device,
+    return build_rewards(cfg.reward_funcs, cfg.reward_weights, device=device, dtype=dtype,
                          scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint))
 
 
@@ -103,6 +104,16 @@ def sde_window_for(cfg, it: int) -> tuple[int, int] | None:
 def sde_window_range(cfg) -> tuple[int, int]:
     """Where a moving window may lie; default: the first half of the schedule (Flow-GRPO-Fast)."""
     return tuple(cfg.sde_window_range) if cfg.sde_window_range else (0, cfg.num_steps // 2)
+
+
+def kl_reference(cfg, trainable, accelerator) -> "ReferenceWeights | None":
+    """The KL's reference weights when the stage has a KL to the LoRA it started from (kept in the
+    checkpoints: a resumed run keeps the same reference); None for no KL or the base model."""
+    if not (cfg.beta and cfg.kl_reference == "start"):
+        return None
+    ref = ReferenceWeights(trainable)
+    accelerator.register_for_checkpointing(ref)
+    return ref
 
 
 class ReferenceWeights:

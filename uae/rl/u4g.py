@@ -16,19 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 from uae.models.decoder import decode_latents
 from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
-from uae.rl.rollout import (ReferenceWeights, default_reward, iteration_share, load_references, score,
+from uae.rl.rollout import (kl_reference, default_reward, iteration_share, load_references, score,
                             sde_window_for)
 from uae.rl.sde import sde_step, sde_window
-from uae.training.common import generator_for
+from uae.training.common import generator_for, make_optimizer
+from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,27 @@ def same_length_batches(samples: list[int], length, size: int) -> list[list[int]
     return out
 
 
+def fully_trained(cfg) -> set[str]:
+    """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
+    return set()
+
+
+def configure(model, cfg) -> Parts:
+    """Stage 3 trains the DiT's LoRA (the checkpoint's, or a new one); everything else is frozen,
+    and the encoder is freed once the captions' conditioning is cached."""
+    model.encoder.requires_grad_(False)
+    pipe = model.decoder.pipe
+    pipe.vae.requires_grad_(False)
+    dit = pipe.transformer
+    dit.requires_grad_(False)
+    ensure_dit_lora(dit, cfg)
+    parts = Parts({"decoder": train_lora_only(dit)}, prepared=("dit",), freed=("encoder",))
+    if cfg.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
+    return parts
+
+
 def update_shares(n: int, updates: int, seed: int, it: int) -> list[list[int]]:
     """The samples of each optimizer step of an iteration: a permutation seeded by (seed, iteration),
     so that each step sees a mix of groups, cut into `updates` nearly equal shares."""
@@ -94,43 +119,33 @@ class U4GRecipe:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from peft import LoraConfig
-
-        from uae.models.decoder import add_dit_lora
         from uae.models.uae import UAE
 
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
         # The checkpoint's dit_lora (e.g. the cold start's) is trained further; fresh_dit_lora starts a new one.
         overrides = {"dit_lora": "none"} if cfg.fresh_dit_lora else None
-        self.model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=acc.device, dtype=torch.float32)
+        precision = precision_policy(cfg.mixed_precision)
+        self.model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=acc.device, dtype=precision.frozen)
         self.paths = self.model.components
-        self.model.encoder.requires_grad_(False)
         pipe = self.model.decoder.pipe
-        pipe.vae.requires_grad_(False)
         self.dit = pipe.transformer
-        self.dit.requires_grad_(False)
-        if not getattr(self.dit, "peft_config", None):
-            add_dit_lora(self.dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                              target_modules=list(cfg.lora_target_modules)))
-        else:
+        if getattr(self.dit, "peft_config", None):
             logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
-        for n, p in self.dit.named_parameters():
-            p.requires_grad_("lora_" in n)
-        if cfg.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing()
-        self.trainable = [p for p in self.dit.parameters() if p.requires_grad]
-        self.reference = None
-        if cfg.beta and cfg.kl_reference == "start":
-            self.reference = ReferenceWeights(self.trainable)
-            acc.register_for_checkpointing(self.reference)
+        self.trainable = configure(self.model, cfg).trainable
+        self.reference = kl_reference(cfg, self.trainable, acc)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
         if self.reward is None:
-            self.reward = default_reward(cfg, acc.device)
+            self.reward = default_reward(cfg, acc.device, precision.frozen)
         self.captions = self._captions()
-        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                                betas=(cfg.adam_beta1, cfg.adam_beta2))
+        self.prompt_cache = self._embed_captions(precision.frozen)
+        # The encoder is frozen and its work is done: the DiT's conditioning comes from the cache.
+        self.model.encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        opt = make_optimizer(cfg, self.trainable)
         self.policy, self.opt = acc.prepare(self.dit, opt)
 
     def _captions(self) -> list[str]:
@@ -157,6 +172,37 @@ class U4GRecipe:
             atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
         return caps
 
+    def _embed_captions(self, dtype):
+        """Every caption's conditioning (`embed_pair`), computed once into a disk cache keyed by the
+        encoder's files and settings and by the caption itself: a rerun or a resume reads it back,
+        and the encoder can be freed for the run."""
+        from tqdm.auto import tqdm
+
+        from uae.io import content_key, fingerprint
+        from uae.training.cache import DiskCache
+
+        cfg, acc, paths = self.cfg, self.acc, self.paths
+        root = Path(cfg.cache_dir) if cfg.cache_dir else self.run.out / "cache"
+        files = list(Path(paths.llm).glob("*.safetensors")) + \
+            (list(Path(paths.llm_lora).glob("*.safetensors")) if paths.llm_lora else [])
+        ns = "prompts-" + fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, str(dtype), "embed_pair",
+                                      files=files)
+        cache = DiskCache(root, ns)
+        mine = sorted(set(self.captions))[acc.process_index::acc.num_processes]
+        todo = [c for c in mine if not cache.has(content_key(c.encode()))]
+        with torch.no_grad():
+            for c in tqdm(todo, desc="caching prompt embeddings", disable=not todo or not acc.is_local_main_process):
+                pos, neg = self.model.encoder.embed_pair(c)
+                cache.put(content_key(c.encode()), {"pos": pos[0], "neg": neg[0]})
+        acc.wait_for_everyone()
+        return cache
+
+    def _pair(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from uae.io import content_key
+
+        d = self.prompt_cache.get(content_key(caption.encode()))
+        return d["pos"][None].to(self.acc.device), d["neg"][None].to(self.acc.device)
+
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
         cfg, acc = self.cfg, self.acc
@@ -167,8 +213,8 @@ class U4GRecipe:
         window = sde_window_for(cfg, it)
         dev = acc.device
         t0 = time.perf_counter()
-        with torch.no_grad():  # the encoder is frozen: each prompt's conditioning as at inference
-            pairs = {p: self.model.encoder.embed_pair(self.captions[p]) for p in dict.fromkeys(mine)}
+        # Each prompt's conditioning as at inference, from the cache (the encoder is frozen).
+        pairs = {p: self._pair(self.captions[p]) for p in dict.fromkeys(mine)}
         t_sample = time.perf_counter() - t0
         length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731  (local sample -> conditioning length)
         # Rollouts in chunks of sample_batch_size samples of one conditioning length; each chunk's
@@ -211,10 +257,10 @@ class U4GRecipe:
         all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
         group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
         adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
-        my_adv, keep = adv.values[share.offset:share.offset + share.size], adv.keep[share.offset:share.offset + share.size]
+        my_adv = adv.values[share.offset:share.offset + share.size]
 
         t0 = time.perf_counter()
-        stats = self.train_on(it, chunks, pairs, mine, my_adv, keep)
+        stats = self.train_on(it, chunks, pairs, mine, my_adv, adv.keep, share.offset)
         t_train = time.perf_counter() - t0
         total = time.perf_counter() - t_start
         values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
@@ -230,15 +276,18 @@ class U4GRecipe:
             self._grid(it + 1, mine, images, scores["total"])
         return values
 
-    def train_on(self, it: int, chunks, pairs, mine, adv, keep) -> dict:
-        """PPO-clip on the recorded transitions. The samples are shuffled across groups and split
-        into `updates_per_iteration` shares, one optimizer step each (Flow-GRPO takes 2 per batch
-        of rollouts, so its clip range acts from the second on); within a share, gradients are
-        accumulated over micro-batches of one conditioning length and over the trained steps, and
-        the loss is the mean over the share's kept samples and steps."""
+    def train_on(self, it: int, chunks, pairs, mine, adv, keep_all, offset: int) -> dict:
+        """PPO-clip on the recorded transitions. The iteration's samples (all processes') are
+        shuffled across groups and split into `updates_per_iteration` shares, one optimizer step
+        each (Flow-GRPO takes 2 per batch of rollouts, so its clip range acts from the second on);
+        each process trains on its own samples of a share, gradients accumulated over micro-batches
+        of one conditioning length and over the trained steps. The loss is the mean over the whole
+        share's kept samples and steps, whatever the number of processes: the same optimizer steps
+        as one process (tested)."""
         cfg, acc = self.cfg, self.acc
         sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
         n = len(mine)
+        keep = keep_all[offset:offset + n]
         # Per-sample views of the recorded transitions: step k -> (N, ...) in local sample order.
         steps = [i for i, *_ in chunks[0][1]]
         order = torch.tensor([j for local, _, _ in chunks for j in local])
@@ -248,23 +297,31 @@ class U4GRecipe:
         lp_k = [torch.cat([rec[k][3] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
         pooled = self.model.decoder.pooled.to(acc.device)
         length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731
-        shares = update_shares(n, cfg.updates_per_iteration, cfg.seed, it)
+        shares = update_shares(len(keep_all), cfg.updates_per_iteration, cfg.seed, it)
         self.policy.train()
         agg: dict[str, float] = {}
         dev_first, dev_later, count, loss_total = 0.0, 0.0, 0, 0.0
         for inner in range(cfg.inner_epochs):
             for u, share in enumerate(shares):
                 self.opt.zero_grad(set_to_none=True)
-                batches = same_length_batches(sorted(share, key=length), length, cfg.train_batch_size or cfg.sample_batch_size)
-                norm = max(int(keep[share].sum()), 1) * len(steps)
+                local = [g - offset for g in share if offset <= g < offset + n]
+                batches = same_length_batches(sorted(local, key=length), length, cfg.train_batch_size or cfg.sample_batch_size)
+                # Mean over the share's kept samples on all processes (DDP averages the processes'
+                # gradients: each sums its own and scales by the number of processes).
+                norm = max(int(keep_all[share].sum()), 1) * len(steps) / acc.num_processes
+                mask, dummy = keep, not batches
+                if dummy:  # none of the share here: a zero loss still joins the all-reduce
+                    batches, mask = [[0]], torch.zeros_like(keep)
                 calls = [(b, k) for b in batches for k in range(len(steps))]
                 for c, (b, k) in enumerate(calls):
                     # One gradient all-reduce per optimizer step: the last backward of the share.
                     sync = acc.no_sync(self.policy) if c < len(calls) - 1 else contextlib.nullcontext()
                     with sync:
-                        loss, stats = self._loss(b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, keep, norm,
+                        loss, stats = self._loss(b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, mask, norm,
                                                  sigmas, timesteps)
                         acc.backward(loss)
+                    if dummy:
+                        continue
                     dev = max(abs(stats["ratio_max"] - 1), abs(stats["ratio_min"] - 1))
                     if inner == 0 and u == 0:
                         dev_first = max(dev_first, dev)
@@ -281,7 +338,7 @@ class U4GRecipe:
                 self.opt.step()
                 self.run.optimizer_stepped()
         self.opt.zero_grad(set_to_none=True)
-        out = {k: v / count for k, v in agg.items() if not k.startswith("first_")}
+        out = {k: v / max(count, 1) for k, v in agg.items() if not k.startswith("first_")}
         out.update({k: v for k, v in agg.items() if k.startswith("first_")})
         updates = cfg.inner_epochs * cfg.updates_per_iteration
         out.update(loss=loss_total / updates, ratio_dev_first_update=dev_first, ratio_dev_later_updates=dev_later,

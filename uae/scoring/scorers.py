@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import yaml
@@ -132,14 +132,7 @@ class Scorer(nn.Module):
         return torch.stack([self.preprocess(im) for im in images]).to(self.device, self.dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.kind == "clip":
-            out = self.model.get_image_features(pixel_values=pixel_values)
-            feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-        elif self.kind in ("dinov2", "dinov3"):
-            feats = self.model(pixel_values=pixel_values).last_hidden_state[:, 0]
-        else:
-            feats = self.model.encode_image(pixel_values)
-        return nn.functional.normalize(feats.float(), dim=-1)
+        return nn.functional.normalize(KINDS[self.kind].image(self.model, pixel_values).float(), dim=-1)
 
     def encode_images(self, images) -> torch.Tensor:
         return self(self.pixel_values(images))
@@ -147,18 +140,74 @@ class Scorer(nn.Module):
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
         if not self.has_text:
             raise UAEError(f"scorer {self.name} has no text encoder (only clip and longclip score captions)")
-        if self.kind == "clip":
-            tok = self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt").to(self.device)
-            out = self.model.get_text_features(**tok)
-            feats = out if isinstance(out, torch.Tensor) else out.pooler_output
-        else:
-            ids = self.tokenizer(list(texts), context_length=self.context_length).to(self.device)
-            feats = self.model.encode_text(ids)
+        feats = KINDS[self.kind].text(self.model, self.tokenizer, list(texts), self.context_length, self.device)
         return nn.functional.normalize(feats.float(), dim=-1)
 
     def similarity(self, a, b) -> torch.Tensor:
         """Pairwise cosine similarity of two equally long image batches."""
         return (self.encode_images(a) * self.encode_images(b)).sum(-1)
+
+
+# ---------------------------------------------------------------------------- the kinds
+
+def _pooled(out) -> torch.Tensor:
+    """transformers 5 returns an output object whose pooler_output is the projected feature (4.x: a tensor)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _load_clip(checkpoint: str, spec: dict, dtype):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    return CLIPModel.from_pretrained(checkpoint, dtype=dtype), CLIPTokenizer.from_pretrained(checkpoint), \
+        _local_files(checkpoint)
+
+
+def _load_hf(cls_name: str):
+    def load(checkpoint: str, spec: dict, dtype):
+        import transformers
+
+        return getattr(transformers, cls_name).from_pretrained(checkpoint, dtype=dtype), None, _local_files(checkpoint)
+    return load
+
+
+def _load_longclip(checkpoint: str, spec: dict, dtype):
+    import open_clip
+    from open_clip.model import build_model_from_openai_state_dict
+
+    path = _fetch_longclip(checkpoint, spec["filename"])
+    state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
+    if not isinstance(state, dict):
+        raise UAEError(f"{path} is not a state dict of tensors")
+    state = longclip_state_to_openai(state.get("state_dict", state), spec.get("keep_positions", 20))
+    model = build_model_from_openai_state_dict(state, cast_dtype=None).to(dtype)
+    return model, open_clip.get_tokenizer("ViT-L-14", context_length=spec["context_length"]), [path]
+
+
+def _clip_text(model, tokenizer, texts, context_length, device):
+    tok = tokenizer(texts, padding=True, truncation=True, return_tensors="pt").to(device)
+    return _pooled(model.get_text_features(**tok))
+
+
+def _open_clip_text(model, tokenizer, texts, context_length, device):
+    return model.encode_text(tokenizer(texts, context_length=context_length).to(device))
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How a kind of scorer loads (-> model, tokenizer or None, files for the fingerprint) and
+    what its image (and text) feature is."""
+
+    load: Callable
+    image: Callable
+    text: Callable | None = None
+
+
+KINDS = {
+    "clip": Kind(_load_clip, lambda m, px: _pooled(m.get_image_features(pixel_values=px)), _clip_text),
+    "dinov2": Kind(_load_hf("Dinov2Model"), lambda m, px: m(pixel_values=px).last_hidden_state[:, 0]),
+    "dinov3": Kind(_load_hf("DINOv3ViTModel"), lambda m, px: m(pixel_values=px).last_hidden_state[:, 0]),
+    "longclip": Kind(_load_longclip, lambda m, px: m.encode_image(px), _open_clip_text),
+}
 
 
 # ---------------------------------------------------------------------------- loading
@@ -213,39 +262,18 @@ def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "off
         raise UAEError(f"--weights {weights!r}: choose from {list(WEIGHTS)}")
     spec = specs[name]
     if checkpoint is None:
-        checkpoint = str(tiny_scorer_dir() / name) if weights == "tiny" else spec["checkpoint"]
+        if weights == "tiny":
+            from uae.tiny import tiny_scorer_dir
+
+            checkpoint = str(tiny_scorer_dir() / name)
+        else:
+            checkpoint = spec["checkpoint"]
     pre = Preprocess(**spec["preprocess"])
     kind = spec["kind"]
-    tokenizer = None
+    if kind not in KINDS:
+        raise UAEError(f"scorer {name}: unknown kind {kind!r} in configs/scorers.yaml; known: {list(KINDS)}")
     try:
-        if kind == "clip":
-            from transformers import CLIPModel, CLIPTokenizer
-
-            model = CLIPModel.from_pretrained(checkpoint, dtype=dtype)
-            tokenizer = CLIPTokenizer.from_pretrained(checkpoint)
-            files = _local_files(checkpoint)
-        elif kind == "dinov2":
-            from transformers import Dinov2Model
-
-            model, files = Dinov2Model.from_pretrained(checkpoint, dtype=dtype), _local_files(checkpoint)
-        elif kind == "dinov3":
-            from transformers import DINOv3ViTModel
-
-            model, files = DINOv3ViTModel.from_pretrained(checkpoint, dtype=dtype), _local_files(checkpoint)
-        elif kind == "longclip":
-            import open_clip
-            from open_clip.model import build_model_from_openai_state_dict
-
-            path = _fetch_longclip(checkpoint, spec["filename"])
-            state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary unpickling
-            if not isinstance(state, dict):
-                raise UAEError(f"{path} is not a state dict of tensors")
-            state = longclip_state_to_openai(state.get("state_dict", state), spec.get("keep_positions", 20))
-            model = build_model_from_openai_state_dict(state, cast_dtype=None).to(dtype)
-            tokenizer = open_clip.get_tokenizer("ViT-L-14", context_length=spec["context_length"])
-            files = [path]
-        else:
-            raise UAEError(f"scorer {name}: unknown kind {kind!r} in configs/scorers.yaml")
+        model, tokenizer, files = KINDS[kind].load(checkpoint, spec, dtype)
     except UAEError:
         raise
     except Exception as e:
@@ -254,102 +282,3 @@ def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "off
     scorer = Scorer(name, kind, model.eval().requires_grad_(False), pre, fp, tokenizer,
                     spec.get("context_length"))
     return scorer.to(device)
-
-
-# ---------------------------------------------------------------------------- tiny
-
-def tiny_scorer_dir() -> Path:
-    """Offline random scorer checkpoints, built on first use into the cache folder."""
-    import uae
-    from uae.io import build_once
-    from uae.paths import cache_dir
-
-    from uae.io import content_key
-
-    # Keyed by the specs' content: editing configs/scorers.yaml rebuilds the tiny checkpoints.
-    path = cache_dir() / f"scorers-tiny-v{uae.__version__}-{content_key((CONFIG_DIR / 'scorers.yaml').read_bytes())[:10]}"
-    if not path.exists():
-        logger.info("building tiny random scorer checkpoints in %s", path)
-    build_once(path, lambda p: build_scorer_checkpoints(p, "tiny"))
-    return path
-
-
-def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0,
-                             specs: dict | None = None) -> Path:
-    """Random-weight scorer checkpoints in the official formats: clip/ dinov2/ dinov3/ (transformers
-    folders with their image processors) and longclip/longclip-L.pt (OpenAI-layout state dict)."""
-    import shutil
-    import tempfile
-
-    from transformers import (BitImageProcessor, CLIPConfig, CLIPImageProcessor, CLIPModel, Dinov2Config,
-                              Dinov2Model, DINOv3ViTConfig, DINOv3ViTImageProcessor, DINOv3ViTModel)
-
-    from uae.tiny import build_clip_tokenizer
-
-    specs = specs or load_specs()
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-    def processor_kwargs(spec, shortest: bool):
-        p = spec["preprocess"]
-        resample = {"bicubic": 3, "bilinear": 2}[p["interpolation"]]
-        size_ = {"shortest_edge": p["resize"]} if shortest else {"height": p["resize"][0], "width": p["resize"][1]}
-        kw = dict(size=size_, resample=resample, image_mean=p["mean"], image_std=p["std"], do_resize=True,
-                  do_normalize=True, do_rescale=True)
-        if p["crop"]:
-            kw.update(do_center_crop=True, crop_size={"height": p["crop"], "width": p["crop"]})
-        else:
-            kw.update(do_center_crop=False)
-        return kw
-
-    try:
-        torch.manual_seed(seed)
-        spec = specs["clip"]
-        cfg = spec[size]
-        clip_tok = build_clip_tokenizer(cfg["text_config"]["max_position_embeddings"])
-        model = CLIPModel(CLIPConfig(text_config={**cfg["text_config"], "vocab_size": len(clip_tok),
-                                                  "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
-                                     vision_config=cfg["vision_config"], projection_dim=cfg["projection_dim"]))
-        model.save_pretrained(tmp / "clip")
-        clip_tok.save_pretrained(tmp / "clip")
-        CLIPImageProcessor(**processor_kwargs(spec, True)).save_pretrained(tmp / "clip")
-
-        torch.manual_seed(seed + 1)
-        spec = specs["dinov2"]
-        Dinov2Model(Dinov2Config(**spec[size])).save_pretrained(tmp / "dinov2")
-        BitImageProcessor(**processor_kwargs(spec, True)).save_pretrained(tmp / "dinov2")
-
-        torch.manual_seed(seed + 2)
-        spec = specs["dinov3"]
-        DINOv3ViTModel(DINOv3ViTConfig(**spec[size])).save_pretrained(tmp / "dinov3")
-        DINOv3ViTImageProcessor(**processor_kwargs(spec, False)).save_pretrained(tmp / "dinov3")
-
-        torch.manual_seed(seed + 3)
-        spec = specs["longclip"]
-        (tmp / "longclip").mkdir()
-        torch.save(longclip_random_state(spec[size], spec.get("keep_positions", 20)),
-                   tmp / "longclip" / spec["filename"])
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def longclip_random_state(cfg: dict[str, Any], keep_positions: int) -> dict[str, torch.Tensor]:
-    """A random LongCLIP state dict in the OpenAI layout (with `positional_embedding_res`)."""
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    model = CLIP(cfg["embed_dim"],
-                 vision_cfg=CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
-                                          patch_size=cfg["patch_size"], image_size=cfg["image_size"]),
-                 text_cfg=CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
-                                      width=cfg["text_width"], heads=cfg["text_width"] // 64,
-                                      layers=cfg["text_layers"]),
-                 quick_gelu=True)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["positional_embedding_res"] = torch.randn_like(state["positional_embedding"]) * 0.01
-    return state

@@ -1,6 +1,7 @@
-"""The loop skeleton every training script shares: accelerate set-up, data order and randomness
-derived from (seed, step) so that a resumed run is bit-identical to an uninterrupted one,
-atomic checkpoints with rotation, metrics to JSONL + tracker, and the official output layout."""
+"""Pieces every trainer uses (the run itself is uae/training/run.py): the accelerator, the
+optimizer, data order and randomness derived from (seed, step) so that a resumed run is
+bit-identical to an uninterrupted one, atomic checkpoints with rotation, and the official output
+layout of final/."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def make_accelerator(cfg, project_dir: Path):
                        log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(project_dir / "logs")),
                        cpu=cfg.device == "cpu")
+
+
+def make_optimizer(cfg, params):
+    """The optimizer every trainer uses: AdamW with the config's betas, epsilon and weight decay
+    (`params`: parameters, or param groups with their own `lr`); `optimizer: adamw8bit` is
+    torchao's 8-bit AdamW, whose two moments take a quarter of fp32 AdamW's memory."""
+    kwargs = dict(lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                  weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw8bit":
+        try:
+            from torchao.optim import AdamW8bit
+        except ImportError:
+            raise UAEError("--optimizer adamw8bit needs torchao: pip install torchao (or use --optimizer adamw)") from None
+        return AdamW8bit(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def generator_for(seed: int, step: int, device="cpu") -> torch.Generator:
@@ -131,27 +147,6 @@ class Checkpoints:
     def load(accelerator, path: Path) -> int:
         accelerator.load_state(str(path))
         return int(json.loads((path / "uae_state.json").read_text())["step"])
-
-
-class MetricsLog:
-    """One JSON object per logged step in `metrics.jsonl` (appended, flushed), mirrored to the
-    accelerate trackers. On resume, entries past the resumed step are dropped first."""
-
-    def __init__(self, path: Path, accelerator, resume_step: int = 0):
-        self.path, self.acc = Path(path), accelerator
-        if accelerator.is_main_process and self.path.exists():
-            keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in keep))
-
-    def log(self, step: int, values: dict) -> None:
-        self.acc.log(values, step=step)
-        if self.acc.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **values}) + "\n")
-
-    def read(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
 
 
 def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:

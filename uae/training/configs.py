@@ -231,6 +231,8 @@ class G4UConfig(GroupConfig):
     prompts_per_iteration: int = field(16, min=1, help="images per iteration over all processes, drawn without replacement")
     clip_range: float = field(0.2, min=0, help="PPO clip range (token level)")
     beta: float = field(0.0, min=0, help="KL (k3, per token) weight to the reference policy")
+    train_batch_size: int | None = field(4, min=1, help="captions per log-probability forward (their logits are "
+                                                        "captions x tokens x vocabulary: the stage's largest activation)")
     frozen_embedding: bool = field(False, help="condition the decoder through the LoRA-free LLM instead of the "
                                                "current encoder weights")
     decoder_noise: str = field("group", choices=("group", "sample"),

@@ -108,9 +108,16 @@ class Run:
         optimizer steps, its warm-up counting optimizer steps (diffusers' EMAModel: decay =
         min((1 + s) / (10 + s), ema_decay), s = optimizer steps - 1), not EMA updates."""
         self.steps.count += 1
-        if self.ema is not None and self.steps.count % getattr(self.cfg, "ema_every", 1) == 0:
+        if self.ema is not None and self.steps.count % self.cfg.ema_every == 0:
             self.ema.optimization_step = self.steps.count - 1  # EMAModel.step adds one
-            self.ema.step(self.trainable)
+            self.ema.step(self._ema_view())
+
+    def _ema_view(self) -> list[torch.Tensor]:
+        """The trained weights as the EMA reads them: themselves, or (ema_device cpu) copies on the
+        CPU, so that the averages take no accelerator memory (copy_to moves them back)."""
+        if self.cfg.ema_device == "cpu":
+            return [p.detach().to("cpu", copy=True).requires_grad_(p.requires_grad) for p in self.trainable]
+        return self.trainable
 
     # ------------------------------------------------------------------ the loop
     def train(self, recipe, total: int, desc: str) -> Path | None:
@@ -125,10 +132,10 @@ class Run:
         # as the embedded tiny checkpoint are built once under a file lock (uae.io.build_once).
         recipe.setup()
         self.trainable = list(recipe.trainable)
-        if getattr(cfg, "use_ema", False):
+        if cfg.use_ema:
             from diffusers.training_utils import EMAModel
 
-            self.ema = EMAModel(self.trainable, decay=cfg.ema_decay)
+            self.ema = EMAModel(self._ema_view(), decay=cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
         acc.register_for_checkpointing(self.steps)
         self._checkpoint_trainable_only()
@@ -147,7 +154,8 @@ class Run:
             recipe.begin(start)
         bar = tqdm(total=total, initial=start, desc=desc, disable=not acc.is_local_main_process)
         for i in range(start, total):
-            values = recipe.step(i)
+            with acc.autocast():  # mixed precision: frozen weights in bf16/fp16, trained ones in fp32
+                values = recipe.step(i)
             self.log(i + 1, values)
             bar.update(1)
             key = next((k for k in ("loss", "reward_mean") if k in values), None)

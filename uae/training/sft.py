@@ -19,9 +19,38 @@ import torch
 
 from uae.cli import script_main, setup_logging
 from uae.errors import UAEError
-from uae.training.common import StepSampler, generator_for, link_or_copy
+from uae.training.common import StepSampler, generator_for, link_or_copy, make_optimizer
+from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
+
+
+def fully_trained(cfg) -> set[str]:
+    """The parts whose every weight trains (loaded in fp32 by the precision policy)."""
+    return ({"projector"} if cfg.train_projector else set()) | ({"dit"} if cfg.dit_mode == "full" else set())
+
+
+def configure(model, cfg) -> Parts:
+    """SFT trains the projector and the DiT (a new LoRA, or every weight); the LLM and VAE are frozen."""
+    enc, dec = model.encoder, model.decoder
+    enc.llm.requires_grad_(False)
+    dec.pipe.vae.requires_grad_(False)
+    dit = dec.pipe.transformer
+    dit.requires_grad_(False)
+    if cfg.dit_mode == "lora":
+        ensure_dit_lora(dit, cfg)
+        dit_params = train_lora_only(dit)
+    else:
+        dit.requires_grad_(True)
+        dit_params = list(dit.parameters())
+    if cfg.gradient_checkpointing:
+        dit.enable_gradient_checkpointing()
+    enc.projector.requires_grad_(cfg.train_projector)
+    parts = Parts({"projector": [p for p in enc.projector.parameters() if p.requires_grad], "dit": dit_params},
+                  prepared=("projector", "dit"))
+    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
+    return parts
 
 
 class SFTRecipe:
@@ -48,31 +77,17 @@ class SFTRecipe:
         return v
 
     def _models(self):
-        from peft import LoraConfig
-
         from uae.models.uae import UAE
 
         cfg = self.cfg
         overrides = {"dit_lora": "none"}  # SFT trains the DiT (or a new LoRA) from the base weights
-        model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=self.acc.device, dtype=torch.float32)
+        self.precision = precision_policy(cfg.mixed_precision)
+        model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=self.acc.device,
+                                    dtype=self.precision.frozen, part_dtypes=self.precision.load_dtypes(fully_trained(cfg)))
         self.model, self.paths = model, model.components
-        enc, dec = model.encoder, model.decoder
-        enc.llm.requires_grad_(False)
-        dec.pipe.vae.requires_grad_(False)
-        self.dit = dec.pipe.transformer
-        self.dit.requires_grad_(False)
-        if cfg.dit_mode == "lora":
-            self.dit.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                            target_modules=list(cfg.lora_target_modules)))
-            for n, p in self.dit.named_parameters():
-                p.requires_grad_("lora_" in n)
-        else:
-            self.dit.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            self.dit.enable_gradient_checkpointing()
-        enc.projector.requires_grad_(cfg.train_projector)
-        self.scheduler = copy.deepcopy(dec.pipe.scheduler)
-        self.trainable = [p for p in list(enc.projector.parameters()) + list(self.dit.parameters()) if p.requires_grad]
+        self.dit = model.decoder.pipe.transformer
+        self.scheduler = copy.deepcopy(model.decoder.pipe.scheduler)
+        self.trainable = configure(model, cfg).trainable
         logger.info("trainable parameters: %.3fM (projector %s, DiT %s)", sum(p.numel() for p in self.trainable) / 1e6,
                     "on" if cfg.train_projector else "off", cfg.dit_mode)
 
@@ -117,7 +132,7 @@ class SFTRecipe:
         shard = slice(acc.process_index, None, acc.num_processes)
         if cfg.cache_latents:
             vae_dir = Path(self.paths.SD3) / "vae"
-            ns = "latents-" + fingerprint(str(vae_dir), files=list(vae_dir.glob("*")))
+            ns = "latents-" + fingerprint(str(vae_dir), str(self.precision.frozen), files=list(vae_dir.glob("*")))
             self.latent_cache = DiskCache(root, ns)
             ds = CaptionImageDataset(items, self.sizes)
             todo = [i for i in range(len(items))[shard] if not self.latent_cache.has(item_key(items[i], *self.sizes[i]))]
@@ -128,7 +143,7 @@ class SFTRecipe:
         if cfg.cache_text:
             # "release-positions": states computed with the release's position ids (older caches were not).
             ns = "text-" + fingerprint(self.paths.llm, self.paths.llm_lora, self.paths.llm_processor,
-                                       cfg.max_caption_tokens, "release-positions",
+                                       cfg.max_caption_tokens, "release-positions", str(self.precision.frozen),
                                        files=list(Path(self.paths.llm).glob("*.safetensors")))
             self.text_cache = DiskCache(root, ns)
             captions = sorted({it.caption.strip() for it in items} | {""})[shard]
@@ -137,25 +152,34 @@ class SFTRecipe:
                 self.text_cache.put(content_key(c.encode()), {"hidden": self._hidden([c])[0]})
         acc.wait_for_everyone()
 
-    def loss(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: dict, gens: list[torch.Generator]) -> torch.Tensor:
+        """The rectified-flow loss of a batch. Every random draw of a sample (caption dropout, the
+        latent from its posterior, the noise, the timestep) comes from its own generator, a
+        function of (seed, its global index in the run): a sample's loss does not depend on how
+        the global batch is split across processes or micro-batches."""
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
         cfg, dev = self.cfg, self.acc.device
-        captions = [c if torch.rand((), generator=gen).item() >= cfg.caption_dropout else "" for c in batch["caption"]]
+        captions = [c if torch.rand((), generator=g).item() >= cfg.caption_dropout else ""
+                    for c, g in zip(batch["caption"], gens)]
         embeds = self._embed(captions)
         vae = self.model.decoder.pipe.vae
         with torch.no_grad():
-            if "latent_mean" in batch:  # cached posterior: the same draw as DiagonalGaussianDistribution.sample
+            if "latent_mean" in batch:  # cached posterior
                 mean, std = batch["latent_mean"].to(dev), batch["latent_std"].to(dev)
-                eps = torch.randn(mean.shape, generator=gen, dtype=mean.dtype).to(dev)
-                latents = mean + std * eps if cfg.latent_sampling == "sample" else mean
             else:
-                dist = vae.encode(batch["pixels"].to(dev)).latent_dist
-                latents = dist.sample(generator=gen) if cfg.latent_sampling == "sample" else dist.mode()
-            latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen, dtype=latents.dtype).to(dev)
-        u = compute_density_for_timestep_sampling(cfg.weighting_scheme, latents.shape[0], logit_mean=cfg.logit_mean,
-                                                  logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, generator=gen)
+                dist = vae.encode(batch["pixels"].to(dev, vae.dtype)).latent_dist
+                mean, std = dist.mean, dist.std
+            if cfg.latent_sampling == "sample":  # DiagonalGaussianDistribution.sample, per sample
+                eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens]).to(dev, mean.dtype)
+                latents = mean + std * eps
+            else:
+                latents = mean
+            latents = (latents.float() - vae.config.shift_factor) * vae.config.scaling_factor
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(dev)
+        u = torch.cat([compute_density_for_timestep_sampling(cfg.weighting_scheme, 1, logit_mean=cfg.logit_mean,
+                                                             logit_std=cfg.logit_std, mode_scale=cfg.mode_scale,
+                                                             generator=g) for g in gens])
         idx = (u * self.scheduler.config.num_train_timesteps).long().clamp(max=len(self.scheduler.timesteps) - 1)
         timesteps = self.scheduler.timesteps[idx].to(dev)
         sigmas = self.scheduler.sigmas[idx].to(dev, latents.dtype).view(-1, 1, 1, 1)
@@ -172,7 +196,7 @@ class SFTRecipe:
 
         from uae.data import assign_buckets, buckets_for
 
-        cfg, acc = self.cfg, self.acc
+        cfg = self.cfg
         self.data = self._data()
         if cfg.bucketing:
             buckets = buckets_for(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
@@ -182,8 +206,7 @@ class SFTRecipe:
         else:
             self.sizes = [(cfg.resolution, cfg.resolution)] * len(self.data.ok)
         self._models()  # new LoRA weights are drawn from the global RNG, seeded by the run
-        opt = torch.optim.AdamW(self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon)
+        opt = make_optimizer(cfg, self.trainable)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps)
         self.projector, self.dit_train, self.opt, self.lr = self.acc.prepare(self.model.encoder.projector, self.dit,
@@ -211,11 +234,14 @@ class SFTRecipe:
     def step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.acc
         t0 = time.perf_counter()
+        world, rank = acc.num_processes, acc.process_index
         for _ in range(cfg.gradient_accumulation_steps):
             batch = next(self.batches)
-            gen = generator_for(cfg.seed, self.micro * acc.num_processes + acc.process_index)
+            # Sample j of this process sits at global position rank + j * world of the global batch.
+            base = self.micro * cfg.train_batch_size * world + rank
+            gens = [generator_for(cfg.seed, base + j * world) for j in range(len(batch["caption"]))]
             with acc.accumulate(self.projector, self.dit_train):
-                loss = self.loss(batch, gen)
+                loss = self.loss(batch, gens)
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
@@ -229,7 +255,7 @@ class SFTRecipe:
             raise UAEError(f"loss is {loss_all} at step {step + 1}: lower --learning_rate or check the data")
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and acc.is_main_process:
             self.validate(step + 1)
-        return {"loss": loss_all, "lr": self.lr.get_last_lr()[0], "seconds_per_step": time.perf_counter() - t0}
+        return {"loss": loss_all, "lr": float(self.lr.get_last_lr()[0]), "seconds_per_step": time.perf_counter() - t0}
 
     def plot(self, records: list[dict]) -> None:
         from uae.report import loss_curve
@@ -255,8 +281,9 @@ class SFTRecipe:
         """The trained projector (in llm/, whose other files are linked, and in llm_lora's shards if
         they hold one) and the DiT (its new LoRA, or all of it)."""
         from uae.checkpoints import replace_projector_in_shards, shards_hold_projector
-        from uae.models.decoder import save_dit_lora
+        from uae.models.decoder import save_dit, save_dit_lora
         from uae.models.encoder import PROJECTOR_FILE, save_projector
+        from uae.training.precision import stored_dtype
 
         acc, cfg, p = self.acc, self.cfg, self.paths
         projector = acc.unwrap_model(self.projector)
@@ -278,8 +305,8 @@ class SFTRecipe:
         dit = acc.unwrap_model(self.dit_train)
         if cfg.dit_mode == "lora":
             save_dit_lora(dit, final / "dit_lora")
-        else:
-            dit.save_pretrained(final / "dit")
+        else:  # in the dtype of the source's files, not of training
+            save_dit(dit, final / "dit", stored_dtype(p.dit))
 
 
 @script_main

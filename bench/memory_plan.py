@@ -1,0 +1,340 @@
+"""Memory plan at full size: what each trainer holds on a GPU, counted on the meta device (no
+memory, no download), and activations measured on smaller models and extrapolated.
+
+Weights, gradients, optimizer state, EMA. For each setting (SFT with a DiT LoRA, SFT of the whole
+DiT, cold start, g4u, u4g; their configs in configs/), the full-size models (SD3.5-Large DiT, SD3
+VAE, Qwen2.5-VL-3B + projector, the release's LoRAs, the reward's scorers) are built on the meta
+device from configs/models/full.yaml by `uae.tiny.build_uae`, through the toolkit's own classes,
+with the dtypes the precision policy loads them in (`uae.training.precision`), and the recipe's
+own `configure(model, cfg)` marks what trains. Bytes follow: frozen weights at their dtype;
+trained weights, gradients and EMA in fp32; AdamW 8 bytes per trained weight (8-bit AdamW 2).
+Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's gradient buckets,
+one more copy of the gradients); 8 GPUs with FSDP full sharding of the modules accelerate wraps
+(the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the rest
+replicated.
+
+Activations. One training step's peak memory above the weights is measured at `--act_preset` (a
+small DiT on this machine: resident memory sampled every 2 ms, glibc told to return freed blocks)
+at `--act_resolutions`, for each setting with its config's batch and gradient checkpointing. The
+model: activations = a + b * image_tokens, tokens = (resolution / 16)^2 (the DiT's patches),
+fitted on the first two resolutions and checked at the third (the error is printed). At full
+size both terms are scaled by the DiT's width x depth (2432 x 38 against the small model's) and
+evaluated at the config's resolution: an estimate, stated as one; the GPU check measures the real
+stage-3 step (`--measure u4g` on a GPU).
+
+    python bench/memory_plan.py                          # plan at full size + activations at mid (minutes)
+    python bench/memory_plan.py --act_preset tiny --act_resolutions 32 48 64   # quick
+    python bench/memory_plan.py --measure u4g --preset full   # on a GPU: the stage-3 step, measured vs planned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, machine, write_json
+
+import torch
+
+GIB = 2 ** 30
+GPU_BYTES = 80 * GIB
+GPUS = 8
+SETTINGS = {  # name -> (stage, config file, extra settings)
+    "SFT LoRA": ("sft", "configs/sft/paper.yaml", {"dit_mode": "lora"}),
+    "SFT full": ("sft", "configs/sft/paper.yaml", {}),
+    "cold start": ("cold_start", "configs/grpo/cold_start.yaml", {}),
+    "g4u": ("g4u", "configs/grpo/g4u.yaml", {}),
+    "u4g": ("u4g", "configs/grpo/u4g.yaml", {}),
+}
+
+
+def config(stage: str, path: str, extra: dict, **over):
+    from uae.config import from_dict, read_yaml
+    from uae.training.configs import STAGE_CONFIGS, SFTConfig
+
+    values = {**read_yaml(str(ROOT / path)), "data": "plan", **extra, **over}
+    return from_dict(SFTConfig if stage == "sft" else STAGE_CONFIGS[stage], values)
+
+
+def recipe_module(stage: str):
+    import importlib
+
+    return importlib.import_module({"sft": "uae.training.sft", "cold_start": "uae.rl.cold_start",
+                                    "g4u": "uae.rl.g4u", "u4g": "uae.rl.u4g"}[stage])
+
+
+def scorer_names(stage: str, cfg) -> list[str]:
+    if stage == "sft":
+        return []
+    if stage == "cold_start":
+        return ["clip"]
+    return sorted({f[5:] if f.startswith("text:") else f for f in cfg.reward_funcs if ":" not in f or f.startswith("text:")})
+
+
+def _bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def plan(name: str, preset: str = "full") -> dict:
+    """Bytes held per GPU by setting `name` at `preset` size, per parallel setting."""
+    from uae.tiny import build_scorer_model, build_uae
+    from uae.training.precision import precision_policy
+
+    stage, path, extra = SETTINGS[name]
+    cfg = config(stage, path, extra)
+    mod = recipe_module(stage)
+    precision = precision_policy(cfg.mixed_precision)
+    # SFT trains the DiT from its base weights (no dit_lora); the RL stages start from the release's.
+    model = build_uae(preset, dtypes=precision.load_dtypes(mod.fully_trained(cfg)), dit_lora=stage != "sft")
+    parts = mod.configure(model, cfg)
+    trained = {id(p) for p in parts.trainable}
+    modules = {"llm": model.encoder.llm, "projector": model.encoder.projector,
+               "dit": model.decoder.transformer, "vae": model.decoder.pipe.vae}
+    with torch.device("meta"):
+        scorers = {f"scorer:{n}": build_scorer_model(n, "full" if preset == "full" else "tiny")[0].to(precision.frozen)
+                   for n in scorer_names(stage, cfg)}
+    modules.update(scorers)
+    if "encoder" in parts.freed:  # stage 3 frees the encoder once the captions' conditioning is cached
+        freed = {"llm", "projector"}
+    else:
+        freed = set()
+    n_trained = sum(p.numel() for p in parts.trainable)
+    per_module = {}
+    for key, m in modules.items():
+        params = list(m.parameters())
+        per_module[key] = {"frozen": _bytes(p for p in params if id(p) not in trained) + _bytes(m.buffers()),
+                           "trained": _bytes(p for p in params if id(p) in trained)}
+    opt_per = 2.0 if cfg.optimizer == "adamw8bit" else 8.0
+    ema = cfg.use_ema and cfg.ema_device == "same"
+    prepared = set(parts.prepared)
+
+    def totals(shard: int, ddp: bool) -> dict:
+        out = {"frozen_weights": 0.0, "trained_weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "ema": 0.0}
+        for key, b in per_module.items():
+            if key in freed:
+                continue
+            div = shard if key in prepared else 1
+            out["frozen_weights"] += b["frozen"] / div
+            out["trained_weights"] += b["trained"] / div
+            n = b["trained"] / 4  # trained weights are fp32
+            out["gradients"] += b["trained"] / div * (2 if ddp else 1)  # DDP: gradient buckets
+            out["optimizer"] += n * opt_per / div
+            out["ema"] += (b["trained"] if ema else 0) / div
+        out["total"] = sum(out.values())
+        return out
+
+    startup = sum(b["frozen"] + b["trained"] for b in per_module.values())
+    return {"setting": name, "stage": stage, "config": path, "mixed_precision": cfg.mixed_precision,
+            "trained_parameters": n_trained, "modules_gib": {k: (v["frozen"] + v["trained"]) / GIB for k, v in per_module.items()},
+            "startup_weights_gib": startup / GIB, "prepared": sorted(prepared), "freed": sorted(freed),
+            "parallel": {"1 GPU": totals(1, False), f"{GPUS} GPUs DDP": totals(1, True),
+                         f"{GPUS} GPUs FSDP": totals(GPUS, False)}}
+
+
+# ---------------------------------------------------------------------------- activations
+
+def _measure_step(setting: str, ckpt: str, resolution: int, tmp: str) -> dict:
+    """In this fresh process: one training step's peak memory above the memory held before it."""
+    from accelerate.state import AcceleratorState
+
+    from uae.runtime import release_freed_memory
+    from uae.training.run import Run
+
+    from bench_cold_start import PeakSampler
+
+    stage, path, extra = SETTINGS[setting]
+    data = str(ROOT / "Unified-Bench" / "UniBench" / "sample.jsonl")
+    over = dict(checkpoint=ckpt, data=data, output_dir=f"{tmp}/{setting.replace(' ', '_')}-{resolution}",
+                resolution=resolution, report_to="none", checkpointing_steps=0, max_steps=2,
+                device="auto")
+    if stage == "sft":
+        over.update(validation_steps=0)
+    else:
+        over.update(scorer_weights="tiny", image_log_steps=0, max_new_tokens=16)
+    if stage == "u4g":  # one training micro-batch of the config's size (x2 for CFG)
+        cfg0 = config(stage, path, extra)
+        over.update(prompts_per_iteration=1, group_size=cfg0.train_batch_size or cfg0.sample_batch_size)
+    if stage == "g4u":  # the config's samples per GPU on 8 GPUs
+        cfg0 = config(stage, path, extra)
+        over.update(prompts_per_iteration=max(cfg0.prompts_per_iteration // GPUS, 1), group_size=cfg0.group_size)
+    cfg = config(stage, path, extra, **over)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    run = Run(cfg, "plan")
+    mod = recipe_module(stage)
+    recipe = {"sft": "SFTRecipe", "cold_start": "ColdStartRecipe", "g4u": "G4URecipe", "u4g": "U4GRecipe"}[stage]
+    recipe = getattr(mod, recipe)(run)
+    run.trainable = []
+    recipe.setup()
+    run.trainable = list(recipe.trainable)
+    from uae.training.run import JsonlLog
+
+    run.metrics = run.samples = JsonlLog(Path(tmp) / "plan.jsonl", run.acc)
+    if hasattr(recipe, "begin"):
+        recipe.begin(0)
+    with run.acc.autocast():
+        recipe.step(0)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with run.acc.autocast():
+            recipe.step(1)
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "held_bytes": before, "memory": "gpu"}
+    release_freed_memory()
+    with PeakSampler() as s, run.acc.autocast():
+        recipe.step(1)
+    return {"peak_bytes": s.peak - s.base, "held_bytes": s.base, "memory": "cpu rss"}
+
+
+def fit(name: str, points: list[dict], scale: float) -> dict:
+    """a + b * tokens through the first two points, checked on the third; at full size b * tokens
+    scaled by the DiT's width x depth. The constant a (gradients, optimizer temporaries, the text
+    side) is not extrapolated: the plan counts gradients and optimizer state apart. No estimate
+    where b is not positive or the check misses by more than 25%: the token-proportional part is
+    then below this measurement's noise at this size. g4u adds the LM head's logits of one
+    micro-batch, computed: captions x (tokens + 1) x vocabulary x 14 bytes (bf16 logits, their fp32
+    copy, log-softmax, its gradient)."""
+    (r0, r1), r2 = points[:2], points[-1]
+    b = (r1["peak_bytes"] - r0["peak_bytes"]) / (r1["tokens"] - r0["tokens"])
+    a = r0["peak_bytes"] - b * r0["tokens"]
+    predicted = a + b * r2["tokens"]
+    error = (predicted - r2["peak_bytes"]) / max(r2["peak_bytes"], 1)
+    stage, path, extra = SETTINGS[name]
+    cfg = config(stage, path, extra)
+    tokens_full = (cfg.resolution // 16) ** 2
+    ok = b > 0 and abs(error) <= 0.25
+    estimate = b * scale * tokens_full if ok else None
+    logits = None
+    if stage == "g4u":
+        from uae.tiny import load_preset
+
+        vocab = load_preset("full")["llm"]["text_config"].get("vocab_size", 151936)
+        logits = cfg.train_batch_size * (cfg.max_new_tokens + 1) * vocab * 14
+    if logits is not None:  # the LM head's logits dominate this stage whatever the fit says
+        estimate = (estimate or 0.0) + logits
+    return {"points": points, "fit": {"a_bytes": a, "b_bytes_per_token": b},
+            "check": {"resolution": r2["resolution"], "predicted_bytes": predicted, "measured_bytes": r2["peak_bytes"],
+                      "relative_error": error},
+            "full_size_estimate_bytes": estimate,
+            "logits_bytes": logits, "scale": scale, "full_resolution": cfg.resolution}
+
+
+def activations(settings: list[str], preset: str, resolutions: list[int], tmp: Path) -> dict:
+    from uae.tiny import build_checkpoint, load_preset
+
+    ckpt = build_checkpoint(tmp / "ckpt", preset, seed=0)
+    small, full = load_preset(preset)["dit"], load_preset("full")["dit"]
+    width = lambda d: d["num_attention_heads"] * d["attention_head_dim"] * d["num_layers"]  # noqa: E731
+    scale = width(full) / width(small)
+    out = {}
+    for name in settings:
+        points = []
+        for res in resolutions:
+            cmd = [sys.executable, __file__, "--_measure", name, "--_ckpt", str(ckpt), "--_res", str(res),
+                   "--_tmp", str(tmp)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+            if proc.returncode:
+                raise RuntimeError(f"{name} at {res}px: {proc.stderr[-3000:]}")
+            points.append({"resolution": res, "tokens": (res // 16) ** 2,
+                           **json.loads(proc.stdout.strip().splitlines()[-1])})
+        out[name] = fit(name, points, scale)
+    return out
+
+
+# ---------------------------------------------------------------------------- measured vs planned
+
+def measure_full(setting: str, preset: str, tmp: Path, ckpt: str | None = None) -> dict:
+    """The setting's training step for real (random weights of `preset` size: `ckpt`, or built
+    here): peak memory against the plan's weights + optimizer + gradients (GPU: torch's allocator)."""
+    from uae.tiny import build_checkpoint
+
+    if ckpt is None:
+        kw = {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}
+        ckpt = build_checkpoint(tmp / "measure", preset, seed=0, **kw)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    res = _measure_step(setting, str(ckpt), SETTINGS_RES.get(setting, 64), str(tmp))
+    planned = plan(setting, preset)["parallel"]["1 GPU"]
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else res["held_bytes"] + res["peak_bytes"]
+    return {"setting": setting, "preset": preset, "measured_peak_gib": peak / GIB, "measured_held_gib": res["held_bytes"] / GIB,
+            "planned_without_activations_gib": planned["total"] / GIB, "seconds": time.perf_counter() - t0,
+            "memory": res["memory"]}
+
+
+SETTINGS_RES: dict[str, int] = {}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="full", help="model size of the plan (full)")
+    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"among {list(SETTINGS)}")
+    ap.add_argument("--act_preset", default="mid", help="model size the activations are measured at ('' to skip)")
+    ap.add_argument("--act_resolutions", type=int, nargs=3, default=[128, 192, 256],
+                    help="fit on the first two, check on the third")
+    ap.add_argument("--measure", default=None, help="a setting to run for real at --preset (on a GPU) and compare")
+    ap.add_argument("--measure_resolution", type=int, default=None, help="resolution of --measure (default its config's)")
+    ap.add_argument("--measure_checkpoint", default=None, help="use this checkpoint for --measure (default: build one)")
+    ap.add_argument("--reuse", default=None, help="a JSON this script wrote: refit its measured activation points")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--_res", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--_tmp", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._measure:
+        print(json.dumps(_measure_step(args._measure, args._ckpt, args._res, args._tmp)))
+        return {}
+    from uae.cli import setup_logging
+
+    setup_logging("WARNING")
+    res = {"machine": machine(), "preset": args.preset, "gpu_gib": GPU_BYTES / GIB,
+           "plans": {name: plan(name, args.preset) for name in args.settings}}
+    with tempfile.TemporaryDirectory() as d:
+        if args.reuse:
+            old = json.loads(Path(args.reuse).read_text())["activations"]
+            res["activations"] = {n: fit(n, a["points"], a["scale"]) for n, a in old.items() if n in args.settings}
+        elif args.act_preset:
+            res["activations"] = activations(args.settings, args.act_preset, args.act_resolutions, Path(d))
+        if args.measure:
+            stage, path, extra = SETTINGS[args.measure]
+            SETTINGS_RES[args.measure] = args.measure_resolution or config(stage, path, extra).resolution
+            res["measured"] = measure_full(args.measure, args.preset, Path(d), args.measure_checkpoint)
+    print(f"memory plan ({res['machine']}); {args.preset} size, GiB per GPU of {GPU_BYTES / GIB:.0f}")
+    print(f"{'setting':<11} {'parallel':<15} {'frozen':>7} {'trained':>8} {'grads':>7} {'optim':>7} {'ema':>6} "
+          f"{'total':>7} {'activ.':>7} {'headroom':>9}")
+    for name, p in res["plans"].items():
+        act = (res.get("activations", {}).get(name) or {}).get("full_size_estimate_bytes")
+        for par, t in p["parallel"].items():
+            a = "" if act is None else f"{act / GIB:7.1f}"
+            left = GPU_BYTES - t["total"] - (act or 0)
+            print(f"{name:<11} {par:<15} {t['frozen_weights'] / GIB:7.1f} {t['trained_weights'] / GIB:8.2f} "
+                  f"{t['gradients'] / GIB:7.2f} {t['optimizer'] / GIB:7.2f} {t['ema'] / GIB:6.2f} {t['total'] / GIB:7.1f} "
+                  f"{a:>7} {left / GIB:9.1f}")
+    for name, a in res.get("activations", {}).items():
+        c = a["check"]
+        est = a["full_size_estimate_bytes"]
+        full = "no estimate (below the noise at this size)" if est is None else \
+            f"{est / GIB:.1f} GiB (x{a['scale']:.0f} width x depth" + \
+            (f"; of which logits {a['logits_bytes'] / GIB:.1f} GiB)" if a.get("logits_bytes") else ")")
+        print(f"activations {name}: fit at {a['points'][0]['resolution']}/{a['points'][1]['resolution']} px, predicted "
+              f"{c['predicted_bytes'] / 2 ** 20:.0f} MB at {c['resolution']} px, measured {c['measured_bytes'] / 2 ** 20:.0f} "
+              f"MB ({c['relative_error']:+.0%}); full size at {a['full_resolution']} px: {full}")
+    if "measured" in res:
+        m = res["measured"]
+        print(f"measured {m['setting']} at {m['preset']} size: peak {m['measured_peak_gib']:.1f} GiB ({m['memory']}), "
+              f"planned without activations {m['planned_without_activations_gib']:.1f} GiB")
+    write_json(args.json, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""What a trainer trains, as data: each recipe's `configure(model, cfg)` wraps its LoRAs, marks
+what trains, applies the precision policy and returns its `Parts`. The recipe runs it on the loaded
+model; bench/memory_plan.py runs the very same function on full-size models built on the meta
+device, to count bytes without a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Parts:
+    groups: dict[str, list[torch.nn.Parameter]]    # trained parameters, by optimizer group
+    prepared: tuple[str, ...]                       # modules accelerate wraps (DDP / FSDP): "llm", "projector", "dit"
+    freed: tuple[str, ...] = ()                     # modules released once set-up is done ("encoder")
+    extra: dict[str, torch.nn.Module] = field(default_factory=dict)  # other models held (scorers)
+
+    @property
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for g in self.groups.values() for p in g]
+
+
+def train_lora_only(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Freeze `module` but its LoRA weights; returns them."""
+    for n, p in module.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def ensure_dit_lora(dit, cfg) -> None:
+    """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one from the config."""
+    from peft import LoraConfig
+
+    from uae.models.decoder import add_dit_lora
+
+    if not getattr(dit, "peft_config", None):
+        add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                     target_modules=list(cfg.lora_target_modules)))
