@@ -273,7 +273,8 @@ class SFTRecipe:
         images = self.model.generate(list(self.cfg.validation_prompts), height=self.cfg.resolution,
                                      width=self.cfg.resolution, num_inference_steps=self.cfg.validation_inference_steps,
                                      guidance_scale=self.cfg.validation_guidance_scale, seed=self.cfg.seed, progress=False)
-        image_grid(images, list(self.cfg.validation_prompts), self.out / "validation" / f"step_{step:06d}.png")
+        grid = image_grid(images, list(self.cfg.validation_prompts), self.out / "validation" / f"step_{step:06d}.png")
+        self.run.log_image(step, "validation", grid)
         self.dit.train()
 
     # ------------------------------------------------------------------ output
