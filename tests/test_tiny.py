@@ -117,3 +117,24 @@ def test_build_in_bfloat16_writes_bf16_weights_that_load(tmp_path):
     assert {v.dtype for v in llm.values()} == {torch.bfloat16}
     model = UAE.from_pretrained(str(path), device="cpu", dtype=torch.bfloat16)
     assert model.generate(["a cat"], height=32, width=32, num_inference_steps=2, progress=False)[0].size == (32, 32)
+
+
+def test_cached_artefacts_are_built_by_the_nodes_first_process_only(tmp_path, monkeypatch):
+    """transformers writes no model files on a torch.distributed rank other than 0: the other
+    processes wait for the first one's build instead of building an incomplete artefact."""
+    import threading
+    import time
+
+    from uae.io import build_once
+
+    built = []
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    target = tmp_path / "artefact"
+    threading.Timer(0.6, lambda: target.mkdir()).start()  # the first process's build, elsewhere
+    t0 = time.monotonic()
+    assert build_once(target, lambda p: built.append(p)) == target
+    assert not built and time.monotonic() - t0 >= 0.5
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    other = tmp_path / "other"
+    build_once(other, lambda p: (built.append(p), p.mkdir()))
+    assert built == [other]

@@ -33,13 +33,24 @@ def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def build_once(path: Path, build) -> Path:
+def build_once(path: Path, build, timeout_s: float = 3600.0) -> Path:
     """`build(path)` unless `path` exists, under an exclusive file lock, so that concurrent
-    processes (e.g. the ranks of a launch) build a cached artefact once and never see half of it."""
+    processes build a cached artefact once and never see half of it. In a distributed job only the
+    node's first process (LOCAL_RANK 0) builds; the others wait for the artefact to appear:
+    transformers' save_pretrained writes nothing on a process whose torch.distributed rank is not 0,
+    so an artefact built there would be silently incomplete."""
     import fcntl
+    import time
 
     path = Path(path)
     if path.exists():
+        return path
+    if not _builds_here():
+        t0 = time.monotonic()
+        while not path.exists():
+            if time.monotonic() - t0 > timeout_s:
+                raise UAEError(f"waited {timeout_s:.0f} s for {path} to be built by the node's first process")
+            time.sleep(0.5)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
@@ -47,6 +58,18 @@ def build_once(path: Path, build) -> Path:
         if not path.exists():
             build(path)
     return path
+
+
+def _builds_here() -> bool:
+    """Whether this process may build cached artefacts: a single process, or a node's first one."""
+    if "LOCAL_RANK" in os.environ:
+        return int(os.environ["LOCAL_RANK"]) == 0
+    try:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    except ImportError:
+        return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

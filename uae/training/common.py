@@ -133,6 +133,7 @@ class Checkpoints:
         accelerator.wait_for_everyone()
         tmp.mkdir(parents=True, exist_ok=True)  # every rank writes its RNG state there
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank's files are in before the folder is renamed
         if accelerator.is_main_process:
             atomic_write_json(tmp / "uae_state.json", {"step": step, "config": config})
             shutil.rmtree(final, ignore_errors=True)
