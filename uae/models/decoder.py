@@ -128,6 +128,23 @@ def save_dit(dit, folder, dtype: torch.dtype | None = None) -> None:
                           max_shard_size="10GB")
 
 
+def guided_velocity(dit, x, t, pos, neg, pooled, guidance: float):
+    """The DiT's velocity with classifier-free guidance: both branches in one batched forward when
+    their conditioning has the same length, two forwards when it does not; no negative branch at
+    guidance <= 1. `t` is a scalar or one timestep per sample."""
+    tt = t.expand(x.shape[0]) if t.ndim == 0 else t
+    if guidance > 1 and pos.shape[1] == neg.shape[1]:
+        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]), encoder_hidden_states=torch.cat([neg, pos]),
+                  pooled_projections=torch.cat([pooled, pooled]), return_dict=False)[0]
+        uncond, cond = out.chunk(2)
+        return uncond + guidance * (cond - uncond)
+    cond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
+    if guidance <= 1:
+        return cond
+    uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled, return_dict=False)[0]
+    return uncond + guidance * (cond - uncond)
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """SD3 latents -> images in [0, 1], (B, 3, H, W) (differentiable)."""
     x = latents / vae.config.scaling_factor + vae.config.shift_factor

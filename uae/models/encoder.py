@@ -146,7 +146,7 @@ class UAEEncoder(nn.Module):
         shards overrides the one in `llm/`, as the release's strict=False load applied them last."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        from uae.checkpoints import load_official_llm_lora, lora_layout_in_shards
+        from uae.checkpoints import LORA_SHARDS, load_official_llm_lora, lora_layout_in_shards
 
         try:
             processor = AutoProcessor.from_pretrained(processor_path)
@@ -161,7 +161,7 @@ class UAEEncoder(nn.Module):
         if missing or info.get("mismatched_keys"):
             raise UAEError(f"LLM weights in {llm_path} do not fit its config.json: missing "
                            f"{missing[:3]}, mismatched {list(info.get('mismatched_keys', []))[:3]}")
-        lora_files = [] if lora_path is None else [Path(lora_path) / s for s in _lora_shard_names()]
+        lora_files = [] if lora_path is None else [Path(lora_path) / s for s in LORA_SHARDS]
         projector = load_projector(llm_path, llm.config.text_config.hidden_size, projector_dtype or dtype,
                                    later_files=lora_files)
         encoder = cls(llm.eval(), projector.eval(), processor, prompts)
@@ -306,12 +306,6 @@ def group_by_length(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[
         groups.setdefault(pos.shape[1], []).append(i)
     return [(idx, torch.cat([pairs[i][0] for i in idx]), torch.cat([pairs[i][1] for i in idx]))
             for idx in groups.values()]
-
-
-def _lora_shard_names() -> tuple[str, ...]:
-    from uae.checkpoints import LORA_SHARDS
-
-    return LORA_SHARDS
 
 
 def load_projector(llm_path: str, in_dim: int, dtype: torch.dtype, later_files: Sequence[Path] = ()) -> nn.Sequential:

@@ -45,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 from uae.errors import UAEError
 from uae.rl.rewards import to_uint8
 from uae.models.decoder import decode_latents as decode
+from uae.models.decoder import guided_velocity
 from uae.training.common import generator_for, make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
@@ -56,20 +57,8 @@ CONDITIONINGS = ("caption_tokens", "all_tokens", "generate_template")
 
 
 def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float):
-    """One Euler step of the flow ODE with classifier-free guidance (two DiT calls when the
-    branches' lengths differ, one batched call when they are equal)."""
-    tt = t.expand(x.shape[0])
-    if guidance > 1 and pos.shape[1] == neg.shape[1]:
-        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]), encoder_hidden_states=torch.cat([neg, pos]),
-                  pooled_projections=torch.cat([pooled, pooled]), return_dict=False)[0]
-        uncond, v = out.chunk(2)
-        v = uncond + guidance * (v - uncond)
-    else:
-        v = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
-        if guidance > 1:
-            uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled,
-                         return_dict=False)[0]
-            v = uncond + guidance * (v - uncond)
+    """One Euler step of the flow ODE with classifier-free guidance: (next latent, velocity)."""
+    v = guided_velocity(dit, x, t, pos, neg, pooled, guidance)
     return x + (sigma_next - sigma) * v, v
 
 

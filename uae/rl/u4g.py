@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from uae.models.decoder import decode_latents
+from uae.models.decoder import decode_latents, guided_velocity
 from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
 from uae.rl.rollout import (kl_reference, default_reward, iteration_share, load_references, score,
                             sde_window_for)
@@ -37,19 +37,6 @@ from uae.training.precision import precision_policy
 logger = logging.getLogger(__name__)
 
 
-def velocity(dit, x, t, pos, neg, pooled, guidance: float):
-    """The DiT's velocity with classifier-free guidance, both branches in one batched forward."""
-    b = x.shape[0]
-    tt = t.expand(b) if t.ndim == 0 else t
-    if guidance > 1:
-        out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]),
-                  encoder_hidden_states=torch.cat([neg, pos]), pooled_projections=torch.cat([pooled, pooled]),
-                  return_dict=False)[0]
-        uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
-    return dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
-
-
 @torch.no_grad()
 def sample_trajectory(dit, latents, sched, pos, neg, pooled, *, guidance, noise_level, kind, window, generator):
     """Run all steps; SDE on the `window` steps (recorded), the deterministic Euler step elsewhere.
@@ -58,7 +45,7 @@ def sample_trajectory(dit, latents, sched, pos, neg, pooled, *, guidance, noise_
     sde = sde_window(len(timesteps), window)
     x, record = latents, []
     for i, t in enumerate(timesteps):
-        v = velocity(dit, x.to(pos.dtype), t.to(x.device), pos, neg, pooled, guidance)
+        v = guided_velocity(dit, x.to(pos.dtype), t.to(x.device), pos, neg, pooled, guidance)
         step = sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level if sde[i] else 0.0, kind=kind,
                         sigma_max=sigmas[1], generator=generator)
         if sde[i]:
@@ -358,14 +345,14 @@ class U4GRecipe:
             with torch.no_grad():
                 if self.reference is not None:  # the LoRA the stage started from
                     with self.reference.active():
-                        v_ref = velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                        v_ref = guided_velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
                 else:  # the DiT without its LoRA
                     self.dit.disable_adapters()
-                    v_ref = velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                    v_ref = guided_velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
                     self.dit.enable_adapters()
                 ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
                                sigma_max=sigmas[1], prev_sample=x_next)
-        v = velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale)
+        v = guided_velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale)
         step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind, sigma_max=sigmas[1],
                         prev_sample=x_next)
         kl = None if ref is None else flow_kl(step.mean, ref.mean, step.noise_scale)
