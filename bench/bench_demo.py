@@ -2,7 +2,8 @@
 
   text-to-image  ours (UAEDecoder.generate, as demo.py calls it) vs a bare diffusers
                  StableDiffusion3Pipeline given the same prompt embeddings, the same DiT (LoRA
-                 included), VAE, scheduler, size, steps and seed; the outputs must be identical.
+                 included), VAE, scheduler, size, steps and seed; the largest difference of the
+                 outputs is reported.
                  The prompt-embedding time (LLM + projector, which the bare pipeline is handed)
                  is reported beside it. Target: ours at most 1.05x the bare pipeline.
   captioning     tokens per second of UAEEncoder.caption at a fixed caption length.

@@ -27,8 +27,11 @@ def test_identical_images_to_a_bare_pipeline(tiny_ckpt, tiny_uae):
     bare = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, pooled_prompt_embeds=pooled,
                 negative_pooled_prompt_embeds=pooled, generator=torch.Generator().manual_seed(7),
                 output_type="np", **kw).images
-    assert ours.shape == (1, 48, 80, 3)
-    np.testing.assert_array_equal(ours, bare)
+    assert ours.shape == (1, 48, 80, 3) and bare.std() > 0.02
+    # Float images of two loading paths (PeftModel around the DiT, diffusers' adapter in it): equal
+    # on the machines measured, but only the same code path twice is guaranteed to be bit-equal;
+    # 1e-5 is 1/400 of a uint8 step, far below any real difference.
+    np.testing.assert_allclose(ours, bare, rtol=0, atol=1e-5)
 
 
 def test_facade_generate_is_seeded_per_image(tiny_uae):

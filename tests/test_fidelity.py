@@ -274,7 +274,7 @@ def test_embedding_forward_runs_with_sdpa_whatever_the_captioning_backend(tiny_c
 
 # ----------------------------------------------------------------------------- images
 
-def test_demo_text_to_image_equals_the_release_path_pixel_for_pixel(tiny_ckpt, tiny_uae, tmp_path, capsys):
+def test_demo_text_to_image_equals_the_release_path_to_the_rounding(tiny_ckpt, tiny_uae, tmp_path, capsys):
     """Default seed 42, 40 steps at SD3.5's shift 3.0, guidance 5.0: the demo's PNG against the
     bare diffusers pipeline with a PeftModel DiT, fed the release-computed embeddings."""
     out = tmp_path / "ours.png"
@@ -287,7 +287,16 @@ def test_demo_text_to_image_equals_the_release_path_pixel_for_pixel(tiny_ckpt, t
         theirs = pipe(prompt_embeds=pos.float(), negative_prompt_embeds=neg.float(), pooled_prompt_embeds=pooled,
                       negative_pooled_prompt_embeds=pooled, height=64, width=96, num_inference_steps=40,
                       guidance_scale=5.0, generator=torch.Generator(device="cpu").manual_seed(42)).images[0]
-    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(theirs))
+    ours, ref = np.asarray(Image.open(out), dtype=np.int16), np.asarray(theirs, dtype=np.int16)
+    assert ours.shape == ref.shape == (64, 96, 3) and ref.std() > 5     # an image, not a flat field
+    # Two float paths (the release's text model re-implemented in float64, cast to float32, against
+    # ours; a PeftModel DiT against diffusers' adapter) agree to ~1e-7 in the latents. Rounding to
+    # 1/255 then puts a value that close to a boundary on either side, depending on the CPU's
+    # kernels: measured 0 values off on an Intel Xeon, 3 of 18,432 (0.016%) by 1 on an AMD EPYC.
+    # Guaranteed: at most 1/255, on a tiny fraction. A real difference (another seed, shift, step
+    # count or conditioning) changes most values by far more.
+    diff = np.abs(ours - ref)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).sum())
 
 
 # Every prompt shorter than the negative prompt is padded to its length, so "a cat" and "a dog"
