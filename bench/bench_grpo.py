@@ -7,7 +7,9 @@ folder) and the sample references, and splits each step's wall time as the stage
                other (advantages, gathering, metrics: the step's wall time minus the three)
   cold_start   sampling = the differentiable reconstruction (conditioning, DiT schedule, VAE),
                reward = CLIP features and loss, train = backward + optimizer, other
-The first step is a warm-up and is not counted. Also prints one DiT forward's time at the size.
+The first step is a warm-up and is not counted. Also prints one DiT forward's time at the size,
+and for g4u what its rollout saves by taking the old log-probs as the policy's own (one update per
+rollout batch, TRL's shortcut) instead of computing them (side by side, in this process).
 
     python bench/bench_grpo.py --stage u4g --preset mid --iterations 3
     python bench/bench_grpo.py --stage all --preset tiny --resolution 64
@@ -94,6 +96,42 @@ def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
             "steps_timed": len(rec), **peak_memory_mb()}
 
 
+def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
+    """Stage 2's rollout with and without the old log-probs forward, side by side in one process:
+    with one update per rollout batch (inner_epochs 1) the old log-probs are the policy's own,
+    detached (TRL's shortcut), so the rollout skips that forward; with inner_epochs > 1 it runs."""
+    from accelerate.state import AcceleratorState
+
+    from uae.rl.g4u import G4URecipe
+    from uae.rl.rollout import iteration_share
+    from uae.rl.train import parse
+    from uae.training.run import Run
+
+    seconds = {}
+    for inner in (1, 2):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        cfg = parse(["--config", str(ROOT / "configs" / "grpo" / CONFIGS["g4u"]), "--checkpoint", str(ckpt),
+                     "--data", str(ROOT / "Unified-Bench" / "UniBench" / "sample"), "--output_dir",
+                     str(work / f"logprobs_{inner}"), "--scorer_weights", args.scorer_weights, "--device", args.device,
+                     "--mixed_precision", args.mixed_precision, "--max_new_tokens", str(args.max_new_tokens),
+                     "--group_size", str(args.group_size), "--prompts_per_iteration", str(args.prompts),
+                     "--inner_epochs", str(inner), "--report_to", "none", "--log_level", "WARNING"])[0]
+        recipe = G4URecipe(Run(cfg, "bench"), reward=lambda *a: [])
+        recipe.setup()
+        share = iteration_share(cfg, 0, len(recipe.refs), 1, 0)
+        with recipe.acc.autocast():
+            recipe.rollout(0, share)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                recipe.rollout(0, share)
+            sync()
+        seconds[inner] = (time.perf_counter() - t0) / repeats
+        del recipe
+    return {"rollout_seconds_shortcut": seconds[1], "rollout_seconds_with_old_logprobs": seconds[2],
+            "old_logprob_forward_seconds": seconds[2] - seconds[1]}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="all", choices=[*STAGES, "all"])
@@ -124,6 +162,8 @@ def main(argv=None) -> dict:
         tmp = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt", args.preset)
         results = {s: run_stage(s, ckpt, tmp, args) for s in stages}
+        if "g4u" in stages:
+            results["g4u"].update(old_logprob_forward(ckpt, tmp, args))
         dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32
         # For scale, next to the stage that samples with the DiT (a full-size DiT is not reloaded per stage).
         t_fwd = dit_forward_seconds(ckpt, args.resolution, args.group_size * args.prompts, device, dtype) \
@@ -139,6 +179,12 @@ def main(argv=None) -> dict:
     for s, r in results.items():
         print(f"{s:<12}{r['seconds_per_step']:>9.3f}" +
               "".join(f"{r['phase_seconds'][k]:>9.3f} ({r['phase_share'][k]:>4.0%})" for k in PHASES))
+    if "g4u" in results:
+        g = results["g4u"]
+        print(f"g4u rollout: {g['rollout_seconds_shortcut']:.3f} s with the old log-probs taken as the policy's own "
+              f"(inner_epochs 1), {g['rollout_seconds_with_old_logprobs']:.3f} s computing them (inner_epochs 2): "
+              f"{g['old_logprob_forward_seconds']:.3f} s saved, "
+              f"{g['old_logprob_forward_seconds'] / g['seconds_per_step']:.1%} of a step")
     write_json(args.json, res)
     return res
 

@@ -125,7 +125,7 @@ def rows(results: dict) -> list[list[str]]:
                     f"{f['seconds_per_step']:.3f}", "", "", "", memory(f)])
     m = (results.get("memory_plan") or {}).get("measured")
     if m:
-        out.append([f"stage-3 step, {m['preset']} size", f"GiB: measured peak vs planned (weights, grads, optimizer)",
+        out.append([f"stage-3 step, {m['preset']} size", "GiB: measured peak vs planned (weights, grads, optimizer)",
                     f"{m['measured_peak_gib']:.2f}", f"{m['planned_without_activations_gib']:.2f}",
                     f"{m['measured_peak_gib'] / max(m['planned_without_activations_gib'], 1e-9):.2f}x",
                     "activations on top", m["memory"]])

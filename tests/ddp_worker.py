@@ -19,7 +19,7 @@ from uae.config import parse_config  # noqa: E402
 def main() -> None:
     stage, out, ckpt, data, *extra = sys.argv[1:]
     rank = int(os.environ.get("RANK", 0))
-    advantages = []
+    advantages, captioned = [], []
     if stage == "sft":
         from uae.training.configs import SFTConfig
         from uae.training.run import Run
@@ -51,6 +51,19 @@ def main() -> None:
                                                   "--checkpoint", ckpt, "--data", data, "--output_dir", out,
                                                   "--scorer_weights", "tiny", "--image_log_steps", "0", *extra])
         run = Run(cfg, "test")
+        if os.environ.get("UAE_TEST_CAPTION_SKEW"):
+            # Rank 1 samples other captions than rank 0 would (as another GPU's kernels may), and
+            # every rank counts the images it captions.
+            from uae.models.encoder import UAEEncoder
+
+            real_caption = UAEEncoder.caption
+
+            def caption(self, images, **kw):
+                captioned.extend([1] * len(images))
+                out = real_caption(self, images, **kw)
+                return [c + " (sampled on rank 1)" for c in out] if rank == 1 else out
+
+            UAEEncoder.caption = caption
         reward = None
         if os.environ.get("UAE_TEST_REWARD") == "one_flat_image":
             # A caption-length reward, except for one reference whose reward is flat: a process whose
@@ -60,7 +73,8 @@ def main() -> None:
         recipe = ColdStartRecipe(run) if stage == "cold_start" else \
             {"u4g": uae.rl.u4g.U4GRecipe, "g4u": uae.rl.g4u.G4URecipe}[stage](run, reward=reward)
         run.train(recipe, cfg.max_steps, stage)
-    torch.save({"params": [p.detach().cpu().clone() for p in recipe.trainable], "advantages": advantages},
+    torch.save({"params": [p.detach().cpu().clone() for p in recipe.trainable], "advantages": advantages,
+                "captioned": len(captioned)},
                Path(out) / f"rank{rank}.pt")
 
 

@@ -24,13 +24,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc, script, *args, env=None):
+def _run(cmd, env=None, ok=True):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), *map(str, args)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    if ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def torchrun(nproc, script, *args, env=None, ok=True):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_addr",
+                 "127.0.0.1", "--master_port", _free_port(), script, *args], env=env, ok=ok)
+
+
+def accelerate_launch(config_file, nproc, script, *args, ok=True):
+    return _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file, "--num_processes",
+                 nproc, "--main_process_port", _free_port(), script, *args], ok=ok)
 
 
 def launch(nproc, stage, out, ckpt, data, *extra, env=None):
@@ -130,6 +139,53 @@ def test_g4u_process_without_signal_keeps_step_with_the_other(tiny_ckpt, pairs, 
     assert _same(r0["params"], r1["params"])
     rec = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rec) == 4 and any(r["skipped_groups"] == 1 for r in rec)  # a rank without signal happened
+
+
+def test_u4g_captions_each_reference_once_when_ranks_sample_differently(tiny_ckpt, pairs, tmp_path):
+    """Stage 3's prompts: each reference is captioned by one process, and every process trains on
+    the same captions, even when rank 1's sampler gives other texts than rank 0's would (before,
+    every rank captioned every reference, and a prompt that only rank 1 had sampled was never
+    embedded by rank 0's share of the cache: a crash)."""
+    out = tmp_path / "run"
+    r0, r1 = launch(2, "u4g", out, tiny_ckpt, pairs, "--max_iterations", 1, "--prompts_per_iteration", 2,
+                    env={"UAE_TEST_CAPTION_SKEW": "1"})
+    assert (r0["captioned"], r1["captioned"]) == (2, 2)          # 4 references, each captioned once
+    captions = [json.loads(line)["caption"] for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(captions) == 4 and sum(c.endswith("(sampled on rank 1)") for c in captions) == 2
+    assert _same(r0["params"], r1["params"])
+
+
+@pytest.mark.parametrize("kind", ["fsdp", "deepspeed"])
+def test_grpo_refuses_sharded_launches_on_every_rank(tiny_ckpt, pairs, tmp_path, kind):
+    """FSDP through accelerate's own launcher and config file (on CPU accelerate would otherwise
+    fall back to DDP silently); DeepSpeed as its launcher sets it (accelerate launch itself stops
+    on a machine without deepspeed installed). The ranks stop with the one-line error before
+    loading anything."""
+    args = ["train_grpo.py", "--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", tiny_ckpt, "--data", pairs,
+            "--output_dir", tmp_path / "run"]
+    if kind == "fsdp":
+        proc = accelerate_launch(ROOT / "configs/accelerate/fsdp.yaml", 2, *args, ok=False)
+    else:
+        proc = torchrun(2, *args, env={"ACCELERATE_USE_DEEPSPEED": "true"}, ok=False)
+    assert proc.returncode != 0
+    name = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}[kind]
+    errors = [line for line in proc.stderr.splitlines() if f"{name} launches are not supported" in line]
+    # The launcher stops the other rank once one has failed, so it may not get to print its line.
+    assert errors and "multi_gpu_ddp.yaml" in errors[0], proc.stderr[-3000:]
+    # The scripts' exit code for a UAEError; the only traceback is the launcher's report of its
+    # failed children, no frame of ours; nothing was set up.
+    assert "exitcode  : 2" in proc.stderr and f'File "{ROOT / "uae"}' not in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_sft_still_launches_with_the_fsdp_config(tiny_ckpt, pairs, tmp_path):
+    """SFT of the whole DiT needs FSDP on real GPUs: the refusal is GRPO's only. (On CPU accelerate
+    runs it data-parallel; what this shows is that nothing of ours stops it.)"""
+    out = tmp_path / "sft"
+    accelerate_launch(ROOT / "configs/accelerate/fsdp.yaml", 2, "train_sft.py", "--config", "configs/sft/tiny.yaml",
+                      "--checkpoint", tiny_ckpt, "--data", pairs, "--output_dir", out, "--max_steps", 1,
+                      "--validation_steps", 0, "--train_batch_size", 1)
+    assert (out / "final" / "uae_checkpoint.json").exists()
 
 
 def test_unibench_over_two_processes_writes_the_one_process_json(tiny_ckpt, tmp_path):

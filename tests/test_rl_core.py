@@ -71,7 +71,7 @@ def test_group_advantages_by_hand():
     expected = torch.tensor([-1 / (1 + e), 1 / (1 + e), 0.0, 0.0, -2 / (2 + e), 2 / (2 + e)])
     assert torch.allclose(adv.values, expected, atol=1e-6)
     assert adv.keep.tolist() == [True, True, False, False, True, True] and adv.skipped_groups == 1 and adv.groups == 3
-    batch = group_advantages(r, gid, std_scope="batch")
+    batch = group_advantages(r, gid, scale="batch")
     assert torch.allclose(batch.values, (r - torch.tensor([2, 2, 2, 2, 2, 2.0])) / (r.std(unbiased=False) + 1e-4))
     clipped = group_advantages(torch.tensor([0.0, 0, 0, 0, 0, 0, 0, 100]), torch.zeros(8, dtype=torch.long), clip=2.0)
     assert clipped.values.max() == 2.0

@@ -128,20 +128,26 @@ def save_dit(dit, folder, dtype: torch.dtype | None = None) -> None:
                           max_shard_size="10GB")
 
 
-def guided_velocity(dit, x, t, pos, neg, pooled, guidance: float):
-    """The DiT's velocity with classifier-free guidance: both branches in one batched forward when
-    their conditioning has the same length, two forwards when it does not; no negative branch at
-    guidance <= 1. `t` is a scalar or one timestep per sample."""
+def guided_velocity(dit, x, t, pos, neg, pooled, guidance: float, detach_uncond: bool = False):
+    """The DiT's velocity with classifier-free guidance, v = v_u + g (v_c - v_u): both branches in
+    one batched forward when their conditioning has the same length, two forwards when it does
+    not; no negative branch at guidance <= 1. `t` is a scalar or one timestep per sample.
+
+    `detach_uncond`: the unconditional branch is a constant for autograd, so the gradient is
+    g * grad v_c alone instead of g * grad v_c + (1 - g) * grad v_u (Flow-GRPO's training forward,
+    `compute_log_prob` in its scripts/train_sd3.py); the value is the same."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
     if guidance > 1 and pos.shape[1] == neg.shape[1]:
         out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]), encoder_hidden_states=torch.cat([neg, pos]),
                   pooled_projections=torch.cat([pooled, pooled]), return_dict=False)[0]
         uncond, cond = out.chunk(2)
-        return uncond + guidance * (cond - uncond)
-    cond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
-    if guidance <= 1:
-        return cond
-    uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled, return_dict=False)[0]
+    else:
+        cond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
+        if guidance <= 1:
+            return cond
+        uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled, return_dict=False)[0]
+    if detach_uncond:
+        uncond = uncond.detach()
     return uncond + guidance * (cond - uncond)
 
 

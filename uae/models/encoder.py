@@ -327,7 +327,7 @@ def load_projector(llm_path: str, in_dim: int, dtype: torch.dtype, later_files: 
             found_in.append(f.name)
     need = {"0.weight", "0.bias", "2.weight", "2.bias"}
     if set(state) != need:
-        where = f"llm folder {llm_path}" + (f" and the llm_lora shards" if later_files else "")
+        where = f"llm folder {llm_path}" + (" and the llm_lora shards" if later_files else "")
         raise UAEError(f"{where} hold projector tensors {sorted(state)}, expected {sorted(need)} (Linear, GELU, "
                        "Linear). The release's projector is in llm/ or in the llm_lora shards: do not switch "
                        "llm_lora off if llm/ has none.")

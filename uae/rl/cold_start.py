@@ -56,9 +56,9 @@ GRADIENTS = ("full", "truncated", "x0")
 CONDITIONINGS = ("caption_tokens", "all_tokens", "generate_template")
 
 
-def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float):
+def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float, detach_uncond: bool = False):
     """One Euler step of the flow ODE with classifier-free guidance: (next latent, velocity)."""
-    v = guided_velocity(dit, x, t, pos, neg, pooled, guidance)
+    v = guided_velocity(dit, x, t, pos, neg, pooled, guidance, detach_uncond)
     return x + (sigma_next - sigma) * v, v
 
 
@@ -180,7 +180,7 @@ class ColdStartRecipe:
         else:
             first_grad = 0 if cfg.gradient == "full" else n - cfg.truncate_steps
         for i in range(n):
-            args = (dit, x, steps[i], sig[i], sig[i + 1], pos, neg, pooled, cfg.guidance_scale)
+            args = (dit, x, steps[i], sig[i], sig[i + 1], pos, neg, pooled, cfg.guidance_scale, cfg.detach_uncond)
             if i < first_grad:
                 with torch.no_grad():
                     x, _ = euler_step(*args)
@@ -240,10 +240,7 @@ class ColdStartRecipe:
             t_train += time.perf_counter() - t1
         t1 = time.perf_counter()
         if self.dit_trainable and acc.num_processes > 1:
-            from accelerate.utils import reduce
-
-            for p in self.dit_trainable:
-                p.grad = reduce(p.grad, reduction="mean")
+            self._average_dit_grads()
         if cfg.max_grad_norm > 0:
             acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
         self.opt.step()
@@ -255,6 +252,18 @@ class ColdStartRecipe:
         total = time.perf_counter() - t0
         return {"loss": value, "seconds_per_step": total, "time_sampling": t_sample, "time_reward": t_reward,
                 "time_train": t_train, "time_other": total - t_sample - t_reward - t_train}
+
+    def _average_dit_grads(self) -> None:
+        """The DiT LoRA's gradients (not DDP-wrapped, see setup) averaged over the processes in
+        one all-reduce of one flat buffer, as DDP's buckets do, not one collective per tensor (a
+        LoRA on every attention projection of 38 blocks is hundreds of tensors)."""
+        from accelerate.utils import reduce
+
+        params = self.dit_trainable
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+        for p, g in zip(params, flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
 
     def plot(self, records: list[dict]) -> None:
         from uae.report import loss_curve

@@ -17,17 +17,33 @@ import contextlib
 import logging
 import statistics
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from uae.errors import UAEError
-from uae.rl.grpo import group_advantages, ppo_clip_loss
-from uae.rl.rollout import kl_reference, default_reward, iteration_share, load_references, score
+from uae.rl.grpo import clipped_surrogate, group_advantages, ratio_stats, token_loss
+from uae.rl.rollout import (default_reward, iteration_metrics, iteration_share, kl_reference,
+                            load_references, score)
 from uae.training.common import generator_for, make_optimizer
 from uae.training.parts import Parts, train_lora_only
 from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """One process's captions of an iteration."""
+
+    batch: dict                         # the caption prompts (instruction + image), processor outputs
+    completion: torch.Tensor            # (B, T) sampled tokens, padded after the first end-of-sequence token
+    token_mask: torch.Tensor            # (B, T) bool: the tokens of the action (up to and including that token)
+    truncated: torch.Tensor             # (B,) bool: no end-of-sequence token within max_new_tokens
+    texts: list[str]                    # the captions, decoded unstripped
+    rows: list[slice]                   # the micro-batches of the log-prob forwards
+    old_log_probs: torch.Tensor | None  # (B, T) at sampling time; None: the first update's own, detached
+    images: list = field(default_factory=list)  # the decoder's image of each caption (filled by scoring)
 
 
 def _pixel_rows(batch, rows: slice) -> torch.Tensor:
@@ -162,13 +178,43 @@ class G4URecipe:
 
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
+        """Rollout (captions sampled on-policy), score (the frozen decoder's images from them
+        against the inputs; advantages over the whole iteration's groups), update (token-level
+        PPO-clip, `inner_epochs` optimizer steps), as TRL splits `_generate_and_score_completions`
+        and `compute_loss`."""
         cfg, acc = self.cfg, self.acc
-        enc = self.model.encoder
         t_start = time.perf_counter()
         share = iteration_share(cfg, it, len(self.refs), acc.num_processes, acc.process_index)
-        mine = share.samples
-
         t0 = time.perf_counter()
+        roll = self.rollout(it, share)
+        t_sample = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores, adv = self.score_rollout(it, share, roll)
+        t_reward = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = self.update(roll, adv.values[share.offset:share.offset + share.size])
+        t_train = time.perf_counter() - t0
+
+        dev = acc.device
+        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
+        # Caption length in words (the paper's "longer, more descriptive captions"), and in tokens.
+        words = acc.gather(torch.tensor([float(len(t.split())) for t in roll.texts], device=dev)).tolist()
+        tokens = acc.gather(roll.token_mask.sum(1).float()).tolist()
+        truncated = acc.gather(roll.truncated.float()).mean().item()
+        values = iteration_metrics(acc, all_rewards, scores, adv, {"sampling": t_sample, "reward": t_reward,
+                                                                   "train": t_train}, time.perf_counter() - t_start)
+        values.update(caption_len_mean=sum(words) / len(words), caption_len_median=statistics.median(words),
+                      caption_len_max=max(words), caption_tokens_mean=sum(tokens) / len(tokens),
+                      truncated_fraction=truncated, **stats)
+        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
+            self._log_samples(it + 1, share.samples, roll.images, roll.texts, scores["total"])
+        return values
+
+    def rollout(self, it: int, share) -> "Rollout":
+        """This process's captions of the iteration: sampled, cut after the first end-of-sequence
+        token, and (when an optimizer step will not be the first after them) their log-probs."""
+        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
+        mine = share.samples
         self.policy.eval()
         batch = enc.caption_inputs([self.refs[p].image for p in mine])
         torch.manual_seed((cfg.seed * 1_000_003 + it * acc.num_processes + acc.process_index) % (2 ** 63 - 1))
@@ -179,7 +225,8 @@ class G4URecipe:
         is_eos = torch.zeros_like(completion, dtype=torch.bool)
         for e in eos:
             is_eos |= completion == e
-        # Tokens up to and including the first end-of-sequence token are the action.
+        # Tokens up to and including the first end-of-sequence token are the action; a caption
+        # without one was cut at max_new_tokens.
         after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
         tok_mask = ~after
         pad = enc.qwen.generation_config.pad_token_id
@@ -187,60 +234,77 @@ class G4URecipe:
         # Unstripped, as the release turns a caption into a prompt.
         texts = enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0), skip_special_tokens=True)
         rows = self.micro_batches(len(mine))
-        with torch.no_grad():
-            old_lp = torch.cat([self.token_logprobs(self.policy, batch, completion, r) for r in rows])
-        t_sample = time.perf_counter() - t0
+        old_lp = None
+        if cfg.inner_epochs > 1:
+            # With one optimizer step per rollout batch the policy has not moved when it is taken:
+            # the old log-probs are the current ones, detached (TRL's shortcut; one forward saved).
+            with torch.no_grad():
+                old_lp = torch.cat([self.token_logprobs(self.policy, batch, completion, r) for r in rows])
+        return Rollout(batch, completion, tok_mask, ~is_eos.any(1), texts, rows, old_lp)
 
-        t0 = time.perf_counter()
+    def score_rollout(self, it: int, share, roll: "Rollout"):
+        """Rewards of this process's captions (their images by the frozen decoder) and the
+        advantages of every sample of the iteration (rewards gathered from all processes)."""
+        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
+        mine = share.samples
         seeds = self.decoder_seeds(it, share)
         gen = dict(height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps,
                    guidance_scale=cfg.guidance_scale, seed=seeds, progress=False)
         with torch.no_grad(), (enc.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
-            images = self.model.generate(texts, **gen)
-        scores = score(self.reward, images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine], texts)
-        t_reward = time.perf_counter() - t0
+            roll.images = self.model.generate(roll.texts, **gen)
+        scores = score(self.reward, roll.images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine],
+                       roll.texts)
         dev = acc.device
         all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
         group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
-        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
-        my_adv, keep = adv.values[share.offset:share.offset + share.size], adv.keep[share.offset:share.offset + share.size]
+        # TRL's statistics: the std with Bessel's correction (its nanstd), no clipping by default.
+        adv = group_advantages(all_rewards, group_ids, scale=cfg.scale_rewards, unbiased=True, clip=cfg.adv_clip)
+        return scores, adv
 
-        t0 = time.perf_counter()
+    def update(self, roll: "Rollout", adv: torch.Tensor) -> dict:
+        """`inner_epochs` optimizer steps of token-level PPO-clip (+ beta x k3 KL) on this
+        process's captions, in micro-batches, normalised as `loss_type` says (TRL's `_compute_loss`).
+        As TRL: every completion token counts, those of zero-variance groups too (their advantage
+        is 0; the KL still acts on them); with `mask_truncated_completions`, captions cut at
+        max_new_tokens are left out."""
+        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
         self.policy.train()
+        mask = roll.token_mask & ~roll.truncated[:, None] if cfg.mask_truncated_completions else roll.token_mask
+        tokens = acc.gather(mask.sum()[None].float()).sum().item()
+        norm = dict(accumulation_steps=len(roll.rows), tokens_in_batch=tokens, num_processes=acc.num_processes,
+                    max_completion_length=cfg.max_new_tokens)
         agg: dict[str, float] = {}
-        token_keep = tok_mask & keep[:, None]
-        # The loss is the mean over every kept token of the iteration, on all processes (DDP
-        # averages the processes' gradients: each sums its own and scales by their number).
-        kept = acc.gather(token_keep.sum()[None].float()).sum().item()
-        norm = max(kept, 1.0) / acc.num_processes
         for inner in range(cfg.inner_epochs):
             self.opt.zero_grad(set_to_none=True)
             loss_value, parts = 0.0, []
-            for c, r in enumerate(rows):
+            for c, r in enumerate(roll.rows):
                 ref = None
                 if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
                     with torch.no_grad():
                         if self.reference is not None:  # the LoRA the stage started from
                             with self.reference.active():
-                                ref = self.token_logprobs(enc.llm, batch, completion, r)
+                                ref = self.token_logprobs(enc.llm, roll.batch, roll.completion, r)
                         else:
                             with enc.llm.disable_adapter():
-                                ref = self.token_logprobs(enc.llm, batch, completion, r)
-                sync = acc.no_sync(self.policy) if c < len(rows) - 1 else contextlib.nullcontext()
+                                ref = self.token_logprobs(enc.llm, roll.batch, roll.completion, r)
+                sync = acc.no_sync(self.policy) if c < len(roll.rows) - 1 else contextlib.nullcontext()
                 with sync:  # one gradient all-reduce per optimizer step
-                    lp = self.token_logprobs(self.policy, batch, completion, r)
+                    lp = self.token_logprobs(self.policy, roll.batch, roll.completion, r)
+                    old = lp.detach() if roll.old_log_probs is None else roll.old_log_probs[r]
+                    per, _ = clipped_surrogate(lp, old, adv[r][:, None], cfg.clip_range)
                     kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
-                    tk = token_keep[r]
-                    a = my_adv[r][:, None].expand_as(lp)
-                    # A process whose groups all have zero reward variance keeps no token: its loss is
-                    # then a zero that still reaches every LoRA weight, so the all-reduce goes on.
-                    loss, stats = ppo_clip_loss(lp[tk], old_lp[r][tk], a[tk], cfg.clip_range,
-                                                None if kl is None else kl[tk], cfg.beta, normalizer=norm)
+                    if kl is not None:
+                        per = per + cfg.beta * kl
+                    # Every process runs this backward even with an empty mask: the loss still depends
+                    # on every LoRA weight, so the gradient all-reduce goes on.
+                    loss = token_loss(per, mask[r], cfg.loss_type, **norm)
                     acc.backward(loss)
                 loss_value += loss.item()
-                parts.append((int(tk.sum()), stats))
+                m = mask[r]
+                parts.append((int(m.sum()), ratio_stats(lp.detach()[m], old[m], cfg.clip_range,
+                                                        None if kl is None else kl.detach()[m])))
             n_tok = sum(n for n, _ in parts)
-            stats = {k: sum(n * s[k] for n, s in parts) / n_tok if n_tok else float("nan") for k in parts[0][1]}
+            stats = {k: sum(n * s[k] for n, s in parts if n) / n_tok if n_tok else float("nan") for k in parts[0][1]}
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             self.opt.step()
@@ -250,24 +314,7 @@ class G4URecipe:
             agg.update(stats)
             agg["loss"] = loss_value
         self.opt.zero_grad(set_to_none=True)
-        t_train = time.perf_counter() - t0
-
-        # Caption length in words (the paper's "longer, more descriptive captions"), and in tokens.
-        words = acc.gather(torch.tensor([float(len(t.split())) for t in texts], device=dev)).tolist()
-        tokens = acc.gather(tok_mask.sum(1).float()).tolist()
-        total = time.perf_counter() - t_start
-        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
-                  "caption_len_mean": sum(words) / len(words), "caption_len_median": statistics.median(words),
-                  "caption_len_max": max(words), "caption_tokens_mean": sum(tokens) / len(tokens),
-                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
-                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
-                  "time_other": total - t_sample - t_reward - t_train, **agg}
-        for name, v in scores.items():
-            if name != "total":
-                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
-        if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
-            self._log_samples(it + 1, mine, images, texts, scores["total"])
-        return values
+        return agg
 
     # ------------------------------------------------------------------ seeing it work
     def _log_samples(self, step, mine, images, texts, rewards) -> None:

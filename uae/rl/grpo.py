@@ -10,34 +10,64 @@ import torch
 
 @dataclass
 class Advantages:
-    values: torch.Tensor          # (N,) clipped advantages
+    values: torch.Tensor          # (N,) advantages (0 for samples of zero-variance groups)
     keep: torch.Tensor            # (N,) bool: False for samples of zero-variance groups (no signal)
     skipped_groups: int
     groups: int
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std_scope: str = "group",
-                     eps: float = 1e-4, clip: float = 5.0, skip_zero_variance: bool = True) -> Advantages:
-    """A = clip((r - mean of the sample's group) / (std + eps), -clip, clip); std per group or
-    over the whole batch. Groups whose rewards are all equal carry no signal: marked not kept."""
+def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, scale: str = "group",
+                     unbiased: bool = False, eps: float = 1e-4, clip: float | None = 5.0) -> Advantages:
+    """A = (r - mean of the sample's group) / (std + eps), the std that of the sample's group
+    (`scale` "group"), of the whole batch ("batch") or none (no division: Dr. GRPO); then clipped
+    to [-clip, clip] (None or 0: not clipped). `unbiased`: the std with Bessel's correction, as
+    TRL's `nanstd`; without, as Flow-GRPO's `np.std`. A group whose rewards are all equal carries
+    no signal: its advantages are exactly 0 (not the float noise of r - mean) and it is marked
+    not kept (Flow-GRPO drops such samples from training; TRL keeps their tokens)."""
     rewards = rewards.float()
     uniq, inv = torch.unique(group_ids, return_inverse=True)
     g = len(uniq)
     count = torch.zeros(g, device=rewards.device).index_add_(0, inv, torch.ones_like(rewards))
     mean = torch.zeros(g, device=rewards.device).index_add_(0, inv, rewards) / count
     centred = rewards - mean[inv]
-    var = torch.zeros(g, device=rewards.device).index_add_(0, inv, centred ** 2) / count
-    group_std = var.sqrt()
-    if std_scope == "group":
-        std = group_std[inv]
-    elif std_scope == "batch":
-        std = rewards.std(unbiased=False).expand_as(rewards)
+    sq = torch.zeros(g, device=rewards.device).index_add_(0, inv, centred ** 2)
+    group_std = (sq / ((count - 1).clamp(min=1) if unbiased else count)).sqrt()
+    if scale == "group":
+        adv = centred / (group_std[inv] + eps)
+    elif scale == "batch":
+        adv = centred / (rewards.std(unbiased=unbiased) + eps)
+    elif scale == "none":
+        adv = centred
     else:
-        raise ValueError(f"std_scope {std_scope!r}: use group or batch")
-    adv = (centred / (std + eps)).clamp(-clip, clip)
+        raise ValueError(f"scale {scale!r}: use group, batch or none")
+    if clip:
+        adv = adv.clamp(-clip, clip)
     zero = group_std <= 1e-12
-    keep = ~zero[inv] if skip_zero_variance else torch.ones_like(rewards, dtype=torch.bool)
-    return Advantages(adv, keep, int(zero.sum()) if skip_zero_variance else 0, g)
+    adv = adv.masked_fill(zero[inv], 0.0)
+    return Advantages(adv, ~zero[inv], int(zero.sum()), g)
+
+
+def clipped_surrogate(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                      clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO-clip per element: (max(-A rho, -A clip(rho, 1 - eps, 1 + eps)), rho), rho = exp(log p_theta
+    - log p_old). (TRL writes it -min(A rho, A clip(rho)): the same.)"""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)), ratio
+
+
+@torch.no_grad()
+def ratio_stats(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_range: float,
+                kl: torch.Tensor | None = None) -> dict[str, float]:
+    """Ratio, clip-fraction, approximate-KL (Flow-GRPO's 0.5 (log ratio)^2) and KL statistics over
+    the given (already selected) elements; NaN when there are none."""
+    names = ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "kl")
+    if not log_prob.numel():
+        return {k: float("nan") for k in names}
+    d = log_prob - old_log_prob
+    ratio = torch.exp(d)
+    return {"ratio_mean": ratio.mean().item(), "ratio_min": ratio.min().item(), "ratio_max": ratio.max().item(),
+            "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
+            "approx_kl": (0.5 * d ** 2).mean().item(), "kl": kl.mean().item() if kl is not None else 0.0}
 
 
 def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, clip_range: float,
@@ -48,25 +78,42 @@ def ppo_clip_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     Returns (loss, stats). With nothing to train on (no sample, or none kept) the loss is a zero
     that still depends on `log_prob`, so every process of a distributed run takes part in the
     gradient all-reduce; its statistics are then NaN, never an error."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)
-    per = torch.maximum(unclipped, clipped)
+    per, _ = clipped_surrogate(log_prob, old_log_prob, advantages, clip_range)
     if kl is not None and beta:
         per = per + beta * kl
     w = keep.float() if keep is not None else torch.ones_like(per)
     loss = (per * w).sum() / (normalizer if normalizer is not None else w.sum().clamp(min=1))
     if per.numel() == 0:
         loss = log_prob.sum() * 0.0
-    with torch.no_grad():
-        if per.numel():
-            d = log_prob - old_log_prob
-            stats = {"ratio_mean": ratio.mean().item(), "ratio_min": ratio.min().item(),
-                     "ratio_max": ratio.max().item(), "clip_frac": ((ratio - 1).abs() > clip_range).float().mean().item(),
-                     "approx_kl": (0.5 * d ** 2).mean().item(), "kl": kl.mean().item() if kl is not None else 0.0}
-        else:
-            stats = {k: float("nan") for k in ("ratio_mean", "ratio_min", "ratio_max", "clip_frac", "approx_kl", "kl")}
-    return loss, stats
+    return loss, ratio_stats(log_prob, old_log_prob, clip_range, kl)
+
+
+LOSS_TYPES = ("dapo", "bnpo", "grpo", "dr_grpo")
+
+
+def token_loss(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, *, accumulation_steps: int,
+               tokens_in_batch: float, num_processes: int, max_completion_length: int) -> torch.Tensor:
+    """One micro-batch's share of the loss from per-token losses (B, T) and the loss mask (B, T), as
+    TRL's GRPOTrainer aggregates them (`_compute_loss`), for an optimizer step that accumulates
+    `accumulation_steps` micro-batches on each of `num_processes` data-parallel processes (whose
+    gradients DDP averages):
+
+    - dapo: sum(loss * mask) / (tokens_in_batch / num_processes), tokens_in_batch the mask's
+      total over every micro-batch of the step on all processes: the mean over all tokens;
+    - bnpo: sum(loss * mask) / sum(mask) of this micro-batch, / accumulation_steps;
+    - grpo: mean over sequences of sum_t(loss * mask) / sum_t(mask), / accumulation_steps;
+    - dr_grpo: sum(loss * mask) / (B * max_completion_length), / accumulation_steps."""
+    mask = mask.float()
+    total = (per_token * mask).sum()
+    if loss_type == "dapo":
+        return total / (max(float(tokens_in_batch), 1.0) / num_processes)
+    if loss_type == "bnpo":
+        return total / mask.sum().clamp(min=1.0) / accumulation_steps
+    if loss_type == "grpo":
+        return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation_steps
+    if loss_type == "dr_grpo":
+        return total / (per_token.shape[0] * max_completion_length) / accumulation_steps
+    raise ValueError(f"loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES)}")
 
 
 def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, noise_scale: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,20 @@ def score(reward, images, keys, references, prompts) -> dict[str, list[float]]:
     return Rewards.wrap(reward).score(images, keys, references, prompts)
 
 
+def iteration_metrics(acc, all_rewards: torch.Tensor, scores: dict, adv, seconds: dict[str, float],
+                      total: float) -> dict:
+    """What every RL stage logs per iteration: the reward over all processes (and each reward
+    function's mean), the zero-variance groups, and the seconds per phase (`seconds`: sampling,
+    reward, train; other = the rest of `total`)."""
+    values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
+              "skipped_groups": adv.skipped_groups, "groups": adv.groups,
+              **{f"time_{k}": v for k, v in seconds.items()}, "time_other": total - sum(seconds.values())}
+    for name, v in scores.items():
+        if name != "total":
+            values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=all_rewards.device)).mean())
+    return values
+
+
 class Share(NamedTuple):
     prompts: list[int]   # the iteration's prompts (reference indices), the same on every process
     samples: list[int]   # this process's samples: the prompt of each, groups in order

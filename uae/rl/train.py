@@ -51,6 +51,32 @@ def parse(argv: Sequence[str] | None = None, description: str | None = None) -> 
     return [configs[s] for s in STAGES]
 
 
+SAFE_LAUNCH_CONFIGS = "configs/accelerate/single_gpu.yaml, multi_gpu_ddp.yaml or multi_node.yaml (DDP)"
+
+
+def refuse_sharded_launch(stage: str) -> None:
+    """Unified-GRPO runs data-parallel (DDP) only; an FSDP or DeepSpeed launch is refused before
+    anything loads. Each stage trains a LoRA (and the cold start the projector) that fits every GPU
+    whole (bench/memory_plan.py), and none is correct sharded: under DeepSpeed,
+    `accelerator.backward` outside `accelerator.accumulate()` steps the engine at every backward
+    (each micro-batch x timestep would become its own optimizer step, with a loss normalised for
+    the whole share), and the cold start averages its DiT LoRA's gradients itself; under FSDP,
+    stage 3's rollouts and KL reference run on the unwrapped DiT, whose parameters the prepared
+    module has sharded. Read from the launch's environment (accelerate launch sets
+    ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED from the config file), so that the refusal also
+    holds where accelerate would fall back to DDP (on CPU) or fail later (DeepSpeed not installed)."""
+    from accelerate.utils import parse_flag_from_env
+
+    from uae.errors import UAEError
+
+    for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if parse_flag_from_env(env):
+            raise UAEError(f"train_grpo.py --stage {stage}: {name} launches are not supported by Unified-GRPO "
+                           f"({env} is set, e.g. by --config_file configs/accelerate/{name.lower()}*.yaml); every "
+                           f"stage trains a LoRA that fits each GPU under DDP: launch with {SAFE_LAUNCH_CONFIGS}, "
+                           "or accelerate launch --multi_gpu")
+
+
 def run_stage(cfg, reward=None):
     """One stage's run; returns its final/ (on the main process)."""
     from uae.rl.cold_start import ColdStartRecipe
@@ -58,6 +84,7 @@ def run_stage(cfg, reward=None):
     from uae.rl.u4g import U4GRecipe
     from uae.training.run import Run
 
+    refuse_sharded_launch(cfg.stage)
     run = Run(cfg, f"uae_grpo_{cfg.stage}")
     recipe = ColdStartRecipe(run) if cfg.stage == "cold_start" else \
         {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](run, reward=reward)
@@ -72,6 +99,7 @@ def main(argv=None, reward=None, description: str | None = None) -> int:
 
     configs = parse(argv, description)
     setup_logging(configs[0].log_level)
+    refuse_sharded_launch(configs[0].stage if len(configs) == 1 else "all")
     if len(configs) == 1:
         run_stage(configs[0], reward)
         return 0

@@ -4,9 +4,11 @@ Each iteration: the iteration's prompts (the encoder's captions of reference ima
 replacement), each repeated G times; reconstructions sampled with the SDE sampler (CFG with both
 branches in one batch) while every stochastic transition and its log-probability are recorded;
 rewards; group-relative advantages (std over the whole batch by default, as Flow-GRPO's SD3.5
-configs); then `updates_per_iteration` optimizer steps, each on a share of the rollouts shuffled
-across groups, of PPO-clip on the recorded transitions with Flow-GRPO's KL to the reference policy
-(the LoRA the stage started from, or the DiT without it: no second DiT in memory).
+configs); then, for each inner epoch, the rollouts shuffled anew across groups and cut into
+`updates_per_iteration` shares, one optimizer step each, of PPO-clip on the recorded transitions
+with Flow-GRPO's KL to the reference policy (the LoRA the stage started from, or the DiT without
+it: no second DiT in memory). As in Flow-GRPO's training forward, the unconditional CFG branch is
+detached (`detach_uncond`).
 
 Each prompt keeps the conditioning it has at inference (its own [negative, positive] pair):
 rollouts and training forwards only batch prompts whose conditioning has the same length.
@@ -27,8 +29,8 @@ import torch
 
 from uae.models.decoder import decode_latents, guided_velocity
 from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
-from uae.rl.rollout import (kl_reference, default_reward, iteration_share, load_references, score,
-                            sde_window_for)
+from uae.rl.rollout import (default_reward, iteration_metrics, iteration_share, kl_reference, load_references,
+                            score, sde_window_for)
 from uae.rl.sde import sde_step, sde_window
 from uae.training.common import generator_for, make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
@@ -86,10 +88,12 @@ def configure(model, cfg) -> Parts:
     return parts
 
 
-def update_shares(n: int, updates: int, seed: int, it: int) -> list[list[int]]:
-    """The samples of each optimizer step of an iteration: a permutation seeded by (seed, iteration),
-    so that each step sees a mix of groups, cut into `updates` nearly equal shares."""
-    perm = torch.randperm(n, generator=generator_for(seed + 3, it)).tolist()
+def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> list[list[int]]:
+    """The samples of each optimizer step of an inner epoch: a permutation seeded by (seed,
+    iteration, inner epoch), drawn anew for every inner epoch as Flow-GRPO reshuffles its samples
+    for each, so that each step sees a mix of groups; cut into `updates` nearly equal shares. A
+    function of its arguments only: a resumed run draws the same shares."""
+    perm = torch.randperm(n, generator=generator_for(seed + 3 + 7919 * epoch, it)).tolist()
     return [perm[u * n // updates:(u + 1) * n // updates] for u in range(updates)]
 
 
@@ -136,24 +140,41 @@ class U4GRecipe:
         self.policy, self.opt = acc.prepare(self.dit, opt)
 
     def _captions(self) -> list[str]:
-        """The encoder's captions of the references (prompts of stage 3), generated once and kept in
-        captions.jsonl (a resumed run reads them back); with `use_data_captions`, captions that come
-        with the data are used instead."""
-        refs, cfg = self.refs, self.cfg
+        """The encoder's captions of the references (prompts of stage 3), kept in captions.jsonl
+        (a resumed run reads them back); with `use_data_captions`, captions that come with the data
+        are used instead. Each reference is captioned once, by one process (the references dealt
+        out by rank, then gathered), and every process gets the same list: a caption depends
+        only on its image and the seed, but sampling on another GPU (other kernels) may give
+        another text, and each prompt's conditioning must be cached under the caption every
+        process asks for."""
+        from accelerate.utils import broadcast_object_list, gather_object
+        from tqdm.auto import tqdm
+
+        refs, cfg, acc = self.refs, self.cfg, self.acc
         path = self.run.out / "captions.jsonl"
-        if path.exists():
-            stored = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
-            if set(stored) >= {r.key for r in refs}:
-                return [stored[r.key] for r in refs]
+        stored = None
+        if acc.is_main_process and path.exists():
+            found = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
+            if set(found) >= {r.key for r in refs}:
+                stored = [found[r.key] for r in refs]
+        stored = broadcast_object_list([stored])[0]
+        if stored is not None:
+            return stored
         todo = [i for i, r in enumerate(refs) if not (cfg.use_data_captions and r.caption)]
+        mine = todo[acc.process_index::acc.num_processes]
         generated = {}
-        for j in range(0, len(todo), 4):
-            idx = todo[j:j + 4]
+        bar = tqdm(total=len(mine), desc="captioning references", disable=not mine or not acc.is_local_main_process)
+        for j in range(0, len(mine), 4):
+            idx = mine[j:j + 4]
             out = self.model.encoder.caption([refs[i].image for i in idx], max_new_tokens=cfg.max_new_tokens,
                                              temperature=cfg.temperature, seed=cfg.seed)
             generated.update(zip(idx, out))
+            bar.update(len(idx))
+        bar.close()
+        for part in gather_object([generated]):  # every process gets every process's captions
+            generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
-        if self.acc.is_main_process:
+        if acc.is_main_process:
             from uae.io import atomic_write_text
 
             atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
@@ -243,34 +264,29 @@ class U4GRecipe:
                     scores[key][j] = v
         all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
         group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
-        adv = group_advantages(all_rewards, group_ids, std_scope=cfg.adv_std_scope, clip=cfg.adv_clip)
+        # Flow-GRPO's statistics: np.std (no Bessel correction), advantages clipped at adv_clip.
+        adv = group_advantages(all_rewards, group_ids, scale=cfg.scale_rewards, unbiased=False, clip=cfg.adv_clip)
         my_adv = adv.values[share.offset:share.offset + share.size]
 
         t0 = time.perf_counter()
         stats = self.train_on(it, chunks, pairs, mine, my_adv, adv.keep, share.offset)
         t_train = time.perf_counter() - t0
-        total = time.perf_counter() - t_start
-        values = {"reward_mean": all_rewards.mean().item(), "reward_std": all_rewards.std(unbiased=False).item(),
-                  "skipped_groups": adv.skipped_groups, "groups": adv.groups,
-                  "sde_window_start": window[0] if window else 0,
-                  "time_sampling": t_sample, "time_reward": t_reward, "time_train": t_train,
-                  "time_other": total - t_sample - t_reward - t_train, **stats}
-        for name, v in scores.items():
-            if name != "total":
-                values[f"reward_{name}"] = float(acc.gather(torch.as_tensor(v, device=dev)).mean())
+        values = iteration_metrics(acc, all_rewards, scores, adv, {"sampling": t_sample, "reward": t_reward,
+                                                                   "train": t_train}, time.perf_counter() - t_start)
+        values.update(sde_window_start=window[0] if window else 0, **stats)
         if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
             images = torch.cat([c[2] for c in chunks])[torch.argsort(torch.tensor(order))]
             self._grid(it + 1, mine, images, scores["total"])
         return values
 
     def train_on(self, it: int, chunks, pairs, mine, adv, keep_all, offset: int) -> dict:
-        """PPO-clip on the recorded transitions. The iteration's samples (all processes') are
-        shuffled across groups and split into `updates_per_iteration` shares, one optimizer step
-        each (Flow-GRPO takes 2 per batch of rollouts, so its clip range acts from the second on);
-        each process trains on its own samples of a share, gradients accumulated over micro-batches
-        of one conditioning length and over the trained steps. The loss is the mean over the whole
-        share's kept samples and steps, whatever the number of processes: the same optimizer steps
-        as one process (tested)."""
+        """PPO-clip on the recorded transitions. For each inner epoch, the iteration's samples (all
+        processes') are shuffled anew across groups and split into `updates_per_iteration` shares,
+        one optimizer step each (Flow-GRPO takes 2 per batch of rollouts, so its clip range acts
+        from the second on); each process trains on its own samples of a share, gradients
+        accumulated over micro-batches of one conditioning length and over the trained steps. The
+        loss is the mean over the whole share's kept samples and steps, whatever the number of
+        processes: the same optimizer steps as one process (tested)."""
         cfg, acc = self.cfg, self.acc
         sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
         n = len(mine)
@@ -284,12 +300,11 @@ class U4GRecipe:
         lp_k = [torch.cat([rec[k][3] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
         pooled = self.model.decoder.pooled.to(acc.device)
         length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731
-        shares = update_shares(len(keep_all), cfg.updates_per_iteration, cfg.seed, it)
         self.policy.train()
         agg: dict[str, float] = {}
         dev_first, dev_later, count, loss_total = 0.0, 0.0, 0, 0.0
         for inner in range(cfg.inner_epochs):
-            for u, share in enumerate(shares):
+            for u, share in enumerate(update_shares(len(keep_all), cfg.updates_per_iteration, cfg.seed, it, inner)):
                 self.opt.zero_grad(set_to_none=True)
                 local = [g - offset for g in share if offset <= g < offset + n]
                 batches = same_length_batches(sorted(local, key=length), length, cfg.train_batch_size or cfg.sample_batch_size)
@@ -352,7 +367,7 @@ class U4GRecipe:
                     self.dit.enable_adapters()
                 ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
                                sigma_max=sigmas[1], prev_sample=x_next)
-        v = guided_velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale)
+        v = guided_velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale, detach_uncond=cfg.detach_uncond)
         step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind, sigma_max=sigmas[1],
                         prev_sample=x_next)
         kl = None if ref is None else flow_kl(step.mean, ref.mean, step.noise_scale)

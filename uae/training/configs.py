@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from uae.config import check_fields, field
 from uae.errors import UAEError
+from uae.rl.grpo import LOSS_TYPES
 
 DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 STAGES = ("cold_start", "g4u", "u4g")
@@ -184,6 +185,9 @@ class ColdStartConfig(GRPOConfig):
     conditioning: str = field("caption_tokens", choices=("caption_tokens", "all_tokens", "generate_template"),
                               help="caption_tokens (states at the caption's tokens after instruction + image: the "
                                    "release's cold start), all_tokens, or generate_template (as at inference)")
+    detach_uncond: bool = field(False, help="the unconditional CFG branch as a constant for the gradient (Flow-GRPO's "
+                                            "training forward); the cold start keeps both by default: its loss's exact "
+                                            "gradient, which trains the negative prompt's conditioning too")
     fixed_noise: bool = field(False, help="the same initial noise for an image at every step (a deterministic loss, "
                                           "for debugging and overfitting checks)")
 
@@ -207,10 +211,10 @@ class GroupConfig(GRPOConfig):
     kl_reference: str = field("start", choices=("start", "base"),
                               help="the KL's reference: start (the LoRA as the stage began; a fresh LoRA starts at the "
                                    "base model) or base (the model without LoRA)")
-    adv_std_scope: str = field("group", choices=("group", "batch"),
-                               help="advantage normalisation: std per group (TRL) or over the whole batch (Flow-GRPO's "
-                                    "SD3.5 configs)")
-    adv_clip: float = field(5.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip]")
+    scale_rewards: str = field("group", choices=("group", "batch", "none"), aliases=["--adv_std_scope"],
+                               help="advantages (r - group mean) divided by the std of the group, of the whole batch, "
+                                    "or by nothing (TRL's scale_rewards; Flow-GRPO's global_std is batch)")
+    adv_clip: float = field(5.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping)")
     checkpointing_steps: int = field(50, min=0, help="resumable checkpoint every N iterations (0: only at the end)")
 
     def __post_init__(self):
@@ -238,6 +242,14 @@ class G4UConfig(GroupConfig):
     decoder_noise: str = field("group", choices=("group", "sample"),
                                help="the decoder's initial noise: one per group (the captions of a group are compared "
                                     "on the same noise) or one per caption")
+    loss_type: str = field("dapo", choices=LOSS_TYPES,
+                           help="how token losses are summed into the loss, TRL's normalisers: dapo (over every "
+                                "completion token of the iteration, on all processes: TRL's default), bnpo (over the "
+                                "tokens of each micro-batch), grpo (each caption's mean, then the mean over captions), "
+                                "dr_grpo (over micro-batch size x max_new_tokens)")
+    mask_truncated_completions: bool = field(False, help="leave captions cut at max_new_tokens (no end-of-sequence "
+                                                         "token) out of the loss (DAPO; TRL's option)")
+    adv_clip: float = field(0.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping, as TRL)")
 
 
 @dataclass
@@ -248,8 +260,14 @@ class U4GConfig(GroupConfig):
     max_steps: int = field(300, min=1, aliases=["--max_train_steps", "--max_iterations"], help="GRPO iterations")
     learning_rate: float = field(3e-4, min=0, help="AdamW learning rate of the decoder's LoRA")
     guidance_scale: float = field(4.5, min=0, help="CFG during rollouts and training (both branches in one batch)")
-    adv_std_scope: str = field("batch", choices=("group", "batch"),
-                               help="advantage normalisation: over the whole batch (Flow-GRPO's global_std) or per group")
+    prompts_per_iteration: int = field(48, min=1, help="prompts per iteration over all processes, drawn without "
+                                                       "replacement (Flow-GRPO's SD3.5 configs: 48, whatever the GPU count)")
+    scale_rewards: str = field("batch", choices=("group", "batch", "none"), aliases=["--adv_std_scope"],
+                               help="advantages (r - group mean) divided by the std of the whole batch (Flow-GRPO's "
+                                    "global_std), of the group, or by nothing")
+    detach_uncond: bool = field(True, help="the unconditional CFG branch of the training forward is a constant for the "
+                                           "gradient (Flow-GRPO); false: the gradient of the guided velocity flows "
+                                           "through both branches")
     sample_batch_size: int = field(8, min=1, help="rollouts sampled together; rewards of a chunk overlap the sampling "
                                                   "of the next")
     train_batch_size: int | None = field(None, min=1, help="samples per training forward (default sample_batch_size)")
@@ -283,6 +301,17 @@ class U4GConfig(GroupConfig):
             if not (0 <= lo < hi <= self.num_steps and self.sde_window_size <= hi - lo):
                 raise UAEError(f"--sde_window_range {[lo, hi]} / --sde_window_size {self.sde_window_size}: need "
                                f"0 <= lo < hi <= num_steps ({self.num_steps}) and size <= hi - lo")
+        # CPS's last step has noise scale sigma_next sin(a pi / 2) = 0: its "sample" is its mean, its
+        # log-probability carries no signal and Flow-GRPO's KL divides by 2 s^2 = 0.
+        if self.sde_kind == "cps":
+            if self.sde_window_mode == "fixed":
+                hi, setting = (self.sde_window[1] if self.sde_window else self.num_steps - 1), "--sde_window"
+            else:
+                hi, setting = (self.sde_window_range or (0, self.num_steps // 2))[1], "--sde_window_range"
+            if hi >= self.num_steps:
+                raise UAEError(f"{setting} reaches the last step ({self.num_steps - 1}), where the cps step has no "
+                               f"noise (sigma_next = 0): end the window at {self.num_steps - 1} or earlier, or use "
+                               "--sde_kind sde")
 
 
 STAGE_CONFIGS: dict[str, type[GRPOConfig]] = {"cold_start": ColdStartConfig, "g4u": G4UConfig, "u4g": U4GConfig}
