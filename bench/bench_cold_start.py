@@ -48,7 +48,7 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
     from uae.training.configs import ColdStartConfig
     from accelerate.state import AcceleratorState
 
-    from uae.config import parse_config
+    from uae.dataclass_cli import parse_config
     from uae.rl.cold_start import ColdStartRecipe
     from uae.training.run import Run
 
@@ -64,7 +64,7 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
 
 def _gradient(recipe, seed: int = 1) -> torch.Tensor:
     from uae.rl.rewards import to_uint8
-    from uae.training.common import generator_for
+    from uae.training.seeding import generator_for
 
     item = recipe.items[0]
     image = item.open()
@@ -160,7 +160,7 @@ def memory(args, ckpt: Path, pairs: Path, tmp: Path) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="model preset built here (tiny, mid, ...)")
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of building one")
     ap.add_argument("--resolution", type=int, default=64)
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
         else:
-            from uae.tiny import build_checkpoint
+            from uae.random_weights import build_checkpoint
 
             ckpt = build_checkpoint(tmp / "ckpt", args.preset, seed=0)
         pairs = _pair(tmp)

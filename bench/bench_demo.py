@@ -40,7 +40,7 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mid", help="model preset to build (tiny, mid, full, or a YAML path)")
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of building --preset")
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     from skimage import data
 
     from uae.models.uae import UAE
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / "ckpt", args.preset)

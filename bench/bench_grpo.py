@@ -103,7 +103,7 @@ def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
     from accelerate.state import AcceleratorState
 
     from uae.rl.g4u import G4URecipe
-    from uae.rl.rollout import iteration_share
+    from uae.rl.iteration import iteration_share
     from uae.rl.train import parse
     from uae.training.run import Run
 
@@ -133,7 +133,7 @@ def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", default="all", choices=[*STAGES, "all"])
     ap.add_argument("--preset", default="mid", help="model preset to build (tiny, mid, full, or a YAML path)")
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of building --preset")
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
 
     setup_logging("WARNING")
     from uae.runtime import resolve_device
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     stages = STAGES if args.stage == "all" else (args.stage,)
     device = resolve_device(args.device)

@@ -35,7 +35,7 @@ from common import machine, peak_memory_mb, sync, write_json
 import torch
 
 from uae.scoring.scorers import SCORERS, load_scorer
-from uae.tiny import build_scorer_checkpoints
+from uae.random_weights import build_scorer_checkpoints
 
 logger = logging.getLogger("uae.bench")
 
@@ -91,7 +91,7 @@ def peak_rss_mb(rec: Path, ref: Path, folders: Path, workers: int, batch_size: i
 def run_loop(pairs, folders, device) -> dict:
     from PIL import Image
 
-    from uae.scoring.reference import ReferenceEncoder
+    from reference_scorers import ReferenceEncoder
 
     scores = {}
     for name in SCORERS:
@@ -114,7 +114,7 @@ def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
     """Forward passes alone over pre-decoded, pre-processed images already on the device."""
     import numpy as np
 
-    from uae.io import load_image
+    from uae.images import load_image
 
     images = [torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1) for p in paths]
     pixels = {n: torch.stack([s.preprocess(im) for im in images]).to(s.device, s.dtype) for n, s in scorers.items()}
@@ -180,7 +180,7 @@ def spawn(args, method: str, data: Path, folders: Path, floor_batch_sizes: list[
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="small", choices=["tiny", "xs", "small", "base", "full"])
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--image_size", type=int, default=1024, help="reconstruction side in pixels")

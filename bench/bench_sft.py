@@ -17,7 +17,7 @@ from common import ROOT, machine, peak_memory_mb, reset_peak_memory, write_json
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="mid", help="model preset to build (tiny, mid, full, or a YAML path)")
     ap.add_argument("--checkpoint", default=None, help="use this checkpoint folder instead of building --preset")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (plus one warm-up)")
@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
     from accelerate.state import AcceleratorState
 
     from uae.training import sft as train_sft
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

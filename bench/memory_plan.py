@@ -4,14 +4,15 @@ memory, no download), and activations measured on smaller models and extrapolate
 Weights, gradients, optimizer state, EMA. For each setting (SFT with a DiT LoRA, SFT of the whole
 DiT, cold start, g4u, u4g; their configs in configs/), the full-size models (SD3.5-Large DiT, SD3
 VAE, Qwen2.5-VL-3B + projector, the release's LoRAs, the reward's scorers) are built on the meta
-device from configs/models/full.yaml by `uae.tiny.build_uae`, through the toolkit's own classes,
-with the dtypes the precision policy loads them in (`uae.training.precision`), and the recipe's
+device from configs/models/full.yaml by `uae.random_weights.build_uae`, through the toolkit's own
+classes, with the dtypes the precision policy loads them in (`uae.training.precision`), and the recipe's
 own `configure(model, cfg)` marks what trains. Bytes follow: frozen weights at their dtype;
 trained weights, gradients and EMA in fp32; AdamW 8 bytes per trained weight (8-bit AdamW 2).
 Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's gradient buckets,
 one more copy of the gradients); 8 GPUs with FSDP full sharding of the modules accelerate wraps
 (the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the rest
-replicated.
+replicated. FSDP runs for SFT only (train_grpo.py refuses it: README "Scaling out"); the RL stages'
+FSDP column says what sharding would save, not a launch that works.
 
 Activations. One training step's peak memory above the weights is measured at `--act_preset` (a
 small DiT on this machine: resident memory sampled every 2 ms, glibc told to return freed blocks)
@@ -55,7 +56,7 @@ SETTINGS = {  # name -> (stage, config file, extra settings)
 
 
 def config(stage: str, path: str, extra: dict, **over):
-    from uae.config import from_dict, read_yaml
+    from uae.dataclass_cli import from_dict, read_yaml
     from uae.training.configs import STAGE_CONFIGS, SFTConfig
 
     values = {**read_yaml(str(ROOT / path)), "data": "plan", **extra, **over}
@@ -83,7 +84,7 @@ def _bytes(params) -> int:
 
 def plan(name: str, preset: str = "full") -> dict:
     """Bytes held per GPU by setting `name` at `preset` size, per parallel setting."""
-    from uae.tiny import build_scorer_model, build_uae
+    from uae.random_weights import build_scorer_model, build_uae
     from uae.training.precision import precision_policy
 
     stage, path, extra = SETTINGS[name]
@@ -213,7 +214,7 @@ def fit(name: str, points: list[dict], scale: float) -> dict:
     estimate = b * scale * tokens_full if ok else None
     logits = None
     if stage == "g4u":
-        from uae.tiny import load_preset
+        from uae.random_weights import load_preset
 
         vocab = load_preset("full")["llm"]["text_config"].get("vocab_size", 151936)
         logits = cfg.train_batch_size * (cfg.max_new_tokens + 1) * vocab * 14
@@ -227,7 +228,7 @@ def fit(name: str, points: list[dict], scale: float) -> dict:
 
 
 def activations(settings: list[str], preset: str, resolutions: list[int], tmp: Path) -> dict:
-    from uae.tiny import build_checkpoint, load_preset
+    from uae.random_weights import build_checkpoint, load_preset
 
     ckpt = build_checkpoint(tmp / "ckpt", preset, seed=0)
     small, full = load_preset(preset)["dit"], load_preset("full")["dit"]
@@ -254,7 +255,7 @@ def activations(settings: list[str], preset: str, resolutions: list[int], tmp: P
 def measure_full(setting: str, preset: str, tmp: Path, ckpt: str | None = None) -> dict:
     """The setting's training step for real (random weights of `preset` size: `ckpt`, or built
     here): peak memory against the plan's weights + optimizer + gradients (GPU: torch's allocator)."""
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     if ckpt is None:
         kw = {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}
@@ -274,7 +275,7 @@ SETTINGS_RES: dict[str, int] = {}
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="full", help="model size of the plan (full)")
     ap.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"among {list(SETTINGS)}")
     ap.add_argument("--act_preset", default="mid", help="model size the activations are measured at ('' to skip)")

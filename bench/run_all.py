@@ -142,7 +142,7 @@ def markdown(table: list[list[str]], header: str) -> str:
 def write_summary(out: Path, profile: str, total: float, walls: dict, results: dict, failures: dict,
                   skipped: dict) -> dict:
     """results.json as it stands (after every benchmark: an interrupted run keeps what it measured)."""
-    from uae.io import atomic_write_json
+    from uae.files import atomic_write_json
 
     summary = {"machine": machine(), "profile": profile, "seconds_total": total, "seconds_per_benchmark": walls,
                "results": results, "failed": failures, "skipped": skipped}
@@ -152,7 +152,7 @@ def write_summary(out: Path, profile: str, total: float, walls: dict, results: d
 
 def build_full_checkpoint(work: Path) -> Path:
     """The full-size random UAE, built on the GPU in bf16 (no download)."""
-    cmd = [sys.executable, "-m", "uae.tiny", "--preset", "full", "--out", str(work / "uae-full"),
+    cmd = [sys.executable, "-m", "uae.random_weights", "--preset", "full", "--out", str(work / "uae-full"),
            "--dtype", "bfloat16", "--device", "cuda"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT)
@@ -161,7 +161,7 @@ def build_full_checkpoint(work: Path) -> Path:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--only", nargs="+", choices=list(SCRIPTS), default=list(SCRIPTS), help="a subset of the benchmarks")
     ap.add_argument("--out", default=None, help="folder for results.json and results.md (default bench/results/PROFILE)")
@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
         t_start = time.perf_counter()
         ckpt = build_full_checkpoint(work) if args.profile == "gpu" else None
         if ckpt is None and any("{ckpt}" in map(str, PROFILES[args.profile][n]) for n in args.only):
-            from uae.tiny import build_checkpoint  # the small profile's stand-in for the shared checkpoint
+            from uae.random_weights import build_checkpoint  # the small profile's stand-in for the shared checkpoint
 
             ckpt = build_checkpoint(work / "uae-tiny", "tiny", seed=0)
         results, walls, failures, skipped = {}, {}, {}, {}
@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
     table = markdown(rows(results), header)
     print(table)
     summary = write_summary(out, args.profile, total, walls, results, failures, skipped)
-    from uae.io import atomic_write_text
+    from uae.files import atomic_write_text
 
     atomic_write_text(out / "results.md", table)
     logger.info("wrote %s and %s", out / "results.json", out / "results.md")

@@ -17,7 +17,7 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", "tiny", seed=0)
 
@@ -49,3 +49,92 @@ def _fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+ROOT = Path(__file__).resolve().parent.parent
+REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"            # six reference photos
+PAIRS = ROOT / "Unified-Bench" / "UniBench" / "sample.jsonl"     # the same with long captions
+TINY_GRPO = {"cold_start": "tiny_cold_start.yaml", "g4u": "tiny_g4u.yaml", "u4g": "tiny_u4g.yaml"}
+
+
+def read_metrics(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def timeless(records: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock ones (the only values two identical runs may differ in)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds_per_step"} for r in records]
+
+
+def grpo_config(stage: str, ckpt, out, *extra):
+    """A stage's config from its tiny YAML, on `ckpt`, the sample photos and the tiny scorers."""
+    from uae.rl.train import parse
+
+    return parse(["--config", str(ROOT / "configs" / "grpo" / TINY_GRPO[stage]), "--stage", stage, "--checkpoint",
+                  str(ckpt), "--data", str(REFS), "--output_dir", str(out), "--scorer_weights", "tiny",
+                  *map(str, extra)])[0]
+
+
+@pytest.fixture
+def grpo_recipe(tmp_path):
+    """recipe(stage, ckpt, *flags, reward=None, setup=True): a stage's recipe on a fresh Run."""
+    def make(stage, ckpt, *extra, reward=None, setup=True, out=None):
+        from accelerate.state import AcceleratorState
+
+        from uae.rl.cold_start import ColdStartRecipe
+        from uae.rl.g4u import G4URecipe
+        from uae.rl.u4g import U4GRecipe
+        from uae.training.run import Run
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        run = Run(grpo_config(stage, ckpt, out or tmp_path / f"run-{stage}", *extra), "test")
+        recipe = ColdStartRecipe(run) if stage == "cold_start" else \
+            {"g4u": G4URecipe, "u4g": U4GRecipe}[stage](run, reward=reward)
+        if setup:
+            recipe.setup()
+        return recipe
+    return make
+
+
+@pytest.fixture
+def interrupt_and_resume(tmp_path, monkeypatch):
+    """check(train, crash_at, compare): `train(out, *flags)` (returning an exit code) runs once straight into a/, once
+    into b/ interrupted right after the checkpoint of step `crash_at` and then resumed with
+    --resume_from_checkpoint latest. The files `compare` (paths relative to final/) must be equal
+    bit for bit, and the metrics equal but for wall-clock times. Returns (a, b)."""
+    from accelerate.state import AcceleratorState
+
+    from uae.training.checkpointing import Checkpoints
+
+    def check(train, crash_at: int, compare: list[str]):
+        import torch
+        from safetensors.torch import load_file
+
+        a, b = tmp_path / "a", tmp_path / "b"
+        assert train(a) == 0
+        real_save = Checkpoints.save
+
+        def crash(self, acc, step, config):
+            path = real_save(self, acc, step, config)
+            if step == crash_at:
+                raise KeyboardInterrupt("simulated interruption")
+            return path
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        monkeypatch.setattr(Checkpoints, "save", crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(b)
+        monkeypatch.setattr(Checkpoints, "save", real_save)
+        assert not (b / "final").exists()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        assert train(b, "--resume_from_checkpoint", "latest") == 0
+        for rel in compare:
+            x, y = load_file(str(a / "final" / rel)), load_file(str(b / "final" / rel))
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), rel
+        assert timeless(read_metrics(a)) == timeless(read_metrics(b))
+        return a, b
+    return check

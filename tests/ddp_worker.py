@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from uae.config import parse_config  # noqa: E402
+from uae.dataclass_cli import parse_config  # noqa: E402
 
 
 def main() -> None:
@@ -32,20 +32,20 @@ def main() -> None:
         run.train(recipe, cfg.max_steps, "sft")
     else:
         import uae.rl.g4u
+        import uae.rl.iteration
         import uae.rl.u4g
         from uae.rl.cold_start import ColdStartRecipe
         from uae.training.configs import STAGE_CONFIGS
         from uae.training.run import Run
 
-        for module in (uae.rl.g4u, uae.rl.u4g):
-            real = module.group_advantages
+        real = uae.rl.iteration.group_advantages
 
-            def record(*a, real=real, **k):
-                res = real(*a, **k)
-                advantages.append(res.values.cpu())
-                return res
+        def record(*a, **k):  # every iteration's advantages, as both RL stages compute them
+            res = real(*a, **k)
+            advantages.append(res.values.cpu())
+            return res
 
-            module.group_advantages = record
+        uae.rl.iteration.group_advantages = record
         preset = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[stage]
         cfg = parse_config(STAGE_CONFIGS[stage], ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
                                                   "--checkpoint", ckpt, "--data", data, "--output_dir", out,

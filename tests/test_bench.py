@@ -74,7 +74,7 @@ def test_memory_plan_counts_what_each_trainer_trains_at_full_size():
     import memory_plan
     from diffusers import SD3Transformer2DModel
 
-    from uae.tiny import load_preset
+    from uae.random_weights import load_preset
 
     cfg = load_preset("full")
     with torch.device("meta"):

@@ -14,7 +14,7 @@ SFT = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", GRPO + SFT, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_parses(path):
-    from uae.config import parse_config
+    from uae.dataclass_cli import parse_config
     from uae.rl.train import parse
     from uae.training.configs import SFTConfig
 
@@ -53,3 +53,26 @@ def test_sample_captions_cover_the_sample_photos():
     lines = [json.loads(l) for l in (ROOT / "Unified-Bench" / "UniBench" / "sample.jsonl").read_text().splitlines()]
     photos = sorted(p.name for p in (ROOT / "Unified-Bench" / "UniBench" / "sample").iterdir())
     assert sorted(Path(r["image"]).name for r in lines) == photos and all(len(r["caption"].split()) > 20 for r in lines)
+
+
+@pytest.mark.parametrize("module, argv, flag", [
+    ("uae.demo", ["--input_te", "a cube", "--output_pa", "x.png"], "--input_te"),
+    ("uae.unibench", ["--model", "janus"], "--model"),
+    ("uae.rl.train", ["--data", "x", "--max_iter", "2"], "--max_iter"),
+    ("uae.score_i2i", ["--image", "a", "--ref_path", "b"], "--image"),
+])
+def test_a_mistyped_flag_is_an_error_not_an_abbreviation(module, argv, flag, capsys):
+    """argparse's prefix matching would read `--model` as `--models` and `--input_te` as
+    `--input_text`; only the declared aliases are other spellings."""
+    import importlib
+
+    assert importlib.import_module(module).main(argv) == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments" in err and flag in err and len(err.strip().splitlines()) == 1
+
+
+def test_declared_aliases_still_work():
+    from uae.rl.train import parse
+
+    cfg = parse(["--data", "x", "--max_iterations", "3", "--adv_std_scope", "group"])[0]
+    assert (cfg.max_steps, cfg.scale_rewards) == (3, "group")

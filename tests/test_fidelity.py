@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import demo
 from uae.errors import UAEError
-from uae.tiny import ReleaseLayout, build_checkpoint
+from uae.random_weights import ReleaseLayout, build_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -212,7 +212,7 @@ def test_seeded_caption_equals_the_release_path(tiny_ckpt, tiny_uae, awkward_ima
 
 
 def test_caption_settings_come_from_generation_config_unless_overridden(tiny_uae, photo, caplog):
-    from uae.io import open_image
+    from uae.images import open_image
 
     enc = tiny_uae.encoder
     gen = enc.qwen.generation_config
@@ -228,7 +228,7 @@ def test_caption_settings_come_from_generation_config_unless_overridden(tiny_uae
 
 
 def test_exif_rotation_is_off_by_default_and_a_flag(tiny_uae, awkward_images):
-    from uae.io import open_image
+    from uae.images import open_image
 
     path = awkward_images / "rotated.jpg"
     enc = tiny_uae.encoder

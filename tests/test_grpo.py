@@ -12,20 +12,16 @@ from safetensors.torch import load_file
 
 import demo
 import train_grpo
+from conftest import REFS
+from conftest import read_metrics as _metrics
 from tests.rewards import TargetImageReward
-from uae.training.common import Checkpoints
 
 ROOT = Path(__file__).resolve().parent.parent
-REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
 
 
 def grpo(tiny_ckpt, out, *extra, reward=None):
     return train_grpo.main(["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", str(tiny_ckpt), "--data", str(REFS),
                             "--output_dir", str(out), "--scorer_weights", "tiny", *map(str, extra)], reward=reward)
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_smoke_with_the_reconstruction_reward(tiny_ckpt, tmp_path, capsys):
@@ -67,28 +63,11 @@ def test_reward_rises_on_a_toy_task(tiny_ckpt, tmp_path):
     assert last - first > 3 * noise, (first, last, noise)
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, interrupt_and_resume):
     common = ["--max_iterations", 4, "--checkpointing_steps", 2, "--image_log_steps", 0, "--use_ema", "--ema_every", 1,
               "--link_unchanged", "false"]
-    assert grpo(tiny_ckpt, tmp_path / "a", *common) == 0
-    real_save = Checkpoints.save
-
-    def crash_after_2(self, acc, step, config):
-        path = real_save(self, acc, step, config)
-        if step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return path
-
-    monkeypatch.setattr(Checkpoints, "save", crash_after_2)
-    with pytest.raises(KeyboardInterrupt):
-        grpo(tiny_ckpt, tmp_path / "b", *common)
-    monkeypatch.setattr(Checkpoints, "save", real_save)
-    assert grpo(tiny_ckpt, tmp_path / "b", *common, "--resume_from_checkpoint", "latest") == 0
-    a = load_file(str(tmp_path / "a" / "final" / "dit_lora" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "final" / "dit_lora" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rec: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rec]  # noqa: E731
-    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
+    interrupt_and_resume(lambda out, *more: grpo(tiny_ckpt, out, *common, *more), crash_at=2,
+                         compare=["dit_lora/adapter_model.safetensors"])
 
 
 def test_bad_settings(capsys):
@@ -153,13 +132,13 @@ def test_g4u_learns_longer_captions_on_a_length_reward(tiny_ckpt, tmp_path):
     assert (out / "curves.png").stat().st_size > 0
 
 
-def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, tmp_path):
+def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, grpo_recipe):
     """One policy-gradient step on sampled captions moves log-probability towards the captions with
     positive advantage: sum_i A_i * change_i > 0, the best caption gains, the worst loses (the
     direction of the GRPO update, checked on the real model)."""
     from uae.rl.grpo import group_advantages, ppo_clip_loss
 
-    recipe = _g4u_recipe(tiny_ckpt, tmp_path)
+    recipe = grpo_recipe("g4u", tiny_ckpt, reward=lambda *a: [])
     enc = recipe.model.encoder
     batch = enc.caption_inputs([recipe.refs[0].image] * 6)
     torch.manual_seed(0)
@@ -180,43 +159,11 @@ def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, tmp_path):
     assert change[adv.argmax()] > 0 > change[adv.argmin()], (change, adv)
 
 
-def _g4u_recipe(tiny_ckpt, tmp_path, *extra):
-    from uae.config import parse_config
-    from uae.rl.g4u import G4URecipe
-    from uae.training.configs import G4UConfig
-    from uae.training.run import Run
-
-    cfg = parse_config(G4UConfig, ["--config", "configs/grpo/tiny_g4u.yaml", "--checkpoint", str(tiny_ckpt),
-                                               "--data", str(REFS), "--output_dir", str(tmp_path), *map(str, extra)])
-    recipe = G4URecipe(Run(cfg, "test"), reward=lambda *a: [])
-    recipe.setup()
-    return recipe
-
-
-def test_g4u_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, tmp_path, monkeypatch):
+def test_g4u_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, interrupt_and_resume):
     common = ["--max_iterations", 4, "--checkpointing_steps", 2, "--image_log_steps", 1, "--link_unchanged", "false"]
-    assert g4u(tiny_ckpt, tmp_path / "a", *common) == 0
-    real_save = Checkpoints.save
-
-    def crash_after_2(self, acc, step, config):
-        path = real_save(self, acc, step, config)
-        if step == 2:
-            raise KeyboardInterrupt("simulated interruption")
-        return path
-
-    monkeypatch.setattr(Checkpoints, "save", crash_after_2)
-    with pytest.raises(KeyboardInterrupt):
-        g4u(tiny_ckpt, tmp_path / "b", *common)
-    monkeypatch.setattr(Checkpoints, "save", real_save)
-    assert g4u(tiny_ckpt, tmp_path / "b", *common, "--resume_from_checkpoint", "latest") == 0
-    for i in (1, 2, 3):
-        name = f"model-0000{i}-of-00003.safetensors"
-        a = load_file(str(tmp_path / "a" / "final" / "llm_lora" / name))
-        b = load_file(str(tmp_path / "b" / "final" / "llm_lora" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rec: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rec]  # noqa: E731
-    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
-    assert (tmp_path / "a" / "samples.jsonl").read_text() == (tmp_path / "b" / "samples.jsonl").read_text()
+    a, b = interrupt_and_resume(lambda out, *more: g4u(tiny_ckpt, out, *common, *more), crash_at=2,
+                                compare=[f"llm_lora/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)])
+    assert (a / "samples.jsonl").read_text() == (b / "samples.jsonl").read_text()
 
 
 def test_report_cli_makes_plots_and_page_for_any_run(tmp_path, capsys):
@@ -254,7 +201,7 @@ def captioned(tmp_path_factory):
 
 
 def _cold_cfg(tiny_ckpt, data, out, *extra):
-    from uae.config import parse_config
+    from uae.dataclass_cli import parse_config
 
     from uae.training.configs import ColdStartConfig
 
@@ -303,34 +250,14 @@ def test_cold_start_trains_what_it_claims_and_the_loss_falls(tiny_ckpt, captione
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 15, losses
 
 
-def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captioned, tmp_path, monkeypatch):
+def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captioned, interrupt_and_resume):
     common = ["--max_steps", 6, "--checkpointing_steps", 3, "--link_unchanged", "false"]
-    assert _cold_start(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "a", *common))[1]
-    real_save = Checkpoints.save
+    def train(out, *more):
+        return 0 if _cold_start(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", out, *common, *more))[1] else 1
 
-    def crash_after_3(self, acc, step, config):
-        path = real_save(self, acc, step, config)
-        if step == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return path
-
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    monkeypatch.setattr(Checkpoints, "save", crash_after_3)
-    with pytest.raises(KeyboardInterrupt):
-        _cold_start(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "b", *common))
-    monkeypatch.setattr(Checkpoints, "save", real_save)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    assert _cold_start(_cold_cfg(tiny_ckpt, captioned / "two.jsonl", tmp_path / "b", *common,
-                                 "--resume_from_checkpoint", "latest"))[1]
-    for name in [f"llm_lora/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] + ["dit_lora/adapter_model.safetensors"]:
-        a = load_file(str(tmp_path / "a" / "final" / name))
-        b = load_file(str(tmp_path / "b" / "final" / name))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    strip = lambda rec: [{k: v for k, v in r.items() if k != "seconds_per_step" and not k.startswith("time_")}  # noqa: E731
-                         for r in rec]
-    assert strip(_metrics(tmp_path / "a")) == strip(_metrics(tmp_path / "b"))
+    interrupt_and_resume(train, crash_at=3,
+                         compare=[f"llm_lora/model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)] +
+                         ["dit_lora/adapter_model.safetensors"])
 
 
 def test_all_stages_in_sequence_and_the_result_loads_in_demo(tiny_ckpt, captioned, tmp_path, capsys):

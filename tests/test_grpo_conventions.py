@@ -13,41 +13,16 @@ import yaml
 from PIL import Image
 
 import train_grpo
+from conftest import REFS
+from conftest import read_metrics as _metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
 
 
 def _cfg(*argv):
     from uae.rl.train import parse
 
     return parse([str(a) for a in argv])[0]
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _recipe(kind, tiny_ckpt, tmp_path, *extra, reward=None):
-    from uae.training.run import Run
-
-    preset = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[kind]
-    cfg = _cfg("--config", f"configs/grpo/{preset}", "--stage", kind, "--checkpoint", tiny_ckpt, "--data", REFS,
-               "--output_dir", tmp_path / "run", "--scorer_weights", "tiny", *extra)
-    run = Run(cfg, "test")
-    if kind == "cold_start":
-        from uae.rl.cold_start import ColdStartRecipe
-
-        recipe = ColdStartRecipe(run)
-    elif kind == "g4u":
-        from uae.rl.g4u import G4URecipe
-
-        recipe = G4URecipe(run, reward=reward)
-    else:
-        from uae.rl.u4g import U4GRecipe
-
-        recipe = U4GRecipe(run, reward=reward)
-    return recipe
 
 
 # ----------------------------------------------------------------------------- stage 3: Flow-GRPO's conventions
@@ -110,7 +85,7 @@ def test_second_update_of_an_iteration_sees_ratios_other_than_one(tiny_ckpt, tmp
 
 def test_prompts_are_drawn_without_replacement():
     from uae.errors import UAEError
-    from uae.rl.rollout import iteration_share
+    from uae.rl.iteration import iteration_share
 
     cfg = _cfg("--data", "x", "--prompts_per_iteration", 6, "--group_size", 2)
     for it in range(20):
@@ -121,7 +96,7 @@ def test_prompts_are_drawn_without_replacement():
 
 
 def test_sde_window_modes():
-    from uae.rl.rollout import sde_window_for
+    from uae.rl.iteration import sde_window_for
 
     assert sde_window_for(_cfg("--data", "x"), 0) is None                                  # all but the last
     assert sde_window_for(_cfg("--data", "x", "--sde_window", 2, 5), 7) == (2, 5)
@@ -158,8 +133,8 @@ def test_ema_warm_up_counts_optimizer_steps(tiny_ckpt, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- stage 2: TRL's, on-policy
 
-def test_g4u_rollouts_are_sampled_from_the_distribution_the_ratio_assumes(tiny_ckpt, tmp_path):
-    recipe = _recipe("g4u", tiny_ckpt, tmp_path, "--temperature", 0.9, reward=lambda *a: [])
+def test_g4u_rollouts_are_sampled_from_the_distribution_the_ratio_assumes(tiny_ckpt, grpo_recipe, tmp_path):
+    recipe = grpo_recipe("g4u", tiny_ckpt, "--temperature", 0.9, reward=lambda *a: [], setup=False)
     recipe.setup()
     enc = recipe.model.encoder
     gen = enc.qwen.generation_config
@@ -198,10 +173,10 @@ def test_g4u_with_no_signal_anywhere_does_not_crash(tiny_ckpt, tmp_path):
         assert r["skipped_groups"] == r["groups"] == 2 and r["loss"] == 0.0 and r["ratio_mean"] == 1.0
 
 
-def test_g4u_decoder_noise_is_one_seed_per_group(tiny_ckpt, tmp_path):
-    from uae.rl.rollout import iteration_share
+def test_g4u_decoder_noise_is_one_seed_per_group(tiny_ckpt, grpo_recipe, tmp_path):
+    from uae.rl.iteration import iteration_share
 
-    recipe = _recipe("g4u", tiny_ckpt, tmp_path, "--prompts_per_iteration", 3, "--group_size", 4)
+    recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 3, "--group_size", 4, setup=False)
     cfg = recipe.cfg
     one = recipe.decoder_seeds(5, iteration_share(cfg, 5, 6, 1, 0))
     assert [len(set(one[g * 4:(g + 1) * 4])) for g in range(3)] == [1, 1, 1] and len(set(one)) == 3
@@ -212,7 +187,7 @@ def test_g4u_decoder_noise_is_one_seed_per_group(tiny_ckpt, tmp_path):
     assert len(set(recipe.decoder_seeds(5, iteration_share(cfg, 5, 6, 1, 0)))) == 12
 
 
-def test_g4u_reward_images_are_the_decoders_images_of_each_caption_alone(tiny_ckpt, tmp_path):
+def test_g4u_reward_images_are_the_decoders_images_of_each_caption_alone(tiny_ckpt, grpo_recipe, tmp_path):
     """The reward path decodes each caption as demo.py would, alone, with its group's seed."""
     seen = {}
 
@@ -220,9 +195,9 @@ def test_g4u_reward_images_are_the_decoders_images_of_each_caption_alone(tiny_ck
         seen.update(images=images, prompts=prompts)
         return [float(len(p)) for p in prompts]
 
-    recipe = _recipe("g4u", tiny_ckpt, tmp_path, "--prompts_per_iteration", 1, "--group_size", 3, reward=capture)
+    recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 1, "--group_size", 3, reward=capture, setup=False)
     recipe.setup()
-    from uae.rl.rollout import iteration_share
+    from uae.rl.iteration import iteration_share
 
     seeds = recipe.decoder_seeds(0, iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0))
     with torch.no_grad():
@@ -266,7 +241,7 @@ def one_pair(tmp_path_factory):
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, one_pair, tmp_path):
+def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, grpo_recipe, one_pair, tmp_path):
     """Shift 3.0, 10 steps: the default (full, per-step checkpointing) gradient equals, for each
     trained group (the encoder's LoRA, the projector, the decoder's LoRA), a reference
     back-propagated through a plain Euler loop written here without checkpointing or truncation,
@@ -276,9 +251,9 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, one_p
     import torch.nn.functional as F
 
     from uae.rl.rewards import to_uint8
-    from uae.training.common import generator_for
+    from uae.training.seeding import generator_for
 
-    recipe = _recipe("cold_start", tiny_ckpt, tmp_path, "--data", one_pair, "--num_steps", 10, "--resolution", 64)
+    recipe = grpo_recipe("cold_start", tiny_ckpt, "--data", one_pair, "--num_steps", 10, "--resolution", 64, setup=False)
     recipe.setup()
     assert recipe.sched.config.shift == 3.0 and len(recipe.sched.timesteps) == 10
     assert recipe.cfg.detach_uncond is False          # the cold start's default: the loss's exact gradient
@@ -334,8 +309,8 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, one_p
 
 
 @pytest.mark.parametrize("mode", ["caption_tokens", "all_tokens", "generate_template"])
-def test_cold_start_conditioning_variants_and_their_negatives(tiny_ckpt, one_pair, tmp_path, mode):
-    recipe = _recipe("cold_start", tiny_ckpt, tmp_path, "--data", one_pair, "--conditioning", mode)
+def test_cold_start_conditioning_variants_and_their_negatives(tiny_ckpt, grpo_recipe, one_pair, tmp_path, mode):
+    recipe = grpo_recipe("cold_start", tiny_ckpt, "--data", one_pair, "--conditioning", mode, setup=False)
     recipe.setup()
     enc = recipe.model.encoder
     image = recipe.items[0].open()

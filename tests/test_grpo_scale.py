@@ -11,27 +11,15 @@ import torch
 import yaml
 
 import train_grpo
+from conftest import REFS
 
 ROOT = Path(__file__).resolve().parent.parent
-REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
 
 
 def _cfg(*argv):
     from uae.rl.train import parse
 
     return parse([str(a) for a in argv])[0]
-
-
-def _recipe(kind, tiny_ckpt, tmp_path, *extra, reward=None):
-    from uae.rl.g4u import G4URecipe
-    from uae.rl.u4g import U4GRecipe
-    from uae.training.run import Run
-
-    cfg = _cfg("--config", f"configs/grpo/tiny_{kind}.yaml", "--checkpoint", tiny_ckpt, "--data", REFS,
-               "--output_dir", tmp_path / "run", "--scorer_weights", "tiny", *extra)
-    recipe = {"g4u": G4URecipe, "u4g": U4GRecipe}[kind](Run(cfg, "test"), reward=reward or (lambda *a: []))
-    recipe.setup()
-    return recipe
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -147,23 +135,23 @@ def test_token_loss_is_trls_normaliser(loss_type):
     assert abs(step - defined.item()) < 1e-5
 
 
-def test_g4u_gradient_is_trls_loss(tiny_ckpt, tmp_path):
+def test_g4u_gradient_is_trls_loss(tiny_ckpt, grpo_recipe):
     """One g4u optimizer step's gradient (two micro-batches, dapo, beta 0.1 to the LoRA-free LLM)
     equals TRL's loss written here over all the iteration's tokens at once: a zero-variance group's
     tokens count in the denominator and take the KL; with mask_truncated_completions a caption cut
     at max_new_tokens takes no part; the old log-probs are the current ones (ratio 1)."""
-    from uae.rl.rollout import iteration_share
+    from uae.rl.iteration import iteration_share
 
-    recipe = _recipe("g4u", tiny_ckpt, tmp_path, "--prompts_per_iteration", 2, "--group_size", 2,
-                     "--max_new_tokens", 6, "--train_batch_size", 2, "--beta", 0.1, "--kl_reference", "base",
-                     "--max_grad_norm", 0)
+    recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 2, "--group_size", 2, "--max_new_tokens", 6,
+                         "--train_batch_size", 2, "--beta", 0.1, "--kl_reference", "base", "--max_grad_norm", 0,
+                         reward=lambda *a: [])
     enc = recipe.model.encoder
     roll = recipe.rollout(0, iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0))
     assert roll.old_log_probs is None and len(roll.rows) == 2
     adv = torch.tensor([0.0, 0.0, 1.0, -1.0])             # group 0: zero variance
     roll.truncated = torch.tensor([False, True, False, True])
     grads = []
-    recipe.opt.step = lambda *a, **k: grads.append(torch.cat([p.grad.flatten() for p in recipe.trainable]).clone())
+    recipe.optimizer.step = lambda *a, **k: grads.append(torch.cat([p.grad.flatten() for p in recipe.trainable]).clone())
 
     def reference(mask_truncated: bool):
         for p in recipe.trainable:
@@ -187,14 +175,14 @@ def test_g4u_gradient_is_trls_loss(tiny_ckpt, tmp_path):
     assert (grads[0] - grads[1]).norm() > 1e-3 * grads[0].norm()   # the truncated captions did count before
 
 
-def test_g4u_old_log_probs_only_when_an_update_is_not_the_first(tiny_ckpt, tmp_path):
+def test_g4u_old_log_probs_only_when_an_update_is_not_the_first(tiny_ckpt, grpo_recipe):
     """With one optimizer step per rollout batch the old log-probs are the policy's own, detached
     (TRL's shortcut): no extra forward. With inner_epochs 2 they are computed at sampling time."""
-    from uae.rl.rollout import iteration_share
+    from uae.rl.iteration import iteration_share
 
     for inner, forwards in ((1, 0), (2, 2)):
-        recipe = _recipe("g4u", tiny_ckpt, tmp_path / str(inner), "--prompts_per_iteration", 1, "--group_size", 4,
-                         "--train_batch_size", 2, "--inner_epochs", inner)
+        recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 1, "--group_size", 4,
+                             "--train_batch_size", 2, "--inner_epochs", inner, reward=lambda *a: [])
         calls = []
         real = recipe.token_logprobs
         recipe.token_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
@@ -204,9 +192,6 @@ def test_g4u_old_log_probs_only_when_an_update_is_not_the_first(tiny_ckpt, tmp_p
             with torch.no_grad():
                 now = real(recipe.policy, roll.batch, roll.completion)
             assert torch.allclose(now, roll.old_log_probs, atol=1e-5)
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_g4u_runs_with_each_loss_type(tiny_ckpt, tmp_path):

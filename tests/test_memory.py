@@ -19,7 +19,7 @@ PAIRS = ROOT / "Unified-Bench" / "UniBench" / "sample.jsonl"
 @pytest.fixture(scope="module")
 def bf16_ckpt(tmp_path_factory):
     """A tiny checkpoint stored in bf16, as the release's weights are."""
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("bf16") / "ckpt", "tiny", seed=0, dtype="bfloat16")
 
@@ -29,7 +29,7 @@ def _run(kind, ckpt, out, *extra):
     from uae.training.run import Run
 
     if kind.startswith("sft"):
-        from uae.config import parse_config
+        from uae.dataclass_cli import parse_config
         from uae.training.configs import SFTConfig
         from uae.training.sft import SFTRecipe
 
@@ -67,7 +67,7 @@ def test_precision_policy_bf16_frozen_fp32_trained(kind, extra, bf16_ckpt, tmp_p
     recipe = _run(kind, bf16_ckpt, tmp_path / "run", "--mixed_precision", "bf16", *extra)
     frozen, trained = _frozen_and_trained(recipe)
     assert frozen == {torch.bfloat16} and trained == {torch.float32}
-    state = [v for s in recipe.opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
+    state = [v for s in recipe.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim]
     assert state and {v.dtype for v in state} == {torch.float32}
     scorers = getattr(getattr(recipe, "reward", None), "funcs", None)
     if scorers:
@@ -84,7 +84,7 @@ def test_without_mixed_precision_everything_is_fp32(tiny_ckpt, tmp_path):
 
 def test_adamw8bit_keeps_8bit_state_and_says_how_to_install_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
     recipe = _run("sft", tiny_ckpt, tmp_path / "run", "--optimizer", "adamw8bit", "--max_steps", 2)
-    kinds = {type(v).__name__ for s in recipe.opt.state.values() for v in s.values()}
+    kinds = {type(v).__name__ for s in recipe.optimizer.state.values() for v in s.values()}
     assert "OptimState8bit" in kinds
     monkeypatch.setitem(sys.modules, "torchao.optim", None)  # as if torchao were not installed
     code = train_sft.main(["--config", "configs/sft/tiny.yaml", "--checkpoint", str(tiny_ckpt), "--output_dir",
@@ -94,7 +94,7 @@ def test_adamw8bit_keeps_8bit_state_and_says_how_to_install_it(tiny_ckpt, tmp_pa
 
 def test_llm_gradient_checkpointing_gives_the_same_gradient(tiny_ckpt, tmp_path):
     from uae.rl.rewards import to_uint8
-    from uae.training.common import generator_for
+    from uae.training.seeding import generator_for
 
     grads = {}
     for gc in (False, True):

@@ -26,7 +26,7 @@ def _flags(*classes) -> set[str]:
 
 @pytest.mark.parametrize("module, classes, start, end", [
     ("uae.demo", ["DemoConfig"], "## demo.py", "\n## "),
-    ("uae.scoring.cli", ["ScoreConfig"], "### Scoring folders: eval/", "\n## "),
+    ("uae.score_i2i", ["ScoreConfig"], "### Scoring folders: eval/", "\n## "),
     ("uae.unibench", ["UniBenchConfig"], "### The benchmark runner", "\n### "),
     ("uae.training.configs", ["SFTConfig"], "## Training the decoder: train_sft.py", "\n## "),
     ("uae.training.configs", ["ColdStartConfig", "G4UConfig", "U4GConfig"], "## Unified-GRPO: train_grpo.py", "\n## "),

@@ -98,7 +98,7 @@ def test_flow_kl():
 
 
 def test_per_sample_generators_make_noise_independent_of_batching():
-    from uae.training.common import generator_for
+    from uae.training.seeding import generator_for
 
     v, x = _state(5)
     whole = sde_step(v, x, 0.8, 0.6, 0.7, generator=[generator_for(0, j) for j in range(3)])

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from uae.io import load_image
-from uae.scoring import cli as Score_i2i
+from uae.images import load_image
+from uae import score_i2i as Score_i2i
 
 ROOT = Path(__file__).resolve().parent.parent
 

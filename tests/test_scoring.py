@@ -7,12 +7,12 @@ from PIL import Image
 from skimage import data
 
 from uae.scoring.scorers import SCORERS, load_scorer
-from uae.tiny import tiny_scorer_dir
+from uae.random_weights import tiny_scorer_dir
 
 
 @pytest.fixture(scope="module")
 def scorers():
-    return {name: load_scorer(name, weights="tiny") for name in SCORERS}
+    return {name: load_scorer(name, str(tiny_scorer_dir() / name)) for name in SCORERS}
 
 
 def _pil_pairs():
@@ -28,7 +28,7 @@ def _u8(pil):
 
 @pytest.mark.parametrize("name", SCORERS)
 def test_parity_with_the_models_own_processor(scorers, name):
-    from uae.scoring.reference import ReferenceEncoder
+    from reference_scorers import ReferenceEncoder
 
     s = scorers[name]
     ref = ReferenceEncoder(name, tiny_scorer_dir() / name)

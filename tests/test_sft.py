@@ -11,7 +11,6 @@ from skimage import data
 
 import demo
 import train_sft
-from uae.training.common import Checkpoints
 
 CAPTIONS = {"astronaut": "an astronaut in a white suit", "chelsea": "an orange cat", "coffee": "a cup of coffee",
             "rocket": "a rocket on a launch pad"}
@@ -92,32 +91,14 @@ def test_loss_falls_on_one_image(tiny_ckpt, pairs, tmp_path):
     assert last < 0.85 * first, (first, last)
 
 
-def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, pairs, tmp_path, monkeypatch):
+def test_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, pairs, interrupt_and_resume):
     common = ["--max_train_steps", 6, "--checkpointing_steps", 2, "--validation_steps", 0, "--use_ema",
               "--gradient_accumulation_steps", 2, "--link_unchanged", "false"]
-    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "a", *common) == 0
-
-    real_save = Checkpoints.save
-
-    def crash_after_step_4(self, acc, step, config):
-        path = real_save(self, acc, step, config)
-        if step == 4:
-            raise KeyboardInterrupt("simulated interruption")
-        return path
-
-    monkeypatch.setattr(Checkpoints, "save", crash_after_step_4)
-    with pytest.raises(KeyboardInterrupt):
-        sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "b", *common)
-    monkeypatch.setattr(Checkpoints, "save", real_save)
-    assert not (tmp_path / "b" / "final").exists()
-    assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "b", *common, "--resume_from_checkpoint", "latest") == 0
-
-    for rel in ("dit_lora/adapter_model.safetensors", "llm/projector.safetensors"):
-        a, b = load_file(str(tmp_path / "a" / "final" / rel)), load_file(str(tmp_path / "b" / "final" / rel))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), rel
-    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    a, b = interrupt_and_resume(lambda out, *more: sft(tiny_ckpt, pairs / "pairs.jsonl", out, *common, *more),
+                                crash_at=4, compare=["dit_lora/adapter_model.safetensors", "llm/projector.safetensors"])
+    assert _losses(a) == _losses(b)
     # configs/sft/tiny.yaml keeps the 2 newest checkpoints
-    assert sorted(p.name for p in (tmp_path / "b").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    assert sorted(p.name for p in b.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
 
 
 @pytest.fixture()
@@ -205,7 +186,7 @@ def test_long_caption_is_an_error_not_a_cut(tiny_ckpt, pairs, tmp_path, capsys):
 
 def test_buckets_and_grouped_sampler():
     from uae.data import Item, assign_buckets, buckets_for
-    from uae.training.common import StepSampler
+    from uae.training.seeding import StepSampler
 
     buckets = buckets_for(256, 64, 2.0)
     assert (256, 256) in buckets

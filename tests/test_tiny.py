@@ -1,4 +1,5 @@
-"""The offline builder: official layout, deterministic, full-size architectures as in DESIGN.md."""
+"""The offline builder: official layout, deterministic, full-size architectures as the release's configs give them
+(configs/models/full.yaml: Qwen2.5-VL-3B, SD3.5-Large's DiT)."""
 
 import hashlib
 import json
@@ -9,7 +10,7 @@ import yaml
 from safetensors import safe_open
 
 from uae.checkpoints import LORA_SHARDS
-from uae.tiny import build_checkpoint, load_preset
+from uae.random_weights import build_checkpoint, load_preset
 
 
 def _digest(folder):
@@ -71,7 +72,7 @@ def test_full_size_presets_have_the_real_sizes():
     from diffusers import SD3Transformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from uae.tiny import build_processor, llm_config
+    from uae.random_weights import build_processor, llm_config
 
     cfg = load_preset("full")
     with torch.device("meta"):
@@ -106,7 +107,7 @@ def test_build_in_bfloat16_writes_bf16_weights_that_load(tmp_path):
     from safetensors.torch import load_file
 
     from uae.models.uae import UAE
-    from uae.tiny import build_checkpoint
+    from uae.random_weights import build_checkpoint
 
     before = torch.get_default_dtype()
     path = build_checkpoint(tmp_path / "bf16", "tiny", dtype="bfloat16", device="cpu")
@@ -125,7 +126,7 @@ def test_cached_artefacts_are_built_by_the_nodes_first_process_only(tmp_path, mo
     import threading
     import time
 
-    from uae.io import build_once
+    from uae.files import build_once
 
     built = []
     monkeypatch.setenv("LOCAL_RANK", "1")

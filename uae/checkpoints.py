@@ -1,7 +1,7 @@
 """The official checkpoint layout: finding its parts (local folders or hub ids), checking them,
 and reading / writing the LLM LoRA in the release's three-shard format.
 
-The trap this module exists for (see DESIGN.md): the release was saved with transformers 4.50,
+The trap this module exists for: the release was saved with transformers 4.50,
 where `Qwen2_5_VLForConditionalGeneration` kept the text model at `model.` and the vision tower
 at `visual.`; today both live inside `model.` (`model.language_model.`, `model.visual.`).
 `from_pretrained` converts base weights by itself, but the LoRA shards are a raw state dict that

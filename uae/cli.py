@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import warnings
-from typing import Callable
+from typing import Callable, Sequence
 
 from uae.errors import UAEError
 
@@ -59,3 +59,17 @@ def script_main(fn: Callable[..., int]) -> Callable[..., int]:
             logger.error("%s", e)
             return 2
     return wrapper
+
+
+def with_named_config(argv: Sequence[str], kind: str) -> list[str]:
+    """`argv` with its --config value resolved: a path, or the name of a shipped config of `kind`
+    ("grpo", "sft"; uae.paths.shipped_config), so that `--config tiny_u4g` works from any folder."""
+    from uae.paths import shipped_config
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a == "--config" and i + 1 < len(out):
+            out[i + 1] = str(shipped_config(out[i + 1], kind))
+        elif a.startswith("--config="):
+            out[i] = "--config=" + str(shipped_config(a.split("=", 1)[1], kind))
+    return out

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uae.cli import script_main, setup_logging
-from uae.config import field, parse_config, save_config
+from uae.dataclass_cli import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.models.sampling import InferenceConfig
+from uae.models.inference import InferenceConfig
 
 logger = logging.getLogger("uae.demo")
 
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     setup_logging(cfg.log_level)
     from tqdm.auto import tqdm
 
-    from uae.io import atomic_write_text, list_images, open_image, save_image
+    from uae.files import atomic_write_text
+    from uae.images import list_images, open_image, save_image
     from uae.models.uae import UAE
+    from uae.random_weights import resolve_checkpoint
 
     # Read and check every input before loading any model.
     image_paths: list[Path] = []
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     else:
         prompts = [cfg.input_text]
 
-    model = UAE.from_pretrained(cfg.checkpoint, overrides=cfg.overrides, load_decoder=not cfg.prompt_only,
+    model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), overrides=cfg.overrides, load_decoder=not cfg.prompt_only,
                                 device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                 offload=cfg.offload)
     gen_kwargs, cap_kwargs = cfg.generate_kwargs(), cfg.caption_kwargs()

@@ -6,13 +6,26 @@ import html
 import os
 from pathlib import Path
 
-from uae.io import atomic_write_bytes, atomic_write_text
+from uae.files import atomic_write_bytes, atomic_write_text
 
 SUMMARY_KEYS = ("average", "min", "max")
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def save_figure(fig, path: Path, dpi: int) -> None:
+    """A matplotlib figure to PNG, written atomically, and closed."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def markdown_table(result: dict, scorers: list[str]) -> str:
@@ -33,7 +46,6 @@ def bar_plot(result: dict, scorers: list[str], path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import io
 
     import matplotlib.pyplot as plt
 
@@ -44,11 +56,7 @@ def bar_plot(result: dict, scorers: list[str], path: Path, title: str) -> None:
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("mean cosine similarity")
     ax.set_title(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=110)
 
 
 def html_report(result: dict, scorers: list[str], rows: list[dict], path: Path, title: str) -> None:
@@ -82,7 +90,6 @@ td.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{b
 def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> dict[str, int]:
     """Plot logged values against the step (one point per logged step), with a running mean.
     Returns the number of points drawn per key."""
-    import io
 
     import matplotlib
 
@@ -104,11 +111,7 @@ def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...
         ax.set_xlabel("step")
         ax.set_ylabel(key)
     fig.suptitle(title)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path, dpi=100)
     return drawn
 
 
@@ -171,7 +174,7 @@ def main(argv=None) -> int:
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=main.__doc__)
     ap.add_argument("run_dir")
     args = ap.parse_args(argv)
     run = Path(args.run_dir)

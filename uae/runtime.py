@@ -65,9 +65,8 @@ def _malloc_trim():
 def release_freed_memory() -> None:
     """Hand memory that Python/torch have freed back to the OS (glibc `malloc_trim`; a no-op on
     other C libraries). Long CPU loops of large, short-lived activations otherwise fragment
-    glibc's heap so that resident memory creeps up with the number of batches (measured with
-    ViT-S scorers: +1 MB per image scored, 1455 MB at 25 pairs -> 1810 MB at 200, flat with a
-    trim per batch; 240 images took 102 s with it, 108 s without)."""
+    glibc's heap so that resident memory creeps up with the number of batches (the measurements,
+    with and without a trim per batch: bench/RESULTS.md, "Score_i2i")."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

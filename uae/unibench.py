@@ -16,15 +16,14 @@ from pathlib import Path
 import torch
 
 from uae.cli import script_main, setup_logging
-from uae.config import field, parse_config, save_config
+from uae.dataclass_cli import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.models.sampling import InferenceConfig
-from uae.io import atomic_write_json, atomic_write_text, open_image, save_image
-from uae.paths import REPO_ROOT
-from uae.scoring.folder import _images
+from uae.models.inference import InferenceConfig
+from uae.files import atomic_write_json, atomic_write_text
+from uae.images import list_images, open_image, save_image
+from uae.paths import SAMPLES_DIR
 
 logger = logging.getLogger(__name__)
-BENCH_DIR = REPO_ROOT / "Unified-Bench"
 
 
 def read_captions(source: str | Path) -> dict[str, str]:
@@ -91,9 +90,10 @@ def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir,
     """`seed[reference]`: the release's one seed for all, or the reference's index added to it
     (--increment_seed), independent of batches, processes and resumes."""
     from uae.models.uae import UAE
+    from uae.random_weights import resolve_checkpoint
 
     skipped: dict[str, str] = {}
-    model = UAE.from_pretrained(cfg.checkpoint, device=device, dtype=cfg.dtype)
+    model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=device, dtype=cfg.dtype)
     for i in tqdm(starts, desc="caption + regenerate"):
         chunk, images = [], []
         for ref in todo[i:i + cfg.batch_size]:
@@ -143,13 +143,14 @@ def run_unibench(cfg) -> dict | None:
     from accelerate import PartialState
 
     from uae.paths import cache_dir
+    from uae.random_weights import scorer_checkpoint
     from uae.report import bar_plot, html_report, markdown_table
     from uae.runtime import resolve_device, resolve_dtype
     from uae.scoring.folder import score_folders
     from uae.scoring.scorers import load_scorer, resolve_scorer_weights
 
     out = Path(cfg.output_dir)
-    refs = _images(Path(cfg.ref_path), "reference (--ref_path)")
+    refs = list_images(cfg.ref_path, "reference (--ref_path)")
     skipped: dict[str, str] = {}
     if cfg.recon_from:
         recon_dir = Path(cfg.recon_from)
@@ -166,8 +167,8 @@ def run_unibench(cfg) -> dict | None:
     weights = resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint)
     if weights == "tiny":
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
-    scorers = {m: load_scorer(m, weights=weights, device=device, dtype=resolve_dtype(cfg.scorer_dtype, device))
-               for m in dict.fromkeys(cfg.models)}
+    scorers = {m: load_scorer(m, scorer_checkpoint(m, weights), device=device,
+                              dtype=resolve_dtype(cfg.scorer_dtype, device)) for m in dict.fromkeys(cfg.models)}
     ref_feats: dict = {}
     result = score_folders(recon_dir, cfg.ref_path, scorers, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                            cache_dir=None if cfg.no_cache else cache_dir() / "features", reference_features=ref_feats)
@@ -201,8 +202,9 @@ class UniBenchConfig(InferenceConfig):
     """Unified-Bench: image -> caption -> image reconstruction similarity of a UAE model."""
 
     checkpoint: str = field("tiny", help="model under test: folder in the official layout, hub id, or 'tiny'")
-    ref_path: str = field(str(BENCH_DIR / "UniBench" / "sample"), help="reference images (the real benchmark: UniBench/Image, 100 images)")
-    output_dir: str = field(str(BENCH_DIR / "results" / "run"), help="run folder (captions/, recon/, results.*, report.html)")
+    ref_path: str = field(str(SAMPLES_DIR / "sample"), help="reference images (default: the six sample photos; the "
+                                                             "real benchmark: UniBench/Image, 100 images)")
+    output_dir: str = field("Unified-Bench/results/run", help="run folder (captions/, recon/, results.*, report.html)")
     models: list[str] = field(["clip", "dinov2", "dinov3", "longclip"], choices=("clip", "dinov2", "dinov3", "longclip"),
                               help="scorers")
     scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),

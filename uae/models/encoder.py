@@ -45,7 +45,7 @@ def save_projector(projector: nn.Module, llm_dir: Path) -> None:
     """A trained projector beside unchanged LLM weights (`llm/projector.safetensors`)."""
     from safetensors.torch import save
 
-    from uae.io import atomic_write_bytes
+    from uae.files import atomic_write_bytes
 
     state = {f"projector.{k}": v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
     atomic_write_bytes(Path(llm_dir) / PROJECTOR_FILE, save(state, metadata={"format": "pt"}))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -17,22 +16,7 @@ logger = logging.getLogger(__name__)
 
 ENCODER_PARTS = ("llm", "llm_lora", "llm_processor")
 DECODER_PARTS = ("SD3", "dit", "dit_lora")
-TINY = "tiny"
 RELEASE_SEED = 42  # the release's demo.py generates every image with seed 42
-
-
-def embedded_tiny_checkpoint() -> Path:
-    """The embedded default: a tiny random checkpoint, built on first use into the cache folder."""
-    import uae
-    from uae.io import build_once
-    from uae.paths import cache_dir
-    from uae.tiny import build_checkpoint, preset_key
-
-    path = cache_dir() / f"tiny-v{uae.__version__}-{preset_key('tiny')}"
-    if not path.exists():
-        logger.info("building the embedded tiny checkpoint in %s (seconds, offline)", path)
-    build_once(path, lambda p: build_checkpoint(p, "tiny", seed=0))
-    return path
 
 
 class UAE:
@@ -46,23 +30,24 @@ class UAE:
         self.components = components
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | None = TINY, *, overrides: dict[str, str | None] | None = None,
+    def from_pretrained(cls, checkpoint: str | None, *, overrides: dict[str, str | None] | None = None,
                         load_encoder: bool = True, load_decoder: bool = True, device: str | None = None,
                         dtype: str | torch.dtype | None = None, attn_implementation: str | None = None,
                         prompts: EncoderPrompts | None = None,
                         part_dtypes: dict[str, torch.dtype] | None = None, offload: bool = False) -> "UAE":
-        """Load from a checkpoint folder in the official layout, a hub id, or "tiny" (the embedded
-        random checkpoint); `overrides` gives single parts by path or hub id ("none" switches a
-        LoRA off). Only the parts of the halves asked for are loaded. `part_dtypes` overrides `dtype`
-        for "projector" and "dit" (a trainer loads what trains fully in fp32: uae.training.precision).
+        """Load from a checkpoint folder in the official layout or a hub id (the embedded random
+        checkpoint: `uae.random_weights.embedded_checkpoint()`, which the command lines use for
+        `tiny`); `overrides` gives single parts by path or hub id ("none" switches a LoRA off).
+        Only the parts of the halves asked for are loaded. `part_dtypes` overrides `dtype` for
+        "projector" and "dit" (a trainer loads what trains fully in fp32: uae.training.precision).
         `offload` keeps the models in CPU memory and moves each to the GPU only while it runs (the LLM,
         then the DiT, then the VAE: diffusers' model CPU offload), so that about one model's weights
         are on the GPU at a time (inference on a 24 GB card)."""
-        if checkpoint == TINY:
-            checkpoint = str(embedded_tiny_checkpoint())
-            logger.warning("using the embedded tiny checkpoint %s: its weights are RANDOM, captions are "
-                           "gibberish and images are noise. Pass --checkpoint with the real weights "
-                           "(see README) for meaningful output.", checkpoint)
+        if checkpoint == "tiny":
+            from uae.errors import UAEError
+
+            raise UAEError("checkpoint 'tiny' is the embedded random checkpoint, a name the command lines resolve: "
+                           "in Python, UAE.from_pretrained(uae.random_weights.embedded_checkpoint())")
         # The encoder is needed by generation too: prompts are embedded by the LLM + projector.
         need = tuple(c for c in COMPONENTS if c in ENCODER_PARTS or (load_decoder and c in DECODER_PARTS))
         paths = resolve_components(checkpoint, overrides, need)

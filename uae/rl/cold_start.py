@@ -37,23 +37,21 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from uae.errors import UAEError
+from uae.rl.iteration import Phases
 from uae.rl.rewards import to_uint8
 from uae.models.decoder import decode_latents as decode
 from uae.models.decoder import guided_velocity
-from uae.training.common import generator_for, make_optimizer
+from uae.training.seeding import generator_for
+from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
 logger = logging.getLogger(__name__)
-
-GRADIENTS = ("full", "truncated", "x0")
-CONDITIONINGS = ("caption_tokens", "all_tokens", "generate_template")
 
 
 def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float, detach_uncond: bool = False):
@@ -86,14 +84,15 @@ def configure(model, cfg) -> Parts:
         enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if dit_params:
             dit.enable_gradient_checkpointing()
-    parts = Parts({"encoder": enc_params + list(enc.projector.parameters()), "decoder": dit_params},
-                  prepared=("llm", "projector"))
-    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
-    return parts
+    # The DiT is not prepared: its checkpointed steps are recomputed inside the backward pass, where
+    # a DDP forward must not run; the recipe averages its LoRA's gradients itself.
+    return Parts({"encoder": enc_params + list(enc.projector.parameters()), "decoder": dit_params},
+                 prepared={"llm": enc.llm, "projector": enc.projector})
 
 
 class ColdStartRecipe:
     trained_by = "train_grpo.py --stage cold_start"
+    manifest: dict = {}
 
     def __init__(self, run):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
@@ -101,6 +100,7 @@ class ColdStartRecipe:
     def setup(self):
         from uae.data import read_items, validate
         from uae.models.uae import UAE
+        from uae.random_weights import scorer_checkpoint
         from uae.scoring.scorers import load_scorer
 
         cfg = self.cfg
@@ -115,15 +115,13 @@ class ColdStartRecipe:
         self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=precision.frozen,
                                          part_dtypes=precision.load_dtypes(fully_trained(cfg)))
         self.paths = self.model.components
-        enc, pipe = self.model.encoder, self.model.decoder.pipe
+        pipe = self.model.decoder.pipe
         dit = pipe.transformer
         parts = configure(self.model, cfg)
         self.enc_trainable, self.dit_trainable = parts.groups["encoder"], parts.groups["decoder"]
         self.trainable = parts.trainable
-        from uae.scoring.scorers import resolve_scorer_weights
-
-        self.clip = load_scorer("clip", weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
-                                device=self.acc.device, dtype=precision.frozen)
+        self.clip = load_scorer("clip", scorer_checkpoint("clip", cfg.scorer_weights), device=self.acc.device,
+                                dtype=precision.frozen)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
         self.linked_parts = ("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",))
@@ -131,10 +129,9 @@ class ColdStartRecipe:
         if self.dit_trainable:
             groups.append({"params": self.dit_trainable, "lr": cfg.decoder_learning_rate})
         opt = make_optimizer(cfg, groups)
-        # The DiT is not DDP-wrapped: its checkpointed steps are recomputed inside the backward
-        # pass, where a DDP forward must not run. Its LoRA gradients are averaged explicitly.
-        self.dit_train = dit
-        self.llm_train, self.proj_train, self.opt = self.acc.prepare(enc.llm, enc.projector, opt)
+        self.dit_train = dit  # not prepared (configure says why)
+        modules, self.optimizer = self.run.prepare(parts, opt)
+        self.llm_train, self.proj_train = modules["llm"], modules["projector"]
         self.llm_train.train()  # (no dropout in Qwen2.5-VL) so that gradient checkpointing applies
         self.targets: dict[int, torch.Tensor] = {}
 
@@ -203,7 +200,7 @@ class ColdStartRecipe:
 
     # ------------------------------------------------------------------ one step
     def begin(self, start: int) -> None:
-        from uae.training.common import StepSampler
+        from uae.training.seeding import StepSampler
 
         cfg, acc = self.cfg, self.acc
         self.order = iter(StepSampler(len(self.items), cfg.batch_size, acc.num_processes, acc.process_index,
@@ -211,47 +208,40 @@ class ColdStartRecipe:
 
     def step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.acc
-        t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        idx = [next(self.order) for _ in range(cfg.batch_size)]
-        losses = []
         # Phases, as in the RL stages: sampling = conditioning and the differentiable
         # reconstruction's forward, reward = CLIP features of the original, train = the loss's
         # backward (through the recomputed steps) and the optimizer step; other = the rest.
-        t_sample = t_reward = t_train = 0.0
+        phase = Phases()
+        self.optimizer.zero_grad(set_to_none=True)
+        idx = [next(self.order) for _ in range(cfg.batch_size)]
+        losses = []
         for k, i in enumerate(idx):
             item = self.items[i]
             image = item.open()
-            t1 = time.perf_counter()
-            if i not in self.targets:  # CLIP is frozen: each original's features are computed once
-                with torch.no_grad():
-                    self.targets[i] = self.clip.encode_images(to_uint8([image]))
-            t_reward += time.perf_counter() - t1
+            with phase("reward"):
+                if i not in self.targets:  # CLIP is frozen: each original's features are computed once
+                    with torch.no_grad():
+                        self.targets[i] = self.clip.encode_images(to_uint8([image]))
             # Fresh noise per step, or (fixed_noise) one noise per image: the loss is then
             # a deterministic function of the weights, which shows optimisation without sampling noise.
             gen = generator_for(cfg.seed, i if cfg.fixed_noise else
                                 (step * acc.num_processes + acc.process_index) * 1024 + k)
-            t1 = time.perf_counter()
-            loss = self.loss(image, item.caption.strip(), gen, self.targets[i])
-            t_sample += time.perf_counter() - t1
-            t1 = time.perf_counter()
-            acc.backward(loss / len(idx))
-            losses.append(loss.item())
-            t_train += time.perf_counter() - t1
-        t1 = time.perf_counter()
-        if self.dit_trainable and acc.num_processes > 1:
-            self._average_dit_grads()
-        if cfg.max_grad_norm > 0:
-            acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-        self.opt.step()
-        self.run.optimizer_stepped()
-        t_train += time.perf_counter() - t1
+            with phase("sampling"):
+                loss = self.loss(image, item.caption.strip(), gen, self.targets[i])
+            with phase("train"):
+                acc.backward(loss / len(idx))
+                losses.append(loss.item())
+        with phase("train"):
+            if self.dit_trainable and acc.num_processes > 1:
+                self._average_dit_grads()
+            if cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
+            self.optimizer.step()
         value = sum(losses) / len(losses)
         if not math.isfinite(value):
             raise UAEError(f"cold-start loss is {value} at step {step + 1}: lower --learning_rate")
-        total = time.perf_counter() - t0
-        return {"loss": value, "seconds_per_step": total, "time_sampling": t_sample, "time_reward": t_reward,
-                "time_train": t_train, "time_other": total - t_sample - t_reward - t_train}
+        times = phase.metrics()
+        return {"loss": value, "seconds_per_step": sum(times.values()), **times}
 
     def _average_dit_grads(self) -> None:
         """The DiT LoRA's gradients (not DDP-wrapped, see setup) averaged over the processes in
@@ -279,3 +269,6 @@ class ColdStartRecipe:
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
         if self.dit_trainable:
             save_dit_lora(self.model.decoder.transformer, final / "dit_lora")
+
+    def close(self) -> None:
+        """Nothing held."""

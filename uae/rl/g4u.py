@@ -16,16 +16,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from uae.errors import UAEError
-from uae.rl.grpo import clipped_surrogate, group_advantages, ratio_stats, token_loss
-from uae.rl.rollout import (default_reward, iteration_metrics, iteration_share, kl_reference,
-                            load_references, score)
-from uae.training.common import generator_for, make_optimizer
+from uae.rl.grpo import clipped_surrogate, ratio_stats, token_loss
+from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share
+from uae.rl.kl import kl_reference
+from uae.rl.references import load_references
+from uae.rl.rewards import default_reward, score
+from uae.training.seeding import generator_for
+from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, train_lora_only
 from uae.training.precision import precision_policy
 
@@ -82,10 +84,9 @@ def configure(model, cfg) -> Parts:
     model.decoder.pipe.transformer.requires_grad_(False)
     model.decoder.pipe.vae.requires_grad_(False)
     enc.projector.requires_grad_(False)
-    parts = Parts({"encoder": train_lora_only(enc.llm)}, prepared=("llm",))
+    parts = Parts({"encoder": train_lora_only(enc.llm)}, prepared={"llm": enc.llm})
     if cfg.gradient_checkpointing:
         enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
     return parts
 
 
@@ -94,6 +95,7 @@ class G4URecipe:
 
     trained_by = "train_grpo.py --stage g4u"
     linked_parts = ("SD3", "dit", "dit_lora", "llm", "llm_processor")
+    manifest: dict = {}
 
     def __init__(self, run, reward=None):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
@@ -108,13 +110,14 @@ class G4URecipe:
         precision = precision_policy(cfg.mixed_precision)
         self.model = UAE.from_pretrained(cfg.checkpoint, device=acc.device, dtype=precision.frozen)
         self.paths = self.model.components
-        enc = self.model.encoder
-        self.trainable = configure(self.model, cfg).trainable
+        parts = configure(self.model, cfg)
+        self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         opt = make_optimizer(cfg, self.trainable)
-        self.policy, self.opt = acc.prepare(enc.llm, opt)
+        modules, self.optimizer = self.run.prepare(parts, opt)
+        self.policy = modules["llm"]
 
     # ------------------------------------------------------------------ rollouts
     @property
@@ -176,6 +179,12 @@ class G4URecipe:
         size = self.cfg.train_batch_size or n
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
+    def begin(self, start: int) -> None:
+        """Nothing to build: an iteration's prompts and randomness are functions of (seed, iteration)."""
+
+    def close(self) -> None:
+        """Nothing held."""
+
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
         """Rollout (captions sampled on-policy), score (the frozen decoder's images from them
@@ -183,26 +192,20 @@ class G4URecipe:
         PPO-clip, `inner_epochs` optimizer steps), as TRL splits `_generate_and_score_completions`
         and `compute_loss`."""
         cfg, acc = self.cfg, self.acc
-        t_start = time.perf_counter()
+        phase = Phases()
         share = iteration_share(cfg, it, len(self.refs), acc.num_processes, acc.process_index)
-        t0 = time.perf_counter()
-        roll = self.rollout(it, share)
-        t_sample = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores, adv = self.score_rollout(it, share, roll)
-        t_reward = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats = self.update(roll, adv.values[share.offset:share.offset + share.size])
-        t_train = time.perf_counter() - t0
-
+        with phase("sampling"):
+            roll = self.rollout(it, share)
+        with phase("reward"):
+            scores, all_rewards, adv = self.score_rollout(it, share, roll)
+        with phase("train"):
+            stats = self.update(roll, adv.values[share.offset:share.offset + share.size])
         dev = acc.device
-        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
         # Caption length in words (the paper's "longer, more descriptive captions"), and in tokens.
         words = acc.gather(torch.tensor([float(len(t.split())) for t in roll.texts], device=dev)).tolist()
         tokens = acc.gather(roll.token_mask.sum(1).float()).tolist()
         truncated = acc.gather(roll.truncated.float()).mean().item()
-        values = iteration_metrics(acc, all_rewards, scores, adv, {"sampling": t_sample, "reward": t_reward,
-                                                                   "train": t_train}, time.perf_counter() - t_start)
+        values = iteration_metrics(acc, all_rewards, scores, adv, phase)
         values.update(caption_len_mean=sum(words) / len(words), caption_len_median=statistics.median(words),
                       caption_len_max=max(words), caption_tokens_mean=sum(tokens) / len(tokens),
                       truncated_fraction=truncated, **stats)
@@ -217,7 +220,7 @@ class G4URecipe:
         mine = share.samples
         self.policy.eval()
         batch = enc.caption_inputs([self.refs[p].image for p in mine])
-        torch.manual_seed((cfg.seed * 1_000_003 + it * acc.num_processes + acc.process_index) % (2 ** 63 - 1))
+        torch.manual_seed(generator_for(cfg.seed, it * acc.num_processes + acc.process_index).initial_seed())
         out = self.sample(batch)
         completion = out[:, batch["input_ids"].shape[1]:]
         eos = enc.qwen.generation_config.eos_token_id
@@ -243,8 +246,8 @@ class G4URecipe:
         return Rollout(batch, completion, tok_mask, ~is_eos.any(1), texts, rows, old_lp)
 
     def score_rollout(self, it: int, share, roll: "Rollout"):
-        """Rewards of this process's captions (their images by the frozen decoder) and the
-        advantages of every sample of the iteration (rewards gathered from all processes)."""
+        """Rewards of this process's captions (their images by the frozen decoder), every process's
+        rewards, and the advantages of every sample of the iteration."""
         cfg, acc, enc = self.cfg, self.acc, self.model.encoder
         mine = share.samples
         seeds = self.decoder_seeds(it, share)
@@ -254,12 +257,9 @@ class G4URecipe:
             roll.images = self.model.generate(roll.texts, **gen)
         scores = score(self.reward, roll.images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine],
                        roll.texts)
-        dev = acc.device
-        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
-        group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
         # TRL's statistics: the std with Bessel's correction (its nanstd), no clipping by default.
-        adv = group_advantages(all_rewards, group_ids, scale=cfg.scale_rewards, unbiased=True, clip=cfg.adv_clip)
-        return scores, adv
+        all_rewards, adv = gathered_advantages(acc, scores["total"], share, cfg, unbiased=True)
+        return scores, all_rewards, adv
 
     def update(self, roll: "Rollout", adv: torch.Tensor) -> dict:
         """`inner_epochs` optimizer steps of token-level PPO-clip (+ beta x k3 KL) on this
@@ -275,7 +275,7 @@ class G4URecipe:
                     max_completion_length=cfg.max_new_tokens)
         agg: dict[str, float] = {}
         for inner in range(cfg.inner_epochs):
-            self.opt.zero_grad(set_to_none=True)
+            self.optimizer.zero_grad(set_to_none=True)
             loss_value, parts = 0.0, []
             for c, r in enumerate(roll.rows):
                 ref = None
@@ -307,13 +307,12 @@ class G4URecipe:
             stats = {k: sum(n * s[k] for n, s in parts if n) / n_tok if n_tok else float("nan") for k in parts[0][1]}
             if cfg.max_grad_norm > 0:
                 acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-            self.opt.step()
-            self.run.optimizer_stepped()
+            self.optimizer.step()
             if inner == 0:
                 agg.update({f"first_{k}": v for k, v in stats.items()})
             agg.update(stats)
             agg["loss"] = loss_value
-        self.opt.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         return agg
 
     # ------------------------------------------------------------------ seeing it work

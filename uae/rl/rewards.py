@@ -129,6 +129,7 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scor
                   dtype: torch.dtype | None = None) -> Rewards:
     """The Rewards of a config's `reward_funcs` / `reward_weights` (module docstring); the scorers
     they need are loaded once."""
+    from uae.random_weights import scorer_checkpoint
     from uae.runtime import resolve_dtype
     from uae.scoring.scorers import SCORERS, load_scorer
 
@@ -141,7 +142,7 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scor
             raise UAEError(f"reward {name!r}: unknown scorer; built-in rewards are {', '.join(SCORERS)}, "
                            f"text:clip, text:longclip, or module:callable")
         if name not in scorers:
-            scorers[name] = load_scorer(name, weights=scorer_weights, device=device,
+            scorers[name] = load_scorer(name, scorer_checkpoint(name, scorer_weights), device=device,
                                         dtype=dtype or resolve_dtype("float32", device))
         return scorers[name]
 
@@ -155,3 +156,15 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scor
         else:
             funcs.append(RewardFunc(spec, w, ImageSimilarity(scorer(spec), refs)))
     return Rewards(funcs)
+
+
+def default_reward(cfg, device, dtype=None):
+    """The configured rewards (`reward_funcs`, `reward_weights`; the reconstruction similarity by
+    default), their scorers in `dtype` (the frozen dtype of the precision policy)."""
+    return build_rewards(cfg.reward_funcs, cfg.reward_weights, device=device, dtype=dtype,
+                         scorer_weights=cfg.scorer_weights)
+
+
+def score(reward, images, keys, references, prompts) -> dict[str, list[float]]:
+    """{"total": [...], and each reward function's values}."""
+    return Rewards.wrap(reward).score(images, keys, references, prompts)

@@ -1,6 +1,6 @@
 """Stochastic sampling steps for flow-matching RL, with per-step Gaussian log-probabilities.
 
-Notation (DESIGN.md): sigma is the scheduler sigma (1 = pure noise), d = sigma_next - sigma < 0,
+Notation (Flow-GRPO's): sigma is the scheduler sigma (1 = pure noise), d = sigma_next - sigma < 0,
 v the velocity predicted by the DiT (after CFG), a the noise level. All maths in float32.
 
 - "sde": Flow-GRPO's SDE step (Liu et al., arXiv 2505.05470, eq. 9-12):

@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from uae.cli import script_main, setup_logging
-from uae.config import parse_config, parse_configs, read_yaml
+from uae.cli import script_main, setup_logging, with_named_config
+from uae.dataclass_cli import parse_config, parse_configs, read_yaml
 from uae.training.configs import STAGE_CONFIGS, STAGES
 
 logger = logging.getLogger("uae.grpo")
@@ -39,7 +39,7 @@ def parse(argv: Sequence[str] | None = None, description: str | None = None) -> 
     """The config of each stage to run, in order."""
     import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = with_named_config(sys.argv[1:] if argv is None else argv, "grpo")
     stage = requested_stage(argv)
     if stage != "all":
         from uae.errors import UAEError

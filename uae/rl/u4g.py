@@ -21,18 +21,21 @@ import copy
 import gc
 import json
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from uae.models.decoder import decode_latents, guided_velocity
-from uae.rl.grpo import flow_kl, group_advantages, ppo_clip_loss
-from uae.rl.rollout import (default_reward, iteration_metrics, iteration_share, kl_reference, load_references,
-                            score, sde_window_for)
+from uae.rl.grpo import flow_kl, ppo_clip_loss
+from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share, sde_window_for
+from uae.rl.kl import kl_reference
+from uae.rl.references import load_references
+from uae.rl.rewards import default_reward, score
 from uae.rl.sde import sde_step, sde_window
-from uae.training.common import generator_for, make_optimizer
+from uae.training.seeding import generator_for
+from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
@@ -81,11 +84,43 @@ def configure(model, cfg) -> Parts:
     dit = pipe.transformer
     dit.requires_grad_(False)
     ensure_dit_lora(dit, cfg)
-    parts = Parts({"decoder": train_lora_only(dit)}, prepared=("dit",), freed=("encoder",))
+    parts = Parts({"decoder": train_lora_only(dit)}, prepared={"dit": dit}, freed=("encoder",))
     if cfg.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
-    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
     return parts
+
+
+@dataclass
+class Transitions:
+    """This process's rollouts of an iteration, in its sample order: for each recorded (trained)
+    step, the latents before and after it and the log-probability of that move at sampling time;
+    each sample's conditioning, advantage and whether it is kept (its group has reward variance)."""
+
+    steps: list[int]                       # schedule indices of the recorded steps
+    latents: list[torch.Tensor]            # per recorded step: (N, C, H, W), x_i
+    next_latents: list[torch.Tensor]       # per recorded step: (N, C, H, W), x_{i+1}
+    log_probs: list[torch.Tensor]          # per recorded step: (N,)
+    conditioning: list[tuple[torch.Tensor, torch.Tensor]]  # per sample: (positive, negative), (1, T, D)
+    advantages: torch.Tensor               # (N,)
+    keep: torch.Tensor                     # (N,) bool
+
+    @classmethod
+    def of(cls, chunks, conditioning, advantages, keep) -> "Transitions":
+        """From the sampled chunks [(local sample indices, [(i, x_i, x_{i+1}, log p)], images)]."""
+        steps = [i for i, *_ in chunks[0][1]]
+        inverse = torch.argsort(torch.tensor([j for local, _, _ in chunks for j in local]))
+
+        def per_step(f: int) -> list[torch.Tensor]:
+            return [torch.cat([rec[k][f] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
+
+        return cls(steps, per_step(1), per_step(2), per_step(3), conditioning, advantages, keep)
+
+    def __len__(self) -> int:
+        return len(self.conditioning)
+
+    def length(self, j: int) -> int:
+        """Sample j's conditioning length (only samples of one length are batched together)."""
+        return self.conditioning[j][0].shape[1]
 
 
 def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> list[list[int]]:
@@ -102,6 +137,7 @@ class U4GRecipe:
 
     trained_by = "train_grpo.py --stage u4g"
     linked_parts = ("SD3", "dit", "llm", "llm_lora", "llm_processor")
+    manifest: dict = {}
 
     def __init__(self, run, reward=None):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
@@ -123,7 +159,8 @@ class U4GRecipe:
         self.dit = pipe.transformer
         if getattr(self.dit, "peft_config", None):
             logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
-        self.trainable = configure(self.model, cfg).trainable
+        parts = configure(self.model, cfg)
+        self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
@@ -137,7 +174,8 @@ class U4GRecipe:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         opt = make_optimizer(cfg, self.trainable)
-        self.policy, self.opt = acc.prepare(self.dit, opt)
+        modules, self.optimizer = self.run.prepare(parts, opt)
+        self.policy = modules["dit"]
 
     def _captions(self) -> list[str]:
         """The encoder's captions of the references (prompts of stage 3), kept in captions.jsonl
@@ -175,7 +213,7 @@ class U4GRecipe:
             generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
         if acc.is_main_process:
-            from uae.io import atomic_write_text
+            from uae.files import atomic_write_text
 
             atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
         return caps
@@ -186,7 +224,7 @@ class U4GRecipe:
         and the encoder can be freed for the run."""
         from tqdm.auto import tqdm
 
-        from uae.io import content_key, fingerprint
+        from uae.hashing import content_key, fingerprint
         from uae.training.cache import DiskCache
 
         cfg, acc, paths = self.cfg, self.acc, self.paths
@@ -206,24 +244,25 @@ class U4GRecipe:
         return cache
 
     def _pair(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from uae.io import content_key
+        from uae.hashing import content_key
 
         d = self.prompt_cache.get(content_key(caption.encode()))
         return d["pos"][None].to(self.acc.device), d["neg"][None].to(self.acc.device)
 
+    def begin(self, start: int) -> None:
+        """Nothing to build: an iteration's prompts and randomness are functions of (seed, iteration)."""
+
     # ------------------------------------------------------------------ one iteration
     def step(self, it: int) -> dict:
         cfg, acc = self.cfg, self.acc
-        t_start = time.perf_counter()
-        world, rank = acc.num_processes, acc.process_index
-        share = iteration_share(cfg, it, len(self.refs), world, rank)
+        phase = Phases()
+        share = iteration_share(cfg, it, len(self.refs), acc.num_processes, acc.process_index)
         mine = share.samples
         window = sde_window_for(cfg, it)
         dev = acc.device
-        t0 = time.perf_counter()
-        # Each prompt's conditioning as at inference, from the cache (the encoder is frozen).
-        pairs = {p: self._pair(self.captions[p]) for p in dict.fromkeys(mine)}
-        t_sample = time.perf_counter() - t0
+        with phase("sampling"):
+            # Each prompt's conditioning as at inference, from the cache (the encoder is frozen).
+            pairs = {p: self._pair(self.captions[p]) for p in dict.fromkeys(mine)}
         length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731  (local sample -> conditioning length)
         # Rollouts in chunks of sample_batch_size samples of one conditioning length; each chunk's
         # reward runs in a worker thread while the next chunk samples. Each rollout's noise is a
@@ -236,25 +275,23 @@ class U4GRecipe:
         chunks, futures = [], []
         self.policy.eval()
         for local in same_length_batches(list(range(share.size)), length, cfg.sample_batch_size):
-            t0 = time.perf_counter()
             idx = [mine[j] for j in local]
-            pos, neg = (torch.cat([pairs[p][k] for p in idx]) for k in (0, 1))
-            pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
-            chunk_gens = [gens[j] for j in local]
-            latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
-                                   for g in chunk_gens]).to(dev)
-            final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled, guidance=cfg.guidance_scale,
-                                              noise_level=cfg.noise_level, kind=cfg.sde_kind, window=window,
-                                              generator=chunk_gens)
-            with torch.no_grad():
-                images = decode_latents(vae, final)
-            t_sample += time.perf_counter() - t0
+            with phase("sampling"):
+                pos, neg = (torch.cat([pairs[p][k] for p in idx]) for k in (0, 1))
+                pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
+                chunk_gens = [gens[j] for j in local]
+                latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
+                                       for g in chunk_gens]).to(dev)
+                final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled,
+                                                  guidance=cfg.guidance_scale, noise_level=cfg.noise_level,
+                                                  kind=cfg.sde_kind, window=window, generator=chunk_gens)
+                with torch.no_grad():
+                    images = decode_latents(vae, final)
             chunks.append((local, record, images))
             futures.append(self.pool.submit(score, self.reward, images, [self.refs[p].key for p in idx],
                                             [self.refs[p].image for p in idx], [self.captions[p] for p in idx]))
-        t0 = time.perf_counter()
-        parts = [f.result() for f in futures]  # waits only for what did not overlap the sampling
-        t_reward = time.perf_counter() - t0
+        with phase("reward"):
+            parts = [f.result() for f in futures]  # waits only for what did not overlap the sampling
         # Back to this process's sample order.
         order = [j for local, _, _ in chunks for j in local]
         scores = {k: [0.0] * share.size for k in parts[0]}
@@ -262,24 +299,20 @@ class U4GRecipe:
             for key, vals in part.items():
                 for j, v in zip(local, vals):
                     scores[key][j] = v
-        all_rewards = acc.gather(torch.tensor(scores["total"], dtype=torch.float32, device=dev))
-        group_ids = torch.arange(len(share.prompts), device=dev).repeat_interleave(cfg.group_size)
         # Flow-GRPO's statistics: np.std (no Bessel correction), advantages clipped at adv_clip.
-        adv = group_advantages(all_rewards, group_ids, scale=cfg.scale_rewards, unbiased=False, clip=cfg.adv_clip)
-        my_adv = adv.values[share.offset:share.offset + share.size]
-
-        t0 = time.perf_counter()
-        stats = self.train_on(it, chunks, pairs, mine, my_adv, adv.keep, share.offset)
-        t_train = time.perf_counter() - t0
-        values = iteration_metrics(acc, all_rewards, scores, adv, {"sampling": t_sample, "reward": t_reward,
-                                                                   "train": t_train}, time.perf_counter() - t_start)
+        all_rewards, adv = gathered_advantages(acc, scores["total"], share, cfg, unbiased=False)
+        mys = slice(share.offset, share.offset + share.size)
+        with phase("train"):
+            tr = Transitions.of(chunks, [pairs[p] for p in mine], adv.values[mys], adv.keep[mys])
+            stats = self.train_on(it, tr, adv.keep, share.offset)
+        values = iteration_metrics(acc, all_rewards, scores, adv, phase)
         values.update(sde_window_start=window[0] if window else 0, **stats)
         if cfg.image_log_steps and (it + 1) % cfg.image_log_steps == 0 and acc.is_main_process:
             images = torch.cat([c[2] for c in chunks])[torch.argsort(torch.tensor(order))]
             self._grid(it + 1, mine, images, scores["total"])
         return values
 
-    def train_on(self, it: int, chunks, pairs, mine, adv, keep_all, offset: int) -> dict:
+    def train_on(self, it: int, tr: "Transitions", keep_all: torch.Tensor, offset: int) -> dict:
         """PPO-clip on the recorded transitions. For each inner epoch, the iteration's samples (all
         processes') are shuffled anew across groups and split into `updates_per_iteration` shares,
         one optimizer step each (Flow-GRPO takes 2 per batch of rollouts, so its clip range acts
@@ -288,39 +321,28 @@ class U4GRecipe:
         loss is the mean over the whole share's kept samples and steps, whatever the number of
         processes: the same optimizer steps as one process (tested)."""
         cfg, acc = self.cfg, self.acc
-        sigmas, timesteps = self.sched.sigmas, self.sched.timesteps
-        n = len(mine)
-        keep = keep_all[offset:offset + n]
-        # Per-sample views of the recorded transitions: step k -> (N, ...) in local sample order.
-        steps = [i for i, *_ in chunks[0][1]]
-        order = torch.tensor([j for local, _, _ in chunks for j in local])
-        inverse = torch.argsort(order)
-        x_k = [torch.cat([rec[k][1] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
-        nxt_k = [torch.cat([rec[k][2] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
-        lp_k = [torch.cat([rec[k][3] for _, rec, _ in chunks])[inverse] for k in range(len(steps))]
-        pooled = self.model.decoder.pooled.to(acc.device)
-        length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731
+        n, n_steps = len(tr), len(tr.steps)
         self.policy.train()
         agg: dict[str, float] = {}
         dev_first, dev_later, count, loss_total = 0.0, 0.0, 0, 0.0
         for inner in range(cfg.inner_epochs):
             for u, share in enumerate(update_shares(len(keep_all), cfg.updates_per_iteration, cfg.seed, it, inner)):
-                self.opt.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
                 local = [g - offset for g in share if offset <= g < offset + n]
-                batches = same_length_batches(sorted(local, key=length), length, cfg.train_batch_size or cfg.sample_batch_size)
+                batches = same_length_batches(sorted(local, key=tr.length), tr.length,
+                                              cfg.train_batch_size or cfg.sample_batch_size)
                 # Mean over the share's kept samples on all processes (DDP averages the processes'
                 # gradients: each sums its own and scales by the number of processes).
-                norm = max(int(keep_all[share].sum()), 1) * len(steps) / acc.num_processes
-                mask, dummy = keep, not batches
+                norm = max(int(keep_all[share].sum()), 1) * n_steps / acc.num_processes
+                mask, dummy = tr.keep, not batches
                 if dummy:  # none of the share here: a zero loss still joins the all-reduce
-                    batches, mask = [[0]], torch.zeros_like(keep)
-                calls = [(b, k) for b in batches for k in range(len(steps))]
+                    batches, mask = [[0]], torch.zeros_like(tr.keep)
+                calls = [(b, k) for b in batches for k in range(n_steps)]
                 for c, (b, k) in enumerate(calls):
                     # One gradient all-reduce per optimizer step: the last backward of the share.
                     sync = acc.no_sync(self.policy) if c < len(calls) - 1 else contextlib.nullcontext()
                     with sync:
-                        loss, stats = self._loss(b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, mask, norm,
-                                                 sigmas, timesteps)
+                        loss, stats = self._loss(tr, b, k, mask, norm)
                         acc.backward(loss)
                     if dummy:
                         continue
@@ -337,9 +359,8 @@ class U4GRecipe:
                     loss_total += loss.item()
                 if cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                self.opt.step()
-                self.run.optimizer_stepped()
-        self.opt.zero_grad(set_to_none=True)
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         out = {k: v / max(count, 1) for k, v in agg.items() if not k.startswith("first_")}
         out.update({k: v for k, v in agg.items() if k.startswith("first_")})
         updates = cfg.inner_epochs * cfg.updates_per_iteration
@@ -347,14 +368,15 @@ class U4GRecipe:
                    optimizer_steps=updates)
         return out
 
-    def _loss(self, b, k, steps, x_k, nxt_k, lp_k, pairs, mine, pooled, adv, keep, norm, sigmas, timesteps):
+    def _loss(self, tr: "Transitions", b: list[int], k: int, keep: torch.Tensor, norm: float):
+        """PPO-clip (+ beta x Flow-GRPO's KL) of samples `b` at their k-th recorded step."""
         cfg = self.cfg
-        i = steps[k]
-        idx = [mine[j] for j in b]
-        pos, neg = (torch.cat([pairs[p][m] for p in idx]) for m in (0, 1))
-        x, x_next, old = x_k[k][b], nxt_k[k][b], lp_k[k][b]
-        t = timesteps[i].to(x.device)
-        pool = pooled.expand(len(b), -1)
+        sigmas, i = self.sched.sigmas, tr.steps[k]
+        pos, neg = (torch.cat([tr.conditioning[j][m] for j in b]) for m in (0, 1))
+        x, x_next, old = tr.latents[k][b], tr.next_latents[k][b], tr.log_probs[k][b]
+        t = self.sched.timesteps[i].to(x.device)
+        pool = self.model.decoder.pooled.to(x.device).expand(len(b), -1)
+        sde = dict(kind=cfg.sde_kind, sigma_max=sigmas[1], prev_sample=x_next)
         ref = None
         if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
             with torch.no_grad():
@@ -365,13 +387,12 @@ class U4GRecipe:
                     self.dit.disable_adapters()
                     v_ref = guided_velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
                     self.dit.enable_adapters()
-                ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind,
-                               sigma_max=sigmas[1], prev_sample=x_next)
+                ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, **sde)
         v = guided_velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale, detach_uncond=cfg.detach_uncond)
-        step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, kind=cfg.sde_kind, sigma_max=sigmas[1],
-                        prev_sample=x_next)
+        step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, **sde)
         kl = None if ref is None else flow_kl(step.mean, ref.mean, step.noise_scale)
-        return ppo_clip_loss(step.log_prob, old, adv[b], cfg.clip_range, kl, cfg.beta, keep[b], normalizer=norm)
+        return ppo_clip_loss(step.log_prob, old, tr.advantages[b], cfg.clip_range, kl, cfg.beta, keep[b],
+                             normalizer=norm)
 
     # ------------------------------------------------------------------ seeing it work
     def _grid(self, step, mine, images, rewards) -> None:

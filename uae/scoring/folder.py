@@ -16,7 +16,9 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
-from uae.io import IMAGE_EXTENSIONS, atomic_write_bytes, content_key
+from uae.files import atomic_write_bytes
+from uae.hashing import content_key
+from uae.images import list_images
 from uae.runtime import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -30,22 +32,11 @@ class Matching:
     unmatched_reconstructions: list[str] = field(default_factory=list)
 
 
-def _images(folder: Path, role: str) -> list[Path]:
-    if not folder.exists():
-        raise UAEError(f"{role} folder {folder} does not exist")
-    if not folder.is_dir():
-        raise UAEError(f"{role} folder {folder} is not a folder")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise UAEError(f"{role} folder {folder} holds no images ({' '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
 def match_folders(image_dir: str | Path, ref_dir: str | Path) -> Matching:
     """Pair each reference with its reconstruction: same file name, else same stem, else
     `recon_<stem>`. Ambiguous and missing matches are reported, never dropped silently."""
-    recons = _images(Path(image_dir), "reconstruction (--image_path)")
-    refs = _images(Path(ref_dir), "reference (--ref_path)")
+    recons = list_images(image_dir, "reconstruction (--image_path)")
+    refs = list_images(ref_dir, "reference (--ref_path)")
     by_name = {p.name: p for p in recons}
     by_stem: dict[str, list[Path]] = {}
     for p in recons:
@@ -91,7 +82,7 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         import torchvision.transforms.v2.functional as TF
 
-        from uae.io import load_image
+        from uae.images import load_image
 
         try:
             pil = load_image(self.paths[i])

@@ -20,7 +20,7 @@ import yaml
 from torch import nn
 
 from uae.errors import UAEError
-from uae.io import fingerprint
+from uae.hashing import fingerprint
 from uae.paths import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
@@ -251,23 +251,15 @@ def longclip_state_to_openai(state: dict[str, torch.Tensor], keep_positions: int
     return state
 
 
-def load_scorer(name: str, checkpoint: str | None = None, *, weights: str = "official", device="cpu",
-                dtype: torch.dtype = torch.float32, specs: dict | None = None) -> Scorer:
-    """A scorer by name. `checkpoint` (hub id or local path) overrides the preset's; `weights`
-    "tiny" uses the offline random checkpoints (built on first use)."""
+def load_scorer(name: str, checkpoint: str | None = None, *, device="cpu", dtype: torch.dtype = torch.float32,
+                specs: dict | None = None) -> Scorer:
+    """A scorer by name, from `checkpoint` (hub id or local folder; default: configs/scorers.yaml's,
+    the official weights). The random `tiny` weights: uae.random_weights.scorer_checkpoint."""
     specs = specs or load_specs()
     if name not in specs:
         raise UAEError(f"unknown scorer {name!r}: choose from {list(specs)}")
-    if weights not in WEIGHTS:
-        raise UAEError(f"--weights {weights!r}: choose from {list(WEIGHTS)}")
     spec = specs[name]
-    if checkpoint is None:
-        if weights == "tiny":
-            from uae.tiny import tiny_scorer_dir
-
-            checkpoint = str(tiny_scorer_dir() / name)
-        else:
-            checkpoint = spec["checkpoint"]
+    checkpoint = checkpoint or spec["checkpoint"]
     pre = Preprocess(**spec["preprocess"])
     kind = spec["kind"]
     if kind not in KINDS:

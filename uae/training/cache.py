@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from uae.io import atomic_write_bytes
+from uae.files import atomic_write_bytes
 
 
 class DiskCache:

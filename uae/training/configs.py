@@ -1,6 +1,6 @@
 """The training configs, shaped like TRL's: one typed dataclass per trainer on a base that holds what
 every trainer shares. Each dataclass is the CLI of its script and is readable from YAML; fields
-declare their choices and bounds (uae.config.field), checks across fields live in __post_init__.
+declare their choices and bounds (uae.dataclass_cli.field), checks across fields live in __post_init__.
 
     TrainConfig                   the run: data, checkpoint, optimisation, precision, checkpoints, logging
     ├── SFTConfig                 decoder pre-training (train_sft.py)
@@ -10,14 +10,16 @@ declare their choices and bounds (uae.config.field), checks across fields live i
             ├── G4UConfig         stage 2 (--stage g4u)
             └── U4GConfig         stage 3 (--stage u4g)
 
-Stage defaults are the published values (DESIGN.md; README "Defaults and the published values").
+Stage defaults are the published values: Flow-GRPO's SD3.5 configs (config/grpo.py, scripts/train_sd3.py)
+for stage 3, TRL's GRPOConfig for stage 2, the release's training code for stage 1; the README's
+"Defaults and the published values" lists each and every deviation.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from uae.config import check_fields, field
+from uae.dataclass_cli import check_fields, field
 from uae.errors import UAEError
 from uae.rl.grpo import LOSS_TYPES
 

@@ -1,11 +1,11 @@
 """What a trainer trains, as data: each recipe's `configure(model, cfg)` wraps its LoRAs, marks
-what trains, applies the precision policy and returns its `Parts`. The recipe runs it on the loaded
-model; bench/memory_plan.py runs the very same function on full-size models built on the meta
-device, to count bytes without a GPU."""
+what trains and returns its `Parts` (`Run.prepare` then casts and wraps them). The recipe runs it
+on the loaded model; bench/memory_plan.py runs the very same function on full-size models built on
+the meta device, to count bytes without a GPU."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -13,9 +13,8 @@ import torch
 @dataclass
 class Parts:
     groups: dict[str, list[torch.nn.Parameter]]    # trained parameters, by optimizer group
-    prepared: tuple[str, ...]                       # modules accelerate wraps (DDP / FSDP): "llm", "projector", "dit"
+    prepared: dict[str, torch.nn.Module]            # modules accelerate wraps (DDP / FSDP), by name: llm, projector, dit
     freed: tuple[str, ...] = ()                     # modules released once set-up is done ("encoder")
-    extra: dict[str, torch.nn.Module] = field(default_factory=dict)  # other models held (scorers)
 
     @property
     def trainable(self) -> list[torch.nn.Parameter]:

@@ -1,20 +1,9 @@
 """One training run, whatever the recipe: the accelerator, the resolved config beside the results,
-resume, the JSONL logs, the trackers, EMA, the progress bar, the checkpoint cadence, `final/` in
-the official layout, the end-of-run plots and `end_training`.
-
-A recipe provides only what is its own (composition, not inheritance):
-
-    setup()                 load models, build the optimizer, `run.acc.prepare(...)` what trains
-    trainable               the parameters it trains (EMA and gradient clipping act on these)
-    begin(start)            optional: build data iterators that depend on the resumed step
-    step(i) -> dict         one step (optimizer steps inside it call `run.optimizer_stepped()`)
-    paths, linked_parts     the source checkpoint's parts, and those that final/ links unchanged
-    trained_by, manifest    the manifest's "trained_by" and optional extra entries
-    write_trained(final)    write what it trained into final/
-    plot(records)           optional: the end-of-run plots from the logged metrics
-    close()                 optional: release what it holds (threads), on every process
-
-and `Run(cfg, name).train(recipe, total)` does the rest.
+resume, the JSONL logs, the trackers, EMA (counting the optimizer's steps itself), the progress
+bar, the checkpoint cadence, `final/` in the official layout, the end-of-run plots and
+`end_training`. A recipe provides only what is its own, the `Recipe` protocol below (composition,
+not inheritance, as torchtune's recipe interface); `Run(cfg, name).train(recipe, total)` checks
+it and does the rest.
 """
 
 from __future__ import annotations
@@ -22,10 +11,56 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
+from uae.errors import UAEError
+
 logger = logging.getLogger(__name__)
+
+
+class Recipe(Protocol):
+    """What a trainer provides. `setup` must hand what trains to `run.prepare(parts, optimizer)`,
+    which casts it to the precision policy, wraps `parts.prepared` with accelerate and counts the
+    optimizer's steps (the EMA's cadence and warm-up); after `setup` the recipe has:
+
+        trainable       the parameters it trains (EMA, gradient clipping and checkpoints act on these)
+        paths           the source checkpoint's parts (uae.checkpoints.ComponentPaths)
+        linked_parts    the parts final/ links unchanged from the source
+        manifest        extra entries of final/'s manifest ({} for none)
+    """
+
+    trained_by: str  # the manifest's "trained_by": the command that trained it
+
+    def setup(self) -> None:
+        """Load the models, build the optimizer, `run.prepare(...)` what trains."""
+
+    def begin(self, start: int) -> None:
+        """Build what depends on the step the run starts or resumes at (data iterators)."""
+
+    def step(self, i: int) -> dict:
+        """One step (of one or more optimizer steps); returns its metrics."""
+
+    def write_trained(self, final: Path) -> None:
+        """Write what it trained into final/ (the official layout)."""
+
+    def plot(self, records: list[dict]) -> None:
+        """The end-of-run plots from the logged metrics."""
+
+    def close(self) -> None:
+        """Release what it holds (threads), on every process."""
+
+
+RECIPE_MEMBERS = ("trained_by",) + tuple(n for n, v in vars(Recipe).items() if callable(v) and not n.startswith("_"))
+AFTER_SETUP = ("trainable", "paths", "linked_parts", "manifest")
+
+
+def check_recipe(recipe, members: tuple[str, ...]) -> None:
+    missing = [m for m in members if not hasattr(recipe, m)]
+    if missing:
+        raise UAEError(f"{type(recipe).__name__} does not implement the recipe contract (uae.training.run.Recipe): "
+                       f"missing {', '.join(missing)}")
 
 
 class OptimizerSteps:
@@ -61,13 +96,29 @@ class JsonlLog:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
 
 
+def resolve_names(cfg):
+    """The config with its names resolved once, at the run's start (and saved so in config.yaml):
+    `scorer_weights: auto` to tiny or official (tiny for the tiny model), then `checkpoint: tiny`
+    to the embedded random checkpoint's folder."""
+    import dataclasses
+
+    from uae.random_weights import resolve_checkpoint
+    from uae.scoring.scorers import resolve_scorer_weights
+
+    changes = {"checkpoint": resolve_checkpoint(cfg.checkpoint)}
+    if "scorer_weights" in {f.name for f in dataclasses.fields(cfg)}:
+        changes["scorer_weights"] = resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint)
+    return dataclasses.replace(cfg, **changes)
+
+
 class Run:
     def __init__(self, cfg, name: str):
         """`name`: the trackers' project name (e.g. uae_sft, uae_grpo_u4g)."""
-        from uae.config import save_config, to_dict
-        from uae.training.common import make_accelerator
+        from uae.dataclass_cli import save_config, to_dict
+        from uae.training.setup import make_accelerator
 
-        self.cfg, self.name = cfg, name
+        self.cfg, self.name = resolve_names(cfg), name
+        cfg = self.cfg
         self.out = Path(cfg.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.acc = make_accelerator(cfg, self.out)
@@ -76,6 +127,7 @@ class Run:
             save_config(cfg, self.out / "config.yaml")
         self.steps = OptimizerSteps()
         self.ema = None
+        self._step_hook = None
         self.trainable: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------ logging
@@ -102,9 +154,27 @@ class Run:
             kwargs = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
             tracker.log_images({tag: arr[None]}, step=step, **kwargs)
 
+    # ------------------------------------------------------------------ what trains
+    def prepare(self, parts, optimizer, *others):
+        """The one way a recipe hands over what trains: its trained parameters cast to the
+        precision policy's dtype (fp32), the modules `parts.prepared` lists, the optimizer and
+        `others` (an lr scheduler) prepared by accelerate, and the optimizer's steps counted by a
+        hook on it (`optimizer_stepped`). Returns ({name: prepared module}, optimizer, *others)."""
+        from uae.training.precision import precision_policy
+
+        precision_policy(self.cfg.mixed_precision).cast_trained(parts.trainable)
+        names = list(parts.prepared)
+        out = self.acc.prepare(*parts.prepared.values(), optimizer, *others)
+        out = out if isinstance(out, tuple) else (out,)
+        optimizer = out[len(names)]
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer
+        self._step_hook = inner.register_step_post_hook(lambda *_: self.optimizer_stepped())
+        return (dict(zip(names, out[:len(names)])), optimizer, *out[len(names) + 1:])
+
     # ------------------------------------------------------------------ optimizer steps and EMA
     def optimizer_stepped(self) -> None:
-        """Call after every optimizer step. With `use_ema`, the EMA is updated every `ema_every`
+        """After every step of the optimizer `prepare` was given (a hook on it; a step skipped
+        by the fp16 scaler does not count). With `use_ema`, the EMA is updated every `ema_every`
         optimizer steps, its warm-up counting optimizer steps (diffusers' EMAModel: decay =
         min((1 + s) / (10 + s), ema_decay), s = optimizer steps - 1), not EMA updates."""
         self.steps.count += 1
@@ -124,13 +194,18 @@ class Run:
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
-        from uae.training.common import Checkpoints
+        from uae.training.checkpointing import Checkpoints
 
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.seed)
         # Every process sets up together (accelerate's prepare is collective); cached artefacts such
-        # as the embedded tiny checkpoint are built once under a file lock (uae.io.build_once).
+        # as the embedded tiny checkpoint are built once under a file lock (uae.files.build_once).
+        check_recipe(recipe, RECIPE_MEMBERS)
         recipe.setup()
+        check_recipe(recipe, AFTER_SETUP)
+        if self._step_hook is None:
+            raise UAEError(f"{type(recipe).__name__}.setup did not hand its parts and optimizer to run.prepare: its "
+                           "optimizer steps would not be counted (EMA, checkpoints)")
         self.trainable = list(recipe.trainable)
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel
@@ -150,8 +225,7 @@ class Run:
         if acc.is_main_process:
             acc.init_trackers(self.name, config={k: v for k, v in self.config_dict.items()
                                                  if isinstance(v, (int, float, str, bool))})
-        if hasattr(recipe, "begin"):
-            recipe.begin(start)
+        recipe.begin(start)
         bar = tqdm(total=total, initial=start, desc=desc, disable=not acc.is_local_main_process)
         for i in range(start, total):
             with acc.autocast():  # mixed precision: frozen weights in bf16/fp16, trained ones in fp32
@@ -166,10 +240,10 @@ class Run:
         bar.close()
         ckpts.save(acc, total, self.config_dict)
         final = self.write_final(recipe)
-        if acc.is_main_process and hasattr(recipe, "plot"):
+        if acc.is_main_process:
             recipe.plot(self.metrics.read())
-        if hasattr(recipe, "close"):
-            recipe.close()
+        recipe.close()
+        self._step_hook.remove()
         acc.end_training()
         return final
 
@@ -214,7 +288,7 @@ class Run:
     def write_final(self, recipe) -> Path | None:
         """final/: the parts the recipe trained (the EMA weights when kept), the rest of the source
         checkpoint linked (or copied), and the manifest."""
-        from uae.training.common import write_final
+        from uae.training.checkpointing import write_final
 
         acc = self.acc
         acc.wait_for_everyone()
@@ -224,7 +298,7 @@ class Run:
             self.ema.store(self.trainable)
             self.ema.copy_to(self.trainable)
         try:
-            manifest = {**getattr(recipe, "manifest", {}), "trained_by": recipe.trained_by, "config": self.config_dict}
+            manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
             final = write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
             recipe.write_trained(final)
         finally:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from uae.cli import script_main, setup_logging
+from uae.cli import script_main, setup_logging, with_named_config
 from uae.errors import UAEError
-from uae.training.common import StepSampler, generator_for, link_or_copy, make_optimizer
+from uae.training.checkpointing import link_or_copy
+from uae.training.seeding import StepSampler, generator_for
+from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
@@ -47,10 +49,8 @@ def configure(model, cfg) -> Parts:
     if cfg.gradient_checkpointing:
         dit.enable_gradient_checkpointing()
     enc.projector.requires_grad_(cfg.train_projector)
-    parts = Parts({"projector": [p for p in enc.projector.parameters() if p.requires_grad], "dit": dit_params},
-                  prepared=("projector", "dit"))
-    precision_policy(cfg.mixed_precision).cast_trained(parts.trainable)
-    return parts
+    return Parts({"projector": [p for p in enc.projector.parameters() if p.requires_grad], "dit": dit_params},
+                 prepared={"projector": enc.projector, "dit": dit})
 
 
 class SFTRecipe:
@@ -87,7 +87,8 @@ class SFTRecipe:
         self.model, self.paths = model, model.components
         self.dit = model.decoder.pipe.transformer
         self.scheduler = copy.deepcopy(model.decoder.pipe.scheduler)
-        self.trainable = configure(model, cfg).trainable
+        self.parts = configure(model, cfg)
+        self.trainable = self.parts.trainable
         logger.info("trainable parameters: %.3fM (projector %s, DiT %s)", sum(p.numel() for p in self.trainable) / 1e6,
                     "on" if cfg.train_projector else "off", cfg.dit_mode)
 
@@ -111,7 +112,7 @@ class SFTRecipe:
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
         if self.text_cache is not None:
-            from uae.io import content_key
+            from uae.hashing import content_key
 
             hidden = torch.stack([self.text_cache.get(content_key(c.encode()))["hidden"] for c in captions])
             return self.projector(hidden.to(self.acc.device))
@@ -123,7 +124,7 @@ class SFTRecipe:
         from tqdm.auto import tqdm
 
         from uae.data import CaptionImageDataset, item_key
-        from uae.io import content_key, fingerprint
+        from uae.hashing import content_key, fingerprint
         from uae.training.cache import DiskCache
 
         cfg, acc = self.cfg, self.acc
@@ -209,8 +210,8 @@ class SFTRecipe:
         opt = make_optimizer(cfg, self.trainable)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps)
-        self.projector, self.dit_train, self.opt, self.lr = self.acc.prepare(self.model.encoder.projector, self.dit,
-                                                                             opt, sched)
+        modules, self.optimizer, self.lr = self.run.prepare(self.parts, opt, sched)
+        self.projector, self.dit_train = modules["projector"], modules["dit"]
         self.linked_parts = ("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ())
         self.manifest = {} if cfg.dit_mode == "lora" else {"dit_lora": None}
 
@@ -245,11 +246,10 @@ class SFTRecipe:
                 acc.backward(loss)
                 if acc.sync_gradients and cfg.max_grad_norm > 0:
                     acc.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
-                self.opt.step()
+                self.optimizer.step()
                 self.lr.step()
-                self.opt.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=True)
             self.micro += 1
-        self.run.optimizer_stepped()
         loss_all = acc.gather(loss.detach()[None]).mean().item()
         if not math.isfinite(loss_all):
             raise UAEError(f"loss is {loss_all} at step {step + 1}: lower --learning_rate or check the data")
@@ -261,6 +261,9 @@ class SFTRecipe:
         from uae.report import loss_curve
 
         loss_curve(records, self.out / "loss.png", "SFT loss")
+
+    def close(self) -> None:
+        """Nothing held beyond the run."""
 
     # ------------------------------------------------------------------ seeing it work
     @torch.no_grad()
@@ -313,10 +316,13 @@ class SFTRecipe:
 @script_main
 def main(argv=None, description: str | None = None) -> int:
     """train_sft.py: parse SFTConfig (flags over --config YAML), check the data or train."""
-    from uae.config import parse_config
+    from uae.dataclass_cli import parse_config
     from uae.training.configs import SFTConfig
     from uae.training.run import Run
 
+    import sys
+
+    argv = with_named_config(sys.argv[1:] if argv is None else argv, "sft")
     cfg = parse_config(SFTConfig, argv, description=description)
     setup_logging(cfg.log_level)
     if cfg.validate_data:

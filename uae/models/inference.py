@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from uae.config import check_fields, field
+from uae.dataclass_cli import check_fields, field
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""eval/Score_i2i.py (and the one-scorer scripts beside it): score a folder of reconstructions
-against a folder of references with the Unified-Bench scorers; README "Scoring folders"."""
+"""uae-score, eval/Score_i2i.py (and the one-scorer scripts beside it): score a folder of
+reconstructions against a folder of references with the Unified-Bench scorers; README "Scoring
+folders"."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uae.cli import script_main, setup_logging
-from uae.config import field, parse_config
+from uae.dataclass_cli import field, parse_config
 from uae.errors import UAEError
 
 logger = logging.getLogger("uae.score")
@@ -53,8 +54,9 @@ class ScoreConfig:
 
 
 def run(cfg: ScoreConfig) -> int:
-    from uae.io import atomic_write_json
+    from uae.files import atomic_write_json
     from uae.paths import cache_dir
+    from uae.random_weights import scorer_checkpoint
     from uae.runtime import resolve_device, resolve_dtype
     from uae.scoring.folder import details_path, score_folders, split_official
     from uae.scoring.scorers import load_scorer
@@ -63,8 +65,8 @@ def run(cfg: ScoreConfig) -> int:
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.weights == "tiny":
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
-    scorers = {m: load_scorer(m, getattr(cfg, f"{m}_checkpoint"), weights=cfg.weights, device=device, dtype=dtype)
-               for m in dict.fromkeys(cfg.models)}
+    scorers = {m: load_scorer(m, getattr(cfg, f"{m}_checkpoint") or scorer_checkpoint(m, cfg.weights), device=device,
+                              dtype=dtype) for m in dict.fromkeys(cfg.models)}
     feature_cache = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else cache_dir() / "features"
     result = score_folders(cfg.image_path, cfg.ref_path, scorers, batch_size=cfg.batch_size,
                            num_workers=cfg.num_workers, cache_dir=feature_cache)

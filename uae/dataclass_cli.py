@@ -52,7 +52,12 @@ def _bool(s: str) -> bool:
 
 class _Parser(argparse.ArgumentParser):
     """Bad flags become a UAEError (one line, exit code 2 through the scripts' wrapper) instead of
-    argparse's SystemExit, which an in-process caller would not get a return code from."""
+    argparse's SystemExit, which an in-process caller would not get a return code from. No prefix
+    matching: `--model` is not read as `--models`, nor `--input_te` as `--input_text` (the declared
+    aliases are the only other spellings)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         raise UAEError(f"{message} (see --help)")
@@ -174,6 +179,6 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config next to results (YAML, atomically)."""
-    from uae.io import atomic_write_text
+    from uae.files import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

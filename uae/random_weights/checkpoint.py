@@ -1,4 +1,5 @@
-"""Offline builders for random-weight UAE checkpoints in the official release layout.
+"""Random-weight UAE checkpoints in the official release layout, and UAE models built from a preset
+without files.
 
 `build_checkpoint(out_dir, preset="tiny")` writes, in seconds and without any network access:
 
@@ -11,15 +12,13 @@
     llm_processor/  Qwen2.5-VL processor (offline-trained BPE tokenizer with Qwen's special tokens and
                     chat template, image processor, video processor)
 
-The same code builds full-size random models from `configs/models/full.yaml` (for speed and
-memory measurements on a GPU without downloads). Two builds from the same seed are identical.
-
-    python -m uae.tiny --out /tmp/uae-tiny [--preset tiny|full|PATH] [--seed 0]
+The presets (configs/models/: tiny, mid, full) set the sizes: the same code builds full-size random
+models (speed and memory measurements on a GPU without downloads) and, with `build_uae`, full-size
+models on the meta device (the memory plan). Two builds from the same seed are identical.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -86,7 +85,7 @@ def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
 
 def preset_key(preset: str | os.PathLike) -> str:
     """Short content hash of a preset file: cached builds are rebuilt when the preset changes."""
-    from uae.io import content_key
+    from uae.hashing import content_key
 
     return content_key(Path(preset_path(str(preset))).read_bytes())[:10]
 
@@ -267,8 +266,10 @@ def build_sd3_parts(cfg: dict[str, Any], seed: int, dtype=None) -> dict[str, Any
 
 @dataclass(frozen=True)
 class ReleaseLayout:
-    """Where the parts of a release checkpoint may keep their tensors. Not verified against the real
-    files (DESIGN.md), so the loader accepts each plausible variant and the builder writes each.
+    """Where the parts of a release checkpoint may keep their tensors. The release's code allows
+    several (its loader reads the projector from llm/ or from the LoRA shards; transformers 4.50 or
+    4.52 key names; PEFT's safetensors or .bin adapter), and no file of the real release was read
+    here, so the loader accepts each plausible variant and the builder writes each.
 
     projector_in: "both" (llm/ and the llm_lora shards), "llm" (llm/ only) or "llm_lora" (the
         shards only; the release's strict=False load applied them last).
@@ -346,7 +347,7 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
         pipe = StableDiffusion3Pipeline(transformer=None, text_encoder_3=None, tokenizer_3=None, **parts)
         pipe.save_pretrained(tmp / "SD3")
         (tmp / "README.md").write_text(
-            f"Random-weight UAE checkpoint built offline by uae.tiny (preset {cfg.get('name', preset)!r}, "
+            f"Random-weight UAE checkpoint built offline by uae.random_weights (preset {cfg.get('name', preset)!r}, "
             f"seed {seed}). Layout of the official release; the weights are random: captions are "
             "gibberish and images are noise.\n")
         tmp.rename(out)
@@ -391,131 +392,3 @@ def build_uae(preset: str = "full", *, device: str = "meta", dtypes: dict | None
                                     tokenizer_3=None)
     pooled = torch.zeros(1, cfg["dit"]["pooled_projection_dim"], device=device)
     return UAE(encoder, UAEDecoder(pipe, pooled), torch.device(device), dtypes.get("llm", torch.float32))
-
-
-# ---------------------------------------------------------------------------- scorers
-
-def tiny_scorer_dir() -> Path:
-    """Offline random scorer checkpoints, built on first use into the cache folder, keyed by the
-    specs' content (editing configs/scorers.yaml rebuilds them)."""
-    import uae
-    from uae.io import build_once, content_key
-    from uae.paths import CONFIG_DIR, cache_dir
-
-    path = cache_dir() / f"scorers-tiny-v{uae.__version__}-{content_key((CONFIG_DIR / 'scorers.yaml').read_bytes())[:10]}"
-    if not path.exists():
-        logger.info("building tiny random scorer checkpoints in %s", path)
-    build_once(path, lambda p: build_scorer_checkpoints(p, "tiny"))
-    return path
-
-
-def build_scorer_model(name: str, size: str = "tiny", specs: dict | None = None):
-    """A random-weight scorer backbone of a size in configs/scorers.yaml (with its CLIP tokenizer for
-    clip): the library's own model classes. LongCLIP's image side is a CLIP ViT-L/14 (only its text
-    positions differ), built here as a transformers CLIPModel with its 248 positions."""
-    from transformers import CLIPConfig, CLIPModel, Dinov2Config, Dinov2Model, DINOv3ViTConfig, DINOv3ViTModel
-
-    from uae.scoring.scorers import load_specs
-
-    specs = specs or load_specs()
-    spec = specs[name]
-    if spec["kind"] == "dinov2":
-        return Dinov2Model(Dinov2Config(**spec[size])), None
-    if spec["kind"] == "dinov3":
-        return DINOv3ViTModel(DINOv3ViTConfig(**spec[size])), None
-    cfg = specs["clip"][size] if spec["kind"] == "longclip" else spec[size]
-    positions = spec.get("context_length", cfg["text_config"]["max_position_embeddings"])
-    tok = build_clip_tokenizer(positions)
-    text = {**cfg["text_config"], "max_position_embeddings": positions, "vocab_size": len(tok), "bos_token_id": 0,
-            "eos_token_id": 1, "pad_token_id": 1}
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=cfg["vision_config"],
-                                projection_dim=cfg["projection_dim"])), tok
-
-
-def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", seed: int = 0,
-                             specs: dict | None = None) -> Path:
-    """Random-weight scorer checkpoints in the official formats: clip/ dinov2/ dinov3/ (transformers
-    folders with their image processors) and longclip/longclip-L.pt (OpenAI-layout state dict)."""
-    import torch
-    from transformers import BitImageProcessor, CLIPImageProcessor, DINOv3ViTImageProcessor
-
-    from uae.scoring.scorers import load_specs
-
-    specs = specs or load_specs()
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-
-    def processor_kwargs(spec, shortest: bool):
-        p = spec["preprocess"]
-        resample = {"bicubic": 3, "bilinear": 2}[p["interpolation"]]
-        size_ = {"shortest_edge": p["resize"]} if shortest else {"height": p["resize"][0], "width": p["resize"][1]}
-        kw = dict(size=size_, resample=resample, image_mean=p["mean"], image_std=p["std"], do_resize=True,
-                  do_normalize=True, do_rescale=True)
-        if p["crop"]:
-            kw.update(do_center_crop=True, crop_size={"height": p["crop"], "width": p["crop"]})
-        else:
-            kw.update(do_center_crop=False)
-        return kw
-
-    try:
-        processors = {"clip": (CLIPImageProcessor, True), "dinov2": (BitImageProcessor, True),
-                      "dinov3": (DINOv3ViTImageProcessor, False)}
-        for i, name in enumerate(("clip", "dinov2", "dinov3")):
-            torch.manual_seed(seed + i)
-            model, tok = build_scorer_model(name, size, specs)
-            model.save_pretrained(tmp / name)
-            if tok is not None:
-                tok.save_pretrained(tmp / name)
-            cls, shortest = processors[name]
-            cls(**processor_kwargs(specs[name], shortest)).save_pretrained(tmp / name)
-        torch.manual_seed(seed + 3)
-        spec = specs["longclip"]
-        (tmp / "longclip").mkdir()
-        torch.save(longclip_random_state(spec[size], spec.get("keep_positions", 20)),
-                   tmp / "longclip" / spec["filename"])
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def longclip_random_state(cfg: dict[str, Any], keep_positions: int):
-    """A random LongCLIP state dict in the OpenAI layout (with `positional_embedding_res`)."""
-    import torch
-    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
-
-    model = CLIP(cfg["embed_dim"],
-                 vision_cfg=CLIPVisionCfg(layers=cfg["vision_layers"], width=cfg["vision_width"],
-                                          patch_size=cfg["patch_size"], image_size=cfg["image_size"]),
-                 text_cfg=CLIPTextCfg(context_length=cfg["context_length"], vocab_size=cfg["vocab_size"],
-                                      width=cfg["text_width"], heads=cfg["text_width"] // 64,
-                                      layers=cfg["text_layers"]),
-                 quick_gelu=True)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    state["positional_embedding_res"] = torch.randn_like(state["positional_embedding"]) * 0.01
-    return state
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to create")
-    parser.add_argument("--preset", default="tiny", help="tiny, full, or a path to a preset YAML")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--dtype", default=None, help="create the weights in this dtype (bfloat16 for full size)")
-    parser.add_argument("--device", default=None, help="create and initialise the weights here (cuda for full size)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite, dtype=args.dtype,
-                            device=args.device)
-    logger.info("wrote %s", path)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

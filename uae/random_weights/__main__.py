@@ -1,0 +1,3 @@
+from uae.random_weights.cli import main
+
+raise SystemExit(main())
