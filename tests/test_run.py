@@ -31,6 +31,7 @@ class ToyRecipe:
             self.layer = modules["layer"]
         else:
             self.optimizer = opt
+        self.run.prepare_evaluation(None, encoder_trains=False)
 
     def begin(self, start):
         pass

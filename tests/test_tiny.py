@@ -139,3 +139,13 @@ def test_cached_artefacts_are_built_by_the_nodes_first_process_only(tmp_path, mo
     other = tmp_path / "other"
     build_once(other, lambda p: (built.append(p), p.mkdir()))
     assert built == [other]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    import os
+
+    from uae.files import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == os.stat(tmp_path / "b.txt").st_mode & 0o777

@@ -14,6 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -156,6 +157,28 @@ def validate(items: list[Item]) -> Validation:
             continue
         v.ok.append(it)
     return v
+
+
+class Reference(NamedTuple):
+    """A reference image of an RL stage or of the held-out evaluation."""
+
+    key: str
+    image: object          # PIL RGB
+    caption: str | None    # the caption that came with the data, if any
+
+
+def load_references(data: str, setting: str = "--data") -> list[Reference]:
+    """A folder of images (captions from the encoder), a folder with .txt captions, or a .jsonl /
+    datasets / webdataset source, opened; unreadable images are skipped with a warning."""
+    refs = []
+    for it in read_items(data):
+        try:
+            refs.append(Reference(it.image.name if it.image is not None else it.source, it.open(), it.caption))
+        except Exception as e:
+            logger.warning("skipping reference %s: %s", it.source, e)
+    if not refs:
+        raise UAEError(f"{setting} {data}: no readable reference image")
+    return refs
 
 
 def center_crop_tensor(pil, height: int, width: int) -> torch.Tensor:

@@ -7,27 +7,45 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from uae.errors import UAEError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's are 0600): read at import
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes | str]) -> None:
+    """Write to a temporary file in the same folder, then rename: readers never see half a file.
+    The pieces are written as they come (a page of thousands of rows is never whole in memory);
+    str pieces as UTF-8. The file gets the permissions a plain write would (the umask's), not
+    mkstemp's private 0600, so that other users' evaluators on a shared machine can read results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for chunk in chunks:
+                f.write(chunk.encode("utf-8") if isinstance(chunk, str) else chunk)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_chunks(path, [data])
+
+
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    atomic_write_chunks(path, [text.encode("utf-8")])
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

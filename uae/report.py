@@ -6,26 +6,14 @@ import html
 import os
 from pathlib import Path
 
-from uae.files import atomic_write_bytes, atomic_write_text
+from uae.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text
+from uae.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
 
 SUMMARY_KEYS = ("average", "min", "max")
 
 
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
-
-
-def save_figure(fig, path: Path, dpi: int) -> None:
-    """A matplotlib figure to PNG, written atomically, and closed."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def markdown_table(result: dict, scorers: list[str]) -> str:
@@ -59,32 +47,45 @@ def bar_plot(result: dict, scorers: list[str], path: Path, title: str) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def html_report(result: dict, scorers: list[str], rows: list[dict], path: Path, title: str) -> None:
-    """rows: {name, reference, reconstruction, caption} with file paths; images are linked
-    relative to the page so the folder can be moved."""
-    def rel(p):
-        return html.escape(os.path.relpath(p, path.parent)) if p else ""
+def summary_html(result: dict, scorers: list[str]) -> str:
+    """results.md's tables as HTML tables."""
+    rows = [[html.escape(s), *(_fmt(result[s][k]) for k in SUMMARY_KEYS)] for s in scorers]
+    s = result["summary"]
+    parts = [html_table(["scorer", *SUMMARY_KEYS], rows, numeric={1, 2, 3}),
+             f"<p><b>overall</b> (mean of the scorer averages): {_fmt(result['overall'])} over {s['valid']} valid "
+             f"pair(s), {s['failed']} failed.</p>"]
+    faith = result.get("caption_faithfulness") or {}
+    if faith:
+        parts.append(html_table(["caption faithfulness (text vs reference)", "average"],
+                                [[html.escape(k), _fmt(v["average"])] for k, v in faith.items()], numeric={1}))
+    return "\n".join(parts)
 
-    head = "".join(f"<th>{html.escape(s)}</th>" for s in scorers)
-    body = []
-    for r in rows:
-        name = r["name"]
-        cells = "".join(f"<td>{_fmt(result[s].get(name))}</td>" for s in scorers)
-        err = result["errors"].get(name)
-        recon = f'<img src="{rel(r["reconstruction"])}">' if r.get("reconstruction") else ""
-        body.append(f"<tr><td>{html.escape(name)}</td><td><img src=\"{rel(r['reference'])}\"></td><td>{recon}</td>"
-                    f"<td class=cap>{html.escape(r.get('caption') or '')}"
-                    f"{'<br><b>error:</b> ' + html.escape(err) if err else ''}</td>{cells}</tr>")
-    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif}} img{{max-width:256px;max-height:256px}} td{{vertical-align:top;padding:4px}}
-td.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{border-bottom:1px solid #ddd}}</style>
-<h1>{html.escape(title)}</h1>
-<pre>{html.escape(markdown_table(result, scorers))}</pre>
-<img src="scores.png" style="max-width:640px">
-<table><tr><th>image</th><th>reference</th><th>reconstruction</th><th>caption</th>{head}</tr>
-{''.join(body)}</table>
-"""
-    atomic_write_text(path, page)
+
+def html_report(result: dict, scorers: list[str], rows, path: Path, title: str) -> None:
+    """The runner's report.html. rows: {name, reference, reconstruction, caption} with file paths
+    (an iterable: one row is made at a time). Self-contained: the summary tables, the bar plot
+    (scores.png beside the page) and each reference beside its reconstruction as embedded
+    thumbnails, so the page shows the same after its folder, or the page alone, is copied
+    anywhere. Written row by row, never held whole (a run of thousands of references)."""
+    def page():
+        yield (f'<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>\n{PAGE_STYLE}\n'
+               f"<h1>{html.escape(title)}</h1>\n{summary_html(result, scorers)}\n")
+        plot = png_data_uri(path.parent / "scores.png")
+        if plot:
+            yield img_tag(plot, "scores", "max-width:640px;max-height:none") + "\n"
+        head = "".join(f'<th class="num">{html.escape(s)}</th>' for s in scorers)
+        yield f"<table>\n<tr><th>image</th><th>reference</th><th>reconstruction</th><th>caption</th>{head}</tr>\n"
+        for r in rows:
+            name = r["name"]
+            cells = "".join(f'<td class="num">{_fmt(result[s].get(name))}</td>' for s in scorers)
+            err = result["errors"].get(name)
+            recon = img_tag(image_data_uri(r.get("reconstruction")), "reconstruction") if r.get("reconstruction") else ""
+            yield (f'<tr class="image"><td>{html.escape(name)}</td><td>{img_tag(image_data_uri(r["reference"]), "reference")}'
+                   f"</td><td>{recon}</td><td class=cap>{html.escape(r.get('caption') or '')}"
+                   f"{'<br><b>error:</b> ' + html.escape(err) if err else ''}</td>{cells}</tr>\n")
+        yield "</table>\n"
+
+    atomic_write_chunks(path, page())
 
 
 def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> dict[str, int]:
@@ -113,6 +114,13 @@ def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...
     fig.suptitle(title)
     save_figure(fig, path, dpi=100)
     return drawn
+
+
+def eval_curves(records: list[dict], path: Path, scorers: list[str]) -> dict[str, int]:
+    """eval.png: the held-out Unified-Bench (overall and per scorer) and the caption length against
+    the step, from the records that hold an evaluation."""
+    keys = ("eval/overall", *(f"eval/{s}" for s in scorers), "eval/caption_words")
+    return loss_curve([r for r in records if "eval/overall" in r], path, "held-out Unified-Bench", keys=keys)
 
 
 def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60):
@@ -170,10 +178,19 @@ def run_page(run_dir: str | os.PathLike) -> Path:
 
 
 def main(argv=None) -> int:
-    """python -m uae.report RUN_DIR: plots of every logged value against the step and the HTML page."""
+    """uae-report RUN_DIR (python -m uae.report): a training run's plots of every logged value
+    against the step, and its HTML page. `uae-report compare RUN_DIR... --output_dir DIR`:
+    Unified-Bench runs side by side (uae/compare.py; a training run folder named `compare` is
+    given as ./compare)."""
     import argparse
     import json
+    import sys
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        from uae.compare import main as compare_main
+
+        return compare_main(argv[1:])
     ap = argparse.ArgumentParser(allow_abbrev=False, description=main.__doc__)
     ap.add_argument("run_dir")
     args = ap.parse_args(argv)
@@ -184,8 +201,6 @@ def main(argv=None) -> int:
     records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     keys = [k for k in ("loss", "reward_mean", "caption_len_mean", "kl") if any(k in r for r in records)]
     drawn = loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
-    import sys
-
     sys.stdout.write(f"{run_page(run)}\n" + ", ".join(f"{k}: {n} points" for k, n in drawn.items()) + "\n")
     return 0
 

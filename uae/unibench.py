@@ -119,9 +119,16 @@ def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir,
     return skipped
 
 
+TEXT_BATCH = 32  # captions encoded together (a fixed number: the scores do not depend on --batch_size)
+
+
 @torch.no_grad()
 def caption_faithfulness(scorers: dict, captions: dict[str, str], ref_features: dict, refs: list[Path]) -> dict:
-    """Cosine of each caption's text feature with its reference's image feature (text scorers)."""
+    """Cosine of each caption's text feature with its reference's image feature (text scorers),
+    TEXT_BATCH captions at a time (all at once, a text encoder's activations grow with the number
+    of references: gigabytes at 2,000)."""
+    from uae.runtime import release_freed_memory
+
     out = {}
     for name, scorer in scorers.items():
         if not scorer.has_text:
@@ -129,9 +136,13 @@ def caption_faithfulness(scorers: dict, captions: dict[str, str], ref_features: 
         names = [r.name for r in refs if r.stem in captions and r.name in ref_features.get(name, {})]
         if not names:
             continue
-        text = scorer.encode_text([captions[Path(n).stem] for n in names]).cpu()
-        img = torch.stack([ref_features[name][n] for n in names])
-        per = {n: float(v) for n, v in zip(names, (text * img).sum(-1))}
+        per = {}
+        for i in range(0, len(names), TEXT_BATCH):
+            chunk = names[i:i + TEXT_BATCH]
+            text = scorer.encode_text([captions[Path(n).stem] for n in chunk]).cpu()
+            img = torch.stack([ref_features[name][n] for n in chunk])
+            per.update({n: float(v) for n, v in zip(chunk, (text * img).sum(-1))})
+            release_freed_memory()
         vals = list(per.values())
         out[name] = {**per, "average": sum(vals) / len(vals), "min": min(vals), "max": max(vals)}
     return out
@@ -169,9 +180,10 @@ def run_unibench(cfg) -> dict | None:
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
     scorers = {m: load_scorer(m, scorer_checkpoint(m, weights), device=device,
                               dtype=resolve_dtype(cfg.scorer_dtype, device)) for m in dict.fromkeys(cfg.models)}
-    ref_feats: dict = {}
+    ref_feats: dict = {m: {} for m, s in scorers.items() if s.has_text}  # kept for caption faithfulness only
     result = score_folders(recon_dir, cfg.ref_path, scorers, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                           cache_dir=None if cfg.no_cache else cache_dir() / "features", reference_features=ref_feats)
+                           cache_dir=None if cfg.no_cache else cache_dir() / "features",
+                           reference_features=ref_feats or None)
     for name, why in skipped.items():  # unreadable references: failures with their reason, not "unmatched"
         result["errors"][name] = why
         if name in result["unmatched"]["references"]:
@@ -189,8 +201,8 @@ def run_unibench(cfg) -> dict | None:
     title = f"Unified-Bench: {Path(cfg.checkpoint).name if cfg.checkpoint else 'external'}"
     bar_plot(result, names, out / "scores.png", title)
     recon_by_stem = {p.stem.removeprefix("recon_"): p for p in recon_dir.iterdir()} if recon_dir.is_dir() else {}
-    rows = [{"name": r.name, "reference": r, "reconstruction": recon_by_stem.get(r.stem),
-             "caption": captions.get(r.stem)} for r in refs]
+    rows = ({"name": r.name, "reference": r, "reconstruction": recon_by_stem.get(r.stem),
+             "caption": captions.get(r.stem)} for r in refs)
     html_report(result, names, rows, out / "report.html", title)
     return result
 

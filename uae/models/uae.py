@@ -115,13 +115,23 @@ class UAE:
         match one-at-a-time generation only to about one level of 255 on a few pixels."""
         if self.decoder is None:
             raise RuntimeError("this UAE was loaded without its decoder (load_decoder=False)")
-        prompts = list(prompts)
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
-        if len(seeds) != len(prompts):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
-        images: list = [None] * len(prompts)
-        pairs = self.encoder.encode_prompts(prompts)
+        pairs = self.encoder.encode_prompts(list(prompts))
         self._encoder_done()
+        return self.generate_from_conditioning(pairs, height=height, width=width,
+                                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                               seed=seed, progress=progress, dit_batching=dit_batching)
+
+    @torch.no_grad()
+    def generate_from_conditioning(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], *, height: int = 1024,
+                                   width: int = 1024, num_inference_steps: int = 40, guidance_scale: float = 5.0,
+                                   seed: int | Sequence[int] | None = RELEASE_SEED, progress: bool = True,
+                                   dit_batching: bool = False) -> list:
+        """`generate` from each prompt's (positive, negative) conditioning (`encoder.embed_pair`),
+        e.g. kept after the encoder was freed; the same images."""
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(pairs)
+        if len(seeds) != len(pairs):
+            raise ValueError(f"{len(seeds)} seeds for {len(pairs)} prompts")
+        images: list = [None] * len(pairs)
         groups = group_by_length(pairs) if dit_batching else [([i], pos, neg) for i, (pos, neg) in enumerate(pairs)]
         for idx, pos, neg in groups:
             gens = [torch.Generator(self.device).manual_seed(seeds[i]) if seeds[i] is not None else None for i in idx]

@@ -131,6 +131,7 @@ class ColdStartRecipe:
         opt = make_optimizer(cfg, groups)
         self.dit_train = dit  # not prepared (configure says why)
         modules, self.optimizer = self.run.prepare(parts, opt)
+        self.run.prepare_evaluation(self.model, encoder_trains=True)
         self.llm_train, self.proj_train = modules["llm"], modules["projector"]
         self.llm_train.train()  # (no dropout in Qwen2.5-VL) so that gradient checkpointing applies
         self.targets: dict[int, torch.Tensor] = {}

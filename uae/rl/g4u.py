@@ -23,8 +23,8 @@ import torch
 from uae.errors import UAEError
 from uae.rl.grpo import clipped_surrogate, ratio_stats, token_loss
 from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share
+from uae.data import load_references
 from uae.rl.kl import kl_reference
-from uae.rl.references import load_references
 from uae.rl.rewards import default_reward, score
 from uae.training.seeding import generator_for
 from uae.training.setup import make_optimizer
@@ -117,6 +117,7 @@ class G4URecipe:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         opt = make_optimizer(cfg, self.trainable)
         modules, self.optimizer = self.run.prepare(parts, opt)
+        self.run.prepare_evaluation(self.model, encoder_trains=True)
         self.policy = modules["llm"]
 
     # ------------------------------------------------------------------ rollouts

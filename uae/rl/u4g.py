@@ -30,8 +30,8 @@ import torch
 from uae.models.decoder import decode_latents, guided_velocity
 from uae.rl.grpo import flow_kl, ppo_clip_loss
 from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share, sde_window_for
+from uae.data import load_references
 from uae.rl.kl import kl_reference
-from uae.rl.references import load_references
 from uae.rl.rewards import default_reward, score
 from uae.rl.sde import sde_step, sde_window
 from uae.training.seeding import generator_for
@@ -168,6 +168,8 @@ class U4GRecipe:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         self.captions = self._captions()
         self.prompt_cache = self._embed_captions(precision.frozen)
+        # The held-out references' captions and conditioning, while the encoder is here.
+        self.run.prepare_evaluation(self.model, encoder_trains=False, cache_conditioning=True)
         # The encoder is frozen and its work is done: the DiT's conditioning comes from the cache.
         self.model.encoder = None
         gc.collect()

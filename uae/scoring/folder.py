@@ -3,7 +3,8 @@
 Fast by design: each file is decoded once per run and shared by all scorers (DataLoader workers
 decode), images are encoded in batches, and reference features are cached on disk keyed by
 scorer (weights + preprocessing) and file content, so a new model's images are the only ones
-encoded against the same references. Only features are kept in memory, never images.
+encoded against the same references. Only features are kept in memory, never images, and only
+until their pair is scored: memory does not grow with the number of pairs.
 """
 
 from __future__ import annotations
@@ -130,29 +131,43 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_workers: int,
-                 progress: bool = True) -> tuple[dict[str, dict[Path, torch.Tensor]], dict[Path, str]]:
-    """Features of every file for every scorer, decoding each file once. Returns
-    ({scorer: {path: feature}}, {path: error})."""
+def iter_features(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_workers: int, progress: bool = True):
+    """Features of the files for every scorer, a batch at a time, decoding each file once. Yields
+    ({path: {scorer: feature}}, {path: error}) per batch, in the order of `paths`."""
     from tqdm.auto import tqdm
 
-    feats: dict[str, dict[Path, torch.Tensor]] = {name: {} for name in scorers}
-    errors: dict[Path, str] = {}
     if not paths:
-        return feats, errors
+        return
     loader = torch.utils.data.DataLoader(_Decode(paths, {n: s.preprocess for n, s in scorers.items()}),
                                          batch_size=batch_size, num_workers=num_workers, collate_fn=list,
                                          shuffle=False)
     for batch in tqdm(loader, desc="encoding", total=len(loader), disable=not progress, leave=False):
         ok = [(i, pix) for i, pix, err in batch if err is None]
-        errors.update({paths[i]: err for i, _, err in batch if err is not None})
-        if not ok:
-            continue
+        errors = {paths[i]: err for i, _, err in batch if err is not None}
+        feats: dict[Path, dict[str, torch.Tensor]] = {paths[i]: {} for i, _ in ok}
         for name, scorer in scorers.items():
+            if not ok:
+                break
             pixels = scorer.preprocess.normalize(torch.stack([pix[name] for _, pix in ok]))
             out = scorer(pixels.to(scorer.device, scorer.dtype)).cpu()
-            feats[name].update({paths[i]: f for (i, _), f in zip(ok, out)})
+            for (i, _), f in zip(ok, out):
+                feats[paths[i]][name] = f.clone()  # its own storage: dropping it frees it
+        del batch, ok
+        yield feats, errors
         release_freed_memory()  # keeps resident memory flat over any number of batches
+
+
+def encode_files(paths: Sequence[Path], scorers: dict, *, batch_size: int, num_workers: int,
+                 progress: bool = True) -> tuple[dict[str, dict[Path, torch.Tensor]], dict[Path, str]]:
+    """Features of every file for every scorer, decoding each file once. Returns
+    ({scorer: {path: feature}}, {path: error}): all of them in memory (`score_folders` streams)."""
+    feats: dict[str, dict[Path, torch.Tensor]] = {name: {} for name in scorers}
+    errors: dict[Path, str] = {}
+    for batch, errs in iter_features(paths, scorers, batch_size=batch_size, num_workers=num_workers, progress=progress):
+        errors.update(errs)
+        for path, per in batch.items():
+            for name, f in per.items():
+                feats[name][path] = f
     return feats, errors
 
 
@@ -161,26 +176,72 @@ def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, 
                   reference_features: dict | None = None) -> dict:
     """The Unified-Bench JSON: per scorer, per-image cosine similarity and average/min/max over the
     valid pairs; `overall` = mean of the scorer averages; failures and unmatched files listed.
-    `reference_features`, when given, is filled with {scorer: {reference name: feature}}."""
+    `reference_features`, when given, is filled with {scorer: {reference name: feature}} for the
+    scorers it names as keys (every scorer when it is empty).
+
+    Memory does not grow with the number of pairs: files are encoded in pair order (each
+    reconstruction beside its reference), a pair is scored as soon as both features exist, and
+    then its features are dropped; only the scores, the features asked for in
+    `reference_features` and the feature cache (when used) are kept."""
     m = match_folders(image_dir, ref_dir)
     caches = {name: FeatureCache(cache_dir, s.fingerprint) for name, s in scorers.items()}
     ref_keys = {ref: file_digest(ref) for _, _, ref in m.pairs}
     cached = {ref for ref, key in ref_keys.items() if all(c.get(key) is not None for c in caches.values())}
-    todo = sorted({rec for _, rec, _ in m.pairs} | (set(ref_keys) - cached))
+    todo = list(dict.fromkeys(p for _, rec, ref in m.pairs for p in (rec, ref) if p is rec or p not in cached))
     logger.info("%d pairs; encoding %d file(s), %d reference(s) from the feature cache",
                 len(m.pairs), len(todo), len(cached))
-    feats, errors = encode_files(todo, scorers, batch_size=batch_size, num_workers=num_workers, progress=progress)
-    for name, cache in caches.items():
-        for ref, key in ref_keys.items():
-            if ref in feats[name]:
-                cache.put(key, feats[name][ref])
-            elif ref in cached:
-                feats[name][ref] = cache.get(key)
-        cache.save()
-
+    keep = None
     if reference_features is not None:
-        for name in scorers:
-            reference_features[name] = {ref.name: feats[name][ref] for ref in ref_keys if ref in feats[name]}
+        keep = list(reference_features) or list(scorers)
+        for name in keep:
+            reference_features[name] = {}
+    pairs_of: dict[Path, list[tuple[str, Path, Path]]] = {}  # file -> its pairs
+    for pair in m.pairs:
+        for p in dict.fromkeys(pair[1:]):
+            pairs_of.setdefault(p, []).append(pair)
+    unscored = {p: len(v) for p, v in pairs_of.items()}  # file -> its pairs not scored yet
+    feats: dict[Path, dict[str, torch.Tensor]] = {}       # features of files with a pair still to score
+    errors: dict[Path, str] = {}
+    scores: dict[str, dict[str, float]] = {}               # pair key -> {scorer: cosine}
+    done: set[str] = set()                                 # pairs scored or failed
+
+    def ready(p: Path) -> bool:
+        return p in feats or p in errors or p in cached
+
+    def arrived(path: Path) -> None:
+        """`path` was encoded (or failed): score the pairs it completes, drop features no pair needs."""
+        for key, rec, ref in pairs_of.get(path, ()):
+            if key in done or not (ready(rec) and ready(ref)):
+                continue
+            done.add(key)
+            if rec not in errors and ref not in errors:
+                b = feats[ref] if ref in feats else {n: c.get(ref_keys[ref]) for n, c in caches.items()}
+                scores[key] = {name: float((b[name] * feats[rec][name]).sum()) for name in scorers}
+            for p in dict.fromkeys((rec, ref)):
+                unscored[p] -= 1
+                if unscored[p] == 0:
+                    feats.pop(p, None)
+
+    for batch, errs in iter_features(todo, scorers, batch_size=batch_size, num_workers=num_workers,
+                                     progress=progress):
+        errors.update(errs)
+        for path, per in batch.items():
+            if path in ref_keys:
+                for name, cache in caches.items():
+                    cache.put(ref_keys[path], per[name])
+                if keep is not None:
+                    for name in keep:
+                        reference_features[name][path.name] = per[name]
+            feats[path] = per
+        for path in list(batch) + list(errs):
+            arrived(path)
+    for cache in caches.values():
+        cache.save()
+    if keep is not None:
+        for ref in cached:
+            for name in keep:
+                reference_features[name][ref.name] = caches[name].get(ref_keys[ref])
+
     result: dict = {}
     failed = dict(m.errors)
     for key, rec, ref in m.pairs:
@@ -188,8 +249,7 @@ def score_folders(image_dir: str | Path, ref_dir: str | Path, scorers: dict, *, 
         if why:
             failed[key] = "; ".join(why)
     for name in scorers:
-        per = {key: float((feats[name][ref] * feats[name][rec]).sum()) for key, rec, ref in m.pairs
-               if key not in failed}
+        per = {key: scores[key][name] for key, rec, ref in m.pairs if key not in failed}
         vals = list(per.values())
         # No valid pair: null, not NaN (NaN is not JSON).
         result[name] = {**per, "average": sum(vals) / len(vals) if vals else None,

@@ -68,6 +68,18 @@ class TrainConfig:
     seed: int = field(0, help="seed: data order, noise and sampling are functions of (seed, step)")
     device: str = field("auto", choices=("auto", "cpu"), help="auto or cpu (force CPU); GPUs are chosen by accelerate launch")
     log_level: str = field("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),
+                                help="weights of the scorers (rewards, held-out evaluation): auto (tiny for the tiny "
+                                     "model, else official), official, tiny")
+    eval_steps: int = field(0, min=0, help="held-out Unified-Bench every N steps, and at the start and the end (0: never)")
+    eval_data: str | None = field(None, help="held-out references: a folder of images, a .jsonl or any --data source "
+                                             "(sample: the six sample photos)")
+    eval_scorers: list[str] = field(["clip", "longclip", "dinov2", "dinov3"], help="scorers of the held-out evaluation "
+                                                                                   "(overall: their mean)")
+    eval_resolution: int | None = field(None, min=16, help="size of the held-out reconstructions (default --resolution)")
+    eval_inference_steps: int = field(40, min=1, help="denoising steps of the held-out reconstructions (the benchmark's)")
+    eval_guidance_scale: float = field(5.0, min=0, help="CFG of the held-out reconstructions (the benchmark's)")
+    eval_max_new_tokens: int = field(512, min=1, help="caption length limit of the held-out captions (the benchmark's)")
 
     def __post_init__(self):
         if not self.data:
@@ -75,6 +87,16 @@ class TrainConfig:
         check_fields(self)
         if self.resolution % 16:
             raise UAEError(f"--resolution {self.resolution} must be a multiple of 16")
+        if self.eval_steps and not self.eval_data:
+            raise UAEError(f"--eval_steps {self.eval_steps} needs --eval_data (a folder of held-out reference images, a "
+                           ".jsonl, or sample for the six sample photos)")
+        if self.eval_resolution is not None and self.eval_resolution % 16:
+            raise UAEError(f"--eval_resolution {self.eval_resolution} must be a multiple of 16")
+        from uae.scoring.scorers import SCORERS
+
+        unknown = [s for s in self.eval_scorers if s not in SCORERS]
+        if unknown:
+            raise UAEError(f"--eval_scorers {' '.join(unknown)}: choose from {', '.join(SCORERS)}")
 
 
 @dataclass
@@ -146,8 +168,6 @@ class GRPOConfig(TrainConfig):
                                                    "similarity to the reference), text:<scorer> (caption vs "
                                                    "reference), or module:callable (a reward of your own)")
     reward_weights: list[float] | None = field(None, help="one weight per reward function (default all 1.0)")
-    scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),
-                                help="auto (tiny for the tiny model, else official), official, tiny")
     max_new_tokens: int = field(512, min=1, help="caption length limit (stage 3 prompts; stage 2 actions)")
     temperature: float = field(0.7, min=1e-6, help="caption sampling temperature (stage 2 log-probs use the same)")
     image_log_steps: int = field(10, min=0, help="save a reference | group grid every N steps (0: never)")

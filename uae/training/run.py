@@ -8,6 +8,7 @@ it and does the rest.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 class Recipe(Protocol):
     """What a trainer provides. `setup` must hand what trains to `run.prepare(parts, optimizer)`,
     which casts it to the precision policy, wraps `parts.prepared` with accelerate and counts the
-    optimizer's steps (the EMA's cadence and warm-up); after `setup` the recipe has:
+    optimizer's steps (the EMA's cadence and warm-up), and its model to `run.prepare_evaluation`
+    (the held-out evaluation); after `setup` the recipe has:
 
         trainable       the parameters it trains (EMA, gradient clipping and checkpoints act on these)
         paths           the source checkpoint's parts (uae.checkpoints.ComponentPaths)
@@ -83,8 +85,9 @@ class JsonlLog:
     def __init__(self, path: Path, accelerator, resume_step: int = 0):
         self.path, self.acc = Path(path), accelerator
         if accelerator.is_main_process and self.path.exists():
+            # A fresh run (resume_step 0) keeps nothing, not even a crashed run's step-0 evaluation.
             keep = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                    if line.strip() and resume_step and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in keep))
 
     def append(self, record: dict) -> None:
@@ -105,10 +108,8 @@ def resolve_names(cfg):
     from uae.random_weights import resolve_checkpoint
     from uae.scoring.scorers import resolve_scorer_weights
 
-    changes = {"checkpoint": resolve_checkpoint(cfg.checkpoint)}
-    if "scorer_weights" in {f.name for f in dataclasses.fields(cfg)}:
-        changes["scorer_weights"] = resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint)
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
+                               checkpoint=resolve_checkpoint(cfg.checkpoint))
 
 
 class Run:
@@ -128,6 +129,8 @@ class Run:
         self.steps = OptimizerSteps()
         self.ema = None
         self._step_hook = None
+        self.held_out = None           # the held-out evaluation (eval_steps > 0)
+        self._evaluation_prepared = False
         self.trainable: list[torch.nn.Parameter] = []
 
     # ------------------------------------------------------------------ logging
@@ -189,6 +192,55 @@ class Run:
             return [p.detach().to("cpu", copy=True).requires_grad_(p.requires_grad) for p in self.trainable]
         return self.trainable
 
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The EMA weights in place of the trained ones for the block (none kept: unchanged)."""
+        if self.ema is None:
+            yield
+            return
+        self.ema.store(self.trainable)
+        self.ema.copy_to(self.trainable)
+        try:
+            yield
+        finally:
+            self.ema.restore(self.trainable)
+
+    # ------------------------------------------------------------------ held-out evaluation
+    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
+        """The recipe's model for the held-out evaluation (uae.training.evaluation.HeldOut.prepare);
+        every recipe calls it in `setup`, a no-op without --eval_steps."""
+        self._evaluation_prepared = True
+        if self.held_out is not None:
+            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning)
+
+    def _eval_due(self, step: int, total: int) -> bool:
+        return self.held_out is not None and self.held_out.due(step, total)
+
+    def evaluate(self, step: int) -> dict:
+        """Held-out Unified-Bench at `step`, with the EMA weights where kept; its metrics (eval/...,
+        time_eval), a grid (reference | reconstruction) and the captions to the trackers."""
+        import time
+
+        t0 = time.perf_counter()
+        with self.ema_weights(), self.acc.autocast():
+            metrics, grid, captions = self.held_out(step)
+        metrics["time_eval"] = time.perf_counter() - t0
+        if self.acc.is_main_process:
+            from uae.report import image_grid
+
+            if grid:
+                pics = [im for pair in grid for im in pair]
+                labels = [label for _ in grid for label in ("reference", "reconstruction")]
+                self.log_image(step, "eval/grid", image_grid(pics, labels, self.out / "eval" / f"step_{step:06d}.png",
+                                                             columns=2))
+            self.log_sample(step, {"eval_captions": captions},
+                            text="\n\n".join(f"{key}: {c}" for key, c in captions.items()))
+        logger.info("held-out Unified-Bench at step %d: overall %.4f (%s), %.1f words per caption", step,
+                    metrics["eval/overall"], ", ".join(f"{k[5:]} {v:.4f}" for k, v in metrics.items()
+                                                       if k.startswith("eval/") and k[5:] in self.cfg.eval_scorers),
+                    metrics["eval/caption_words"])
+        return metrics
+
     # ------------------------------------------------------------------ the loop
     def train(self, recipe, total: int, desc: str) -> Path | None:
         from accelerate.utils import set_seed
@@ -201,11 +253,18 @@ class Run:
         # Every process sets up together (accelerate's prepare is collective); cached artefacts such
         # as the embedded tiny checkpoint are built once under a file lock (uae.files.build_once).
         check_recipe(recipe, RECIPE_MEMBERS)
+        if cfg.eval_steps:
+            from uae.training.evaluation import HeldOut
+
+            self.held_out = HeldOut(cfg, acc)
         recipe.setup()
         check_recipe(recipe, AFTER_SETUP)
         if self._step_hook is None:
             raise UAEError(f"{type(recipe).__name__}.setup did not hand its parts and optimizer to run.prepare: its "
                            "optimizer steps would not be counted (EMA, checkpoints)")
+        if not self._evaluation_prepared:
+            raise UAEError(f"{type(recipe).__name__}.setup did not hand its model to run.prepare_evaluation: the "
+                           "held-out evaluation (--eval_steps) would have nothing to evaluate")
         self.trainable = list(recipe.trainable)
         if cfg.use_ema:
             from diffusers.training_utils import EMAModel
@@ -226,10 +285,15 @@ class Run:
             acc.init_trackers(self.name, config={k: v for k, v in self.config_dict.items()
                                                  if isinstance(v, (int, float, str, bool))})
         recipe.begin(start)
+        if start == 0 and self._eval_due(0, total):
+            self.log(0, self.evaluate(0))
         bar = tqdm(total=total, initial=start, desc=desc, disable=not acc.is_local_main_process)
         for i in range(start, total):
             with acc.autocast():  # mixed precision: frozen weights in bf16/fp16, trained ones in fp32
                 values = recipe.step(i)
+            # Before the step's checkpoint: a resumed run does not repeat an evaluation it logged.
+            if self._eval_due(i + 1, total):
+                values.update(self.evaluate(i + 1))
             self.log(i + 1, values)
             bar.update(1)
             key = next((k for k in ("loss", "reward_mean") if k in values), None)
@@ -241,7 +305,12 @@ class Run:
         ckpts.save(acc, total, self.config_dict)
         final = self.write_final(recipe)
         if acc.is_main_process:
-            recipe.plot(self.metrics.read())
+            records = self.metrics.read()
+            recipe.plot(records)
+            if self.held_out is not None:
+                from uae.report import eval_curves
+
+                eval_curves(records, self.out / "eval.png", list(cfg.eval_scorers))
         recipe.close()
         self._step_hook.remove()
         acc.end_training()
@@ -294,15 +363,9 @@ class Run:
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
-        if self.ema is not None:
-            self.ema.store(self.trainable)
-            self.ema.copy_to(self.trainable)
-        try:
+        with self.ema_weights():
             manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
             final = write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
             recipe.write_trained(final)
-        finally:
-            if self.ema is not None:
-                self.ema.restore(self.trainable)
         logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
         return final

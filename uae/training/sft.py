@@ -211,6 +211,8 @@ class SFTRecipe:
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps)
         modules, self.optimizer, self.lr = self.run.prepare(self.parts, opt, sched)
+        # The LLM does not train: its captions of the held-out references are made once.
+        self.run.prepare_evaluation(self.model, encoder_trains=False)
         self.projector, self.dit_train = modules["projector"], modules["dit"]
         self.linked_parts = ("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ())
         self.manifest = {} if cfg.dit_mode == "lora" else {"dit_lora": None}
