@@ -138,3 +138,27 @@ def interrupt_and_resume(tmp_path, monkeypatch):
         assert timeless(read_metrics(a)) == timeless(read_metrics(b))
         return a, b
     return check
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine: one torch thread is faster than two contended ones
+    (measured 5-10x for the tiny Janus / captioner / pipeline); restored after the module."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """Two of the sample photos, as held-out references."""
+    import shutil
+
+    d = tmp_path_factory.mktemp("held_out")
+    for name in ("camera.jpg", "coffee.jpg"):
+        shutil.copy(REFS / name, d / name)
+    return d
+

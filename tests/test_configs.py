@@ -57,12 +57,12 @@ def test_sample_captions_cover_the_sample_photos():
 
 @pytest.mark.parametrize("module, argv, flag", [
     ("uae.demo", ["--input_te", "a cube", "--output_pa", "x.png"], "--input_te"),
-    ("uae.unibench", ["--model", "janus"], "--model"),
+    ("uae.unibench", ["--model_arg", "{}"], "--model_arg"),
     ("uae.rl.train", ["--data", "x", "--max_iter", "2"], "--max_iter"),
     ("uae.score_i2i", ["--image", "a", "--ref_path", "b"], "--image"),
 ])
 def test_a_mistyped_flag_is_an_error_not_an_abbreviation(module, argv, flag, capsys):
-    """argparse's prefix matching would read `--model` as `--models` and `--input_te` as
+    """argparse's prefix matching would read `--model_arg` as `--model_args` and `--input_te` as
     `--input_text`; only the declared aliases are other spellings."""
     import importlib
 

@@ -5,26 +5,16 @@ own code); the EMA weights are the ones evaluated; a frozen encoder's captions a
 resume does not repeat an evaluation; two processes give the numbers of one."""
 
 import json
-import shutil
 
 import pytest
 import torch
 
 import train_grpo
 import train_sft
-from conftest import REFS, read_metrics
+from conftest import read_metrics
 
 EVAL = ["--eval_resolution", 32, "--eval_inference_steps", 2, "--eval_max_new_tokens", 6, "--eval_scorers", "clip",
         "dinov2", "--scorer_weights", "tiny", "--report_to", "none", "--checkpointing_steps", 0]
-
-
-@pytest.fixture(scope="module")
-def held_out(tmp_path_factory):
-    """Two of the sample photos: the held-out references."""
-    d = tmp_path_factory.mktemp("held_out")
-    for name in ("camera.jpg", "coffee.jpg"):
-        shutil.copy(REFS / name, d / name)
-    return d
 
 
 def _train(stage, ckpt, out, held_out, *extra):

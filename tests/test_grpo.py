@@ -142,19 +142,19 @@ def test_g4u_update_raises_the_log_prob_of_better_captions(tiny_ckpt, grpo_recip
     enc = recipe.model.encoder
     batch = enc.caption_inputs([recipe.refs[0].image] * 6)
     torch.manual_seed(0)
-    out = recipe.sample(batch)
+    out = recipe.captioner.sample(batch)
     comp = out[:, batch["input_ids"].shape[1]:]
     adv = group_advantages(torch.tensor([3.0, 1, 2, 5, 0, 4]), torch.zeros(6, dtype=torch.long)).values
     with torch.no_grad():
-        old = recipe.token_logprobs(enc.llm, batch, comp)
+        old = recipe.captioner.token_logprobs(enc.llm, batch, comp)
     opt = torch.optim.AdamW(recipe.trainable, lr=0.01)
-    lp = recipe.token_logprobs(enc.llm, batch, comp)
+    lp = recipe.captioner.token_logprobs(enc.llm, batch, comp)
     loss, stats = ppo_clip_loss(lp.flatten(), old.flatten(), adv[:, None].expand_as(lp).flatten(), 0.2)
     assert stats["ratio_min"] == 1.0 == stats["ratio_max"]
     loss.backward()
     opt.step()
     with torch.no_grad():
-        change = (recipe.token_logprobs(enc.llm, batch, comp) - old).sum(1)
+        change = (recipe.captioner.token_logprobs(enc.llm, batch, comp) - old).sum(1)
     assert (adv * change).sum() > 0, (change, adv)
     assert change[adv.argmax()] > 0 > change[adv.argmin()], (change, adv)
 

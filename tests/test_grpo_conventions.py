@@ -146,18 +146,18 @@ def test_g4u_rollouts_are_sampled_from_the_distribution_the_ratio_assumes(tiny_c
         sampled = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
         sampled = sampled.gather(-1, comp[..., None])[..., 0]
         with torch.no_grad():
-            recomputed = recipe.token_logprobs(enc.llm, batch, comp)
+            recomputed = recipe.captioner.token_logprobs(enc.llm, batch, comp)
         return sampled, recomputed
 
     torch.manual_seed(0)
-    ours = recipe.sample(batch, output_scores=True, return_dict_in_generate=True)
+    ours = recipe.captioner.sample(batch, output_scores=True, return_dict_in_generate=True)
     a, b = sampled_and_recomputed(ours)
     assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     # The previous sampling call inherited the file's repetition penalty: off-policy.
     torch.manual_seed(0)
     with torch.no_grad():
         old = enc.llm.generate(**batch, do_sample=True, temperature=0.9, top_k=0, top_p=1.0,
-                               max_new_tokens=recipe.cfg.max_new_tokens, suppress_tokens=recipe.suppressed,
+                               max_new_tokens=recipe.cfg.max_new_tokens, suppress_tokens=recipe.captioner.suppressed,
                                output_scores=True, return_dict_in_generate=True)
     a, b = sampled_and_recomputed(old)
     assert (a - b).abs().max() > 1e-3

@@ -158,8 +158,8 @@ def test_g4u_gradient_is_trls_loss(tiny_ckpt, grpo_recipe):
             p.grad = None
         mask = roll.token_mask & ~roll.truncated[:, None] if mask_truncated else roll.token_mask
         with torch.no_grad(), enc.llm.disable_adapter():
-            ref = recipe.token_logprobs(enc.llm, roll.batch, roll.completion)
-        lp = recipe.token_logprobs(enc.llm, roll.batch, roll.completion)
+            ref = recipe.captioner.token_logprobs(enc.llm, roll.batch, roll.completion)
+        lp = recipe.captioner.token_logprobs(enc.llm, roll.batch, roll.completion)
         ratio = torch.exp(lp - lp.detach())
         a = adv[:, None]
         per = -torch.min(ratio * a, ratio.clamp(0.8, 1.2) * a) + 0.1 * (torch.exp(ref - lp) - (ref - lp) - 1)
@@ -184,8 +184,8 @@ def test_g4u_old_log_probs_only_when_an_update_is_not_the_first(tiny_ckpt, grpo_
         recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 1, "--group_size", 4,
                              "--train_batch_size", 2, "--inner_epochs", inner, reward=lambda *a: [])
         calls = []
-        real = recipe.token_logprobs
-        recipe.token_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
+        real = recipe.captioner.token_logprobs
+        recipe.captioner.token_logprobs = lambda *a, **k: calls.append(1) or real(*a, **k)
         roll = recipe.rollout(0, iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0))
         assert len(calls) == forwards and (roll.old_log_probs is None) == (inner == 1)
         if inner == 2:   # on-policy: the stored log-probs are what the policy gives now

@@ -236,7 +236,9 @@ def write_markdown(path: Path, runs: list[Run], paper: list[dict] | None, images
         yield "## Measured\n\n" + "\n".join(_md_table(MEASURED_HEADER, measured_rows(runs))) + "\n\n"
         for r in runs:
             meta = r.result.get("meta") or {}
-            yield (f"- **{r.label}**: `{r.path}` (checkpoint {meta.get('checkpoint')}, scorer weights "
+            model = meta.get("model_label") if meta.get("model", "uae") != "uae" or meta.get("captioner") else None
+            what = f"model {model}" if model else f"checkpoint {meta.get('checkpoint')}"
+            yield (f"- **{r.label}**: `{r.path}` ({what}, scorer weights "
                    f"{meta.get('scorer_weights')}, references {meta.get('reference_folder')}, reconstructions "
                    f"{meta.get('reconstruction_folder')})\n")
         for n in notes(runs, differing):

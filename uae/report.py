@@ -149,16 +149,20 @@ def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, la
 
 def run_page(run_dir: str | os.PathLike) -> Path:
     """A training run at a glance: the curves, then the logged grids over time with the sampled
-    captions (samples.jsonl) under each. Written to <run_dir>/index.html."""
+    captions (samples.jsonl) under each, then the held-out evaluations (eval.png, each grid with its
+    captions). Written to <run_dir>/index.html."""
     import json
 
     run = Path(run_dir)
-    samples = {}
+    samples, evals = {}, {}
     if (run / "samples.jsonl").exists():
         for line in (run / "samples.jsonl").read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                samples[rec["step"]] = rec
+                if "captions" in rec:  # a group's sampled captions (stage 2)
+                    samples[rec["step"]] = rec
+                if "eval_captions" in rec:  # a held-out evaluation's captions
+                    evals[rec["step"]] = rec["eval_captions"]
     parts = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(run.name)}</title>",
              "<style>body{font-family:sans-serif} img{max-width:100%} li{font-size:12px}</style>",
              f"<h1>{html.escape(run.name)}</h1>"]
@@ -172,6 +176,13 @@ def run_page(run_dir: str | os.PathLike) -> Path:
         if rec:
             items = "".join(f"<li>r={r:.4f}: {html.escape(c)}</li>" for c, r in zip(rec["captions"], rec["rewards"]))
             parts.append(f"<p>{html.escape(str(rec['image']))}</p><ol>{items}</ol>")
+    if (run / "eval.png").exists():
+        parts.append("<h2>held-out Unified-Bench</h2><img src='eval.png' style='max-width:900px'>")
+    for grid in sorted((run / "eval").glob("step_*.png")) if (run / "eval").exists() else []:
+        step = int(grid.stem.split("_")[-1])
+        parts.append(f"<h3>evaluation at step {step}</h3><img src='eval/{html.escape(grid.name)}'>")
+        items = "".join(f"<li>{html.escape(k)}: {html.escape(c)}</li>" for k, c in evals.get(step, {}).items())
+        parts.append(f"<ul>{items}</ul>")
     out = run / "index.html"
     atomic_write_text(out, "\n".join(parts) + "\n")
     return out

@@ -2,8 +2,13 @@
 regenerate each reference from its caption, score (reconstruction, reference) pairs with the
 chosen scorers, and score each caption against its reference (CLIP / LongCLIP text features).
 
-Outputs in the run folder: captions/<stem>.txt, recon/<stem>.png, results.json, results.md,
-scores.png and report.html. A rerun skips images already captioned and reconstructed.
+Any unified model can be the model under test (`--model`, see uae/unified/): UAE (the default),
+Janus / Janus-Pro, a transformers captioner + a diffusers text-to-image pipeline, or a user's class
+implementing uae.unified.UnifiedModel.
+
+Outputs in the run folder: captions/<stem>.txt, recon/<stem>.png, model.json (the model's
+settings), results.json, results.md, scores.png and report.html. A rerun skips images already
+captioned and reconstructed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from uae.models.inference import InferenceConfig
 from uae.files import atomic_write_json, atomic_write_text
 from uae.images import list_images, open_image, save_image
 from uae.paths import SAMPLES_DIR
+from uae.unified.loading import MODEL_HELP
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +92,73 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     return captions, skipped
 
 
+def _source_label(value: str | None, kind: str) -> str | None:
+    from uae.unified.common import short_name
+
+    return None if value is None else (f"tiny-{kind}" if value == "tiny" else short_name(value))
+
+
+def model_label(cfg) -> str:
+    """The model under test's name for titles, known without loading it."""
+    from uae.unified.loading import model_kind
+
+    kind = model_kind(cfg.model)
+    if kind == "uae":
+        name = Path(cfg.checkpoint).name if cfg.checkpoint else "external"
+        return f"{_source_label(cfg.captioner, 'captioner')} + UAE {name}" if cfg.captioner else name
+    if kind == "janus":
+        return f"Janus {_source_label(cfg.checkpoint, 'janus')}"
+    if kind == "pipeline":
+        captioner = _source_label(cfg.captioner, "captioner") or "captions"
+        return f"{captioner} + {_source_label(cfg.generator, 'generator')}"
+    return cfg.model
+
+
+def load_model_under_test(cfg, device):
+    """The `--model` on `device`, built with the run's settings (uae.unified.RunSettings); the name
+    `tiny` of --checkpoint / --captioner / --generator resolved to the embedded random models."""
+    from uae.random_weights import resolve_checkpoint
+    from uae.random_weights.unified import resolve as resolve_tiny
+    from uae.runtime import resolve_device, resolve_dtype
+    from uae.unified.loading import load_model, model_kind
+    from uae.unified.protocol import RunSettings
+
+    dev = resolve_device(str(device))
+    settings = RunSettings.from_config(cfg, dev, resolve_dtype(cfg.dtype, dev))
+    kind = model_kind(cfg.model)
+    checkpoint = cfg.checkpoint  # used by uae and janus only
+    if kind == "uae":
+        checkpoint = resolve_checkpoint(cfg.checkpoint)
+    elif kind == "janus":
+        checkpoint = resolve_tiny(cfg.checkpoint, "janus")
+    labels = {"checkpoint": _source_label(cfg.checkpoint, "janus" if kind == "janus" else "uae"),
+              "captioner": _source_label(cfg.captioner, "captioner"),
+              "generator": _source_label(cfg.generator, "generator")}
+    model = load_model(cfg.model, settings, checkpoint=checkpoint, captioner=resolve_tiny(cfg.captioner, "captioner"),
+                       generator=resolve_tiny(cfg.generator, "generator"), model_args=cfg.model_args, labels=labels)
+    if cfg.captioner_lora:
+        from uae.unified.loading import apply_captioner_lora
+
+        apply_captioner_lora(model, cfg.captioner_lora)
+    return model
+
+
+MODEL_FILE = "model.json"  # the model under test's name and settings(), written when it is loaded
+
+
 def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir, tqdm, device) -> dict[str, str]:
     """`seed[reference]`: the release's one seed for all, or the reference's index added to it
     (--increment_seed), independent of batches, processes and resumes."""
-    from uae.models.uae import UAE
-    from uae.random_weights import resolve_checkpoint
+    from uae.unified.protocol import check_outputs
 
     skipped: dict[str, str] = {}
-    model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=device, dtype=cfg.dtype)
+    model = load_model_under_test(cfg, device)
+    setting = f"--model {cfg.model}"
+    info = {"model": cfg.model, "name": str(model.name), "settings": model.settings()}
+    atomic_write_json(cap_dir.parent / MODEL_FILE, json.loads(json.dumps(info, default=str)))
+    if info["settings"].get("batch_invariant") is False:
+        logger.warning("%s: outputs depend on --batch_size and on the number of processes (its settings say "
+                       "batch_invariant: false)", model.name)
     for i in tqdm(starts, desc="caption + regenerate"):
         chunk, images = [], []
         for ref in todo[i:i + cfg.batch_size]:
@@ -106,13 +171,13 @@ def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir,
             continue
         missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
         if missing:
-            new = model.caption([images[j] for j in missing], seed=[seed[chunk[j]] for j in missing],
-                                **cfg.caption_kwargs())
+            new = check_outputs(model.caption([images[j] for j in missing], [seed[chunk[j]] for j in missing]),
+                                len(missing), "caption", model, setting)
             for j, cap in zip(missing, new):
                 captions[chunk[j].stem] = cap
                 atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap)
-        recons = model.generate([captions[r.stem] for r in chunk], seed=[seed[r] for r in chunk], progress=False,
-                                **cfg.generate_kwargs())
+        recons = check_outputs(model.generate([captions[r.stem] for r in chunk], [seed[r] for r in chunk]),
+                               len(chunk), "image", model, setting)
         for ref, im in zip(chunk, recons):
             save_image(im, rec_dir / f"{ref.stem}.png")
     del model
@@ -169,13 +234,18 @@ def run_unibench(cfg) -> dict | None:
     else:
         state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
         captions, skipped = produce(cfg, refs, out, state if state.num_processes > 1 else None)
+        if state.num_processes > 1:
+            # No collective after the gather: every process leaves the group now. A process that exits
+            # with the group alive can abort at interpreter shutdown (gloo's threads: "terminate called
+            # without an active exception", SIGABRT) while the main process is still scoring.
+            state.destroy_process_group()
         if not state.is_main_process:
             return None  # scoring (cheap next to generation) and the report happen once
         recon_dir = out / "recon"
         if not recon_dir.is_dir():
             raise UAEError(f"no reference in {cfg.ref_path} could be read: {skipped}")
     device = resolve_device(cfg.device)
-    weights = resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint)
+    weights = resolve_scorer_weights(cfg.scorer_weights, "tiny" if cfg.model_is_tiny() else cfg.checkpoint)
     if weights == "tiny":
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
     scorers = {m: load_scorer(m, scorer_checkpoint(m, weights), device=device,
@@ -195,10 +265,17 @@ def run_unibench(cfg) -> dict | None:
     result["meta"] = {"checkpoint": cfg.checkpoint, "reference_folder": str(cfg.ref_path),
                       "reconstruction_folder": str(recon_dir), "scorer_weights": weights,
                       "device": str(device), "torch": torch.__version__}
+    if not cfg.recon_from:
+        model_file = out / MODEL_FILE
+        info = json.loads(model_file.read_text(encoding="utf-8")) if model_file.is_file() else {}
+        result["meta"].update(model=cfg.model, model_label=model_label(cfg), captioner=cfg.captioner,
+                              generator=cfg.generator, model_name=info.get("name"),
+                              model_settings=info.get("settings"))
     names = list(scorers)
     atomic_write_json(out / "results.json", result)
     atomic_write_text(out / "results.md", markdown_table(result, names))
-    title = f"Unified-Bench: {Path(cfg.checkpoint).name if cfg.checkpoint else 'external'}"
+    external = Path(cfg.checkpoint).name if cfg.checkpoint else "external"
+    title = f"Unified-Bench: {external if cfg.recon_from else model_label(cfg)}"
     bar_plot(result, names, out / "scores.png", title)
     recon_by_stem = {p.stem.removeprefix("recon_"): p for p in recon_dir.iterdir()} if recon_dir.is_dir() else {}
     rows = ({"name": r.name, "reference": r, "reconstruction": recon_by_stem.get(r.stem),
@@ -211,9 +288,24 @@ def run_unibench(cfg) -> dict | None:
 
 @dataclass
 class UniBenchConfig(InferenceConfig):
-    """Unified-Bench: image -> caption -> image reconstruction similarity of a UAE model."""
+    """Unified-Bench: image -> caption -> image reconstruction similarity of a unified model (UAE by default)."""
 
-    checkpoint: str = field("tiny", help="model under test: folder in the official layout, hub id, or 'tiny'")
+    model: str = field("uae", help=MODEL_HELP)
+    checkpoint: str = field("tiny", help="--model uae: a UAE folder in the official layout, hub id, or 'tiny'; "
+                                         "--model janus: a Janus checkpoint in transformers' layout (hub id such as "
+                                         "deepseek-community/Janus-Pro-7B, folder, or 'tiny')")
+    captioner: str | None = field(None, help="a transformers image-text-to-text model (hub id, folder, or 'tiny'): "
+                                             "--model pipeline's captioner; with --model uae, captions from it are "
+                                             "regenerated by UAE (the paper's Tab. 3 captioner swap)")
+    generator: str | None = field(None, help="--model pipeline: a diffusers text-to-image pipeline (hub id, folder, "
+                                             "or 'tiny'); without --captioner it regenerates --captions_from's "
+                                             "captions (a decoder swap)")
+    captioner_lora: str | None = field(None, help="--model janus / pipeline: a captioner LoRA trained by train_grpo.py "
+                                                  "--stage g4u --model ... (its final/captioner_lora), loaded onto "
+                                                  "the captioner (Janus generates with it off, as it trained)")
+    model_args: str | None = field(None, help="a mapping (inline JSON / YAML, or a .json / .yaml file): the "
+                                              "constructor's keyword arguments for --model module:Class; extra "
+                                              "pipeline call arguments for --model pipeline")
     ref_path: str = field(str(SAMPLES_DIR / "sample"), help="reference images (default: the six sample photos; the "
                                                              "real benchmark: UniBench/Image, 100 images)")
     output_dir: str = field("Unified-Bench/results/run", help="run folder (captions/, recon/, results.*, report.html)")
@@ -236,6 +328,39 @@ class UniBenchConfig(InferenceConfig):
         if self.recon_from and not Path(self.recon_from).is_dir():
             raise UAEError(f"--recon_from {self.recon_from}: no such folder")
         super().__post_init__()
+        self.check_model_settings()
+
+    def check_model_settings(self) -> None:
+        """Which flags each --model takes (cheap: nothing is loaded)."""
+        from uae.unified.loading import model_kind, read_model_args
+
+        kind = model_kind(self.model)
+        has_captions = self.captioner or self.captions_from
+        if kind == "pipeline" and not self.recon_from and not (self.generator and has_captions):
+            raise UAEError("--model pipeline needs --generator (a diffusers text-to-image pipeline) and --captioner "
+                           "(a transformers image-text-to-text model; or every caption from --captions_from), each a "
+                           "hub id, a folder or 'tiny'")
+        if self.generator and kind != "pipeline":
+            raise UAEError(f"--generator applies to --model pipeline, not --model {self.model}")
+        if self.captioner and kind not in ("pipeline", "uae"):
+            raise UAEError(f"--captioner applies to --model pipeline and --model uae, not --model {self.model}")
+        if self.model_args not in (None, "") and kind not in ("pipeline", "module"):
+            raise UAEError(f"--model_args applies to --model module:Class and --model pipeline, not --model "
+                           f"{self.model}")
+        read_model_args(self.model_args)
+
+    def model_is_tiny(self) -> bool:
+        """Whether every model the run loads is an embedded random one (then --scorer_weights auto is tiny)."""
+        from uae.unified.loading import model_kind
+
+        kind = model_kind(self.model)
+        if kind == "uae":
+            return self.checkpoint == "tiny" and self.captioner in (None, "tiny")
+        if kind == "janus":
+            return self.checkpoint == "tiny"
+        if kind == "pipeline":
+            return self.generator == "tiny" and self.captioner in (None, "tiny")
+        return False  # a user's class: the official scorers unless --scorer_weights tiny
 
 
 @script_main

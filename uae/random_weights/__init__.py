@@ -5,6 +5,8 @@ any size. This package depends on uae.models and uae.scoring, never the reverse.
 
     checkpoint.py   UAE checkpoints in the official layout, and UAE models from a preset
     scorers.py      scorer checkpoints in the official formats
+    unified.py      Unified-Bench's other models: Janus, a VLM captioner, an SD3 pipeline (`tiny` of
+                    the runner's --checkpoint / --captioner / --generator)
     embedded.py     the cached `tiny` artefacts the command lines resolve by name
     cli.py          uae-build-checkpoint
 """

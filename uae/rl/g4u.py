@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from uae.errors import UAEError
+from uae.rl.captioners import CaptionPolicy, add_captioner_lora, uae_policy
 from uae.rl.grpo import clipped_surrogate, ratio_stats, token_loss
 from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share
 from uae.data import load_references
@@ -46,29 +47,6 @@ class Rollout:
     rows: list[slice]                   # the micro-batches of the log-prob forwards
     old_log_probs: torch.Tensor | None  # (B, T) at sampling time; None: the first update's own, detached
     images: list = field(default_factory=list)  # the decoder's image of each caption (filled by scoring)
-
-
-def _pixel_rows(batch, rows: slice) -> torch.Tensor:
-    """Qwen2.5-VL flattens every image's patches into one pixel_values tensor: the rows of images
-    `rows` are the patches counted by their image_grid_thw."""
-    counts = batch["image_grid_thw"].prod(-1).tolist()
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    return batch["pixel_values"][starts[rows.start]:starts[rows.stop]]
-
-
-@contextlib.contextmanager
-def only_this_generation_config(model, config):
-    """generate() fills what a given config leaves unset from the model's own generation_config
-    (transformers 5): for the duration of the block the model's is `config` itself, so nothing of
-    the checkpoint's file (repetition_penalty, top_k, top_p, ...) leaks into the sampling."""
-    before = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = before
 
 
 def fully_trained(cfg) -> set[str]:
@@ -103,68 +81,80 @@ class G4URecipe:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from uae.models.uae import UAE
-
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
         precision = precision_policy(cfg.mixed_precision)
-        self.model = UAE.from_pretrained(cfg.checkpoint, device=acc.device, dtype=precision.frozen)
-        self.paths = self.model.components
-        parts = configure(self.model, cfg)
+        parts = self._setup_uae(precision) if cfg.model == "uae" else self._setup_other(precision)
         self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         opt = make_optimizer(cfg, self.trainable)
         modules, self.optimizer = self.run.prepare(parts, opt)
-        self.run.prepare_evaluation(self.model, encoder_trains=True)
+        # UAE's evaluation regenerates with the benchmark's settings; another model with its reward's
+        # frozen generator (Janus: its LoRA off), as Unified-Bench would run it.
+        self.run.prepare_evaluation(self.model, encoder_trains=True,
+                                    reconstruct=None if cfg.model == "uae" else self.reconstruct)
         self.policy = modules["llm"]
 
+    def _setup_uae(self, precision) -> Parts:
+        """UAE: the checkpoint's encoder LoRA trains; the reward's images come from its decoder,
+        conditioned through the current LLM (or, frozen_embedding, the LoRA-free one)."""
+        from uae.models.uae import UAE
+
+        cfg = self.cfg
+        self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=precision.frozen)
+        self.paths = self.model.components
+        parts = configure(self.model, cfg)
+        self.captioner = uae_policy(self.model.encoder, cfg.temperature, cfg.max_new_tokens)
+        return parts
+
+    def _setup_other(self, precision) -> Parts:
+        """Janus or a transformers captioner (uae.unified's adapters): a new LoRA on its language
+        model trains; the reward's images come from its own frozen generator (Janus: the same
+        language model with the LoRA off); final/ holds the LoRA (`captioner_lora/`, PEFT's format)."""
+        from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+        from uae.unified.loading import load_model
+        from uae.unified.protocol import RunSettings
+
+        cfg = self.cfg
+        settings = RunSettings(device=str(self.acc.device), dtype=str(precision.frozen).removeprefix("torch."),
+                               caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
+                               temperature=cfg.temperature, steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                               height=cfg.resolution, width=cfg.resolution)
+        self.model = load_model(cfg.model, settings, checkpoint=cfg.checkpoint, captioner=cfg.captioner,
+                                generator=cfg.generator)
+        if cfg.model == "janus":
+            hf, inputs, sample_kwargs = self.model.model, self.model.inputs, {"generation_mode": "text"}
+        else:
+            if self.model.captioner is None:
+                raise UAEError("--model pipeline: --captioner is the model that trains: give it")
+            hf, inputs, sample_kwargs = self.model.captioner.model, self.model.captioner.inputs, {}
+        hf.requires_grad_(False)
+        lm = add_captioner_lora(hf, cfg)
+        processor = self.model.processor if cfg.model == "janus" else self.model.captioner.processor
+        self.captioner = CaptionPolicy(lm, hf, processor, inputs, cfg.temperature, cfg.max_new_tokens, sample_kwargs)
+        self.paths, self.linked_parts = None, ()
+        self.manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
+                         "generator": cfg.generator, "captioner_lora": "captioner_lora",
+                         "load_with": f"run_unibench.py --model {cfg.model} ... --captioner_lora <this folder>/captioner_lora"}
+        if cfg.gradient_checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm})
+
+    @torch.no_grad()
+    def reconstruct(self, texts: list[str], seeds: list[int]) -> list:
+        """The reward's images of `texts`, image i from seeds[i], by the frozen generator."""
+        cfg = self.cfg
+        if cfg.model == "uae":
+            with (self.model.encoder.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
+                return self.model.generate(texts, height=cfg.resolution, width=cfg.resolution,
+                                           num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                           seed=seeds, progress=False)
+        with (self.captioner.without_lora() if cfg.model == "janus" else contextlib.nullcontext()):
+            return self.model.generate(texts, seeds)
+
     # ------------------------------------------------------------------ rollouts
-    @property
-    def suppressed(self) -> list[int]:
-        """Vision placeholder tokens: a caption containing one would not re-encode with its image,
-        so they are excluded from the action space (in sampling and in the log-probabilities)."""
-        c = self.model.encoder.qwen.config
-        return [c.image_token_id, c.video_token_id, c.vision_start_token_id, c.vision_end_token_id]
-
-    def generation_config(self):
-        """Sampling with the temperature and the suppressed tokens only: every other processor off."""
-        from transformers import GenerationConfig
-
-        own = self.model.encoder.qwen.generation_config
-        return GenerationConfig(do_sample=True, temperature=self.cfg.temperature, top_k=0, top_p=1.0, min_p=None,
-                                typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
-                                max_new_tokens=self.cfg.max_new_tokens, suppress_tokens=self.suppressed,
-                                bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
-                                pad_token_id=own.pad_token_id)
-
-    def sample(self, batch, **kwargs):
-        """Sampled completions (B, T) of the caption prompts in `batch`, on-policy."""
-        config = self.generation_config()
-        with torch.no_grad(), only_this_generation_config(self.model.encoder.qwen, config):
-            return self.model.encoder.llm.generate(**batch, generation_config=config, **kwargs)
-
-    def token_logprobs(self, model, batch, completion, rows: slice | None = None) -> torch.Tensor:
-        """log p(completion token | prefix) under `model` with the sampling processors (temperature,
-        suppressed tokens), (B, T); `rows`: only these samples of the batch. The LM head runs on
-        the completion's positions only (`logits_to_keep`): the logits are samples x tokens x the
-        vocabulary (151,936 for Qwen2.5-VL), the largest activation of this stage."""
-        if rows is not None:
-            batch = {k: v[rows] if k != "pixel_values" else _pixel_rows(batch, rows) for k, v in batch.items()}
-            completion = completion[rows]
-        ids = torch.cat([batch["input_ids"], completion], dim=1)
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(completion)], dim=1)
-        extra = {}
-        if "mm_token_type_ids" in batch:  # where the image tokens are: M-RoPE positions depend on it
-            extra["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(completion)], dim=1)
-        t = completion.shape[1]
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
-                    image_grid_thw=batch["image_grid_thw"], logits_to_keep=t + 1, **extra)
-        logits = out.logits[:, :-1].float() / self.cfg.temperature
-        logits[..., self.suppressed] = float("-inf")
-        return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
-
     def decoder_seeds(self, it: int, share) -> list[int]:
         """The decoder's initial-noise seed of each of this process's captions: one per group by
         default (a group's captions are compared on the same noise, so the advantage reflects the
@@ -217,45 +207,37 @@ class G4URecipe:
     def rollout(self, it: int, share) -> "Rollout":
         """This process's captions of the iteration: sampled, cut after the first end-of-sequence
         token, and (when an optimizer step will not be the first after them) their log-probs."""
-        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
+        cfg, acc, cap = self.cfg, self.acc, self.captioner
         mine = share.samples
         self.policy.eval()
-        batch = enc.caption_inputs([self.refs[p].image for p in mine])
+        batch = cap.prompt_inputs([self.refs[p].image for p in mine])
         torch.manual_seed(generator_for(cfg.seed, it * acc.num_processes + acc.process_index).initial_seed())
-        out = self.sample(batch)
+        out = cap.sample(batch)
         completion = out[:, batch["input_ids"].shape[1]:]
-        eos = enc.qwen.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, list) else [eos])
         is_eos = torch.zeros_like(completion, dtype=torch.bool)
-        for e in eos:
+        for e in cap.eos_ids:
             is_eos |= completion == e
         # Tokens up to and including the first end-of-sequence token are the action; a caption
         # without one was cut at max_new_tokens.
         after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
         tok_mask = ~after
-        pad = enc.qwen.generation_config.pad_token_id
-        completion = completion.masked_fill(after, pad if pad is not None else 0)
-        # Unstripped, as the release turns a caption into a prompt.
-        texts = enc.processor.batch_decode(completion.masked_fill(~tok_mask, pad or 0), skip_special_tokens=True)
+        completion = completion.masked_fill(after, cap.pad_id)
+        texts = cap.decode(completion)
         rows = self.micro_batches(len(mine))
         old_lp = None
         if cfg.inner_epochs > 1:
             # With one optimizer step per rollout batch the policy has not moved when it is taken:
             # the old log-probs are the current ones, detached (TRL's shortcut; one forward saved).
             with torch.no_grad():
-                old_lp = torch.cat([self.token_logprobs(self.policy, batch, completion, r) for r in rows])
+                old_lp = torch.cat([cap.token_logprobs(self.policy, batch, completion, r) for r in rows])
         return Rollout(batch, completion, tok_mask, ~is_eos.any(1), texts, rows, old_lp)
 
     def score_rollout(self, it: int, share, roll: "Rollout"):
         """Rewards of this process's captions (their images by the frozen decoder), every process's
         rewards, and the advantages of every sample of the iteration."""
-        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
+        cfg, acc = self.cfg, self.acc
         mine = share.samples
-        seeds = self.decoder_seeds(it, share)
-        gen = dict(height=cfg.resolution, width=cfg.resolution, num_inference_steps=cfg.num_steps,
-                   guidance_scale=cfg.guidance_scale, seed=seeds, progress=False)
-        with torch.no_grad(), (enc.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
-            roll.images = self.model.generate(roll.texts, **gen)
+        roll.images = self.reconstruct(roll.texts, self.decoder_seeds(it, share))
         scores = score(self.reward, roll.images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine],
                        roll.texts)
         # TRL's statistics: the std with Bessel's correction (its nanstd), no clipping by default.
@@ -268,7 +250,7 @@ class G4URecipe:
         As TRL: every completion token counts, those of zero-variance groups too (their advantage
         is 0; the KL still acts on them); with `mask_truncated_completions`, captions cut at
         max_new_tokens are left out."""
-        cfg, acc, enc = self.cfg, self.acc, self.model.encoder
+        cfg, acc, cap = self.cfg, self.acc, self.captioner
         self.policy.train()
         mask = roll.token_mask & ~roll.truncated[:, None] if cfg.mask_truncated_completions else roll.token_mask
         tokens = acc.gather(mask.sum()[None].float()).sum().item()
@@ -284,13 +266,13 @@ class G4URecipe:
                     with torch.no_grad():
                         if self.reference is not None:  # the LoRA the stage started from
                             with self.reference.active():
-                                ref = self.token_logprobs(enc.llm, roll.batch, roll.completion, r)
+                                ref = cap.token_logprobs(cap.lm, roll.batch, roll.completion, r)
                         else:
-                            with enc.llm.disable_adapter():
-                                ref = self.token_logprobs(enc.llm, roll.batch, roll.completion, r)
+                            with cap.without_lora():
+                                ref = cap.token_logprobs(cap.lm, roll.batch, roll.completion, r)
                 sync = acc.no_sync(self.policy) if c < len(roll.rows) - 1 else contextlib.nullcontext()
                 with sync:  # one gradient all-reduce per optimizer step
-                    lp = self.token_logprobs(self.policy, roll.batch, roll.completion, r)
+                    lp = cap.token_logprobs(self.policy, roll.batch, roll.completion, r)
                     old = lp.detach() if roll.old_log_probs is None else roll.old_log_probs[r]
                     per, _ = clipped_surrogate(lp, old, adv[r][:, None], cfg.clip_range)
                     kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
@@ -338,7 +320,11 @@ class G4URecipe:
         run_page(self.run.out)
 
     def write_trained(self, final) -> None:
-        """The trained LLM LoRA as the release stores it (three shards)."""
+        """UAE: the trained LLM LoRA as the release stores it (three shards); another model: its
+        captioner's LoRA in PEFT's format (`captioner_lora/`, what --captioner_lora loads)."""
+        if self.cfg.model != "uae":
+            self.acc.unwrap_model(self.policy).save_pretrained(str(final / "captioner_lora"))
+            return
         from uae.checkpoints import save_official_llm_lora
 
         save_official_llm_lora(self.model.encoder, final / "llm_lora")

@@ -264,6 +264,22 @@ class G4UConfig(GroupConfig):
     decoder_noise: str = field("group", choices=("group", "sample"),
                                help="the decoder's initial noise: one per group (the captions of a group are compared "
                                     "on the same noise) or one per caption")
+    model: str = field("uae", choices=("uae", "janus", "pipeline"),
+                       help="whose captioner trains: uae (the checkpoint's encoder LoRA; images through its own "
+                            "decoder), janus (--checkpoint: Janus / Janus-Pro; a new LoRA on its language model, images "
+                            "by its own generation with the LoRA off), pipeline (--captioner: any transformers "
+                            "image-text-to-text model, a new LoRA on its language model; --generator: any diffusers "
+                            "text-to-image pipeline): the paper's '+ Ours' rows")
+    captioner: str | None = field(None, help="--model pipeline: the captioner that trains (hub id, folder or tiny)")
+    generator: str | None = field(None, help="--model pipeline: the frozen text-to-image pipeline of the reward (hub "
+                                             "id, folder or tiny)")
+    captioner_lora_rank: int = field(16, min=1, help="--model janus / pipeline: rank of the new LoRA")
+    captioner_lora_alpha: float = field(32.0, min=0, help="--model janus / pipeline: alpha of the new LoRA")
+    captioner_lora_targets: str = field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                                        help="--model janus / pipeline: the modules the new LoRA wraps (a regex on module "
+                                             "names: the language model's attention and MLP; the vision tower, the "
+                                             "aligners and Janus's image head stay frozen; add |lm_head for the output "
+                                             "layer)")
     loss_type: str = field("dapo", choices=LOSS_TYPES,
                            help="how token losses are summed into the loss, TRL's normalisers: dapo (over every "
                                 "completion token of the iteration, on all processes: TRL's default), bnpo (over the "
@@ -272,6 +288,10 @@ class G4UConfig(GroupConfig):
     mask_truncated_completions: bool = field(False, help="leave captions cut at max_new_tokens (no end-of-sequence "
                                                          "token) out of the loss (DAPO; TRL's option)")
     adv_clip: float = field(0.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping, as TRL)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_g4u_model(self)
 
 
 @dataclass
@@ -334,6 +354,13 @@ class U4GConfig(GroupConfig):
                 raise UAEError(f"{setting} reaches the last step ({self.num_steps - 1}), where the cps step has no "
                                f"noise (sigma_next = 0): end the window at {self.num_steps - 1} or earlier, or use "
                                "--sde_kind sde")
+
+
+def _check_g4u_model(cfg: "G4UConfig") -> None:
+    if cfg.model == "pipeline" and not (cfg.captioner and cfg.generator):
+        raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
+    if cfg.model != "pipeline" and (cfg.captioner or cfg.generator):
+        raise UAEError(f"--captioner / --generator are --model pipeline's; --model {cfg.model} uses --checkpoint")
 
 
 STAGE_CONFIGS: dict[str, type[GRPOConfig]] = {"cold_start": ColdStartConfig, "g4u": G4UConfig, "u4g": U4GConfig}

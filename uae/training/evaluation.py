@@ -36,6 +36,7 @@ class HeldOut:
         self.refs = load_references(cfg.eval_data, "--eval_data")
         self.mine = list(range(len(self.refs)))[acc.process_index::acc.num_processes]
         self.model = None
+        self.reconstruct = None
         self.encoder_trains = True
         self.captions: dict[int, tuple[str, int]] | None = None   # reference -> (caption, tokens), while frozen
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -45,10 +46,12 @@ class HeldOut:
                     cfg.eval_steps)
 
     # ------------------------------------------------------------------ set-up, by the recipe
-    def prepare(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
-        """The model to evaluate (the recipe's own objects, trained in place). `cache_conditioning`:
+    def prepare(self, model, *, encoder_trains: bool, cache_conditioning: bool = False, reconstruct=None) -> None:
+        """The model to evaluate (the recipe's own objects, trained in place): a UAE, or any
+        uae.unified model (its own caption() and, through `reconstruct(texts, seeds)` if given, the
+        generator the recipe's reward uses, at that generator's settings). `cache_conditioning`:
         caption and embed the references now, before the recipe frees the encoder."""
-        self.model, self.encoder_trains = model, encoder_trains
+        self.model, self.encoder_trains, self.reconstruct = model, encoder_trains, reconstruct
         if cache_conditioning:
             with torch.no_grad():
                 self.captions = self._caption()
@@ -62,12 +65,18 @@ class HeldOut:
     def _caption(self) -> dict[int, tuple[str, int]]:
         from uae.models.uae import RELEASE_SEED
 
-        enc = self.model.encoder
-        out = {}
+        model, out = self.model, {}
+        uae = hasattr(model, "encoder")
+        processor = model.encoder.processor if uae else \
+            getattr(model, "processor", None) or getattr(getattr(model, "captioner", None), "processor", None)
         for i in self.mine:
-            [caption] = self.model.caption([self.refs[i].image], seed=[RELEASE_SEED],
-                                           max_new_tokens=self.cfg.eval_max_new_tokens)
-            out[i] = (caption, len(enc.processor.tokenizer(caption)["input_ids"]))
+            if uae:
+                [caption] = model.caption([self.refs[i].image], seed=[RELEASE_SEED],
+                                          max_new_tokens=self.cfg.eval_max_new_tokens)
+            else:  # a uae.unified model: its own caption settings
+                [caption] = model.caption([self.refs[i].image], [RELEASE_SEED])
+            tokens = len(processor.tokenizer(caption)["input_ids"]) if processor is not None else len(caption.split())
+            out[i] = (caption, tokens)
         return out
 
     def _scorers(self) -> dict:
@@ -107,6 +116,8 @@ class HeldOut:
         for i in self.mine:
             if self.pairs is not None:
                 [image] = model.generate_from_conditioning([self.pairs[i]], **gen)
+            elif self.reconstruct is not None:
+                [image] = self.reconstruct([captions[i][0]], [RELEASE_SEED])
             else:
                 [image] = model.generate([captions[i][0]], **gen)
             feats = {n: s.encode_images([image])[0] for n, s in self._scorers().items()}

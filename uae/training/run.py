@@ -108,8 +108,18 @@ def resolve_names(cfg):
     from uae.random_weights import resolve_checkpoint
     from uae.scoring.scorers import resolve_scorer_weights
 
-    return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
-                               checkpoint=resolve_checkpoint(cfg.checkpoint))
+    model = getattr(cfg, "model", "uae")  # stage 2 may train another model's captioner
+    if model == "uae":
+        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
+                                   checkpoint=resolve_checkpoint(cfg.checkpoint))
+    from uae.random_weights.unified import resolve
+
+    sources = [cfg.checkpoint] if model == "janus" else [cfg.captioner, cfg.generator]
+    weights = resolve_scorer_weights(cfg.scorer_weights, "tiny" if "tiny" in sources else None)
+    if model == "janus":
+        return dataclasses.replace(cfg, scorer_weights=weights, checkpoint=resolve(cfg.checkpoint, "janus"))
+    return dataclasses.replace(cfg, scorer_weights=weights, captioner=resolve(cfg.captioner, "captioner"),
+                               generator=resolve(cfg.generator, "generator"))
 
 
 class Run:
@@ -206,12 +216,14 @@ class Run:
             self.ema.restore(self.trainable)
 
     # ------------------------------------------------------------------ held-out evaluation
-    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
+    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False,
+                           reconstruct=None) -> None:
         """The recipe's model for the held-out evaluation (uae.training.evaluation.HeldOut.prepare);
         every recipe calls it in `setup`, a no-op without --eval_steps."""
         self._evaluation_prepared = True
         if self.held_out is not None:
-            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning)
+            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning,
+                                  reconstruct=reconstruct)
 
     def _eval_due(self, step: int, total: int) -> bool:
         return self.held_out is not None and self.held_out.due(step, total)

@@ -1,0 +1,306 @@
+"""Random-weight models of the field's libraries for Unified-Bench's other models under test, each
+built offline in seconds (tests, and `tiny` for the runner's --checkpoint / --captioner /
+--generator):
+
+    build_janus(out)        a Janus / Janus-Pro checkpoint as transformers' converter writes one
+                            (JanusForConditionalGeneration + JanusProcessor with the converted
+                            checkpoints' chat template; 32x32 images of 16 tokens)
+    build_captioner(out)    an image-text-to-text model: the tiny preset's Qwen2.5-VL, saved with
+                            save_pretrained (current key names) beside its processor
+    build_generator(out)    a diffusers StableDiffusion3Pipeline saved whole (DiT, VAE, scheduler,
+                            CLIP-L / CLIP-G text encoders and tokenizers; no T5, recorded as null in
+                            model_index.json)
+
+`embedded(kind)` builds each once into the cache folder, keyed by the content of its specs, as the
+embedded `tiny` UAE checkpoint is (uae.random_weights.embedded). Two builds from the same seed are
+identical."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("janus", "captioner", "generator")
+
+# The converted Janus checkpoints' chat template (transformers' convert_janus_weights_to_hf.py,
+# CHAT_TEMPLATE): "<|User|>: ...\n\n<|Assistant|>:", images as <image_placeholder>, text items
+# stripped at the ends of a turn. Real checkpoints ship their own.
+JANUS_CHAT_TEMPLATE = (
+    "{%set seps=['\n\n','<\uff5cend\u2581of\u2581sentence\uff5c>']%}"
+    "{%set i=0%}"
+    "{%for message in messages%}"
+    "{%if message['role']|lower=='user'%}"
+    "<|User|>: "
+    "{%elif message['role']|lower=='assistant'%}"
+    "<|Assistant|>:{%if not (loop.last and not add_generation_prompt and message['content'][0]['type']=='text' "
+    "and message['content'][0]['text']=='')%} {%endif%}"
+    "{%else%}"
+    "{{message['role'].capitalize()}}: "
+    "{%endif%}"
+    "{%for content in message['content']%}"
+    "{%if content['type']=='image'%}"
+    "{%if not loop.first%}{{'\n'}}{%endif%}"
+    "<image_placeholder>"
+    "{%if not loop.last%}{{'\n'}}{%endif%}"
+    "{%elif content['type']=='text'%}"
+    "{%set text=content['text']%}"
+    "{%if loop.first%}{%set text=text.lstrip()%}{%endif%}"
+    "{%if loop.last%}{%set text=text.rstrip()%}{%endif%}"
+    "{%if not loop.first and message['content'][loop.index0-1]['type']=='text'%}"
+    "{{' '+text}}"
+    "{%else%}"
+    "{{text}}"
+    "{%endif%}"
+    "{%endif%}"
+    "{%endfor%}"
+    "{%if not loop.last or add_generation_prompt%}"
+    "{%if message['role']|lower=='user'%}"
+    "{{seps[0]}}"
+    "{%else%}"
+    "{{seps[1]}}"
+    "{%endif%}"
+    "{%endif%}"
+    "{%endfor%}"
+    "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
+)
+
+# DeepSeek's special tokens as the converted Janus tokenizer names them.
+JANUS_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
+JANUS_EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+JANUS_PAD = "<\uff5c\u2581pad\u2581\uff5c>"
+JANUS_IMAGE_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
+                      "eoi_token": "<end_of_image>"}
+
+# Sizes. Janus: vision image_size / patch_size = 4 patches a side = 16 image tokens (understanding
+# and generation alike); the VQ decoder upsamples 4 -> 32 pixels (channel_multiplier of four levels);
+# base_channels 32 because its GroupNorms have 32 groups. Widths that must agree: the aligners'
+# projection_dim and image_token_embed_dim equal the text model's hidden_size.
+TINY_JANUS: dict[str, Any] = {
+    "vocab_size": 400,
+    "text_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 4096},
+    "vision_config": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32,
+                      "patch_size": 8, "mlp_ratio": 2.0, "projection_dim": 32, "num_image_tokens": 16, "depth": 2},
+    "vq_config": {"embed_dim": 8, "num_embeddings": 64, "latent_channels": 8, "base_channels": 32,
+                  "channel_multiplier": [1, 1, 1, 1], "num_res_blocks": 1, "projection_dim": 32,
+                  "image_token_embed_dim": 32, "num_hidden_layers": 2},
+    # Janus-Pro's preprocessor: mean = std = 0.5 (the decoder's output in [-1, 1] maps to [0, 255]).
+    "image_processor": {"size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.5, 0.5],
+                        "image_std": [0.5, 0.5, 0.5]},
+    # The converter's generation_config.json: image tokens at temperature 1, guidance 5.
+    "generation": {"temperature": 1.0, "guidance_scale": 5},
+    # An untied output layer with logits of a trained model's scale (as configs/models/tiny.yaml's
+    # LLM): at the default init the text logits are near zero, the caption distribution almost
+    # uniform and almost insensitive to a LoRA, so no reward could be learned in a test.
+    "output_embedding_std": 0.125,
+}
+
+# Caption-like text for the offline byte-level BPE.
+CORPUS = [
+    "a photo of a red cube on a wooden table in a bright room with white walls",
+    "a serene mountain landscape with snow-capped peaks reflecting in a crystal clear lake",
+    "a cat sitting on a window sill looking outside at the rain, soft natural light",
+    "an astronaut in a white space suit standing in front of a flag",
+    "a cup of coffee with latte art on a saucer, top view, dark background",
+    "the image shows a rocket on a launch pad under a blue sky with some clouds",
+    "text on the sign reads \"open\" in bold black letters on a yellow background",
+    "you are an expert vision-language model. given an input image, generate a textual description",
+]
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _written(out: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` into a temporary sibling of `out`, renamed at the end (a folder that exists is
+    complete)."""
+    out = Path(out)
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _readme(folder: Path, what: str, seed: int) -> None:
+    text = (f"Random-weight {what} built offline by uae.random_weights.unified (seed {seed}). The weights are "
+            "random: captions are gibberish and images are noise.\n")
+    (folder / "README.md").write_text(text)
+
+
+# ---------------------------------------------------------------------------- Janus
+
+def build_janus_tokenizer(vocab_size: int = TINY_JANUS["vocab_size"]):
+    """Byte-level BPE trained offline on CORPUS, with DeepSeek's special tokens and the image tokens
+    that JanusProcessor reads from the tokenizer (image_token, boi_token, eoi_token)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [JANUS_BOS, JANUS_EOS, JANUS_PAD, *JANUS_IMAGE_TOKENS.values(), "<|User|>", "<|Assistant|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=JANUS_BOS, eos_token=JANUS_EOS, pad_token=JANUS_PAD,
+                                   additional_special_tokens=["<|User|>", "<|Assistant|>"],
+                                   extra_special_tokens=dict(JANUS_IMAGE_TOKENS))
+
+
+def build_janus(out: str | os.PathLike, seed: int = 0, spec: dict | None = None, overwrite: bool = False) -> Path:
+    """A random Janus checkpoint folder loadable with JanusForConditionalGeneration / AutoProcessor,
+    laid out as transformers' converter writes the Janus-Pro ones (config.json, generation_config.json
+    with temperature 1, guidance 5 and boi_token_id, processor with use_default_system_prompt)."""
+    spec = copy.deepcopy(spec or TINY_JANUS)
+
+    def write(tmp: Path) -> None:
+        import torch
+        from transformers import (GenerationConfig, JanusConfig, JanusForConditionalGeneration,
+                                  JanusImageProcessor, JanusProcessor)
+
+        tok = build_janus_tokenizer(spec["vocab_size"])
+        ids = {t: tok.convert_tokens_to_ids(t) for t in (JANUS_BOS, JANUS_EOS, JANUS_PAD, *JANUS_IMAGE_TOKENS.values())}
+        text = dict(spec["text_config"], vocab_size=len(tok), bos_token_id=ids[JANUS_BOS],
+                    eos_token_id=ids[JANUS_EOS], pad_token_id=ids[JANUS_PAD])
+        vis = spec["vision_config"]
+        if (vis["image_size"] // vis["patch_size"]) ** 2 != vis["num_image_tokens"]:
+            raise ValueError("vision_config: (image_size / patch_size)^2 must equal num_image_tokens")
+        std = spec.get("output_embedding_std")
+        config = JanusConfig(text_config=text, vision_config=vis, vq_config=spec["vq_config"],
+                             image_token_id=ids["<image_placeholder>"], tie_word_embeddings=not std)
+        _seed(seed)
+        model = JanusForConditionalGeneration(config).eval()
+        if std:
+            out_emb = model.get_output_embeddings().weight
+            with torch.no_grad():
+                out_emb.copy_(torch.randn(out_emb.shape, generator=torch.Generator().manual_seed(seed + 11)) * std)
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids[JANUS_BOS], eos_token_id=ids[JANUS_EOS], pad_token_id=ids[JANUS_PAD],
+            boi_token_id=ids["<begin_of_image>"], **spec["generation"])
+        model.save_pretrained(tmp)
+        processor = JanusProcessor(image_processor=JanusImageProcessor(**spec["image_processor"]), tokenizer=tok,
+                                   chat_template=JANUS_CHAT_TEMPLATE, use_default_system_prompt=True,
+                                   num_image_tokens=vis["num_image_tokens"])
+        processor.save_pretrained(tmp)
+        _readme(tmp, "Janus checkpoint (transformers' converted layout)", seed)
+
+    return _written(out, overwrite, write)
+
+
+# ---------------------------------------------------------------------------- captioner
+
+def build_captioner(out: str | os.PathLike, seed: int = 0, preset: str = "tiny", overwrite: bool = False) -> Path:
+    """A random Qwen2.5-VL image-text-to-text model (the preset's LLM, without UAE's projector or
+    LoRA) saved with save_pretrained beside its processor: what `AutoModelForImageTextToText` /
+    `AutoProcessor` load from a hub id such as Qwen/Qwen2.5-VL-7B-Instruct."""
+    from uae.random_weights.checkpoint import build_llm, build_processor, load_preset
+
+    cfg = load_preset(preset)
+
+    def write(tmp: Path) -> None:
+        processor = build_processor(cfg)
+        model, _ = build_llm(cfg, processor.tokenizer, seed)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        _readme(tmp, f"Qwen2.5-VL captioner (preset {preset!r})", seed)
+
+    return _written(out, overwrite, write)
+
+
+# ---------------------------------------------------------------------------- generator
+
+def generator_preset(preset: str = "tiny") -> dict:
+    """The preset with the DiT widened to what a standalone SD3 pipeline feeds it: its prompt
+    embeddings are the CLIP-L and CLIP-G hidden states side by side (zero-padded to T5's width, or
+    to joint_attention_dim without T5), so joint_attention_dim must be at least the sum of the two
+    CLIP widths; the pooled vector is their two projections side by side. (UAE's own DiT takes its
+    projector's output instead.)"""
+    from uae.random_weights.checkpoint import load_preset
+
+    cfg = copy.deepcopy(load_preset(preset))
+    clip = cfg["text_encoder"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"]
+    cfg["dit"]["joint_attention_dim"] = clip
+    pooled = cfg["text_encoder"]["projection_dim"] + cfg["text_encoder_2"]["projection_dim"]
+    cfg["dit"]["pooled_projection_dim"] = pooled
+    return cfg
+
+
+def build_generator(out: str | os.PathLike, seed: int = 0, preset: str = "tiny", overwrite: bool = False) -> Path:
+    """A random StableDiffusion3Pipeline folder (what AutoPipelineForText2Image loads from a hub id
+    such as stabilityai/stable-diffusion-3.5-large), without T5: model_index.json records
+    text_encoder_3 / tokenizer_3 as null."""
+    cfg = generator_preset(preset)
+
+    def write(tmp: Path) -> None:
+        from diffusers import StableDiffusion3Pipeline
+
+        from uae.random_weights.checkpoint import build_dit, build_sd3_parts
+
+        pipe = StableDiffusion3Pipeline(transformer=build_dit(cfg, seed), text_encoder_3=None, tokenizer_3=None,
+                                        **build_sd3_parts(cfg, seed + 1))
+        pipe.save_pretrained(tmp)
+        _readme(tmp, f"StableDiffusion3Pipeline (preset {preset!r}, no T5)", seed)
+
+    return _written(out, overwrite, write)
+
+
+BUILDERS: dict[str, Callable[..., Path]] = {"janus": build_janus, "captioner": build_captioner,
+                                             "generator": build_generator}
+
+
+def _spec_key(kind: str) -> str:
+    from uae.hashing import content_key
+    from uae.random_weights.checkpoint import preset_key
+
+    spec = TINY_JANUS if kind == "janus" else {"preset": preset_key("tiny"), "kind": kind}
+    return content_key(json.dumps([spec, JANUS_CHAT_TEMPLATE if kind == "janus" else ""], sort_keys=True).encode())[:10]
+
+
+def embedded(kind: str) -> Path:
+    """The cached tiny model of `kind` (janus, captioner, generator), built on first use."""
+    import uae
+    from uae.files import build_once
+    from uae.paths import cache_dir
+
+    if kind not in BUILDERS:
+        raise ValueError(f"kind {kind!r}: choose from {KINDS}")
+    path = cache_dir() / f"tiny-{kind}-v{uae.__version__}-{_spec_key(kind)}"
+    if not path.exists():
+        logger.info("building the embedded tiny %s in %s (seconds, offline)", kind, path)
+    return build_once(path, lambda p: BUILDERS[kind](p, seed=0))
+
+
+def resolve(name: str | None, kind: str) -> str | None:
+    """`tiny`: the embedded random model of `kind` (with a warning: its output is noise); anything
+    else (a folder, a hub id, None) unchanged."""
+    if name != "tiny":
+        return name
+    path = str(embedded(kind))
+    logger.warning("using the embedded tiny %s %s: its weights are RANDOM, captions are gibberish and images are "
+                   "noise", kind, path)
+    return path

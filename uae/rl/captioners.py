@@ -1,0 +1,141 @@
+"""The understanding side that stage 2 (g4u) trains, whatever the model: a vision-language model
+with a LoRA on its language model, prompted with the caption instruction and an image.
+
+`CaptionPolicy` holds what the GRPO loop needs of it: the prompt inputs of a batch of images, on-
+policy sampling (an explicit generation config whose only processors are the temperature and the
+suppressed vision tokens, exactly what the log-probabilities are recomputed with: a checkpoint's
+generation_config.json may set repetition_penalty, top_k or top_p, which would make the rollouts
+come from another distribution than the one the ratio assumes), per-token log-probabilities under
+any weights of the model, the end-of-sequence and pad ids, and decoding. UAE's encoder builds its
+prompts as the release does (`UAEEncoder.caption_inputs`); Janus and any transformers
+image-text-to-text model through their adapters' chat templates (uae.unified), with a new LoRA on
+the language model (`add_captioner_lora`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+# Config attributes naming the vision placeholder tokens of the models we know (Qwen2.5-VL: image,
+# video, vision start/end; Janus: image). A caption holding one would not re-encode with its image.
+VISION_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                           "vision_end_token_id")
+
+
+@contextlib.contextmanager
+def only_this_generation_config(model, config):
+    """generate() fills what a given config leaves unset from the model's own generation_config
+    (transformers 5): for the duration of the block the model's is `config` itself, so nothing of
+    the checkpoint's file (repetition_penalty, top_k, top_p, ...) leaks into the sampling."""
+    before = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = before
+
+
+def _pixel_rows(batch, rows: slice) -> torch.Tensor:
+    """Qwen2-VL-style processors flatten every image's patches into one pixel_values tensor: the
+    rows of images `rows` are the patches counted by their image_grid_thw."""
+    counts = batch["image_grid_thw"].prod(-1).tolist()
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    return batch["pixel_values"][starts[rows.start]:starts[rows.stop]]
+
+
+class CaptionPolicy:
+    def __init__(self, lm, base_model, processor, prompt_inputs: Callable[[Sequence], dict], temperature: float,
+                 max_new_tokens: int, sample_kwargs: dict | None = None):
+        """`lm`: the model whose LoRA trains (PEFT-wrapped); `base_model`: the transformers model
+        inside (its config and generation_config); `prompt_inputs(images)`: the processor outputs
+        of [caption instruction, image] for each image, left-padded, on the model's device;
+        `sample_kwargs`: what the model's generate() needs besides (Janus: generation_mode)."""
+        self.lm, self.base, self.processor = lm, base_model, processor
+        self.prompt_inputs, self.temperature, self.max_new_tokens = prompt_inputs, temperature, max_new_tokens
+        self.sample_kwargs = sample_kwargs or {}
+        config = base_model.config
+        ids = [getattr(config, a, None) for a in VISION_TOKEN_ATTRIBUTES]
+        self.suppressed = sorted({i for i in ids if isinstance(i, int)})
+        own = base_model.generation_config
+        eos = own.eos_token_id if own.eos_token_id is not None else processor.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        pad = own.pad_token_id if own.pad_token_id is not None else processor.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else 0
+        self.bos_id = own.bos_token_id
+
+    def generation_config(self):
+        """Sampling with the temperature and the suppressed tokens only: every other processor off."""
+        from transformers import GenerationConfig
+
+        return GenerationConfig(do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0, min_p=None,
+                                typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                max_new_tokens=self.max_new_tokens, suppress_tokens=self.suppressed,
+                                bos_token_id=self.bos_id, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+
+    def sample(self, batch, **kwargs):
+        """Sampled completions (B, T) of the prompts in `batch`, on-policy."""
+        config = self.generation_config()
+        with torch.no_grad(), only_this_generation_config(self.base, config):
+            return self.lm.generate(**batch, generation_config=config, **self.sample_kwargs, **kwargs)
+
+    def token_logprobs(self, model, batch, completion, rows: slice | None = None) -> torch.Tensor:
+        """log p(completion token | prefix) under `model` with the sampling processors (temperature,
+        suppressed tokens), (B, T); `rows`: only these samples of the batch. The LM head runs on
+        the completion's positions only (`logits_to_keep`): the logits are samples x tokens x the
+        vocabulary, the largest activation of this stage. Inputs aligned with the tokens (e.g.
+        Qwen2.5-VL's mm_token_type_ids, which place its M-RoPE positions) are extended over the
+        completion with zeros (text); the others (pixels, grids) are passed as they are."""
+        n = batch["input_ids"].shape[0]
+        if rows is not None:
+            batch = {k: (_pixel_rows(batch, rows) if k == "pixel_values" and "image_grid_thw" in batch else
+                         v[rows] if torch.is_tensor(v) and v.shape[:1] == (n,) else v) for k, v in batch.items()}
+            completion = completion[rows]
+        ids = torch.cat([batch["input_ids"], completion], dim=1)
+        extra = {}
+        for k, v in batch.items():
+            if k == "input_ids":
+                continue
+            aligned = torch.is_tensor(v) and v.shape[:2] == batch["input_ids"].shape
+            fill = torch.ones_like(completion) if k == "attention_mask" else torch.zeros_like(completion)
+            extra[k] = torch.cat([v, fill.to(v.dtype)], dim=1) if aligned else v
+        t = completion.shape[1]
+        out = model(input_ids=ids, logits_to_keep=t + 1, **extra)
+        logits = out.logits[:, :-1].float() / self.temperature
+        logits[..., self.suppressed] = float("-inf")
+        return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
+
+    def decode(self, completion: torch.Tensor) -> list[str]:
+        """The captions, unstripped (the release turns a caption into a prompt as it is)."""
+        return self.processor.batch_decode(completion, skip_special_tokens=True)
+
+    def without_lora(self):
+        """The model without its LoRA (the KL reference `base`)."""
+        return self.lm.disable_adapter()
+
+
+def uae_policy(encoder, temperature: float, max_new_tokens: int) -> CaptionPolicy:
+    """UAE's encoder: the release's prompt (instruction, then the image through qwen_vl_utils)."""
+    return CaptionPolicy(encoder.llm, encoder.qwen, encoder.processor, encoder.caption_inputs, temperature,
+                         max_new_tokens)
+
+
+def add_captioner_lora(model, cfg):
+    """A new LoRA (PEFT) on the language model of a transformers vision-language model: rank,
+    alpha and target modules from the config (a regex on module names: the language model's
+    attention by default, so the vision tower stays frozen); B starts at zero, so the model starts
+    as it was. Returns the PEFT model."""
+    from peft import LoraConfig, get_peft_model
+
+    from uae.errors import UAEError
+
+    config = LoraConfig(r=cfg.captioner_lora_rank, lora_alpha=cfg.captioner_lora_alpha,
+                        target_modules=cfg.captioner_lora_targets, lora_dropout=0.0)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise UAEError(f"--captioner_lora_targets {cfg.captioner_lora_targets}: {e}") from None

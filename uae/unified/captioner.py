@@ -1,0 +1,71 @@
+"""Any transformers image-text-to-text model as a captioner (`AutoModelForImageTextToText` +
+`AutoProcessor`, e.g. Qwen/Qwen2.5-VL-7B-Instruct): the captioning side of `--model pipeline`
+and of `--model uae --captioner ID` (the paper's Tab. 3 captioner swap).
+
+A caption is prompted as UAE's release prompts its own: one user turn holding the release's
+caption instruction, then the image, through the checkpoint's own chat template and processor.
+It is sampled at the run's temperature (top_k / top_p / repetition_penalty from the checkpoint's
+generation_config.json unless given), decoded without the prompt and with special tokens skipped,
+and returned unstripped. Each image is captioned alone after torch.manual_seed(its seed): a
+caption depends neither on its batch-mates nor on the number of processes. With
+caption_batching, a batch is one left-padded generate() call seeded with its first seed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+
+from uae.errors import UAEError
+from uae.unified.common import (caption_images, caption_sampling, load_config, load_pretrained, short_name,
+                              to_device, torch_dtype)
+
+logger = logging.getLogger(__name__)
+
+
+class TransformersCaptioner:
+    """image -> caption with a transformers image-text-to-text model."""
+
+    def __init__(self, source: str, settings, *, setting: str = "--captioner", label: str | None = None):
+        from transformers import AutoModelForImageTextToText
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
+
+        config = load_config(source, setting, "an image-text-to-text model (AutoModelForImageTextToText)")
+        if type(config) not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING:
+            raise UAEError(f"{setting} {source} holds a {config.model_type!r} model, not an image-text-to-text "
+                           "model (transformers' AutoModelForImageTextToText: Qwen2.5-VL, LLaVA, Gemma 3, ...)")
+        self.source, self.settings = source, settings
+        self.name = label or short_name(source)
+        self.dtype = torch_dtype(settings)
+        self.processor, self.model = load_pretrained(AutoModelForImageTextToText, source, setting, "the model",
+                                                     self.dtype)
+        self.model.to(settings.device).eval()
+        if getattr(self.processor, "chat_template", None) is None:
+            raise UAEError(f"{setting} {source}: the processor has no chat template to put the caption instruction "
+                           "and the image in")
+        self.sampling, self.effective = caption_sampling(settings, self.model.generation_config)
+
+    def messages(self) -> list[dict]:
+        """The release's order: the instruction, then the image, in one user turn."""
+        return [{"role": "user", "content": [{"type": "text", "text": self.settings.caption_instruction},
+                                             {"type": "image"}]}]
+
+    def prompt(self) -> str:
+        return self.processor.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=False)
+
+    def inputs(self, images: Sequence):
+        text = [self.prompt()] * len(images)
+        kwargs = {"padding": True, "padding_side": "left"} if len(images) > 1 else {}
+        batch = self.processor(text=text, images=list(images), return_tensors="pt", **kwargs)
+        return to_device(batch, self.model.device, self.dtype)
+
+    def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
+        return caption_images(self.model, self.processor, self.inputs, images, seeds, self.settings.caption_batching,
+                              **self.sampling)
+
+    def settings_dict(self) -> dict:
+        return {"captioner": self.source, "class": type(self.model).__name__, "dtype": str(self.dtype),
+                "instruction": self.settings.caption_instruction,
+                "prompt": "the checkpoint's chat template: one user turn [instruction, image], generation prompt",
+                "sampling": self.effective, "seeded": "torch.manual_seed(seed) before each image's generate()"
+                if not self.settings.caption_batching else "one generate() per batch, seeded with its first seed"}

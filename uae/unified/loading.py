@@ -1,0 +1,174 @@
+"""The model under test from the runner's settings (`--model`):
+
+    uae             uae.unified.uae_model.UAEModel(--checkpoint [, --captioner])
+    janus           uae.unified.janus.JanusAdapter(--checkpoint)
+    pipeline        uae.unified.pipeline.PipelineAdapter(--captioner, --generator, call kwargs --model_args);
+                    without --captioner, the captions come from --captions_from
+    module:Class    a user's class implementing uae.unified.UnifiedModel: `module` is an importable
+                    module (dotted name, on PYTHONPATH) or a path to a .py file; it is constructed as
+                    Class(**model_args), with settings=<RunSettings> added when its constructor has
+                    a parameter named `settings` (a function returning a model works the same way)
+
+`--model_args` is a mapping: inline JSON or YAML, or a path to a .json / .yaml file (or, in a
+--config YAML, a mapping under `model_args:`). Every source here is a folder or a hub id: the
+entry layer (uae.unibench) resolves the name `tiny` to the embedded random models first."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from uae.errors import UAEError
+from uae.unified.protocol import check_model
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("uae", "janus", "pipeline")
+MODEL_HELP = ("model under test: uae, janus, pipeline (--captioner + --generator), or module:Class (a class "
+              "implementing uae.unified.UnifiedModel; module: a dotted name or a .py path)")
+
+
+def model_kind(spec: str) -> str:
+    """"uae", "janus", "pipeline" or "module" (for module:Class), or a one-line error."""
+    if spec in KINDS:
+        return spec
+    module, _, name = str(spec).rpartition(":")
+    if module and name.isidentifier():
+        return "module"
+    raise UAEError(f"--model {spec}: choose uae, janus, pipeline, or module:Class (an importable module or a .py "
+                   "file, and the name of a class in it that implements uae.unified.UnifiedModel)")
+
+
+def read_model_args(value: Any) -> dict:
+    """The --model_args mapping from inline JSON / YAML, a .json / .yaml file, or a mapping."""
+    import yaml
+
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        out = value
+    else:
+        text, source = str(value), "--model_args"
+        path = Path(text)
+        if path.suffix.lower() in (".json", ".yaml", ".yml") and not text.lstrip().startswith("{"):
+            if not path.is_file():
+                raise UAEError(f"--model_args {text}: no such file")
+            text, source = path.read_text(encoding="utf-8"), f"--model_args {path}"
+        try:
+            out = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                out = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise UAEError(f"{source}: neither JSON nor YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(out, dict) or not all(isinstance(k, str) for k in out):
+        raise UAEError(f"--model_args: expected a mapping of name: value (JSON object or YAML mapping), got "
+                       f"{type(out).__name__}")
+    return dict(out)
+
+
+def import_class(spec: str, setting: str = "--model"):
+    """The object `module:Name` names: `module` a dotted module name or a path to a .py file."""
+    module_name, _, name = spec.rpartition(":")
+    path = Path(module_name)
+    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        if not path.is_file():
+            raise UAEError(f"{setting} {spec}: no such file {module_name}")
+        unique = f"uae_user_model_{abs(hash(str(path.resolve())))}"
+        module = sys.modules.get(unique)
+        if module is None:
+            loader_spec = importlib.util.spec_from_file_location(unique, path)
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[unique] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(unique, None)
+                raise
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name and not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # the module exists; something it imports is missing: the user's traceback
+            raise UAEError(f"{setting} {spec}: no module named {module_name!r} (put its folder on PYTHONPATH, or give "
+                           "the file: path/to/file.py:Class)") from None
+    obj = getattr(module, name, None)
+    if obj is None:
+        raise UAEError(f"{setting} {spec}: {module_name} has no {name!r}")
+    if not callable(obj):
+        raise UAEError(f"{setting} {spec}: {name} is a {type(obj).__name__}, not a class")
+    return obj
+
+
+def build_user_model(spec: str, settings, model_args: dict):
+    """Class(**model_args) [+ settings=...], checked against the protocol."""
+    cls = import_class(spec)
+    kwargs = dict(model_args)
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        sig = None
+    if sig is not None:
+        if "settings" in sig.parameters and "settings" not in kwargs:
+            kwargs["settings"] = settings
+        try:
+            sig.bind(**kwargs)
+        except TypeError as e:
+            raise UAEError(f"--model_args: {spec} cannot be constructed with {sorted(kwargs)} ({e})") from None
+    model = cls(**kwargs)
+    check_model(model, f"--model {spec}")
+    return model
+
+
+def load_model(spec: str, settings, *, checkpoint: str | None = None, captioner: str | None = None,
+               generator: str | None = None, model_args: Any = None, labels: dict[str, str] | None = None):
+    """The model under test, checked against the protocol. `labels`: report names for the
+    sources ("checkpoint", "captioner", "generator"), e.g. for resolved `tiny` folders."""
+    labels = labels or {}
+    kind = model_kind(spec)
+    if kind == "uae":
+        from uae.unified.uae_model import UAEModel
+
+        model = UAEModel(checkpoint, settings, captioner=captioner, captioner_label=labels.get("captioner"))
+    elif kind == "janus":
+        from uae.unified.janus import JanusAdapter
+
+        model = JanusAdapter(checkpoint, settings, label=labels.get("checkpoint"))
+    elif kind == "pipeline":
+        from uae.unified.pipeline import PipelineAdapter
+
+        if not generator:
+            raise UAEError("--model pipeline needs --generator (a diffusers text-to-image pipeline)")
+        model = PipelineAdapter(captioner or None, generator, settings, read_model_args(model_args),
+                                captioner_label=labels.get("captioner"), generator_label=labels.get("generator"))
+    else:
+        model = build_user_model(spec, settings, read_model_args(model_args))
+    check_model(model, f"--model {spec}")
+    return model
+
+
+def apply_captioner_lora(model, folder: str) -> None:
+    """A captioner LoRA from stage 2 (PEFT's folder format) onto the model under test's captioner:
+    Janus's language model (its image generation then runs with the LoRA off, as in training) or
+    a pipeline's transformers captioner. UAE keeps its LoRA in its checkpoint (--checkpoint
+    <run>/final)."""
+    from peft import PeftModel
+
+    if not (Path(folder) / "adapter_config.json").is_file():
+        raise UAEError(f"--captioner_lora {folder}: not a PEFT adapter folder (no adapter_config.json); give a stage-2 "
+                       "run's final/captioner_lora")
+    target = getattr(model, "captioner", None) if hasattr(model, "captioner") else model
+    if target is None or not hasattr(target, "model"):
+        raise UAEError(f"--captioner_lora: {type(model).__name__} has no transformers captioner to load it onto "
+                       "(--model janus or --model pipeline --captioner ...; a UAE run's LoRA is in its final/)")
+    try:
+        target.model = PeftModel.from_pretrained(target.model, folder).eval()
+    except Exception as e:
+        raise UAEError(f"--captioner_lora {folder} does not fit the captioner: {type(e).__name__}: {e}") from None

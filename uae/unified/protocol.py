@@ -1,0 +1,120 @@
+"""What Unified-Bench needs of a model under test (the paper's protocol 1: each model captions
+every reference with its own understanding side, with the release's caption instruction, and
+regenerates it with its own generator).
+
+    name                      a short name for reports ("uae", "janus-pro-7b", ...)
+    settings() -> dict        what a report should record to reproduce the run (ids, sizes, steps)
+    caption(images, seeds)    PIL images -> one caption each; caption i sampled with seeds[i]
+    generate(texts, seeds)    captions -> one PIL image each; image i generated with seeds[i]
+
+Seeds are per item so that outputs do not depend on batching or on how many processes share the
+references. An adapter that cannot honour that (a library that only batches) says so in its
+`settings()` under "batch_invariant": False.
+
+The runner builds every model with the run's settings (`RunSettings`: device, dtype, caption
+instruction and sampling, image size, steps, guidance). The adapters shipped here take them as
+their first argument; a user's class (`--model module:Class`) gets them as the keyword argument
+`settings` when its constructor declares a parameter of that name, and the `--model_args`
+mapping as further keyword arguments (see uae/unified/loading.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+
+@runtime_checkable
+class UnifiedModel(Protocol):
+    name: str
+
+    def settings(self) -> dict:
+        """Everything needed to reproduce this model's outputs (JSON-serialisable)."""
+
+    def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
+        """One caption per image, with the caption instruction of the release."""
+
+    def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
+        """One PIL image per text."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run's inference settings, as every model under test is built with them.
+
+    device / dtype             where and in what precision to load ("cuda:1", "bfloat16"; resolved)
+    caption_instruction        the release's instruction (uae.models.encoder.RELEASE_CAPTION_INSTRUCTION)
+    max_new_tokens, temperature, top_k, top_p, repetition_penalty
+                               caption sampling (None: the checkpoint's generation_config.json)
+    caption_batching           caption a batch in one generate() call (faster; not batch-invariant)
+    steps, guidance_scale, height, width
+                               image generation (a model that cannot honour one records so in settings())
+    dit_batching               generate a batch's images together (faster; see each adapter)
+    """
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    caption_instruction: str = ""
+    max_new_tokens: int = 512
+    temperature: float = 0.7
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    caption_batching: bool = False
+    steps: int = 40
+    guidance_scale: float = 5.0
+    height: int = 1024
+    width: int = 1024
+    dit_batching: bool = False
+
+    @classmethod
+    def from_config(cls, cfg, device, dtype) -> "RunSettings":
+        """From an InferenceConfig (the runner's flags) and the resolved device and dtype."""
+        from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+
+        return cls(device=str(device), dtype=str(dtype).removeprefix("torch."),
+                   caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                   repetition_penalty=cfg.repetition_penalty, caption_batching=cfg.caption_batching,
+                   steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
+                   dit_batching=cfg.dit_batching)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_model(model, setting: str) -> None:
+    """A one-line error naming `setting` when `model` lacks a member of the protocol."""
+    from uae.errors import UAEError
+
+    missing = [m for m in ("name", "settings", "caption", "generate") if not hasattr(model, m)]
+    missing += [m for m in ("settings", "caption", "generate") if m not in missing and not callable(getattr(model, m))]
+    if missing:
+        raise UAEError(f"{setting}: {type(model).__name__} does not implement uae.unified.UnifiedModel: missing "
+                       f"{', '.join(missing)}")
+
+
+def check_outputs(outputs, n: int, kind: str, model, setting: str) -> list:
+    """`outputs` of `model.caption` (kind "caption": strings) or `model.generate` (kind "image":
+    PIL images), one per input, or a one-line error naming `setting`."""
+    from uae.errors import UAEError
+
+    name = getattr(model, "name", type(model).__name__)
+    try:
+        outputs = list(outputs)
+    except TypeError:
+        raise UAEError(f"{setting}: {name}.{'caption' if kind == 'caption' else 'generate'} returned "
+                       f"{type(outputs).__name__}, not a list") from None
+    if len(outputs) != n:
+        raise UAEError(f"{setting}: {name} returned {len(outputs)} {kind}(s) for {n} input(s)")
+    if kind == "caption":
+        bad = [type(o).__name__ for o in outputs if not isinstance(o, str)]
+        if bad:
+            raise UAEError(f"{setting}: {name}.caption returned {bad[0]}, not str")
+    else:
+        from PIL import Image
+
+        bad = [type(o).__name__ for o in outputs if not isinstance(o, Image.Image)]
+        if bad:
+            raise UAEError(f"{setting}: {name}.generate returned {bad[0]}, not a PIL image")
+    return outputs
