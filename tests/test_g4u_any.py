@@ -70,22 +70,32 @@ def test_the_reward_uses_the_frozen_generator_with_one_seed_per_group(model, tmp
 
     recipe = grpo_recipe("g4u", "unused", *MODELS[model], "--prompts_per_iteration", 2, "--group_size", 3,
                          "--max_new_tokens", 4, reward=lambda images, *a: [0.0] * len(images))
-    seen = []
+    seen, janus_images = [], []
     real = recipe.model.generate
+    lora = [m for m in recipe.captioner.lm.modules() if hasattr(m, "lora_A")]
 
     def spy(texts, seeds):
-        lora = [m for m in recipe.captioner.lm.modules() if hasattr(m, "lora_A")]
         seen.append((list(seeds), all(m.disable_adapters for m in lora)))
         return real(texts, seeds)
 
     recipe.model.generate = spy
+    if model == "janus":  # Janus generates with its own language model: every image's tokens without the LoRA
+        hf_generate = recipe.model.model.generate
+
+        def image_spy(*args, **kwargs):
+            if kwargs.get("generation_mode") == "image":
+                janus_images.append(all(m.disable_adapters for m in lora))
+            return hf_generate(*args, **kwargs)
+
+        recipe.model.model.generate = image_spy
     share = iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0)
     roll = recipe.rollout(0, share)
     recipe.score_rollout(0, share, roll)
     [(seeds, lora_off)] = seen
     assert seeds == recipe.decoder_seeds(0, share) and len(set(seeds)) == 2
     assert seeds[:3] == [seeds[0]] * 3 and seeds[3:] == [seeds[3]] * 3           # one seed per group
-    assert lora_off == (model == "janus")  # Janus generates with its own language model: without the LoRA
+    assert not lora_off and not any(m.disable_adapters for m in lora)           # the captioner's LoRA stays on
+    assert janus_images == ([True] * 6 if model == "janus" else [])
     assert len(roll.images) == 6
 
 

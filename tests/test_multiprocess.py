@@ -75,6 +75,18 @@ def test_two_ranks_end_with_identical_weights(tiny_ckpt, pairs, tmp_path, stage,
     assert r0["params"] and _same(r0["params"], r1["params"])
 
 
+def test_all_stages_over_two_processes_hand_every_rank_the_previous_final(tiny_ckpt, pairs, tmp_path):
+    """--stage all: each stage starts on every rank from the previous stage's final/, written in
+    full before any rank reads it (the non-main ranks once started stage 2 from "None")."""
+    out = tmp_path / "all"
+    torchrun(2, ROOT / "train_grpo.py", "--stage", "all", "--config", "tiny_all", "--checkpoint", tiny_ckpt,
+             "--data", pairs, "--output_dir", out, "--scorer_weights", "tiny", "--max_steps", 1, "--group_size", 2,
+             "--sample_batch_size", 2, "--image_log_steps", 0, "--checkpointing_steps", 0)
+    for stage, source in (("g4u", "cold_start"), ("u4g", "g4u")):
+        manifest = json.loads((out / stage / "final" / "uae_checkpoint.json").read_text())
+        assert manifest["config"]["checkpoint"] == str(out / source / "final"), stage
+
+
 def test_group_spanning_ranks_gets_the_one_process_advantages(tiny_ckpt, pairs, tmp_path):
     # One prompt per iteration, group of 4: with 2 processes each rank holds half of the group.
     extra = ["--max_iterations", 2, "--prompts_per_iteration", 1, "--group_size", 4, "--sample_batch_size", 2]

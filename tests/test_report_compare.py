@@ -116,6 +116,23 @@ def test_paper_rows_appear_marked_published(compared, runs, tmp_path):
     assert 'class="published"' not in (out / "compare.html").read_text()
 
 
+def test_both_pages_say_which_model_each_run_measured(runs, tmp_path):
+    """A run of another model (its results.json meta as the runner writes it for --model janus) is
+    described by its model in compare.md and in compare.html alike; a UAE run by its checkpoint."""
+    janus = tmp_path / "janus"
+    shutil.copytree(runs[0], janus)
+    res = json.loads((janus / "results.json").read_text())
+    res["meta"].update(model="janus", model_label="Janus tiny-janus", checkpoint="tiny")
+    (janus / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "cmp"
+    assert report_main(["compare", str(runs[0]), str(janus), "--output_dir", str(out)]) == 0
+    ours = json.loads((runs[0] / "results.json").read_text())["meta"]["checkpoint"]
+    for page in ("compare.md", "compare.html"):
+        text = (out / page).read_text()
+        assert "(model Janus tiny-janus, scorer weights tiny" in text and "checkpoint tiny," not in text, page
+        assert f"(checkpoint {ours}, scorer weights tiny" in text, page
+
+
 class _Refs(HTMLParser):
     """Every URL a page refers to (src, href, srcset, url(...) in style)."""
 

@@ -149,3 +149,26 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "x")
     (tmp_path / "b.txt").write_text("x")
     assert os.stat(tmp_path / "a.txt").st_mode & 0o777 == os.stat(tmp_path / "b.txt").st_mode & 0o777
+
+
+def test_atomic_folder_appears_whole_or_not_at_all(tmp_path):
+    """A folder written through uae.files.atomic_folder (exports, random-weight builds): a failed
+    write leaves the old folder as it was and no temporary behind; a finished one replaces it, with
+    the permissions of a plain mkdir."""
+    import os
+
+    from uae.files import atomic_folder
+
+    out = tmp_path / "out"
+    with atomic_folder(out) as tmp:
+        (tmp / "v").write_text("1")
+    with pytest.raises(RuntimeError):
+        with atomic_folder(out) as tmp:
+            (tmp / "v").write_text("2")
+            raise RuntimeError("interrupted")
+    assert (out / "v").read_text() == "1" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_folder(out) as tmp:
+        (tmp / "w").write_text("3")
+    assert sorted(p.name for p in out.iterdir()) == ["w"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    (tmp_path / "plain").mkdir()
+    assert os.stat(out).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777

@@ -40,6 +40,25 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def loras(tiny, tmp_path_factory):
+    """A LoRA (PEFT's folder) for the tiny captioner's language model, and a copy of it holding one
+    tensor more, at a module the model does not have (PEFT would drop it without a word)."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForImageTextToText
+
+    d = tmp_path_factory.mktemp("loras")
+    model = AutoModelForImageTextToText.from_pretrained(tiny["captioner"])
+    get_peft_model(model, LoraConfig(r=2, target_modules=r".*language_model.*\.(q_proj|v_proj)")).save_pretrained(
+        d / "lora")
+    shutil.copytree(d / "lora", d / "extra")
+    weights = load_file(d / "extra" / "adapter_model.safetensors")
+    key = next(k for k in weights if ".layers.0." in k)
+    save_file({**weights, key.replace(".layers.0.", ".layers.9."): weights[key].clone()}, d / "extra" / "adapter_model.safetensors")
+    return {"lora": d / "lora", "extra": d / "extra"}
+
+
+@pytest.fixture(scope="module")
 def refs(tmp_path_factory):
     """Three of the sample photos (the runner's tests use all six)."""
     d = tmp_path_factory.mktemp("refs")
@@ -158,7 +177,7 @@ def _check_run(out, n, size=(32, 32)):
     return res
 
 
-def test_runner_on_janus(tiny, refs, tmp_path):
+def test_runner_on_janus(tiny, refs, tmp_path, capsys):
     a = tmp_path / "a"
     assert _run(a, "--model", "janus", "--checkpoint", tiny["janus"], refs=refs) == 0
     res = _check_run(a, 3)
@@ -169,6 +188,15 @@ def test_runner_on_janus(tiny, refs, tmp_path):
     for p in (a / "recon").iterdir():
         assert p.read_bytes() == (b / "recon" / p.name).read_bytes()
     assert json.loads((b / "results.json").read_text())["captions"] == res["captions"]
+    # A rerun into the same folder with another model or seed would mix two runs' outputs: refused.
+    before = {p.name: p.read_bytes() for p in (a / "recon").iterdir()}
+    for flags, change in ((["--model", "pipeline", "--captioner", tiny["captioner"], "--generator", tiny["generator"]],
+                           "model 'janus' then, 'pipeline' now"),
+                          (["--model", "janus", "--checkpoint", tiny["janus"], "--seed", 7], "seed 42 then, 7 now")):
+        assert _run(a, *flags, refs=refs) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert "holds outputs made with other settings" in err[-1] and change in err[-1], err[-1]
+    assert {p.name: p.read_bytes() for p in (a / "recon").iterdir()} == before
 
 
 def test_janus_over_two_processes_gives_the_one_process_outputs(tiny, refs, tmp_path):
@@ -310,10 +338,18 @@ def test_bad_flags(flags, message, capsys):
     (["--model", "no_such_module_here:A"], "no module named 'no_such_module_here'"),
     (["--model", "{helpers}:EchoModel", "--model_args", '{"colour": 1}'], "--model_args: "),
     (["--model", "{helpers}:WrongCount"], "returned 2 caption(s) for 3 input(s)"),
+    (["--model", "janus", "--checkpoint", "{janus}", "--captioner_lora", "{nowhere}"],
+     "--captioner_lora {nowhere}: not a PEFT adapter folder"),
+    (["--model", "uae", "--checkpoint", "{ckpt}", "--captioner_lora", "{lora}"],
+     "--captioner_lora: UAEModel has no transformers captioner"),
+    (["--model", "janus", "--checkpoint", "{janus}", "--captioner_lora", "{lora}"],
+     "--captioner_lora {lora} does not fit the captioner (RuntimeError: Error(s) in loading state_dict"),
+    (["--model", "pipeline", "--captioner", "{captioner}", "--generator", "{generator}", "--captioner_lora",
+      "{extra}"], "--captioner_lora {extra} does not fit the captioner: 1 tensor(s) of the file have no place"),
 ])
-def test_bad_models(flags, message, tiny, tiny_ckpt, refs, tmp_path, capsys):
+def test_bad_models(flags, message, tiny, tiny_ckpt, loras, refs, tmp_path, capsys):
     """A model of the wrong kind, or one that cannot caption: a one-line error naming the flag, exit 2."""
-    paths = {"ckpt": tiny_ckpt, "helpers": HELPERS, "nowhere": tmp_path / "nowhere", **tiny}
+    paths = {"ckpt": tiny_ckpt, "helpers": HELPERS, "nowhere": tmp_path / "nowhere", **tiny, **loras}
 
     def fill(text):
         for k, v in paths.items():
@@ -325,6 +361,24 @@ def test_bad_models(flags, message, tiny, tiny_ckpt, refs, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, err[-5:]
     assert fill(message) in err[-1] and "Traceback" not in "\n".join(err)
+
+
+@pytest.mark.parametrize("flags, weights", [
+    ([], "tiny"), (["--model", "janus"], "tiny"), (["--model", "pipeline", "--captioner", "tiny", "--generator", "tiny"], "tiny"),
+    (["--captioner", "org/vlm"], "official"), (["--model", "janus", "--checkpoint", "org/janus"], "official"),
+    (["--model", "pipeline", "--captioner", "org/vlm", "--generator", "tiny"], "official"),
+    (["--model", "pipeline", "--captioner", "org/vlm", "--generator", "org/t2i"], "official"),
+    (["--model", "my_model.py:Mine"], "official"), (["--recon_from", "{tmp}"], "official"),
+])
+def test_scorer_weights_auto_are_tiny_only_for_an_all_tiny_model(flags, weights, tmp_path):
+    """`--scorer_weights auto` (the default): random scorers only when every loaded model is an
+    embedded random one; another model, a user's class and another system's reconstructions are
+    scored with the official weights, whatever --checkpoint's default."""
+    from uae.dataclass_cli import parse_config
+    from uae.scoring.scorers import resolve_scorer_weights
+
+    cfg = parse_config(unibench.UniBenchConfig, [f.replace("{tmp}", str(tmp_path)) for f in flags])
+    assert resolve_scorer_weights(cfg.scorer_weights, cfg.model_is_tiny()) == weights
 
 
 def test_unified_never_imports_the_random_weight_builders():

@@ -171,14 +171,14 @@ MEASURED_HEADER = ["run", *HEADER, "caption words", "valid / failed pairs"]
 def differing_references(runs: list[Run], images: list[str]) -> list[str]:
     """The images whose reference file is not the same in every run that has one (runs scored
     against different reference folders holding different files of the same name)."""
-    import hashlib
+    from uae.hashing import content_key
 
     folders = {r.reference_folder.resolve() for r in runs if r.reference_folder}
     if len(folders) < 2:
         return []
     out = []
     for name in images:
-        digests = {hashlib.sha256((f / name).read_bytes()).hexdigest() for f in folders if (f / name).is_file()}
+        digests = {content_key((f / name).read_bytes()) for f in folders if (f / name).is_file()}
         if len(digests) > 1:
             out.append(name)
     return out
@@ -225,36 +225,49 @@ def images_of(runs: list[Run]) -> list[str]:
     return list(names)
 
 
+INTRO = ("Values x100: the mean cosine similarity of (reconstruction, reference) image features per scorer; "
+         "Overall = the plain mean of the four scorer averages. Caption words: mean words per caption.")
+
+
+def run_details(run: Run) -> str:
+    """What a run measured: its model (or checkpoint), scorer weights and folders."""
+    meta = run.result.get("meta") or {}
+    model = meta.get("model_label") if meta.get("model", "uae") != "uae" or meta.get("captioner") else None
+    what = f"model {model}" if model else f"checkpoint {meta.get('checkpoint')}"
+    return (f"{what}, scorer weights {meta.get('scorer_weights')}, references {meta.get('reference_folder')}, "
+            f"reconstructions {meta.get('reconstruction_folder')}")
+
+
+def published_rows(table: dict) -> tuple[list[tuple[str, list[str]]], list[str]]:
+    """A published table's rows as (system, cells) and its footnotes: an Overall that is not the
+    mean of its four columns is marked * and explained, shown as published."""
+    rows, foot = [], []
+    for row in table["rows"]:
+        values, mean = row["values"], overall_mismatch(row["values"])
+        overall = f"{values[4]:.2f}" + (" *" if mean is not None else "")
+        rows.append((row["name"], [*(f"{v:.2f}" for v in values[:4]), overall]))
+        if mean is not None:
+            foot.append(f"{row['name']}: the published Overall {values[4]:.2f} is not the mean of its four columns "
+                        f"({mean:.2f}); shown as published")
+    return rows, foot
+
+
 def write_markdown(path: Path, runs: list[Run], paper: list[dict] | None, images: list[str], shown: int,
                    differing: list[str] = ()) -> None:
     from uae.files import atomic_write_chunks
 
     def lines():
-        yield "# Unified-Bench comparison\n\n"
-        yield ("Values x100: the mean cosine similarity of (reconstruction, reference) image features per scorer; "
-               "Overall = the plain mean of the four scorer averages. Caption words: mean words per caption.\n\n")
+        yield f"# Unified-Bench comparison\n\n{INTRO}\n\n"
         yield "## Measured\n\n" + "\n".join(_md_table(MEASURED_HEADER, measured_rows(runs))) + "\n\n"
         for r in runs:
-            meta = r.result.get("meta") or {}
-            model = meta.get("model_label") if meta.get("model", "uae") != "uae" or meta.get("captioner") else None
-            what = f"model {model}" if model else f"checkpoint {meta.get('checkpoint')}"
-            yield (f"- **{r.label}**: `{r.path}` ({what}, scorer weights "
-                   f"{meta.get('scorer_weights')}, references {meta.get('reference_folder')}, reconstructions "
-                   f"{meta.get('reconstruction_folder')})\n")
+            yield f"- **{r.label}**: `{r.path}` ({run_details(r)})\n"
         for n in notes(runs, differing):
             yield f"\n**Note:** {n}.\n"
         if paper:
             yield f"\n## Published, not measured\n\nCopied from the paper; **{PUBLISHED}** by this toolkit.\n"
             for t in paper:
-                rows, foot = [], []
-                for row in t["rows"]:
-                    mean = overall_mismatch(row["values"])
-                    mark = " *" if mean is not None else ""
-                    rows.append([f"{row['name']} ({PUBLISHED})", *(f"{v:.2f}" for v in row["values"][:4]),
-                                 f"{row['values'][4]:.2f}{mark}"])
-                    if mean is not None:
-                        foot.append(f"{row['name']}: the published Overall {row['values'][4]:.2f} is not the mean of "
-                                    f"its four columns ({mean:.2f}); shown as published")
+                published, foot = published_rows(t)
+                rows = [[f"{name} ({PUBLISHED})", *cells] for name, cells in published]
                 yield f"\n{t['citation']} ({PUBLISHED}):\n\n" + "\n".join(_md_table(["system", *HEADER], rows)) + "\n"
                 for f in foot:
                     yield f"\n\\* {f}.\n"
@@ -312,29 +325,19 @@ def write_html(path: Path, runs: list[Run], paper: list[dict] | None, images: li
 
     def page():
         yield (f'<!doctype html><meta charset="utf-8"><title>Unified-Bench comparison</title>\n{PAGE_STYLE}\n'
-               "<h1>Unified-Bench comparison</h1>\n<p class=note>Values x100: the mean cosine similarity of "
-               "(reconstruction, reference) image features per scorer; Overall = the plain mean of the four scorer "
-               "averages. Caption words: mean words per caption.</p>\n")
+               f"<h1>Unified-Bench comparison</h1>\n<p class=note>{html.escape(INTRO)}</p>\n")
         rows = [[html.escape(c) for c in row] for row in measured_rows(runs)]
         yield html_table(MEASURED_HEADER, rows, numeric=numeric, caption="Measured") + "\n<ul class=note>"
         for r in runs:
-            meta = r.result.get("meta") or {}
-            yield (f"<li><b>{html.escape(r.label)}</b>: {html.escape(str(r.path))} (checkpoint "
-                   f"{html.escape(str(meta.get('checkpoint')))}, scorer weights {html.escape(str(meta.get('scorer_weights')))})</li>")
+            yield f"<li><b>{html.escape(r.label)}</b>: {html.escape(str(r.path))} ({html.escape(run_details(r))})</li>"
         yield "</ul>\n" + "".join(f"<p class='note warn'><b>Note:</b> {html.escape(n)}.</p>\n" for n in notes(runs, differing))
         for t in paper or []:
-            rows, foot = [], []
-            for row in t["rows"]:
-                mean = overall_mismatch(row["values"])
-                rows.append([f"{html.escape(row['name'])} <small>({PUBLISHED})</small>",
-                             *(f"{v:.2f}" for v in row["values"][:4]), f"{row['values'][4]:.2f}" + (" *" if mean is not None else "")])
-                if mean is not None:
-                    foot.append(f"* {row['name']}: the published Overall {row['values'][4]:.2f} is not the mean of its "
-                                f"four columns ({mean:.2f}); shown as published.")
+            published, foot = published_rows(t)
+            rows = [[f"{html.escape(name)} <small>({PUBLISHED})</small>", *cells] for name, cells in published]
             yield html_table(["system", *HEADER], rows, numeric=set(range(1, len(HEADER) + 1)),
                              caption=f"Published, not measured: {html.escape(t['citation'])}",
                              row_class=["published"] * len(rows)) + "\n"
-            yield "".join(f"<p class=note>{html.escape(f)}</p>\n" for f in foot)
+            yield "".join(f"<p class=note>* {html.escape(f)}.</p>\n" for f in foot)
         plot = png_data_uri(path.parent / "compare.png")
         if plot:
             yield img_tag(plot, "compare.png", "max-width:1000px;max-height:none") + "\n"

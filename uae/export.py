@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,16 +209,12 @@ def export_dit(paths, dst: Path, requested: str) -> torch.dtype:
 
 # ---------------------------------------------------------------------------- folder
 
-def _remove(path: Path) -> None:
-    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-
-
 def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", overwrite: bool = False,
            link_unchanged: bool = False, source_name: str | None = None) -> Path:
     """Write the merged export of `checkpoint` (a folder in the official layout or a hub id) to
     `out_dir`, atomically: built in a temporary sibling folder, renamed when complete."""
     from uae.checkpoints import MANIFEST, resolve_components
-    from uae.files import atomic_write_json
+    from uae.files import atomic_folder, atomic_write_json
     from uae.training.checkpointing import link_or_copy
 
     paths = resolve_components(checkpoint)
@@ -228,9 +223,7 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
     if os.path.isdir(checkpoint):
         sources.append(checkpoint)
     check_output(out, overwrite, sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         dtypes = {"llm": _dtype_name(export_llm(paths, tmp / "llm", dtype)),
                   "dit": _dtype_name(export_dit(paths, tmp / "dit", dtype))}
         link_or_copy(paths.SD3, tmp / "SD3", link_unchanged)
@@ -240,20 +233,6 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
         atomic_write_json(tmp / MANIFEST, {
             "llm_lora": None, "dit_lora": None, "exported_by": "uae-export", "source": source_name or checkpoint,
             "merged": [c for c in ("llm_lora", "dit_lora") if getattr(paths, c)], "dtypes": dtypes})
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 -> what mkdir would have made
-        if out.is_symlink() or out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.rmdir(old)
-            out.rename(old)
-            tmp.rename(out)
-            _remove(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

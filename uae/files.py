@@ -3,11 +3,13 @@ rename) and cached artefacts built once under a file lock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from uae.errors import UAEError
 
@@ -19,6 +21,38 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file (mkstemp's are 0600): read at import
+DIR_MODE = 0o777 & ~_umask()   # what mkdir would give a new folder (mkdtemp's are 0700)
+
+
+def remove_path(path: Path) -> None:
+    """A file, a symlink (not what it points to) or a folder tree."""
+    path = Path(path)
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """A folder written whole or not at all: the block writes into a temporary sibling of `out`,
+    which then takes `out`'s place (an `out` that exists is replaced only then) with the
+    permissions mkdir would give. If the block fails, the temporary folder goes and `out` is as
+    it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, DIR_MODE)
+        if out.is_symlink() or out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.rmdir(old)
+            out.rename(old)
+            tmp.rename(out)
+            remove_path(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes | str]) -> None:
@@ -89,3 +123,20 @@ def _builds_here() -> bool:
         return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     except ImportError:
         return True
+
+
+def check_same_settings(path: Path, current: dict, keys: Iterable[str]) -> None:
+    """A folder's outputs made with other settings are not added to (they would be mixed): the
+    settings `keys` recorded in the JSON file `path`, when it exists, must equal `current`'s."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UAEError(f"{path} is not a readable record of settings ({e}): remove it, or use a fresh "
+                       "--output_dir") from None
+    diff = [f"{k} {before.get(k)!r} then, {current[k]!r} now" for k in keys if before.get(k) != current[k]]
+    if diff:
+        raise UAEError(f"{path.parent} holds outputs made with other settings ({'; '.join(diff)}): use a fresh "
+                       "--output_dir, or the same settings to resume")

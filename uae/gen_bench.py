@@ -327,17 +327,9 @@ def settings(cfg: GenBenchConfig, prompts: list[Prompt]) -> dict:
 
 def check_resumable(out: Path, current: dict) -> None:
     """An output folder made with other settings is not added to: its images would be mixed."""
-    path = out / MANIFEST
-    if not path.is_file():
-        return
-    try:
-        before = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UAEError(f"{path} is not a readable manifest ({e}): remove it, or use a fresh --output_dir") from None
-    diff = [f"{k} {before.get(k)!r} then, {current[k]!r} now" for k in RESUME_KEYS if before.get(k) != current[k]]
-    if diff:
-        raise UAEError(f"{out} holds outputs made with other settings ({'; '.join(diff)}): use a fresh --output_dir, "
-                       "or the same settings to resume")
+    from uae.files import check_same_settings
+
+    check_same_settings(out / MANIFEST, current, RESUME_KEYS)
 
 
 def run(cfg: GenBenchConfig) -> dict | None:

@@ -7,8 +7,8 @@ Janus / Janus-Pro, a transformers captioner + a diffusers text-to-image pipeline
 implementing uae.unified.UnifiedModel.
 
 Outputs in the run folder: captions/<stem>.txt, recon/<stem>.png, model.json (the model's
-settings), results.json, results.md, scores.png and report.html. A rerun skips images already
-captioned and reconstructed.
+settings), unibench_run.json (what the outputs depend on), results.json, results.md, scores.png and
+report.html. A rerun skips images already captioned and reconstructed, and refuses other settings.
 """
 
 from __future__ import annotations
@@ -59,6 +59,24 @@ def _known_captions(cfg, cap_dir: Path) -> dict[str, str]:
     return captions
 
 
+# What the captions and reconstructions depend on: a rerun into the same --output_dir resumes only
+# with the same values (else its outputs would be mixed with another model's or seed's).
+RUN_FILE = "unibench_run.json"
+RESUME_KEYS = ("model", "checkpoint", "captioner", "generator", "captioner_lora", "model_args", "captions_from",
+               "seed", "increment_seed", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+               "exif_transpose", "caption_batching", "steps", "guidance_scale", "height", "width", "dit_batching",
+               "dtype")
+
+
+def run_settings(cfg) -> dict:
+    """RESUME_KEYS' values, local paths made absolute (a rerun from another folder resumes)."""
+    def value(k):
+        v = getattr(cfg, k)
+        paths = ("checkpoint", "captioner", "generator", "captioner_lora", "captions_from")
+        return str(Path(v).resolve()) if k in paths and v and v != "tiny" and Path(v).exists() else v
+    return {k: value(k) for k in RESUME_KEYS}
+
+
 def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str], dict[str, str]]:
     """Captions and reconstructions for every readable reference not done yet. Returns
     ({stem: caption} for every reference that has one, {reference name: why it was skipped}).
@@ -69,7 +87,13 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     Every process returns the merged result."""
     from tqdm.auto import tqdm
 
+    from uae.files import check_same_settings
+
     world, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
+    settings = run_settings(cfg)
+    check_same_settings(out / RUN_FILE, settings, RESUME_KEYS)  # on every process: none waits for a failed one
+    if rank == 0:
+        atomic_write_json(out / RUN_FILE, settings)
     cap_dir, rec_dir = out / "captions", out / "recon"
     captions = _known_captions(cfg, cap_dir)
     todo = [r for r in refs if not ((rec_dir / f"{r.stem}.png").exists() and r.stem in captions)]
@@ -245,7 +269,7 @@ def run_unibench(cfg) -> dict | None:
         if not recon_dir.is_dir():
             raise UAEError(f"no reference in {cfg.ref_path} could be read: {skipped}")
     device = resolve_device(cfg.device)
-    weights = resolve_scorer_weights(cfg.scorer_weights, "tiny" if cfg.model_is_tiny() else cfg.checkpoint)
+    weights = resolve_scorer_weights(cfg.scorer_weights, cfg.model_is_tiny())
     if weights == "tiny":
         logger.warning("tiny scorer weights are RANDOM: scores test the pipeline, not image similarity")
     scorers = {m: load_scorer(m, scorer_checkpoint(m, weights), device=device,
@@ -350,17 +374,12 @@ class UniBenchConfig(InferenceConfig):
         read_model_args(self.model_args)
 
     def model_is_tiny(self) -> bool:
-        """Whether every model the run loads is an embedded random one (then --scorer_weights auto is tiny)."""
-        from uae.unified.loading import model_kind
+        """Whether the run loads a model and every model it loads is an embedded random one (then
+        --scorer_weights auto is tiny). Another system's reconstructions (--recon_from) and a
+        user's class get the official scorers unless --scorer_weights tiny."""
+        from uae.unified.loading import all_tiny
 
-        kind = model_kind(self.model)
-        if kind == "uae":
-            return self.checkpoint == "tiny" and self.captioner in (None, "tiny")
-        if kind == "janus":
-            return self.checkpoint == "tiny"
-        if kind == "pipeline":
-            return self.generator == "tiny" and self.captioner in (None, "tiny")
-        return False  # a user's class: the official scorers unless --scorer_weights tiny
+        return not self.recon_from and all_tiny(self.model, self.checkpoint, self.captioner, self.generator)
 
 
 @script_main

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -311,18 +309,15 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
     from diffusers import StableDiffusion3Pipeline
 
     from uae.checkpoints import save_official_llm_lora
+    from uae.files import atomic_folder
     from uae.models.decoder import save_dit_lora
     from uae.models.encoder import UAEEncoder, llm_lora_config
 
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     cfg = load_preset(preset)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         processor = build_processor(cfg)
         processor.save_pretrained(tmp / "llm_processor")
 
@@ -350,10 +345,6 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
             f"Random-weight UAE checkpoint built offline by uae.random_weights (preset {cfg.get('name', preset)!r}, "
             f"seed {seed}). Layout of the official release; the weights are random: captions are "
             "gibberish and images are noise.\n")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

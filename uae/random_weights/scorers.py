@@ -5,8 +5,6 @@ configs/scorers.yaml: `tiny` for offline tests, `full` for speed and memory meas
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +41,11 @@ def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", see
     from transformers import BitImageProcessor, CLIPImageProcessor, DINOv3ViTImageProcessor
 
     specs = specs or load_specs()
+    from uae.files import atomic_folder
+
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
 
     def processor_kwargs(spec, shortest: bool):
         p = spec["preprocess"]
@@ -61,7 +59,7 @@ def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", see
             kw.update(do_center_crop=False)
         return kw
 
-    try:
+    with atomic_folder(out) as tmp:
         processors = {"clip": (CLIPImageProcessor, True), "dinov2": (BitImageProcessor, True),
                       "dinov3": (DINOv3ViTImageProcessor, False)}
         for i, name in enumerate(("clip", "dinov2", "dinov3")):
@@ -77,10 +75,6 @@ def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", see
         (tmp / "longclip").mkdir()
         torch.save(longclip_random_state(spec[size], spec.get("keep_positions", 20)),
                    tmp / "longclip" / spec["filename"])
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

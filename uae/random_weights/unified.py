@@ -21,8 +21,6 @@ import copy
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -128,21 +126,14 @@ def _seed(seed: int) -> None:
 
 
 def _written(out: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """`write(tmp)` into a temporary sibling of `out`, renamed at the end (a folder that exists is
-    complete)."""
+    """`write(folder)` into a folder that becomes `out` only when complete (uae.files.atomic_folder)."""
+    from uae.files import atomic_folder
+
     out = Path(out)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
+    with atomic_folder(out) as tmp:
         write(tmp)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

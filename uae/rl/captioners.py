@@ -127,7 +127,7 @@ def uae_policy(encoder, temperature: float, max_new_tokens: int) -> CaptionPolic
 def add_captioner_lora(model, cfg):
     """A new LoRA (PEFT) on the language model of a transformers vision-language model: rank,
     alpha and target modules from the config (a regex on module names: the language model's
-    attention by default, so the vision tower stays frozen); B starts at zero, so the model starts
+    attention and MLP by default, so the vision tower stays frozen); B starts at zero, so the model starts
     as it was. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
 

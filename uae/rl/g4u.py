@@ -91,10 +91,7 @@ class G4URecipe:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         opt = make_optimizer(cfg, self.trainable)
         modules, self.optimizer = self.run.prepare(parts, opt)
-        # UAE's evaluation regenerates with the benchmark's settings; another model with its reward's
-        # frozen generator (Janus: its LoRA off), as Unified-Bench would run it.
-        self.run.prepare_evaluation(self.model, encoder_trains=True,
-                                    reconstruct=None if cfg.model == "uae" else self.reconstruct)
+        self.run.prepare_evaluation(self.model, encoder_trains=True)
         self.policy = modules["llm"]
 
     def _setup_uae(self, precision) -> Parts:
@@ -114,7 +111,7 @@ class G4URecipe:
         model trains; the reward's images come from its own frozen generator (Janus: the same
         language model with the LoRA off); final/ holds the LoRA (`captioner_lora/`, PEFT's format)."""
         from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
-        from uae.unified.loading import load_model
+        from uae.unified.loading import captioning_side, load_model
         from uae.unified.protocol import RunSettings
 
         cfg = self.cfg
@@ -124,35 +121,34 @@ class G4URecipe:
                                height=cfg.resolution, width=cfg.resolution)
         self.model = load_model(cfg.model, settings, checkpoint=cfg.checkpoint, captioner=cfg.captioner,
                                 generator=cfg.generator)
-        if cfg.model == "janus":
-            hf, inputs, sample_kwargs = self.model.model, self.model.inputs, {"generation_mode": "text"}
-        else:
-            if self.model.captioner is None:
-                raise UAEError("--model pipeline: --captioner is the model that trains: give it")
-            hf, inputs, sample_kwargs = self.model.captioner.model, self.model.captioner.inputs, {}
+        side = captioning_side(self.model, f"--model {cfg.model}")
+        hf = side.model
         hf.requires_grad_(False)
-        lm = add_captioner_lora(hf, cfg)
-        processor = self.model.processor if cfg.model == "janus" else self.model.captioner.processor
-        self.captioner = CaptionPolicy(lm, hf, processor, inputs, cfg.temperature, cfg.max_new_tokens, sample_kwargs)
+        # The adapter holds the LoRA-wrapped model, as after --captioner_lora in the runner: its captions
+        # (the held-out evaluation) are the trained ones, and Janus generates images with the LoRA off.
+        side.model = lm = add_captioner_lora(hf, cfg)
+        self.captioner = CaptionPolicy(lm, hf, side.processor, side.inputs, cfg.temperature, cfg.max_new_tokens,
+                                       side.text_kwargs)
         self.paths, self.linked_parts = None, ()
         self.manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
                          "generator": cfg.generator, "captioner_lora": "captioner_lora",
-                         "load_with": f"run_unibench.py --model {cfg.model} ... --captioner_lora <this folder>/captioner_lora"}
+                         "load_with": f"run_unibench.py --model {cfg.model} ... "
+                                      "--captioner_lora <this folder>/captioner_lora"}
         if cfg.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm})
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], seeds: list[int]) -> list:
-        """The reward's images of `texts`, image i from seeds[i], by the frozen generator."""
+        """The reward's images of `texts`, image i from seeds[i], by the frozen generator (another
+        model's adapter generates at the run's settings; Janus with its LoRA off)."""
         cfg = self.cfg
-        if cfg.model == "uae":
-            with (self.model.encoder.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
-                return self.model.generate(texts, height=cfg.resolution, width=cfg.resolution,
-                                           num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
-                                           seed=seeds, progress=False)
-        with (self.captioner.without_lora() if cfg.model == "janus" else contextlib.nullcontext()):
+        if cfg.model != "uae":
             return self.model.generate(texts, seeds)
+        with (self.model.encoder.llm.disable_adapter() if cfg.frozen_embedding else contextlib.nullcontext()):
+            return self.model.generate(texts, height=cfg.resolution, width=cfg.resolution,
+                                       num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
+                                       seed=seeds, progress=False)
 
     # ------------------------------------------------------------------ rollouts
     def decoder_seeds(self, it: int, share) -> list[int]:

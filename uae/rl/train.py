@@ -77,8 +77,9 @@ def refuse_sharded_launch(stage: str) -> None:
                            "or accelerate launch --multi_gpu")
 
 
-def run_stage(cfg, reward=None):
-    """One stage's run; returns its final/ (on the main process)."""
+def run_stage(cfg, reward=None, last: bool = True):
+    """One stage's run; returns its final/ (on every process, once written). `last`: no stage follows
+    in this process (which then leaves the process group)."""
     from uae.rl.cold_start import ColdStartRecipe
     from uae.rl.g4u import G4URecipe
     from uae.rl.u4g import U4GRecipe
@@ -88,7 +89,7 @@ def run_stage(cfg, reward=None):
     run = Run(cfg, f"uae_grpo_{cfg.stage}")
     recipe = ColdStartRecipe(run) if cfg.stage == "cold_start" else \
         {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](run, reward=reward)
-    return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "))
+    return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "), last=last)
 
 
 @script_main
@@ -106,12 +107,12 @@ def main(argv=None, reward=None, description: str | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     checkpoint = configs[0].checkpoint
-    weights = resolve_scorer_weights(configs[0].scorer_weights, checkpoint)  # "tiny" stays tiny after stage 1
-    for cfg in configs:
+    weights = resolve_scorer_weights(configs[0].scorer_weights, checkpoint == "tiny")  # tiny stays tiny after stage 1
+    for n, cfg in enumerate(configs, 1):
         logger.info("stage %s from %s", cfg.stage, checkpoint)
         cfg = dataclasses.replace(cfg, checkpoint=checkpoint, output_dir=str(Path(cfg.output_dir) / cfg.stage),
                                   scorer_weights=weights)
         AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per stage
-        checkpoint = str(run_stage(cfg, reward if cfg.stage != "cold_start" else None))
+        checkpoint = str(run_stage(cfg, reward if cfg.stage != "cold_start" else None, last=n == len(configs)))
     logger.info("all stages done: %s", checkpoint)
     return 0

@@ -29,12 +29,12 @@ SCORERS = ("clip", "dinov2", "dinov3", "longclip")
 WEIGHTS = ("official", "tiny")
 
 
-def resolve_scorer_weights(setting: str, checkpoint: str | None) -> str:
-    """`auto`: the tiny random scorers for the tiny model (offline tests), the official checkpoints
-    for any other model; `official` / `tiny` as given."""
+def resolve_scorer_weights(setting: str, tiny_model: bool) -> str:
+    """`auto`: the tiny random scorers when every model of the run is an embedded random one
+    (`tiny_model`: offline tests), the official checkpoints otherwise; `official` / `tiny` as given."""
     if setting not in ("auto",) + WEIGHTS:
         raise UAEError(f"scorer weights {setting!r}: choose from auto, {', '.join(WEIGHTS)}")
-    return setting if setting != "auto" else ("tiny" if checkpoint == "tiny" else "official")
+    return setting if setting != "auto" else ("tiny" if tiny_model else "official")
 
 
 def load_specs(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 from uae.errors import UAEError
-from uae.files import atomic_write_json
+from uae.files import atomic_write_json, remove_path
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
     """Unchanged parts of a checkpoint: a symlink (no multi-GB copies) or a copy."""
     src = Path(src).resolve()
     if dst.exists() or dst.is_symlink():
-        shutil.rmtree(dst) if dst.is_dir() and not dst.is_symlink() else dst.unlink()
+        remove_path(dst)
     if link:
         os.symlink(src, dst, target_is_directory=src.is_dir())
     elif src.is_dir():
@@ -82,12 +82,17 @@ def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
         shutil.copy2(src, dst)
 
 
+def final_dir(out_dir) -> Path:
+    """Where a run's result goes: <out_dir>/final/."""
+    return Path(out_dir) / "final"
+
+
 def write_final(out_dir: Path, paths, link: bool, keep: tuple[str, ...], manifest: dict) -> Path:
     """`<out_dir>/final/` in the official layout: the parts in `keep` linked (or copied) from the
     source checkpoint, the manifest written; the caller then writes the parts it trained."""
     from uae.checkpoints import MANIFEST
 
-    final = Path(out_dir) / "final"
+    final = final_dir(out_dir)
     final.mkdir(exist_ok=True)
     for part in keep:
         if getattr(paths, part):

@@ -36,7 +36,7 @@ class HeldOut:
         self.refs = load_references(cfg.eval_data, "--eval_data")
         self.mine = list(range(len(self.refs)))[acc.process_index::acc.num_processes]
         self.model = None
-        self.reconstruct = None
+        self.protocol = False  # a uae.unified model (captions and images at its own settings), not UAE
         self.encoder_trains = True
         self.captions: dict[int, tuple[str, int]] | None = None   # reference -> (caption, tokens), while frozen
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -46,12 +46,13 @@ class HeldOut:
                     cfg.eval_steps)
 
     # ------------------------------------------------------------------ set-up, by the recipe
-    def prepare(self, model, *, encoder_trains: bool, cache_conditioning: bool = False, reconstruct=None) -> None:
+    def prepare(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
         """The model to evaluate (the recipe's own objects, trained in place): a UAE, or any
-        uae.unified model (its own caption() and, through `reconstruct(texts, seeds)` if given, the
-        generator the recipe's reward uses, at that generator's settings). `cache_conditioning`:
-        caption and embed the references now, before the recipe frees the encoder."""
-        self.model, self.encoder_trains, self.reconstruct = model, encoder_trains, reconstruct
+        uae.unified model (its own caption() and generate(), at its own settings: those of the
+        recipe's reward). `cache_conditioning`: caption and embed the references now, before the
+        recipe frees the encoder."""
+        self.model, self.encoder_trains = model, encoder_trains
+        self.protocol = not hasattr(model, "encoder")
         if cache_conditioning:
             with torch.no_grad():
                 self.captions = self._caption()
@@ -65,18 +66,17 @@ class HeldOut:
     def _caption(self) -> dict[int, tuple[str, int]]:
         from uae.models.uae import RELEASE_SEED
 
+        from uae.unified.loading import captioning_side
+
         model, out = self.model, {}
-        uae = hasattr(model, "encoder")
-        processor = model.encoder.processor if uae else \
-            getattr(model, "processor", None) or getattr(getattr(model, "captioner", None), "processor", None)
+        processor = captioning_side(model, "--eval_steps").processor if self.protocol else model.encoder.processor
         for i in self.mine:
-            if uae:
+            if self.protocol:
+                [caption] = model.caption([self.refs[i].image], [RELEASE_SEED])
+            else:
                 [caption] = model.caption([self.refs[i].image], seed=[RELEASE_SEED],
                                           max_new_tokens=self.cfg.eval_max_new_tokens)
-            else:  # a uae.unified model: its own caption settings
-                [caption] = model.caption([self.refs[i].image], [RELEASE_SEED])
-            tokens = len(processor.tokenizer(caption)["input_ids"]) if processor is not None else len(caption.split())
-            out[i] = (caption, tokens)
+            out[i] = (caption, len(processor.tokenizer(caption)["input_ids"]))
         return out
 
     def _scorers(self) -> dict:
@@ -116,8 +116,8 @@ class HeldOut:
         for i in self.mine:
             if self.pairs is not None:
                 [image] = model.generate_from_conditioning([self.pairs[i]], **gen)
-            elif self.reconstruct is not None:
-                [image] = self.reconstruct([captions[i][0]], [RELEASE_SEED])
+            elif self.protocol:
+                [image] = model.generate([captions[i][0]], [RELEASE_SEED])
             else:
                 [image] = model.generate([captions[i][0]], **gen)
             feats = {n: s.encode_images([image])[0] for n, s in self._scorers().items()}

@@ -110,12 +110,12 @@ def resolve_names(cfg):
 
     model = getattr(cfg, "model", "uae")  # stage 2 may train another model's captioner
     if model == "uae":
-        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint),
+        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint == "tiny"),
                                    checkpoint=resolve_checkpoint(cfg.checkpoint))
     from uae.random_weights.unified import resolve
+    from uae.unified.loading import all_tiny
 
-    sources = [cfg.checkpoint] if model == "janus" else [cfg.captioner, cfg.generator]
-    weights = resolve_scorer_weights(cfg.scorer_weights, "tiny" if "tiny" in sources else None)
+    weights = resolve_scorer_weights(cfg.scorer_weights, all_tiny(model, cfg.checkpoint, cfg.captioner, cfg.generator))
     if model == "janus":
         return dataclasses.replace(cfg, scorer_weights=weights, checkpoint=resolve(cfg.checkpoint, "janus"))
     return dataclasses.replace(cfg, scorer_weights=weights, captioner=resolve(cfg.captioner, "captioner"),
@@ -216,14 +216,12 @@ class Run:
             self.ema.restore(self.trainable)
 
     # ------------------------------------------------------------------ held-out evaluation
-    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False,
-                           reconstruct=None) -> None:
+    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
         """The recipe's model for the held-out evaluation (uae.training.evaluation.HeldOut.prepare);
         every recipe calls it in `setup`, a no-op without --eval_steps."""
         self._evaluation_prepared = True
         if self.held_out is not None:
-            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning,
-                                  reconstruct=reconstruct)
+            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning)
 
     def _eval_due(self, step: int, total: int) -> bool:
         return self.held_out is not None and self.held_out.due(step, total)
@@ -254,7 +252,7 @@ class Run:
         return metrics
 
     # ------------------------------------------------------------------ the loop
-    def train(self, recipe, total: int, desc: str) -> Path | None:
+    def train(self, recipe, total: int, desc: str, *, last: bool = True) -> Path:
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
@@ -325,7 +323,11 @@ class Run:
                 eval_curves(records, self.out / "eval.png", list(cfg.eval_scorers))
         recipe.close()
         self._step_hook.remove()
-        acc.end_training()
+        if last:
+            acc.end_training()  # the trackers, then the process group
+        else:  # another run follows in this process (--stage all): it joins the same process group
+            for tracker in acc.trackers:
+                tracker.finish()
         return final
 
     TRAINABLE_FILE = "trainable.safetensors"
@@ -366,18 +368,20 @@ class Run:
         acc.register_save_state_pre_hook(save)
         acc.register_load_state_pre_hook(load)
 
-    def write_final(self, recipe) -> Path | None:
+    def write_final(self, recipe) -> Path:
         """final/: the parts the recipe trained (the EMA weights when kept), the rest of the source
-        checkpoint linked (or copied), and the manifest."""
-        from uae.training.checkpointing import write_final
+        checkpoint linked (or copied), and the manifest; written by the main process, complete when
+        any process returns (`--stage all` starts every process's next stage from it)."""
+        from uae.training.checkpointing import final_dir, write_final
 
         acc = self.acc
         acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        with self.ema_weights():
-            manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
-            final = write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
-            recipe.write_trained(final)
-        logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+        final = final_dir(self.out)
+        if acc.is_main_process:
+            with self.ema_weights():
+                manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
+                write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
+                recipe.write_trained(final)
+            logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+        acc.wait_for_everyone()
         return final

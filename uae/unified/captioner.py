@@ -15,16 +15,17 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-
 from uae.errors import UAEError
-from uae.unified.common import (caption_images, caption_sampling, load_config, load_pretrained, short_name,
-                              to_device, torch_dtype)
+from uae.unified.common import (caption_images, caption_prompt, caption_sampling, load_config, load_pretrained,
+                              short_name, to_device, torch_dtype)
 
 logger = logging.getLogger(__name__)
 
 
 class TransformersCaptioner:
     """image -> caption with a transformers image-text-to-text model."""
+
+    text_kwargs: dict = {}  # what generate() needs to write text (none here; Janus: its generation mode)
 
     def __init__(self, source: str, settings, *, setting: str = "--captioner", label: str | None = None):
         from transformers import AutoModelForImageTextToText
@@ -45,16 +46,11 @@ class TransformersCaptioner:
                            "and the image in")
         self.sampling, self.effective = caption_sampling(settings, self.model.generation_config)
 
-    def messages(self) -> list[dict]:
-        """The release's order: the instruction, then the image, in one user turn."""
-        return [{"role": "user", "content": [{"type": "text", "text": self.settings.caption_instruction},
-                                             {"type": "image"}]}]
-
-    def prompt(self) -> str:
-        return self.processor.apply_chat_template(self.messages(), add_generation_prompt=True, tokenize=False)
+    def caption_prompt(self) -> str:
+        return caption_prompt(self.processor, self.settings.caption_instruction)
 
     def inputs(self, images: Sequence):
-        text = [self.prompt()] * len(images)
+        text = [self.caption_prompt()] * len(images)
         kwargs = {"padding": True, "padding_side": "left"} if len(images) > 1 else {}
         batch = self.processor(text=text, images=list(images), return_tensors="pt", **kwargs)
         return to_device(batch, self.model.device, self.dtype)

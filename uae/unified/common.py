@@ -49,6 +49,13 @@ def caption_images(model, processor, inputs, images: Sequence, seeds: Sequence[i
     return out
 
 
+def caption_prompt(processor, instruction: str) -> str:
+    """The release's caption prompt through a checkpoint's own chat template: one user turn holding
+    the instruction, then the image, and the generation prompt."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": instruction}, {"type": "image"}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
 def caption_sampling(settings, generation_config) -> tuple[dict, dict]:
     """(keyword arguments for generate(), the effective values for settings()): sampling at the
     run's temperature; top_k / top_p / repetition_penalty from the run when given, else from the

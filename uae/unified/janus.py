@@ -40,14 +40,16 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
-from uae.unified.common import (caption_images, caption_sampling, load_config, load_pretrained, seed_groups,
-                              short_name, to_device, torch_dtype)
+from uae.unified.common import (caption_images, caption_prompt, caption_sampling, load_config, load_pretrained,
+                              seed_groups, short_name, to_device, torch_dtype)
 
 logger = logging.getLogger(__name__)
 
 
 class JanusAdapter:
     """Janus / Janus-Pro behind the UnifiedModel protocol."""
+
+    text_kwargs = {"generation_mode": "text"}  # generate() writes text (captions), not image tokens
 
     def __init__(self, checkpoint: str, settings, *, setting: str = "--checkpoint", label: str | None = None):
         from transformers import JanusForConditionalGeneration, JanusProcessor
@@ -88,9 +90,7 @@ class JanusAdapter:
 
     # -------------------------------------------------------------- captioning
     def caption_prompt(self) -> str:
-        messages = [{"role": "user", "content": [{"type": "text", "text": self.settings_.caption_instruction},
-                                                 {"type": "image"}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return caption_prompt(self.processor, self.settings_.caption_instruction)
 
     def inputs(self, images: Sequence):
         """Caption prompts of `images` (RGB), left-padded, on the model's device."""
@@ -101,7 +101,7 @@ class JanusAdapter:
 
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
         return caption_images(self.model, self.processor, self.inputs, images, seeds, self.settings_.caption_batching,
-                              generation_mode="text", **self.sampling)
+                              **self.text_kwargs, **self.sampling)
 
     # -------------------------------------------------------------- generation
     def generation_prompt(self, text: str) -> str:

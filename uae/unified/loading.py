@@ -122,9 +122,7 @@ def build_user_model(spec: str, settings, model_args: dict):
             sig.bind(**kwargs)
         except TypeError as e:
             raise UAEError(f"--model_args: {spec} cannot be constructed with {sorted(kwargs)} ({e})") from None
-    model = cls(**kwargs)
-    check_model(model, f"--model {spec}")
-    return model
+    return cls(**kwargs)
 
 
 def load_model(spec: str, settings, *, checkpoint: str | None = None, captioner: str | None = None,
@@ -154,21 +152,58 @@ def load_model(spec: str, settings, *, checkpoint: str | None = None, captioner:
     return model
 
 
+def model_sources(spec: str, checkpoint: str | None, captioner: str | None, generator: str | None) -> list | None:
+    """The sources (hub ids, folders or `tiny`) that `--model spec` loads; None for a user's class."""
+    kind = model_kind(spec)
+    if kind == "janus":
+        return [checkpoint]
+    if kind == "module":
+        return None
+    main = checkpoint if kind == "uae" else generator
+    return [main] + ([captioner] if captioner else [])
+
+
+def all_tiny(spec: str, checkpoint: str | None, captioner: str | None, generator: str | None) -> bool:
+    """Whether every model that `--model spec` loads is an embedded random one (then scorer weights
+    `auto` are the tiny ones)."""
+    sources = model_sources(spec, checkpoint, captioner, generator)
+    return bool(sources) and all(s == "tiny" for s in sources)
+
+
+def captioning_side(model, setting: str):
+    """The transformers captioner of a model under test: a Janus adapter itself, or a pipeline's
+    captioner (the shipped ones hold `model`, `processor`, `inputs(images)` and `text_kwargs`)."""
+    side = getattr(model, "captioner", model)
+    if side is None or not hasattr(side, "model"):
+        raise UAEError(f"{setting}: {type(model).__name__} has no transformers captioner to train or load a LoRA onto "
+                       "(--model janus or --model pipeline --captioner ...; a UAE LoRA lives in its checkpoint)")
+    return side
+
+
 def apply_captioner_lora(model, folder: str) -> None:
     """A captioner LoRA from stage 2 (PEFT's folder format) onto the model under test's captioner:
     Janus's language model (its image generation then runs with the LoRA off, as in training) or
     a pipeline's transformers captioner. UAE keeps its LoRA in its checkpoint (--checkpoint
-    <run>/final)."""
+    <run>/final). Every tensor of the file must find its place and every LoRA weight must come
+    from the file: PEFT drops a tensor it cannot place without a word, and only warns of one missing."""
     from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
 
+    from uae.unified.common import first_line
+
+    setting = f"--captioner_lora {folder}"
     if not (Path(folder) / "adapter_config.json").is_file():
-        raise UAEError(f"--captioner_lora {folder}: not a PEFT adapter folder (no adapter_config.json); give a stage-2 "
-                       "run's final/captioner_lora")
-    target = getattr(model, "captioner", None) if hasattr(model, "captioner") else model
-    if target is None or not hasattr(target, "model"):
-        raise UAEError(f"--captioner_lora: {type(model).__name__} has no transformers captioner to load it onto "
-                       "(--model janus or --model pipeline --captioner ...; a UAE run's LoRA is in its final/)")
+        raise UAEError(f"{setting}: not a PEFT adapter folder (no adapter_config.json); give a stage-2 run's "
+                       "final/captioner_lora")
+    target = captioning_side(model, "--captioner_lora")
     try:
-        target.model = PeftModel.from_pretrained(target.model, folder).eval()
+        lora = PeftModel.from_pretrained(target.model, folder).eval()
+        saved = load_peft_weights(folder, device="cpu")
     except Exception as e:
-        raise UAEError(f"--captioner_lora {folder} does not fit the captioner: {type(e).__name__}: {e}") from None
+        raise UAEError(f"{setting} does not fit the captioner ({first_line(e)})") from None
+    placed = get_peft_model_state_dict(lora)
+    unplaced, missing = sorted(set(saved) - set(placed)), sorted(set(placed) - set(saved))
+    if unplaced or missing:
+        raise UAEError(f"{setting} does not fit the captioner: {len(unplaced)} tensor(s) of the file have no place "
+                       f"in it {unplaced[:1]}, {len(missing)} of its LoRA weight(s) are not in the file {missing[:1]}")
+    target.model = lora

@@ -25,7 +25,7 @@ import torch
 
 from uae.errors import UAEError
 from uae.unified.captioner import TransformersCaptioner
-from uae.unified.common import first_line, is_uae_checkpoint, short_name, torch_dtype
+from uae.unified.common import first_line, is_uae_checkpoint, seed_groups, short_name, torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +80,8 @@ class DiffusersGenerator:
     @torch.no_grad()
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
         texts, seeds = list(texts), list(seeds)
-        if len(seeds) != len(texts):
-            raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
-        groups = [list(range(len(texts)))] if self.settings.dit_batching and texts else [[i] for i in range(len(texts))]
         images: list = [None] * len(texts)
-        for idx in groups:
+        for idx, _ in seed_groups(len(texts), seeds, self.settings.dit_batching):  # each image: its own generator
             gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
             out = self.pipe(prompt=[texts[i] for i in idx], generator=gens if len(gens) > 1 else gens[0],
                             output_type="pil", **self.run_args, **self.call_kwargs).images
@@ -94,7 +91,7 @@ class DiffusersGenerator:
 
     def settings_dict(self) -> dict:
         return {"generator": self.source, "pipeline": type(self.pipe).__name__, "dtype": str(self.dtype),
-                **{k: v for k, v in self.run_args.items()}, "call_kwargs": self.call_kwargs,
+                **self.run_args, "call_kwargs": self.call_kwargs,
                 "not_applicable": self.not_applicable,
                 "seeded": "one CPU torch.Generator(seed) per image, "
                           + ("a batch per call" if self.settings.dit_batching else "one image per call")}

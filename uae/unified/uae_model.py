@@ -76,14 +76,13 @@ class UAEModel:
         return self.uae.generate(list(texts), seed=list(seeds), progress=False, **self.generate_kwargs())
 
     def settings(self) -> dict:
+        from uae.unified.common import caption_sampling
+
         s, enc = self.settings_, self.uae.encoder
-        gen = enc.qwen.generation_config
-        sampling = {**{k: getattr(gen, k, None) for k in ("top_k", "top_p", "repetition_penalty")},
-                    **{k: v for k, v in self.caption_kwargs().items() if v is not None and k != "batch"}}
         comps = self.uae.components
         caption = self.captioner.settings_dict() if self.captioner is not None else {
-            "instruction": enc.prompts.caption_instruction, "sampling": {"do_sample": True, **sampling},
-            "batched": s.caption_batching}
+            "instruction": enc.prompts.caption_instruction,
+            "sampling": caption_sampling(s, enc.qwen.generation_config)[1], "batched": s.caption_batching}
         return {"model": "uae", "name": self.name, "checkpoint": self.checkpoint, "device": s.device,
                 "dtype": str(self.uae.dtype),
                 "components": {k: None if v is None else str(v) for k, v in comps.as_dict().items()} if comps else None,
