@@ -22,10 +22,13 @@ T = TypeVar("T")
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, aliases: Sequence[str] = (),
-          choices: Sequence[Any] | None = None, min: float | None = None, max: float | None = None, **kw) -> Any:
-    """A dataclass field with help text, extra flag spellings, and its allowed values for the CLI."""
+          choices: Sequence[Any] | None = None, min: float | None = None, max: float | None = None,
+          run_only: bool = False, **kw) -> Any:
+    """A dataclass field with help text, extra flag spellings, and its allowed values for the CLI.
+    `run_only`: the setting changes how a run goes (logging, checkpoint cadence, placement, the
+    held-out evaluation), not what it trains, so a resumed run may change it (`result_settings`)."""
     meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None,
-            "min": min, "max": max}
+            "min": min, "max": max, "run_only": run_only}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -171,6 +174,11 @@ def parse_configs(classes: dict[str, type], argv: Sequence[str] | None = None, d
         values.update({k: v for k, v in args.items() if k in mine})
         out[name] = from_dict(cls, values, source=f"{cfg_path or 'command line'} ({name})")
     return out
+
+
+def result_settings(cfg) -> list[str]:
+    """The names of the settings that change what a run computes (every field not `run_only`)."""
+    return [f.name for f in dataclasses.fields(cfg) if not f.metadata.get("run_only")]
 
 
 def to_dict(cfg) -> dict[str, Any]:

@@ -30,6 +30,19 @@ def remove_path(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def share_files(root: Path) -> None:
+    """The files and folders under `root` get the permissions a plain write would give (the
+    umask's): libraries that write atomically (safetensors) leave their files 0600, which others on
+    a shared machine cannot read. Symlinks (linked parts) are left alone."""
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), DIR_MODE)
+        for name in files:
+            if not os.path.islink(os.path.join(folder, name)):
+                os.chmod(os.path.join(folder, name), FILE_MODE)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     """A folder written whole or not at all: the block writes into a temporary sibling of `out`,
@@ -42,6 +55,7 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, DIR_MODE)
+        share_files(tmp)
         if out.is_symlink() or out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.rmdir(old)
@@ -53,6 +67,35 @@ def atomic_folder(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def writable_dir(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a folder this process can write into (made if missing), checked before any work
+    starts, so that a run never ends its compute on a FileNotFoundError: else a one-line error
+    naming `flag`."""
+    return _writable(Path(path), Path(path), flag)
+
+
+def writable_file(path: str | os.PathLike, flag: str) -> Path:
+    """`path` as a file this process can write (its folder made if missing), checked before any work
+    starts; a one-line error naming `flag` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise UAEError(f"{flag} {path} is a folder: give a file name")
+    _writable(path.parent, path, flag)
+    return path
+
+
+def _writable(folder: Path, given: Path, flag: str) -> Path:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except OSError as e:
+        blocker = next((p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else f"{e.strerror or e} ({folder})"
+        raise UAEError(f"{flag} {given}: cannot write there: {why}; choose a location you can write") from None
+    return folder
 
 
 def atomic_write_chunks(path: Path, chunks: Iterable[bytes | str]) -> None:

@@ -33,10 +33,11 @@ class TrainConfig:
 
     data: str = field(None, help="training data (see the script's README section for the accepted sources)")
     checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
-    output_dir: str = field("runs/train", help="checkpoints, metrics.jsonl, plots, grids and final/ (official layout)")
+    output_dir: str = field("runs/train", run_only=True,
+                            help="checkpoints, metrics.jsonl, plots, grids and final/ (official layout)")
     resolution: int = field(512, min=16, help="training / rollout size in pixels (a multiple of 16)")
     max_steps: int = field(1000, min=1, aliases=["--max_train_steps", "--max_iterations"],
-                           help="optimizer steps (SFT, cold start) or iterations (GRPO stages)")
+                           help="optimizer steps (SFT, cold start) or iterations (GRPO stages)", run_only=True)
     learning_rate: float = field(1e-4, min=0, help="AdamW learning rate")
     adam_beta1: float = field(0.9, min=0, max=1, help="AdamW beta1")
     adam_beta2: float = field(0.999, min=0, max=1, help="AdamW beta2")
@@ -52,34 +53,48 @@ class TrainConfig:
     use_ema: bool = field(False, help="keep an EMA of the trained weights; final/ uses it")
     ema_decay: float = field(0.999, min=0, max=1, help="EMA decay (warm-up min((1+s)/(10+s), decay), s = optimizer steps)")
     ema_every: int = field(1, min=1, help="EMA update every N optimizer steps")
-    ema_device: str = field("same", choices=("same", "cpu"), help="where the EMA weights live (cpu: none on the GPU)")
+    ema_device: str = field("same", choices=("same", "cpu"), run_only=True,
+                            help="where the EMA weights live (cpu: none on the GPU)")
     mixed_precision: str = field("no", choices=("no", "bf16", "fp16"),
                                  help="no, bf16 or fp16: frozen weights in that dtype, trained weights and optimizer "
                                       "state in fp32, forward passes under autocast")
     gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass, in every model "
-                                                     "that trains (DiT, LLM)")
+                                                     "that trains (DiT, LLM)", run_only=True)
     gradient_accumulation_steps: int = field(1, min=1, help="micro-batches per optimizer step")
-    checkpointing_steps: int = field(500, min=0, help="resumable checkpoint every N steps (0: only at the end)")
-    checkpoints_total_limit: int | None = field(None, min=1, help="keep at most this many checkpoints")
-    resume_from_checkpoint: str | None = field(None, help="'latest' or a checkpoint folder")
-    cache_dir: str | None = field(None, help="cache of precomputed frozen-model outputs (default <output_dir>/cache)")
-    link_unchanged: bool = field(True, help="final/: symlink the unchanged parts instead of copying")
-    report_to: str = field("tensorboard", help="accelerate trackers, comma-separated: tensorboard, wandb, none")
+    checkpointing_steps: int = field(500, min=0, run_only=True,
+                                     help="resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int | None = field(None, min=1, help="keep at most this many checkpoints", run_only=True)
+    resume_from_checkpoint: str | None = field(None, help="'latest' or a checkpoint folder", run_only=True)
+    overwrite_output_dir: bool = field(False, run_only=True,
+                                       help="a fresh run into an --output_dir that holds a run deletes that run's "
+                                            "files (all but cache/) first; without it, that is an error")
+    cache_dir: str | None = field(None, run_only=True,
+                                  help="cache of precomputed frozen-model outputs (default <output_dir>/cache)")
+    link_unchanged: bool = field(True, help="final/: symlink the unchanged parts instead of copying", run_only=True)
+    report_to: str = field("tensorboard", run_only=True,
+                           help="accelerate trackers, comma-separated: tensorboard, wandb, none")
     seed: int = field(0, help="seed: data order, noise and sampling are functions of (seed, step)")
-    device: str = field("auto", choices=("auto", "cpu"), help="auto or cpu (force CPU); GPUs are chosen by accelerate launch")
-    log_level: str = field("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    device: str = field("auto", choices=("auto", "cpu"), run_only=True,
+                        help="auto or cpu (force CPU); GPUs are chosen by accelerate launch")
+    log_level: str = field("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level", run_only=True)
     scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),
                                 help="weights of the scorers (rewards, held-out evaluation): auto (tiny for the tiny "
                                      "model, else official), official, tiny")
-    eval_steps: int = field(0, min=0, help="held-out Unified-Bench every N steps, and at the start and the end (0: never)")
+    eval_steps: int = field(0, min=0, run_only=True,
+                            help="held-out Unified-Bench every N steps, and at the start and the end (0: never)")
     eval_data: str | None = field(None, help="held-out references: a folder of images, a .jsonl or any --data source "
-                                             "(sample: the six sample photos)")
+                                             "(sample: the six sample photos)", run_only=True)
     eval_scorers: list[str] = field(["clip", "longclip", "dinov2", "dinov3"], help="scorers of the held-out evaluation "
-                                                                                   "(overall: their mean)")
-    eval_resolution: int | None = field(None, min=16, help="size of the held-out reconstructions (default --resolution)")
-    eval_inference_steps: int = field(40, min=1, help="denoising steps of the held-out reconstructions (the benchmark's)")
-    eval_guidance_scale: float = field(5.0, min=0, help="CFG of the held-out reconstructions (the benchmark's)")
-    eval_max_new_tokens: int = field(512, min=1, help="caption length limit of the held-out captions (the benchmark's)")
+                                                                                   "(overall: their mean)",
+                                                                                   run_only=True)
+    eval_resolution: int | None = field(None, min=16, run_only=True,
+                                        help="size of the held-out reconstructions (default --resolution)")
+    eval_inference_steps: int = field(40, min=1, run_only=True,
+                                      help="denoising steps of the held-out reconstructions (the benchmark's)")
+    eval_guidance_scale: float = field(5.0, min=0, run_only=True,
+                                       help="CFG of the held-out reconstructions (the benchmark's)")
+    eval_max_new_tokens: int = field(512, min=1, run_only=True,
+                                     help="caption length limit of the held-out captions (the benchmark's)")
 
     def __post_init__(self):
         if not self.data:
@@ -87,6 +102,9 @@ class TrainConfig:
         check_fields(self)
         if self.resolution % 16:
             raise UAEError(f"--resolution {self.resolution} must be a multiple of 16")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise UAEError("--overwrite_output_dir starts a run again and --resume_from_checkpoint continues one: give "
+                           "one of them")
         if self.eval_steps and not self.eval_data:
             raise UAEError(f"--eval_steps {self.eval_steps} needs --eval_data (a folder of held-out reference images, a "
                            ".jsonl, or sample for the six sample photos)")
@@ -105,8 +123,9 @@ class SFTConfig(TrainConfig):
 
     data: str = field(None, help="a .jsonl of {image, caption}, a folder of images with .txt captions, a `datasets` "
                                  "save_to_disk folder (columns image, caption) or webdataset shards")
-    output_dir: str = field("runs/sft", help="checkpoints, logs, validation grids, loss plot and final/ (official layout)")
-    validate_data: bool = field(False, help="only check the data, report counts, and exit")
+    output_dir: str = field("runs/sft", run_only=True,
+                            help="checkpoints, logs, validation grids, loss plot and final/ (official layout)")
+    validate_data: bool = field(False, help="only check the data, report counts, and exit", run_only=True)
     on_bad_data: str = field("error", choices=("error", "skip"),
                              help="error: stop when any item is missing / unreadable / caption-less; skip: train without them")
     bucketing: bool = field(False, help="aspect-ratio buckets instead of square centre crops; a batch holds one bucket")
@@ -135,11 +154,11 @@ class SFTConfig(TrainConfig):
                                                            "linear, cosine")
     lr_warmup_steps: int = field(0, min=0, help="warm-up steps")
     validation_prompts: list[str] = field(["a red cube on a wooden table", "a cat sitting on a window sill"],
-                                          help="fixed prompts rendered every validation_steps (seeded)")
-    validation_steps: int = field(250, min=0, help="render validation images every N steps (0: never)")
-    validation_inference_steps: int = field(28, min=1, help="denoising steps of validation images")
-    validation_guidance_scale: float = field(5.0, min=0, help="CFG of validation images")
-    dataloader_num_workers: int = field(0, min=0, help="DataLoader workers")
+                                          help="fixed prompts rendered every validation_steps (seeded)", run_only=True)
+    validation_steps: int = field(250, min=0, help="render validation images every N steps (0: never)", run_only=True)
+    validation_inference_steps: int = field(28, min=1, help="denoising steps of validation images", run_only=True)
+    validation_guidance_scale: float = field(5.0, min=0, help="CFG of validation images", run_only=True)
+    dataloader_num_workers: int = field(0, min=0, help="DataLoader workers", run_only=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,7 +180,8 @@ class GRPOConfig(TrainConfig):
                             "all: the three in sequence, each from the previous one's final/ (<output_dir>/<stage>/)")
     data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
                                  "captions, a .jsonl of {image, caption}, a datasets folder or webdataset shards")
-    output_dir: str = field("runs/grpo", help="checkpoints, metrics.jsonl, grids/, curves.png and final/")
+    output_dir: str = field("runs/grpo", run_only=True,
+                            help="checkpoints, metrics.jsonl, grids/, curves.png and final/")
     num_steps: int = field(10, min=1, help="sampling steps per reconstruction / rollout")
     guidance_scale: float = field(5.0, min=0, help="classifier-free guidance of the reconstructions")
     reward_funcs: list[str] = field(["clip"], help="rewards, each a scorer (clip, dinov2, dinov3, longclip: image "
@@ -170,8 +190,10 @@ class GRPOConfig(TrainConfig):
     reward_weights: list[float] | None = field(None, help="one weight per reward function (default all 1.0)")
     max_new_tokens: int = field(512, min=1, help="caption length limit (stage 3 prompts; stage 2 actions)")
     temperature: float = field(0.7, min=1e-6, help="caption sampling temperature (stage 2 log-probs use the same)")
-    image_log_steps: int = field(10, min=0, help="save a reference | group grid every N steps (0: never)")
-    checkpointing_steps: int = field(50, min=0, help="resumable checkpoint every N steps (0: only at the end)")
+    image_log_steps: int = field(10, min=0, run_only=True,
+                                 help="save a reference | group grid every N steps (0: never)")
+    checkpointing_steps: int = field(50, min=0, run_only=True,
+                                     help="resumable checkpoint every N steps (0: only at the end)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -192,7 +214,8 @@ class ColdStartConfig(GRPOConfig):
     """Unified-GRPO stage 1, cold start (the release's training code: 512 px, 10 steps, CFG 5)."""
 
     stage: str = field("cold_start", choices=("cold_start",), help="this stage")
-    max_steps: int = field(200, min=1, aliases=["--max_train_steps", "--max_iterations"], help="optimizer steps")
+    max_steps: int = field(200, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="optimizer steps")
     batch_size: int = field(1, min=1, help="images per step and process")
     learning_rate: float = field(1e-4, min=0, help="AdamW learning rate of the encoder's LoRA and the projector")
     decoder_learning_rate: float = field(1e-5, min=0, help="AdamW learning rate of the decoder's LoRA (ours: "
@@ -237,7 +260,8 @@ class GroupConfig(GRPOConfig):
                                help="advantages (r - group mean) divided by the std of the group, of the whole batch, "
                                     "or by nothing (TRL's scale_rewards; Flow-GRPO's global_std is batch)")
     adv_clip: float = field(5.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping)")
-    checkpointing_steps: int = field(50, min=0, help="resumable checkpoint every N iterations (0: only at the end)")
+    checkpointing_steps: int = field(50, min=0, run_only=True,
+                                     help="resumable checkpoint every N iterations (0: only at the end)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -251,7 +275,8 @@ class G4UConfig(GroupConfig):
     GRPO defaults for VLMs (8 generations, LoRA lr 1e-5, epsilon 0.2, beta 0)."""
 
     stage: str = field("g4u", choices=("g4u",), help="this stage")
-    max_steps: int = field(1000, min=1, aliases=["--max_train_steps", "--max_iterations"], help="GRPO iterations")
+    max_steps: int = field(1000, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="GRPO iterations")
     learning_rate: float = field(1e-5, min=0, help="AdamW learning rate of the encoder's LoRA")
     group_size: int = field(8, min=2, help="captions per image (G)")
     prompts_per_iteration: int = field(16, min=1, help="images per iteration over all processes, drawn without replacement")
@@ -299,7 +324,8 @@ class U4GConfig(GroupConfig):
     """Unified-GRPO stage 3, Understanding for Generation: Flow-GRPO's SD3.5 settings."""
 
     stage: str = field("u4g", choices=("u4g",), help="this stage")
-    max_steps: int = field(300, min=1, aliases=["--max_train_steps", "--max_iterations"], help="GRPO iterations")
+    max_steps: int = field(300, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="GRPO iterations")
     learning_rate: float = field(3e-4, min=0, help="AdamW learning rate of the decoder's LoRA")
     guidance_scale: float = field(4.5, min=0, help="CFG during rollouts and training (both branches in one batch)")
     prompts_per_iteration: int = field(48, min=1, help="prompts per iteration over all processes, drawn without "

@@ -17,6 +17,8 @@ from typing import Protocol
 import torch
 
 from uae.errors import UAEError
+from uae.files import atomic_folder, writable_dir
+from uae.training.checkpointing import Checkpoints, claim_output_dir, clear_run, final_dir, write_final
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +132,15 @@ class Run:
 
         self.cfg, self.name = resolve_names(cfg), name
         cfg = self.cfg
-        self.out = Path(cfg.output_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.acc = make_accelerator(cfg, self.out)
+        self.out = writable_dir(cfg.output_dir, "--output_dir")
         self.config_dict = to_dict(cfg)
-        if self.acc.is_main_process:
+        # Before anything is written, on every process: whose folder it is, and what to resume.
+        self.resume, clear = claim_output_dir(cfg, self.config_dict)
+        self.acc = make_accelerator(cfg, self.out)
+        self.acc.wait_for_everyone()  # every process has read the folder as it was
+        if self.acc.is_main_process and not self.finished(cfg.max_steps):
+            if clear:
+                clear_run(self.out)
             save_config(cfg, self.out / "config.yaml")
         self.steps = OptimizerSteps()
         self.ema = None
@@ -142,6 +148,12 @@ class Run:
         self.held_out = None           # the held-out evaluation (eval_steps > 0)
         self._evaluation_prepared = False
         self.trainable: list[torch.nn.Parameter] = []
+
+    def finished(self, total: int) -> bool:
+        """A resume at or past `total` steps whose final/ is written: nothing to train, nothing to
+        change (not even config.yaml)."""
+        return (self.resume is not None and Checkpoints.state(self.resume)["step"] >= total
+                and final_dir(self.out).is_dir())
 
     # ------------------------------------------------------------------ logging
     def log(self, step: int, values: dict) -> None:
@@ -256,9 +268,12 @@ class Run:
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
-        from uae.training.checkpointing import Checkpoints
-
         cfg, acc = self.cfg, self.acc
+        if self.finished(total):
+            logger.info("%s is at step %d, at or past --max_steps %d: nothing to train; %s is unchanged", self.resume,
+                        Checkpoints.state(self.resume)["step"], total, final_dir(self.out))
+            self._end(last)
+            return final_dir(self.out)
         set_seed(cfg.seed)
         # Every process sets up together (accelerate's prepare is collective); cached artefacts such
         # as the embedded tiny checkpoint are built once under a file lock (uae.files.build_once).
@@ -285,16 +300,19 @@ class Run:
         self._checkpoint_trainable_only()
         ckpts = Checkpoints(self.out, cfg.checkpoints_total_limit)
         start = 0
-        resume = ckpts.resolve(cfg.resume_from_checkpoint)
-        if resume is not None:
-            start = Checkpoints.load(acc, resume)
-            logger.info("resumed from %s at step %d", resume, start)
+        if self.resume is not None:
+            start = Checkpoints.load(acc, self.resume)
+            logger.info("resumed from %s at step %d", self.resume, start)
+            if start >= total:  # a finished run whose final/ is missing (stopped while writing it)
+                logger.info("step %d is at or past --max_steps %d: nothing to train; writing final/ from it", start,
+                            total)
         self.metrics = JsonlLog(self.out / "metrics.jsonl", acc, start)
         self.samples = JsonlLog(self.out / "samples.jsonl", acc, start)
         if acc.is_main_process:
             acc.init_trackers(self.name, config={k: v for k, v in self.config_dict.items()
                                                  if isinstance(v, (int, float, str, bool))})
-        recipe.begin(start)
+        if start < total:
+            recipe.begin(start)
         if start == 0 and self._eval_due(0, total):
             self.log(0, self.evaluate(0))
         bar = tqdm(total=total, initial=start, desc=desc, disable=not acc.is_local_main_process)
@@ -312,7 +330,8 @@ class Run:
             if cfg.checkpointing_steps and (i + 1) % cfg.checkpointing_steps == 0 and i + 1 < total:
                 ckpts.save(acc, i + 1, self.config_dict)
         bar.close()
-        ckpts.save(acc, total, self.config_dict)
+        if start < total:
+            ckpts.save(acc, total, self.config_dict)
         final = self.write_final(recipe)
         if acc.is_main_process:
             records = self.metrics.read()
@@ -323,12 +342,15 @@ class Run:
                 eval_curves(records, self.out / "eval.png", list(cfg.eval_scorers))
         recipe.close()
         self._step_hook.remove()
-        if last:
-            acc.end_training()  # the trackers, then the process group
-        else:  # another run follows in this process (--stage all): it joins the same process group
-            for tracker in acc.trackers:
-                tracker.finish()
+        self._end(last)
         return final
+
+    def _end(self, last: bool) -> None:
+        if last:
+            self.acc.end_training()  # the trackers, then the process group
+        else:  # another run follows in this process (--stage all): it joins the same process group
+            for tracker in self.acc.trackers:
+                tracker.finish()
 
     TRAINABLE_FILE = "trainable.safetensors"
 
@@ -372,16 +394,14 @@ class Run:
         """final/: the parts the recipe trained (the EMA weights when kept), the rest of the source
         checkpoint linked (or copied), and the manifest; written by the main process, complete when
         any process returns (`--stage all` starts every process's next stage from it)."""
-        from uae.training.checkpointing import final_dir, write_final
-
         acc = self.acc
         acc.wait_for_everyone()
         final = final_dir(self.out)
         if acc.is_main_process:
-            with self.ema_weights():
+            with self.ema_weights(), atomic_folder(final) as tmp:  # whole, and nothing of an earlier final/
                 manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
-                write_final(self.out, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
-                recipe.write_trained(final)
+                write_final(tmp, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
+                recipe.write_trained(tmp)
             logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
         acc.wait_for_everyone()
         return final
