@@ -47,8 +47,26 @@ def parse(argv: Sequence[str] | None = None, description: str | None = None) -> 
         if stage not in STAGE_CONFIGS:
             raise UAEError(f"--stage {stage}: choose from {', '.join(STAGES)}, all")
         return [parse_config(STAGE_CONFIGS[stage], argv, description)]
+    refuse_one_stage_config(argv)
     configs = parse_configs(STAGE_CONFIGS, argv, description, drop=("stage",))
     return [configs[s] for s in STAGES]
+
+
+def refuse_one_stage_config(argv: Sequence[str]) -> None:
+    """`--stage all` with a config written for one stage (`stage: u4g`) is refused: its top-level keys
+    would reach every stage, giving stages 1 and 2 stage 3's learning rate, group size, clip range
+    and KL weight. A config for all stages says `stage: all` (or nothing) and holds a section per
+    stage (configs/grpo/all.yaml)."""
+    from uae.errors import UAEError
+
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith("--config=") else None
+        stage = read_yaml(path).get("stage", "all") if path else "all"
+        if stage != "all":
+            raise UAEError(f"--stage all --config {path}: a one-stage config (stage: {stage}) would give every stage "
+                           f"its settings; use a config with a section per stage (configs/grpo/all.yaml, "
+                           f"configs/grpo/tiny_all.yaml), or --stage {stage}")
 
 
 SAFE_LAUNCH_CONFIGS = "configs/accelerate/single_gpu.yaml, multi_gpu_ddp.yaml or multi_node.yaml (DDP)"
