@@ -188,6 +188,9 @@ def test_grpo_refuses_sharded_launches_on_every_rank(tiny_ckpt, pairs, tmp_path,
     # failed children, no frame of ours; nothing was set up.
     assert "exitcode  : 2" in proc.stderr and f'File "{ROOT / "uae"}' not in proc.stderr
     assert not (tmp_path / "run" / "config.yaml").exists()
+    # The launcher's summary, printed last, names our error as the root cause (its error file).
+    root_cause = proc.stderr[proc.stderr.rindex("Root Cause"):]
+    assert f"{name} launches are not supported" in root_cause, proc.stderr[-3000:]
 
 
 def test_sft_still_launches_with_the_fsdp_config(tiny_ckpt, pairs, tmp_path):

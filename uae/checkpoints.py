@@ -54,6 +54,12 @@ def _is_hub_id(s: str) -> bool:
 def _download(repo_id: str, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
+    from uae.hub import local_or_cached
+
+    found = local_or_cached(repo_id, "checkpoint", hint="offline, pass --checkpoint tiny (random weights, for "
+                                                        "tests) or a local folder in the official layout")
+    if found != repo_id:
+        return Path(found)
     try:
         return Path(snapshot_download(repo_id=repo_id, allow_patterns=patterns))
     except Exception as e:  # network, auth (gated repos), missing repo
@@ -75,6 +81,11 @@ def resolve_components(checkpoint: str | None, overrides: dict[str, str | None] 
     if checkpoint is not None:
         if os.path.isdir(checkpoint):
             root = Path(checkpoint)
+            run_folder = (root / "final").is_dir() or (root / "config.yaml").is_file()
+            if run_folder and not any((root / s).is_dir() for s in SUBFOLDERS["llm"]):
+                raise UAEError(f"checkpoint {checkpoint!r} is a training run's folder: its result, in the official "
+                               f"layout, is {root / 'final'}: pass --checkpoint {root / 'final'}" +
+                               ("" if (root / "final").is_dir() else " once the run has finished (it has none yet)"))
         elif _is_hub_id(checkpoint):
             wanted = [c for c in need if c not in overrides]
             patterns = [f"{sub}/*" for c in wanted for sub in SUBFOLDERS[c]] or None

@@ -57,8 +57,25 @@ def script_main(fn: Callable[..., int]) -> Callable[..., int]:
             return fn(argv, **kwargs)
         except UAEError as e:
             logger.error("%s", e)
+            report_to_launcher(e)
             return 2
     return wrapper
+
+
+def report_to_launcher(error: UAEError) -> None:
+    """Under `accelerate launch` / torchrun, the error's one line also goes to the launcher's error
+    file (TORCHELASTIC_ERROR_FILE), so that the launcher's ChildFailedError summary, the last thing
+    the user reads, shows it as the root cause instead of a pointer to its docs."""
+    import json
+    import time
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": f"error: {error}", "timestamp": int(time.time())}, f)
+        except OSError:
+            pass  # the one line above still stands
 
 
 def with_named_config(argv: Sequence[str], kind: str) -> list[str]:

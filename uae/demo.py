@@ -50,6 +50,7 @@ class DemoConfig(InferenceConfig):
         if self.prompt_only and not self.input_img:
             raise UAEError("--prompt_only needs --input_img (it captions an image)")
         super().__post_init__()
+        self.check_sd3_size()
 
     @property
     def overrides(self) -> dict[str, str | None]:
@@ -89,12 +90,17 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     setup_logging(cfg.log_level)
     from tqdm.auto import tqdm
 
-    from uae.files import atomic_write_text
+    from uae.files import atomic_write_text, writable_dir, writable_file
     from uae.images import list_images, open_image, save_image
     from uae.models.uae import UAE
     from uae.random_weights import resolve_checkpoint
 
-    # Read and check every input before loading any model.
+    # Read and check every input, and where the outputs go, before loading any model.
+    batch_mode = bool(cfg.prompt_file) or (cfg.input_img and Path(cfg.input_img).is_dir())
+    if batch_mode:
+        writable_dir(cfg.output_dir, "--output_dir")
+    elif not cfg.prompt_only:
+        writable_file(cfg.output_path, "--output_path")
     image_paths: list[Path] = []
     prompts: list[str] = []
     if cfg.input_img:
@@ -109,7 +115,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
                                 device=cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                 offload=cfg.offload)
     gen_kwargs, cap_kwargs = cfg.generate_kwargs(), cfg.caption_kwargs()
-    batch_mode = bool(cfg.prompt_file) or (cfg.input_img and Path(cfg.input_img).is_dir())
     out_dir = Path(cfg.output_dir)
 
     def seeds(start: int, n: int) -> list[int]:

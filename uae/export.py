@@ -26,6 +26,7 @@ import torch
 from uae.cli import script_main, setup_logging
 from uae.dataclass_cli import check_fields, field, parse_config
 from uae.errors import UAEError
+from uae.files import writable_dir
 
 logger = logging.getLogger("uae.export")
 
@@ -84,6 +85,7 @@ def check_output(out: Path, overwrite: bool, sources: list[str]) -> None:
         if any(out.iterdir()):
             raise UAEError(f"--output_dir {out} exists and is not empty: pass --overwrite to replace it, or choose "
                            "another folder")
+    writable_dir(out.parent, "--output_dir")  # the export is written beside it, then renamed
 
 
 def export_dtype(requested: str, folder: str) -> tuple[torch.dtype, torch.dtype]:

@@ -340,13 +340,11 @@ def run(cfg: GenBenchConfig) -> dict | None:
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    from uae.files import atomic_write_json
+    from uae.files import atomic_write_json, writable_dir
     from uae.runtime import resolve_device
 
     prompts = read_prompts(cfg.benchmark, cfg.prompts)  # every input checked before any model loads
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UAEError(f"--output_dir {out} is a file, not a folder")
+    out = writable_dir(cfg.output_dir, "--output_dir")
     manifest = settings(cfg, prompts)
     check_resumable(out, manifest)
     state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")

@@ -54,13 +54,16 @@ class ScoreConfig:
 
 
 def run(cfg: ScoreConfig) -> int:
-    from uae.files import atomic_write_json
+    from uae.files import atomic_write_json, writable_file
     from uae.paths import cache_dir
     from uae.random_weights import scorer_checkpoint
     from uae.runtime import resolve_device, resolve_dtype
-    from uae.scoring.folder import details_path, score_folders, split_official
+    from uae.scoring.folder import details_path, match_folders, score_folders, split_official
     from uae.scoring.scorers import load_scorer
 
+    # Before any scorer loads: where the results go, and that there is something to score.
+    writable_file(cfg.output_file, "--output_file")
+    check_some_match(match_folders(cfg.image_path, cfg.ref_path), cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.weights == "tiny":
@@ -87,6 +90,20 @@ def run(cfg: ScoreConfig) -> int:
         if names:
             logger.warning("unmatched %s: %s", side, ", ".join(names))
     return 1 if s["failed"] and not cfg.allow_failures else 0
+
+
+def check_some_match(matching, cfg: ScoreConfig, listed: int = 5) -> None:
+    """No pair at all is a mistake of the command (two unrelated folders, a wrong --image_path), not
+    a score: a one-line error naming what did not match, exit code 2."""
+    if matching.pairs or matching.errors:
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:listed]) + (f" and {len(names) - listed} more" if len(names) > listed else "")
+
+    raise UAEError(f"no reconstruction in --image_path {cfg.image_path} matches a reference in --ref_path "
+                   f"{cfg.ref_path} (same file name, same stem, or recon_<stem>): references "
+                   f"{some(matching.unmatched_references)}; reconstructions {some(matching.unmatched_reconstructions)}")
 
 
 def main_with(argv=None, models: list[str] | None = None, description: str | None = None) -> int:

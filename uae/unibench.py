@@ -24,7 +24,7 @@ from uae.cli import script_main, setup_logging
 from uae.dataclass_cli import field, parse_config, save_config
 from uae.errors import UAEError
 from uae.models.inference import InferenceConfig
-from uae.files import atomic_write_json, atomic_write_text
+from uae.files import atomic_write_json, atomic_write_text, writable_dir
 from uae.images import list_images, open_image, save_image
 from uae.paths import SAMPLES_DIR
 from uae.unified.loading import MODEL_HELP
@@ -249,7 +249,7 @@ def run_unibench(cfg) -> dict | None:
     from uae.scoring.folder import score_folders
     from uae.scoring.scorers import load_scorer, resolve_scorer_weights
 
-    out = Path(cfg.output_dir)
+    out = writable_dir(cfg.output_dir, "--output_dir")  # before anything loads
     refs = list_images(cfg.ref_path, "reference (--ref_path)")
     skipped: dict[str, str] = {}
     if cfg.recon_from:
@@ -359,6 +359,8 @@ class UniBenchConfig(InferenceConfig):
         from uae.unified.loading import model_kind, read_model_args
 
         kind = model_kind(self.model)
+        if kind == "uae" and not self.recon_from:
+            self.check_sd3_size()
         has_captions = self.captioner or self.captions_from
         if kind == "pipeline" and not self.recon_from and not (self.generator and has_captions):
             raise UAEError("--model pipeline needs --generator (a diffusers text-to-image pipeline) and --captioner "

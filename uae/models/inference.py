@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from uae.dataclass_cli import check_fields, field
+from uae.errors import UAEError
 
 
 @dataclass
@@ -38,6 +39,13 @@ class InferenceConfig:
 
     def __post_init__(self):
         check_fields(self)
+
+    def check_sd3_size(self) -> None:
+        """UAE's decoder (SD3) makes images whose sides are multiples of 16 (VAE factor 8 x patch 2):
+        checked before any model loads."""
+        for name in ("height", "width"):
+            if getattr(self, name) % 16:
+                raise UAEError(f"--{name} {getattr(self, name)} must be a multiple of 16 (SD3's VAE and patch size)")
 
     def caption_kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,

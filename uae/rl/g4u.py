@@ -23,7 +23,7 @@ import torch
 from uae.errors import UAEError
 from uae.rl.captioners import CaptionPolicy, add_captioner_lora, uae_policy
 from uae.rl.grpo import clipped_surrogate, ratio_stats, token_loss
-from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share
+from uae.rl.iteration import Phases, check_share, gathered_advantages, iteration_metrics, iteration_share
 from uae.data import load_references
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
@@ -83,6 +83,7 @@ class G4URecipe:
     def setup(self) -> None:
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
+        check_share(cfg, len(self.refs), acc.num_processes)  # before anything loads
         precision = precision_policy(cfg.mixed_precision)
         parts = self._setup_uae(precision) if cfg.model == "uae" else self._setup_other(precision)
         self.trainable = parts.trainable

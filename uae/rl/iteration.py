@@ -73,17 +73,24 @@ class Share(NamedTuple):
     offset: int          # global index of this process's first sample
 
 
+def check_share(cfg, n_refs: int, world: int) -> None:
+    """Whether iterations can be drawn from `n_refs` references over `world` processes: checked by
+    the stages as soon as the references are read, before any model loads."""
+    if cfg.prompts_per_iteration > n_refs:
+        raise UAEError(f"--prompts_per_iteration {cfg.prompts_per_iteration} is more than the {n_refs} reference(s) "
+                       f"of --data {cfg.data}: prompts are drawn without replacement; lower it or add references")
+    samples = cfg.prompts_per_iteration * cfg.group_size
+    if samples % world:
+        raise UAEError(f"--prompts_per_iteration x --group_size = {samples} is not divisible by {world} processes")
+
+
 def iteration_share(cfg, it: int, n_refs: int, world: int, rank: int) -> Share:
     """The iteration's prompts, drawn without replacement (a permutation seeded by (seed, iteration),
     as Flow-GRPO's sampler does, so no two groups share a prompt), each repeated group_size times;
     samples split across processes in contiguous shares, so a group may span processes."""
-    if cfg.prompts_per_iteration > n_refs:
-        raise UAEError(f"prompts_per_iteration {cfg.prompts_per_iteration} is more than the {n_refs} reference(s) "
-                       "of --data: prompts are drawn without replacement; lower it or add references")
+    check_share(cfg, n_refs, world)
     pick = torch.randperm(n_refs, generator=generator_for(cfg.seed + 1, it))[:cfg.prompts_per_iteration].tolist()
     samples = [p for p in pick for _ in range(cfg.group_size)]
-    if len(samples) % world:
-        raise UAEError(f"prompts_per_iteration x group_size = {len(samples)} is not divisible by {world} processes")
     per = len(samples) // world
     return Share(pick, samples[rank * per:(rank + 1) * per], per, rank * per)
 

@@ -29,7 +29,8 @@ import torch
 
 from uae.models.decoder import decode_latents, guided_velocity
 from uae.rl.grpo import flow_kl, ppo_clip_loss
-from uae.rl.iteration import Phases, gathered_advantages, iteration_metrics, iteration_share, sde_window_for
+from uae.rl.iteration import (Phases, check_share, gathered_advantages, iteration_metrics, iteration_share,
+                              sde_window_for)
 from uae.data import load_references
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
@@ -150,6 +151,7 @@ class U4GRecipe:
 
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
+        check_share(cfg, len(self.refs), acc.num_processes)  # before anything loads
         # The checkpoint's dit_lora (e.g. the cold start's) is trained further; fresh_dit_lora starts a new one.
         overrides = {"dit_lora": "none"} if cfg.fresh_dit_lora else None
         precision = precision_policy(cfg.mixed_precision)

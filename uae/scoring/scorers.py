@@ -21,6 +21,7 @@ from torch import nn
 
 from uae.errors import UAEError
 from uae.hashing import fingerprint
+from uae.hub import OFFLINE_HINT, local_or_cached
 from uae.paths import CONFIG_DIR
 
 logger = logging.getLogger(__name__)
@@ -264,12 +265,15 @@ def load_scorer(name: str, checkpoint: str | None = None, *, device="cpu", dtype
     kind = spec["kind"]
     if kind not in KINDS:
         raise UAEError(f"scorer {name}: unknown kind {kind!r} in configs/scorers.yaml; known: {list(KINDS)}")
+    source = local_or_cached(checkpoint, f"scorer {name}")
     try:
-        model, tokenizer, files = KINDS[kind].load(checkpoint, spec, dtype)
+        model, tokenizer, files = KINDS[kind].load(source, spec, dtype)
     except UAEError:
         raise
     except Exception as e:
-        raise UAEError(f"could not load scorer {name} from {checkpoint!r}: {type(e).__name__}: {e}") from None
+        why = " ".join(str(e).split()).rstrip(".")  # one line
+        hint = "" if os.path.exists(checkpoint) else f"; {OFFLINE_HINT}"
+        raise UAEError(f"could not load scorer {name} from {checkpoint!r}: {type(e).__name__}: {why}{hint}") from None
     fp = fingerprint(name, kind, checkpoint, spec["preprocess"], str(dtype), files=files)
     scorer = Scorer(name, kind, model.eval().requires_grad_(False), pre, fp, tokenizer,
                     spec.get("context_length"))
