@@ -56,7 +56,8 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
     cfg = parse_config(ColdStartConfig, [
         "--stage", "cold_start", "--checkpoint", str(ckpt), "--data", str(pairs), "--output_dir", str(out),
         "--num_steps", str(steps), "--resolution", str(resolution), "--guidance_scale", "5.0",
-        "--scorer_weights", "tiny", "--report_to", "none", "--device", "auto", *extra])
+        "--scorer_weights", "tiny", "--report_to", "none", "--device", "auto",
+        "--overwrite_output_dir", *extra])  # a scratch folder each measurement reuses
     recipe = ColdStartRecipe(Run(cfg, "bench"))
     recipe.setup()
     return recipe

@@ -91,7 +91,9 @@ def grpo_recipe(tmp_path):
         from uae.training.run import Run
 
         AcceleratorState._reset_state(reset_partial_state=True)
-        run = Run(grpo_config(stage, ckpt, out or tmp_path / f"run-{stage}", *extra), "test")
+        # A test may set up several recipes in one folder: each starts it afresh (--overwrite_output_dir).
+        fresh = () if "--resume_from_checkpoint" in map(str, extra) else ("--overwrite_output_dir",)
+        run = Run(grpo_config(stage, ckpt, out or tmp_path / f"run-{stage}", *extra, *fresh), "test")
         recipe = ColdStartRecipe(run) if stage == "cold_start" else \
             {"g4u": G4URecipe, "u4g": U4GRecipe}[stage](run, reward=reward)
         if setup:

@@ -162,7 +162,7 @@ def test_bad_settings_name_the_flag(tiny_ckpt, capsys):
     _expect_error(["--checkpoint", tiny_ckpt, "--input_text", "x", "--device", "cuda"], capsys, "--device")
     _expect_error(["--checkpoint", tiny_ckpt, "--input_text", "x", "--dtype", "int3"], capsys, "--dtype")
     _expect_error(["--checkpoint", tiny_ckpt, "--input_text", "x", "--height", "50", "--width", "64",
-                   "--steps", "1"], capsys, "multiples of 16")
+                   "--steps", "1"], capsys, "--height 50 must be a multiple of 16")
 
 
 def test_cli_process_exit_code_and_no_traceback(tmp_path):

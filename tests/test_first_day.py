@@ -302,3 +302,24 @@ def test_a_cached_repo_is_used_when_the_hub_cannot_be_reached(tmp_path, monkeypa
     assert Path(hub.local_or_cached("org/name", "scorer x")) == snapshot
     with pytest.raises(Exception, match="cannot be reached"):
         hub.local_or_cached("org/other", "scorer x")
+
+
+def test_a_mistyped_lr_scheduler_is_refused_when_parsed():
+    """It was a free string, found only by diffusers' get_scheduler after the models had loaded."""
+    from uae.dataclass_cli import parse_config
+    from uae.errors import UAEError
+    from uae.training.configs import SFTConfig
+
+    with pytest.raises(UAEError, match="--lr_scheduler.*'cosin'.*constant_with_warmup"):
+        parse_config(SFTConfig, ["--data", "x", "--lr_scheduler", "cosin"])
+    with pytest.raises(UAEError, match="--lr_scheduler cosin: choose from constant, constant_with_warmup, linear"):
+        SFTConfig(data="x", lr_scheduler="cosin")  # from a YAML file
+
+
+def test_the_grpo_bar_shows_the_reward(tmp_path, capsys):
+    from uae.rl.train import main
+
+    assert main(["--config", str(ROOT / "configs/grpo/tiny_u4g.yaml"), "--max_steps", "1",
+                 "--output_dir", str(tmp_path / "run")]) == 0
+    bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("u4g")]
+    assert any("reward=" in line and "loss=" in line for line in bar), bar[-3:]

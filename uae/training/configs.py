@@ -150,8 +150,9 @@ class SFTConfig(TrainConfig):
     latent_sampling: str = field("sample", choices=("sample", "mode"),
                                  help="VAE latents: sample (from the posterior, as diffusers' SD3 scripts) or mode")
     train_batch_size: int = field(1, min=1, help="batch size per process")
-    lr_scheduler: str = field("constant_with_warmup", help="diffusers scheduler name: constant, constant_with_warmup, "
-                                                           "linear, cosine")
+    lr_scheduler: str = field("constant_with_warmup", choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                                               "cosine_with_restarts", "polynomial"),
+                              help="diffusers' learning-rate schedule (diffusers.optimization.get_scheduler)")
     lr_warmup_steps: int = field(0, min=0, help="warm-up steps")
     validation_prompts: list[str] = field(["a red cube on a wooden table", "a cat sitting on a window sill"],
                                           help="fixed prompts rendered every validation_steps (seeded)", run_only=True)

@@ -324,9 +324,9 @@ class Run:
                 values.update(self.evaluate(i + 1))
             self.log(i + 1, values)
             bar.update(1)
-            key = next((k for k in ("loss", "reward_mean") if k in values), None)
-            if key:
-                bar.set_postfix({key: f"{values[key]:.4f}"})
+            shown = {k: f"{values[k]:.4f}" for k in ("reward_mean", "loss") if k in values}  # the RL stages: both
+            if shown:
+                bar.set_postfix({k.replace("_mean", ""): v for k, v in shown.items()})
             if cfg.checkpointing_steps and (i + 1) % cfg.checkpointing_steps == 0 and i + 1 < total:
                 ckpts.save(acc, i + 1, self.config_dict)
         bar.close()
