@@ -7,7 +7,7 @@ decoder's LoRA), or all three in sequence. The settings of each stage: uae/train
     python train_grpo.py --stage g4u --config configs/grpo/tiny_g4u.yaml
     python train_grpo.py --stage cold_start --config configs/grpo/tiny_cold_start.yaml
     python train_grpo.py --stage all --config configs/grpo/tiny_all.yaml
-    accelerate launch --multi_gpu --num_processes 8 train_grpo.py --config configs/grpo/u4g.yaml \
+    accelerate launch --multi_gpu --num_processes 8 train_grpo.py --config configs/grpo/u4g.yaml \\
         --checkpoint zhiyuanyan1/UAE --data /data/images
 """
 

@@ -1,9 +1,9 @@
 """Unified-Bench end to end: caption each reference, regenerate it from the caption, score.
 
     python Unified-Bench/run_unibench.py                                   # tiny model, sample references
-    python Unified-Bench/run_unibench.py --checkpoint zhiyuanyan1/UAE \
+    python Unified-Bench/run_unibench.py --checkpoint zhiyuanyan1/UAE \\
         --ref_path Unified-Bench/UniBench/Image --output_dir Unified-Bench/results/uae
-    python Unified-Bench/run_unibench.py --recon_from other/recon --captions_from other/captions \
+    python Unified-Bench/run_unibench.py --recon_from other/recon --captions_from other/captions \\
         --ref_path Unified-Bench/UniBench/Image --output_dir Unified-Bench/results/other
 
 Any unified model (--model): uae (default), janus (--checkpoint deepseek-community/Janus-Pro-7B),

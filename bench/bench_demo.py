@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     s = res["seconds"]
     print(f"demo benchmark ({res['machine']}); {res['preset']}, {args.size}px, {args.steps} steps, {res['dtype']}")
     print(f"text-to-image: ours {s['ours_decode']:.3f} s, bare diffusers {s['bare_pipeline']:.3f} s, "
-          f"ratio {res['ratio_ours_over_bare']:.3f}x (target <= 1.05x), max pixel diff {diff:.1e}; "
+          f"ours / bare {res['ratio_ours_over_bare']:.3f}x (target <= 1.05x), max pixel diff {diff:.1e}; "
           f"prompt embedding {s['prompt_embedding']:.3f} s")
     print(f"captioning: {res['caption_tokens_per_second']:.1f} tokens/s ({n_tok} tokens)")
     write_json(args.json, res)

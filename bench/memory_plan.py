@@ -9,10 +9,10 @@ classes, with the dtypes the precision policy loads them in (`uae.training.preci
 own `configure(model, cfg)` marks what trains. Bytes follow: frozen weights at their dtype;
 trained weights, gradients and EMA in fp32; AdamW 8 bytes per trained weight (8-bit AdamW 2).
 Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's gradient buckets,
-one more copy of the gradients); 8 GPUs with FSDP full sharding of the modules accelerate wraps
-(the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the rest
-replicated. FSDP runs for SFT only (train_grpo.py refuses it: README "Scaling out"); the RL stages'
-FSDP column says what sharding would save, not a launch that works.
+one more copy of the gradients); for SFT, 8 GPUs with FSDP full sharding of the modules accelerate
+wraps (the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the
+rest replicated. The RL stages have no FSDP row: train_grpo.py refuses FSDP and DeepSpeed launches
+(`uae.rl.train.refuse_sharded_launch`, README "Scaling out"), so the table says "refused".
 
 Activations. One training step's peak memory above the weights is measured at `--act_preset` (a
 small DiT on this machine: resident memory sampled every 2 ms, glibc told to return freed blocks)
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -43,9 +44,14 @@ from common import ROOT, machine, write_json
 
 import torch
 
+logger = logging.getLogger("uae.bench.memory_plan")
+
 GIB = 2 ** 30
 GPU_BYTES = 80 * GIB
 GPUS = 8
+# The stages whose script accepts an FSDP launch: train_grpo.py refuses one for every RL stage
+# (uae.rl.train.refuse_sharded_launch; tests/test_output.py checks the two agree).
+FSDP_STAGES = ("sft",)
 SETTINGS = {  # name -> (stage, config file, extra settings)
     "SFT LoRA": ("sft", "configs/sft/paper.yaml", {"dit_mode": "lora"}),
     "SFT full": ("sft", "configs/sft/paper.yaml", {}),
@@ -131,11 +137,13 @@ def plan(name: str, preset: str = "full") -> dict:
         return out
 
     startup = sum(b["frozen"] + b["trained"] for b in per_module.values())
+    parallel = {"1 GPU": totals(1, False), f"{GPUS} GPUs DDP": totals(1, True)}
+    if stage in FSDP_STAGES:
+        parallel[f"{GPUS} GPUs FSDP"] = totals(GPUS, False)
     return {"setting": name, "stage": stage, "config": path, "mixed_precision": cfg.mixed_precision,
             "trained_parameters": n_trained, "modules_gib": {k: (v["frozen"] + v["trained"]) / GIB for k, v in per_module.items()},
             "startup_weights_gib": startup / GIB, "prepared": sorted(prepared), "freed": sorted(freed),
-            "parallel": {"1 GPU": totals(1, False), f"{GPUS} GPUs DDP": totals(1, True),
-                         f"{GPUS} GPUs FSDP": totals(GPUS, False)}}
+            "parallel": parallel}
 
 
 # ---------------------------------------------------------------------------- activations
@@ -228,16 +236,21 @@ def fit(name: str, points: list[dict], scale: float) -> dict:
 
 
 def activations(settings: list[str], preset: str, resolutions: list[int], tmp: Path) -> dict:
+    from tqdm.auto import tqdm
+
     from uae.random_weights import build_checkpoint, load_preset
 
+    logger.info("activations: building a random %s checkpoint to measure them on", preset)
     ckpt = build_checkpoint(tmp / "ckpt", preset, seed=0)
     small, full = load_preset(preset)["dit"], load_preset("full")["dit"]
     width = lambda d: d["num_attention_heads"] * d["attention_head_dim"] * d["num_layers"]  # noqa: E731
     scale = width(full) / width(small)
     out = {}
+    bar = tqdm(total=len(settings) * len(resolutions), desc="activations", unit="step")
     for name in settings:
         points = []
         for res in resolutions:
+            bar.set_postfix_str(f"{name} at {res}px")
             cmd = [sys.executable, __file__, "--_measure", name, "--_ckpt", str(ckpt), "--_res", str(res),
                    "--_tmp", str(tmp)]
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -246,7 +259,9 @@ def activations(settings: list[str], preset: str, resolutions: list[int], tmp: P
                 raise RuntimeError(f"{name} at {res}px: {proc.stderr[-3000:]}")
             points.append({"resolution": res, "tokens": (res // 16) ** 2,
                            **json.loads(proc.stdout.strip().splitlines()[-1])})
+            bar.update(1)
         out[name] = fit(name, points, scale)
+    bar.close()
     return out
 
 
@@ -259,7 +274,9 @@ def measure_full(setting: str, preset: str, tmp: Path, ckpt: str | None = None) 
 
     if ckpt is None:
         kw = {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}
+        logger.info("measure: building a random %s checkpoint", preset)
         ckpt = build_checkpoint(tmp / "measure", preset, seed=0, **kw)
+    logger.info("measure: one %s training step at %s size, for real", setting, preset)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -296,9 +313,12 @@ def main(argv=None) -> dict:
         return {}
     from uae.cli import setup_logging
 
-    setup_logging("WARNING")
-    res = {"machine": machine(), "preset": args.preset, "gpu_gib": GPU_BYTES / GIB,
-           "plans": {name: plan(name, args.preset) for name in args.settings}}
+    setup_logging("INFO")
+    plans = {}
+    for name in args.settings:
+        logger.info("plan: %s at %s size (its models built on the meta device)", name, args.preset)
+        plans[name] = plan(name, args.preset)
+    res = {"machine": machine(), "preset": args.preset, "gpu_gib": GPU_BYTES / GIB, "plans": plans}
     with tempfile.TemporaryDirectory() as d:
         if args.reuse:
             old = json.loads(Path(args.reuse).read_text())["activations"]
@@ -320,6 +340,8 @@ def main(argv=None) -> dict:
             print(f"{name:<11} {par:<15} {t['frozen_weights'] / GIB:7.1f} {t['trained_weights'] / GIB:8.2f} "
                   f"{t['gradients'] / GIB:7.2f} {t['optimizer'] / GIB:7.2f} {t['ema'] / GIB:6.2f} {t['total'] / GIB:7.1f} "
                   f"{a:>7} {left / GIB:9.1f}")
+        if p["stage"] not in FSDP_STAGES:
+            print(f"{name:<11} {f'{GPUS} GPUs FSDP':<15} refused: train_grpo.py runs DDP only")
     for name, a in res.get("activations", {}).items():
         c = a["check"]
         est = a["full_size_estimate_bytes"]

@@ -1,6 +1,6 @@
 """Score reconstructions against references with several scorers (Unified-Bench metric).
 
-    python eval/Score_i2i.py --image_path recon/ --ref_path Unified-Bench/UniBench/Image \
+    python eval/Score_i2i.py --image_path recon/ --ref_path Unified-Bench/UniBench/Image \\
         --output_file results.json --models clip dinov2 dinov3 longclip
 
 Writes the release's JSON layout to --output_file, exactly {scorer: {image: score, ..., "average",

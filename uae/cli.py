@@ -27,16 +27,61 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+# Library messages that say nothing a user of this toolkit can act on, matched narrowly (logger or
+# warning category, and the message's start), so that any other message of the same source shows.
+# torchao 0.18 registers two enums with torch's pytree (imported by transformers' and diffusers'
+# quantizer modules, and by --optimizer adamw8bit): torch 2.14 answers each with a deprecation
+# warning addressed to torchao's developers.
+QUIET_LOG_MESSAGES = {"torch.utils._pytree": ("%s is an Enum subclass and is now natively supported",)}
+QUIET_WARNINGS = (  # (category, message regex)
+    # torchao's 8-bit optimizer state under torch.compile's cache (--optimizer adamw8bit): a note to
+    # torchao's developers, no effect on the step.
+    (UserWarning, r"OptimState8bit does not implement _stable_hash_for_caching"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def local_rank() -> int:
+    """This process's rank on its node, as `accelerate launch` and torchrun set it (LOCAL_RANK); 0
+    for a plain `python` run. Read from the environment, so logging is set up before accelerate's
+    state exists."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Our loggers at `level`; everything else (libraries, the root logger some of them use
-    directly) at WARNING."""
+    directly) at WARNING. Under `accelerate launch` / torchrun only each node's first process
+    (LOCAL_RANK 0) logs at `level`: the others log warnings and errors only, tagged with their
+    rank, so that a line is printed once per node, not once per GPU."""
+    rank = local_rank()
+    tag = "" if rank == 0 else f"[rank {os.environ.get('RANK', rank)}] "
     handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+    if rank != 0:
+        level = max(logging.getLevelName(level) if isinstance(level, str) else level, logging.WARNING)
     logging.getLogger("uae").setLevel(level)
     # Libraries' loading chatter is not the user's business at INFO.
     for name in ("transformers", "diffusers", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, starts in QUIET_LOG_MESSAGES.items():
+        lib = logging.getLogger(name)
+        lib.filters = [f for f in lib.filters if not isinstance(f, _DropMessages)]  # once, however often called
+        lib.addFilter(_DropMessages(starts))
+    for category, message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     import diffusers

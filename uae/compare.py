@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uae.cli import script_main
+from uae.dataclass_cli import HelpFormatter
 from uae.errors import UAEError
 
 COLUMNS = (("clip", "CLIP"), ("longclip", "LongCLIP"), ("dinov2", "DINO-v2"), ("dinov3", "DINO-v3"))
@@ -419,8 +420,7 @@ def main(argv=None) -> int:
     reconstruction."""
     import sys
 
-    ap = _Parser(prog="uae-report compare", allow_abbrev=False, description=__doc__,
-                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="uae-report compare", allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                     help="Unified-Bench run folders (the runner's --output_dir)")
     ap.add_argument("--output_dir", required=True, help="where compare.md, compare.png and compare.html go")
@@ -428,7 +428,7 @@ def main(argv=None) -> int:
                     help="add the paper's published rows (Tab. 2 and Tab. 3, marked published, not measured)")
     ap.add_argument("--labels", nargs="+", default=None, help="a name per run (default: the folder names)")
     ap.add_argument("--max_images", type=int, default=100,
-                    help="references shown side by side (default 100, the size of Unified-Bench)")
+                    help="references shown side by side (Unified-Bench has 100)")
     args = ap.parse_args(argv)
     if args.max_images < 0:
         raise UAEError("--max_images must be >= 0")

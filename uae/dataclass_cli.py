@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -75,10 +76,64 @@ def _fields(classes) -> list[dataclasses.Field]:
     return list(seen.values())
 
 
-def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
-    """The CLI of a config class (or of several: the union of their fields)."""
-    classes = list(cls) if isinstance(cls, (list, tuple)) else [cls]
-    parser = _Parser(description=description or classes[0].__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+_SAYS_DEFAULT = re.compile(r"\(default|default:|; default ")  # "(default: x)", not "by default" or "TRL's default"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as people read it: the description's lines as written (usage examples one per line,
+    not reflowed into a paragraph) and "(default: X)" after each option that has a default.
+
+    The default shown is the action's `shown_default` where set (the dataclass CLI's flags have
+    `argparse.SUPPRESS` as their argparse default, so that YAML values survive unset flags), else
+    its argparse default. Nothing is added for None (no default), for an off switch, or where the
+    help text already says what the default is."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = getattr(action, "shown_default", action.default)
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS or _SAYS_DEFAULT.search(text)
+                or (action.nargs == 0 and default is False)):
+            return text
+        return f"{text} (default: {_shown(default).replace('%', '%%')})".lstrip()
+
+
+def _shown(value) -> str:
+    if isinstance(value, _PerClass):
+        return ", ".join(f"{label} {_shown(v)}" for label, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "none"
+    return str(value) if value != "" else "''"
+
+
+class _PerClass(dict):
+    """Defaults that differ between the classes of one command line: {class label: default}."""
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _shown_default(name: str, classes: dict[str, type]):
+    """The default of field `name` for --help: one value, or {label: value} where classes differ."""
+    per = {label: _default(fl) for label, c in classes.items() for fl in dataclasses.fields(c) if fl.name == name}
+    values = list(per.values())
+    return values[0] if all(v == values[0] for v in values) else _PerClass(per)
+
+
+def build_parser(cls, description: str | None = None, no_default: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The CLI of a config class (or of several, a list or {label: class}: the union of their
+    fields; --help shows each class's default, by label, where they differ, and none for the
+    fields in `no_default`)."""
+    if isinstance(cls, dict):
+        labelled = dict(cls)
+    else:
+        labelled = {c.__name__: c for c in (cls if isinstance(cls, (list, tuple)) else [cls])}
+    classes = list(labelled.values())
+    parser = _Parser(description=description or classes[0].__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of the settings below")
     hints: dict[str, Any] = {}
     for c in classes:
@@ -98,7 +153,8 @@ def build_parser(cls, description: str | None = None) -> argparse.ArgumentParser
                 kw["nargs"] = "+"
         if f.metadata.get("choices") and len(classes) == 1:
             kw["choices"] = f.metadata["choices"]
-        parser.add_argument(*names, **kw)
+        action = parser.add_argument(*names, **kw)
+        action.shown_default = None if f.name in no_default else _shown_default(f.name, labelled)
     return parser
 
 
@@ -156,7 +212,7 @@ def parse_configs(classes: dict[str, type], argv: Sequence[str] | None = None, d
     class that has the field (an error if none has it); a YAML section named after a class
     (`cold_start: {...}`) goes to that class only, above the top level and below the flags. Keys in
     `drop` (e.g. the `stage: all` that chose this mode) are not passed on."""
-    parser = build_parser(list(classes.values()), description)
+    parser = build_parser(classes, description, no_default=drop)
     args = {k: v for k, v in vars(parser.parse_args(argv)).items() if k not in drop}
     cfg_path = args.pop("config", None)
     loaded = read_yaml(cfg_path) if cfg_path else {}

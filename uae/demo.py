@@ -79,9 +79,14 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield i, items[i:i + size]
+def _batches(items: list, size: int, bar):
+    """(start, items) of each batch; `bar` (tqdm) advanced by a batch's items once it is done: the
+    bar counts images or prompts, whatever the batch size. The bar is closed when the loop ends,
+    however it ends (an error is then the last line, not a redrawn bar)."""
+    with bar:
+        for i in range(0, len(items), size):
+            yield i, items[i:i + size]
+            bar.update(len(items[i:i + size]))
 
 
 @script_main
@@ -122,8 +127,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
 
     if cfg.input_img:
         records = []
-        for start, chunk in tqdm(list(_batches(images, cfg.batch_size)), desc="images", disable=not batch_mode):
-            caps = model.caption(chunk, seed=seeds(start, len(chunk)), **cap_kwargs)
+        for start, chunk in _batches(images, cfg.batch_size,
+                                     tqdm(total=len(images), desc="images", unit="image", disable=not batch_mode)):
+            caps = model.caption(chunk, seed=seeds(start, len(chunk)), progress=True, **cap_kwargs)
             recons = [None] * len(chunk) if cfg.prompt_only else \
                 model.generate(caps, seed=seeds(start, len(chunk)), progress=not batch_mode, **gen_kwargs)
             for j, (cap, recon) in enumerate(zip(caps, recons)):
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
         return 0
 
     written = []
-    for start, chunk in tqdm(list(_batches(prompts, cfg.batch_size)), desc="prompts", disable=not batch_mode):
+    for start, chunk in _batches(prompts, cfg.batch_size,
+                                 tqdm(total=len(prompts), desc="prompts", unit="prompt", disable=not batch_mode)):
         for j, image in enumerate(model.generate(chunk, seed=seeds(start, len(chunk)), progress=not batch_mode,
                                                  **gen_kwargs)):
             path = out_dir / f"{start + j:05d}.png" if batch_mode else Path(cfg.output_path)

@@ -240,7 +240,7 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
 
 @script_main
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
-    cfg = parse_config(ExportConfig, argv, description=description or __doc__.split("\n\n")[0])
+    cfg = parse_config(ExportConfig, argv, description=description or __doc__)
     setup_logging(cfg.log_level)
     from uae.random_weights import resolve_checkpoint
 

@@ -1,8 +1,8 @@
 """Text-to-image benchmarks in their official output layouts: GenEval and DPG-Bench.
 
-    python -m uae.gen_bench --benchmark geneval --prompts geneval/prompts/evaluation_metadata.jsonl \
+    python -m uae.gen_bench --benchmark geneval --prompts geneval/prompts/evaluation_metadata.jsonl \\
         --output_dir out/geneval --checkpoint zhiyuanyan1/UAE
-    python -m uae.gen_bench --benchmark dpg --prompts ELLA/dpg_bench/prompts --output_dir out/dpg \
+    python -m uae.gen_bench --benchmark dpg --prompts ELLA/dpg_bench/prompts --output_dir out/dpg \\
         --checkpoint zhiyuanyan1/UAE
 
 GenEval (djghosh13/geneval): --prompts is its evaluation_metadata.jsonl (one JSON object a line,
@@ -34,7 +34,7 @@ from pathlib import Path
 from uae.cli import script_main, setup_logging
 from uae.dataclass_cli import field, parse_config
 from uae.errors import UAEError
-from uae.models.inference import InferenceConfig
+from uae.models.inference import GenerationConfig
 
 logger = logging.getLogger("uae.gen_bench")  # not __name__: "__main__" under python -m
 
@@ -50,9 +50,12 @@ RESUME_KEYS = ("benchmark", "prompts_sha256", "checkpoint", "images_per_prompt",
 
 
 @dataclass
-class GenBenchConfig(InferenceConfig):
+class GenBenchConfig(GenerationConfig):
     """Text-to-image benchmarks (GenEval, DPG-Bench): generate every prompt's images in the layout
     the benchmark's official evaluator reads."""
+
+    seed: int = field(42, help="image k (0-based) of prompt i (0-based) is generated with seed + i * "
+                               "images_per_prompt + k")
 
     benchmark: str | None = field(None, choices=BENCHMARKS, help="geneval or dpg (required)")
     prompts: str | None = field(None, help="GenEval: its evaluation_metadata.jsonl; DPG-Bench: its prompts/ folder of "
@@ -74,9 +77,6 @@ class GenBenchConfig(InferenceConfig):
             if not getattr(self, name):
                 raise UAEError(f"--{name} is required (e.g. --benchmark geneval --prompts "
                                "geneval/prompts/evaluation_metadata.jsonl --output_dir out/geneval)")
-        if self.increment_seed:
-            raise UAEError("--increment_seed does not apply here: image k of prompt i always uses seed + i * "
-                           "images_per_prompt + k (see --help)")
         super().__post_init__()
         if self.benchmark == "dpg":
             if self.images_per_prompt > DPG_MAX_IMAGES:

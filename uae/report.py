@@ -6,6 +6,7 @@ import html
 import os
 from pathlib import Path
 
+from uae.dataclass_cli import HelpFormatter
 from uae.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text
 from uae.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
 
@@ -194,6 +195,7 @@ def main(argv=None) -> int:
     Unified-Bench runs side by side (uae/compare.py; a training run folder named `compare` is
     given as ./compare)."""
     import argparse
+    import inspect
     import json
     import sys
 
@@ -202,8 +204,9 @@ def main(argv=None) -> int:
         from uae.compare import main as compare_main
 
         return compare_main(argv[1:])
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=main.__doc__)
-    ap.add_argument("run_dir")
+    ap = argparse.ArgumentParser(allow_abbrev=False, description=inspect.cleandoc(main.__doc__),
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("run_dir", help="a training run folder (its metrics.jsonl)")
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     path = run / "metrics.jsonl"

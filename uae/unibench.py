@@ -105,8 +105,11 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
         logger.info("process %d/%d: %d batch(es)", rank, world, len(starts))
     if starts:
         seeds = dict(zip(refs, cfg.seeds(range(len(refs)))))
+        where = f" (process {rank}/{world})" if world > 1 else ""
         skipped = _caption_and_regenerate(cfg, todo, starts, seeds, captions, cap_dir, rec_dir,
-                                          tqdm, state.device if world > 1 else cfg.device)
+                                          tqdm, state.device if world > 1 else cfg.device,
+                                          show=state is None or state.is_local_main_process,
+                                          desc="caption + regenerate" + where)
     if world > 1:
         from accelerate.utils import gather_object
 
@@ -138,9 +141,10 @@ def model_label(cfg) -> str:
     return cfg.model
 
 
-def load_model_under_test(cfg, device):
+def load_model_under_test(cfg, device, caption_progress: bool = False):
     """The `--model` on `device`, built with the run's settings (uae.unified.RunSettings); the name
-    `tiny` of --checkpoint / --captioner / --generator resolved to the embedded random models."""
+    `tiny` of --checkpoint / --captioner / --generator resolved to the embedded random models.
+    `caption_progress`: the model shows a bar of each caption's tokens."""
     from uae.random_weights import resolve_checkpoint
     from uae.random_weights.unified import resolve as resolve_tiny
     from uae.runtime import resolve_device, resolve_dtype
@@ -148,7 +152,7 @@ def load_model_under_test(cfg, device):
     from uae.unified.protocol import RunSettings
 
     dev = resolve_device(str(device))
-    settings = RunSettings.from_config(cfg, dev, resolve_dtype(cfg.dtype, dev))
+    settings = RunSettings.from_config(cfg, dev, resolve_dtype(cfg.dtype, dev), caption_progress=caption_progress)
     kind = model_kind(cfg.model)
     checkpoint = cfg.checkpoint  # used by uae and janus only
     if kind == "uae":
@@ -170,40 +174,49 @@ def load_model_under_test(cfg, device):
 MODEL_FILE = "model.json"  # the model under test's name and settings(), written when it is loaded
 
 
-def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir, tqdm, device) -> dict[str, str]:
+def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir, tqdm, device, show: bool = True,
+                            desc: str = "caption + regenerate") -> dict[str, str]:
     """`seed[reference]`: the release's one seed for all, or the reference's index added to it
-    (--increment_seed), independent of batches, processes and resumes."""
+    (--increment_seed), independent of batches, processes and resumes. `show`: this process draws
+    the bars (of its images, and of each caption's tokens)."""
     from uae.unified.protocol import check_outputs
 
     skipped: dict[str, str] = {}
-    model = load_model_under_test(cfg, device)
+    model = load_model_under_test(cfg, device, caption_progress=show)
     setting = f"--model {cfg.model}"
     info = {"model": cfg.model, "name": str(model.name), "settings": model.settings()}
     atomic_write_json(cap_dir.parent / MODEL_FILE, json.loads(json.dumps(info, default=str)))
     if info["settings"].get("batch_invariant") is False:
         logger.warning("%s: outputs depend on --batch_size and on the number of processes (its settings say "
                        "batch_invariant: false)", model.name)
-    for i in tqdm(starts, desc="caption + regenerate"):
-        chunk, images = [], []
-        for ref in todo[i:i + cfg.batch_size]:
-            try:
-                images.append(open_image(ref, exif_transpose=cfg.exif_transpose))
-                chunk.append(ref)
-            except UAEError as e:
-                skipped[ref.name] = str(e)  # reported as a failed pair
-        if not chunk:
-            continue
-        missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
-        if missing:
-            new = check_outputs(model.caption([images[j] for j in missing], [seed[chunk[j]] for j in missing]),
-                                len(missing), "caption", model, setting)
-            for j, cap in zip(missing, new):
-                captions[chunk[j].stem] = cap
-                atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap)
-        recons = check_outputs(model.generate([captions[r.stem] for r in chunk], [seed[r] for r in chunk]),
-                               len(chunk), "image", model, setting)
-        for ref, im in zip(chunk, recons):
-            save_image(im, rec_dir / f"{ref.stem}.png")
+    # A with-block: the bar is closed before an error leaves (so that the error is the last line).
+    with tqdm(total=sum(len(todo[i:i + cfg.batch_size]) for i in starts), desc=desc, unit="image",
+              disable=not show) as bar:
+        for i in starts:
+            chunk, images = [], []
+            for ref in todo[i:i + cfg.batch_size]:
+                try:
+                    images.append(open_image(ref, exif_transpose=cfg.exif_transpose))
+                    chunk.append(ref)
+                except UAEError as e:
+                    skipped[ref.name] = str(e)  # reported as a failed pair
+                    bar.update(1)
+            if not chunk:
+                continue
+            missing = [j for j, r in enumerate(chunk) if r.stem not in captions]
+            if missing:
+                bar.set_postfix_str(f"captioning {len(missing)}")
+                new = check_outputs(model.caption([images[j] for j in missing], [seed[chunk[j]] for j in missing]),
+                                    len(missing), "caption", model, setting)
+                for j, cap in zip(missing, new):
+                    captions[chunk[j].stem] = cap
+                    atomic_write_text(cap_dir / f"{chunk[j].stem}.txt", cap)
+            bar.set_postfix_str(f"regenerating {len(chunk)}")
+            recons = check_outputs(model.generate([captions[r.stem] for r in chunk], [seed[r] for r in chunk]),
+                                   len(chunk), "image", model, setting)
+            for ref, im in zip(chunk, recons):
+                save_image(im, rec_dir / f"{ref.stem}.png")
+            bar.update(len(chunk))
     del model
     return skipped
 

@@ -38,6 +38,32 @@ class EncoderPrompts:
     generate_role: str = "generate"
 
 
+class TokenBar:
+    """A tqdm bar of the tokens one generate() call has made (transformers' streamer interface:
+    `generate(..., streamer=TokenBar(max_new_tokens))`): a caption of 512 tokens takes tens of
+    seconds at full size, and this is what shows it moving. generate() first puts the prompt, then
+    each step's new token of every sequence (one tick), then calls end() (the bar goes away)."""
+
+    def __init__(self, max_new_tokens: int, desc: str = "caption tokens"):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=max_new_tokens, desc=desc, unit="tok", leave=False)
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if self.prompt_seen:
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def token_bar(max_new_tokens: int, show: bool, desc: str = "caption tokens") -> TokenBar | None:
+    """generate()'s `streamer`: a TokenBar when `show`, else None (no bar)."""
+    return TokenBar(max_new_tokens, desc) if show else None
+
+
 PROJECTOR_FILE = "projector.safetensors"
 
 
@@ -222,7 +248,7 @@ class UAEEncoder(nn.Module):
     def caption(self, images: Sequence, *, max_new_tokens: int = 512, temperature: float = 0.7,
                 seed: int | Sequence[int] | None = None, batch: bool = False, min_new_tokens: int | None = None,
                 top_k: int | None = None, top_p: float | None = None,
-                repetition_penalty: float | None = None) -> list[str]:
+                repetition_penalty: float | None = None, progress: bool = False) -> list[str]:
         """Captions, sampled as the release samples them (temperature 0.7, 512 new tokens, the rest
         from `llm/generation_config.json`) and returned unstripped.
 
@@ -230,7 +256,8 @@ class UAEEncoder(nn.Module):
         per image): a caption does not depend on the other images. `batch=True` samples all images
         in one left-padded generate() call seeded once with the first seed: faster on a GPU, but
         a sampled caption then depends on its batch-mates. `min_new_tokens` holds back the end of
-        the caption (benchmarks fix the length with it)."""
+        the caption (benchmarks fix the length with it). `progress`: a bar of each generate() call's
+        tokens (TokenBar)."""
         images = list(images)
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(images)
         if len(seeds) != len(images):
@@ -245,7 +272,7 @@ class UAEEncoder(nn.Module):
             inputs = self.caption_inputs(group)
             if s is not None:
                 torch.manual_seed(s)
-            ids = self.llm.generate(**inputs, **kwargs)
+            ids = self.llm.generate(**inputs, **kwargs, streamer=token_bar(max_new_tokens, progress))
             out += self.processor.batch_decode(ids[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return out
 

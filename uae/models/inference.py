@@ -1,5 +1,6 @@
 """The settings of captioning and generation that demo.py and the Unified-Bench runner share, as
-one config dataclass both inherit (their flags, help and checks in one place)."""
+one config dataclass both inherit (their flags, help and checks in one place); the generation half
+alone is uae-gen-bench's."""
 
 from __future__ import annotations
 
@@ -10,29 +11,18 @@ from uae.errors import UAEError
 
 
 @dataclass
-class InferenceConfig:
-    """Captioning and text-to-image settings (the release's by default)."""
+class GenerationConfig:
+    """Text-to-image settings (the release's by default): what every command that generates takes
+    (uae-gen-bench takes only these; it captions nothing)."""
 
     seed: int = field(42, help="seed of every caption and image (the release generates with 42)")
-    increment_seed: bool = field(False, help="item i (of a batch mode or a benchmark, in order) uses seed + i instead "
-                                             "of seed, for its caption and its image")
     steps: int = field(40, min=1, help="denoising steps")
     guidance_scale: float = field(5.0, min=0, help="classifier-free guidance scale (<= 1 disables the negative branch)")
     height: int = field(1024, min=1, help="image height in pixels (a multiple of 16 for SD3)")
     width: int = field(1024, min=1, help="image width in pixels (a multiple of 16 for SD3)")
-    temperature: float = field(0.7, min=1e-6, help="caption sampling temperature")
-    max_new_tokens: int = field(512, min=1, help="caption length limit in tokens")
-    top_k: int | None = field(None, min=0, help="caption sampling top-k (default: llm/generation_config.json's; 0: off)")
-    top_p: float | None = field(None, min=1e-6, max=1, help="caption sampling top-p (default: llm/generation_config.json's)")
-    repetition_penalty: float | None = field(None, min=1e-6, help="caption repetition penalty (default: "
-                                                                  "llm/generation_config.json's)")
-    exif_transpose: bool = field(False, help="rotate input images by their EXIF orientation before captioning (the "
-                                             "release does not)")
     dit_batching: bool = field(False, help="prompts of a batch whose conditioning has the same length share DiT calls: "
                                            "faster where lengths coincide, but images then match one-at-a-time "
                                            "generation only to about 1/255 on a few pixels (off: exact)")
-    caption_batching: bool = field(False, help="caption a batch in one generate() call: faster on a GPU, but a sampled "
-                                               "caption then depends on its batch-mates (off: each image alone, seeded)")
     device: str = field("auto", help="auto (GPU if present), cpu, cuda, cuda:N")
     dtype: str = field("auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
     log_level: str = field("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
@@ -47,13 +37,31 @@ class InferenceConfig:
             if getattr(self, name) % 16:
                 raise UAEError(f"--{name} {getattr(self, name)} must be a multiple of 16 (SD3's VAE and patch size)")
 
-    def caption_kwargs(self) -> dict:
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, repetition_penalty=self.repetition_penalty, batch=self.caption_batching)
-
     def generate_kwargs(self) -> dict:
         return dict(height=self.height, width=self.width, num_inference_steps=self.steps,
                     guidance_scale=self.guidance_scale, dit_batching=self.dit_batching)
+
+
+@dataclass
+class InferenceConfig(GenerationConfig):
+    """Captioning and text-to-image settings (the release's by default)."""
+
+    increment_seed: bool = field(False, help="item i (of a batch mode or a benchmark, in order) uses seed + i instead "
+                                             "of seed, for its caption and its image")
+    temperature: float = field(0.7, min=1e-6, help="caption sampling temperature")
+    max_new_tokens: int = field(512, min=1, help="caption length limit in tokens")
+    top_k: int | None = field(None, min=0, help="caption sampling top-k (default: llm/generation_config.json's; 0: off)")
+    top_p: float | None = field(None, min=1e-6, max=1, help="caption sampling top-p (default: llm/generation_config.json's)")
+    repetition_penalty: float | None = field(None, min=1e-6, help="caption repetition penalty (default: "
+                                                                  "llm/generation_config.json's)")
+    exif_transpose: bool = field(False, help="rotate input images by their EXIF orientation before captioning (the "
+                                             "release does not)")
+    caption_batching: bool = field(False, help="caption a batch in one generate() call: faster on a GPU, but a sampled "
+                                               "caption then depends on its batch-mates (off: each image alone, seeded)")
+
+    def caption_kwargs(self) -> dict:
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                    top_p=self.top_p, repetition_penalty=self.repetition_penalty, batch=self.caption_batching)
 
     def seeds(self, indices) -> list[int]:
         """The seed of each item: the release's one seed for all, or its index added (--increment_seed)."""

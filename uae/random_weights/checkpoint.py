@@ -19,6 +19,7 @@ models on the meta device (the memory plan). Two builds from the same seed are i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -286,6 +287,31 @@ class ReleaseLayout:
                 raise ValueError(f"layout {name}={getattr(self, name)!r}: use one of {allowed}")
 
 
+# The SD3 folder's parts left out on purpose (UAE's DiT is dit/; the release has no T5).
+SD3_PARTS_LEFT_OUT = ("transformer", "text_encoder_3", "tokenizer_3")
+
+
+class _LeftOutParts(logging.Filter):
+    """Drops diffusers' "self.<part>=None of type <class 'NoneType'> cannot be saved." for the parts
+    in SD3_PARTS_LEFT_OUT: a pipeline saved without them says so once per part, as if by mistake."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.endswith("cannot be saved.") and
+                    msg.startswith(tuple(f"self.{p}=None " for p in SD3_PARTS_LEFT_OUT)))
+
+
+@contextlib.contextmanager
+def _quiet_left_out_parts():
+    log = logging.getLogger("diffusers.pipelines.pipeline_utils")
+    f = _LeftOutParts()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
+
+
 def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                      overwrite: bool = False, dtype: str | None = None, device: str | None = None,
                      layout: ReleaseLayout = ReleaseLayout()) -> Path:
@@ -340,7 +366,8 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
 
         parts = build_sd3_parts(cfg, seed + 5)
         pipe = StableDiffusion3Pipeline(transformer=None, text_encoder_3=None, tokenizer_3=None, **parts)
-        pipe.save_pretrained(tmp / "SD3")
+        with _quiet_left_out_parts():
+            pipe.save_pretrained(tmp / "SD3")
         (tmp / "README.md").write_text(
             f"Random-weight UAE checkpoint built offline by uae.random_weights (preset {cfg.get('name', preset)!r}, "
             f"seed {seed}). Layout of the official release; the weights are random: captions are "

@@ -205,14 +205,12 @@ class U4GRecipe:
         todo = [i for i, r in enumerate(refs) if not (cfg.use_data_captions and r.caption)]
         mine = todo[acc.process_index::acc.num_processes]
         generated = {}
-        bar = tqdm(total=len(mine), desc="captioning references", disable=not mine or not acc.is_local_main_process)
-        for j in range(0, len(mine), 4):
-            idx = mine[j:j + 4]
-            out = self.model.encoder.caption([refs[i].image for i in idx], max_new_tokens=cfg.max_new_tokens,
-                                             temperature=cfg.temperature, seed=cfg.seed)
-            generated.update(zip(idx, out))
-            bar.update(len(idx))
-        bar.close()
+        show = bool(mine) and acc.is_local_main_process
+        # One image a call (each is captioned alone with the seed either way): the bar moves per image,
+        # and the token bar below it within each caption.
+        for i in tqdm(mine, desc="captioning references", unit="image", disable=not show):
+            generated[i] = self.model.encoder.caption([refs[i].image], max_new_tokens=cfg.max_new_tokens,
+                                                      temperature=cfg.temperature, seed=cfg.seed, progress=show)[0]
         for part in gather_object([generated]):  # every process gets every process's captions
             generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]

@@ -57,7 +57,7 @@ class TransformersCaptioner:
 
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
         return caption_images(self.model, self.processor, self.inputs, images, seeds, self.settings.caption_batching,
-                              **self.sampling)
+                              self.settings.caption_progress, **self.sampling)
 
     def settings_dict(self) -> dict:
         return {"captioner": self.source, "class": type(self.model).__name__, "dtype": str(self.dtype),

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
+from uae.models.encoder import token_bar
 
 logger = logging.getLogger(__name__)
 
@@ -32,10 +33,11 @@ def seed_groups(n: int, seeds: Sequence[int], batched: bool) -> list[tuple[list[
 
 @torch.no_grad()
 def caption_images(model, processor, inputs, images: Sequence, seeds: Sequence[int], batched: bool,
-                   **generate_kwargs) -> list[str]:
+                   progress: bool = False, **generate_kwargs) -> list[str]:
     """Captions of `images` by a transformers model: `inputs(images)` are the prompts, each
     generate() call (one image, or the batch with `batched`) after torch.manual_seed(its seed),
-    decoded without the prompt and special tokens, unstripped."""
+    decoded without the prompt and special tokens, unstripped. `progress`: a bar of each call's
+    tokens."""
     from uae.images import to_rgb
 
     images = [to_rgb(im) for im in images]
@@ -43,7 +45,8 @@ def caption_images(model, processor, inputs, images: Sequence, seeds: Sequence[i
     for idx, seed in seed_groups(len(images), seeds, batched):
         batch = inputs([images[i] for i in idx])
         torch.manual_seed(seed)
-        ids = model.generate(**batch, **generate_kwargs)
+        ids = model.generate(**batch, **generate_kwargs,
+                             streamer=token_bar(generate_kwargs.get("max_new_tokens"), progress))
         for i, text in zip(idx, processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)):
             out[i] = text
     return out

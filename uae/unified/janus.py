@@ -101,7 +101,7 @@ class JanusAdapter:
 
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
         return caption_images(self.model, self.processor, self.inputs, images, seeds, self.settings_.caption_batching,
-                              **self.text_kwargs, **self.sampling)
+                              self.settings_.caption_progress, **self.text_kwargs, **self.sampling)
 
     # -------------------------------------------------------------- generation
     def generation_prompt(self, text: str) -> str:

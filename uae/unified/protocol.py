@@ -50,6 +50,8 @@ class RunSettings:
     steps, guidance_scale, height, width
                                image generation (a model that cannot honour one records so in settings())
     dit_batching               generate a batch's images together (faster; see each adapter)
+    caption_progress           show a bar of each caption's tokens while it is generated (the
+                               runner turns it on for each node's first process; no effect on outputs)
     """
 
     device: str = "cpu"
@@ -66,9 +68,10 @@ class RunSettings:
     height: int = 1024
     width: int = 1024
     dit_batching: bool = False
+    caption_progress: bool = False
 
     @classmethod
-    def from_config(cls, cfg, device, dtype) -> "RunSettings":
+    def from_config(cls, cfg, device, dtype, caption_progress: bool = False) -> "RunSettings":
         """From an InferenceConfig (the runner's flags) and the resolved device and dtype."""
         from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
 
@@ -77,7 +80,7 @@ class RunSettings:
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    repetition_penalty=cfg.repetition_penalty, caption_batching=cfg.caption_batching,
                    steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   dit_batching=cfg.dit_batching)
+                   dit_batching=cfg.dit_batching, caption_progress=caption_progress)
 
     def to_dict(self) -> dict:
         return asdict(self)

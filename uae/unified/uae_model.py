@@ -70,7 +70,8 @@ class UAEModel:
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
         if self.captioner is not None:
             return self.captioner.caption(images, seeds)
-        return self.uae.caption(images, seed=list(seeds), **self.caption_kwargs())
+        return self.uae.caption(images, seed=list(seeds), progress=self.settings_.caption_progress,
+                                **self.caption_kwargs())
 
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
         return self.uae.generate(list(texts), seed=list(seeds), progress=False, **self.generate_kwargs())
