@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from uae.cli import setup_logging
 from uae.dataclass_cli import HelpFormatter
 from uae.random_weights.checkpoint import build_checkpoint
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="create the weights in this dtype (bfloat16 for full size)")
     parser.add_argument("--device", default=None, help="create and initialise the weights here (cuda for full size)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite, dtype=args.dtype,
                             device=args.device)
     logger.info("wrote %s", path)
