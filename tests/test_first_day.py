@@ -323,3 +323,19 @@ def test_the_grpo_bar_shows_the_reward(tmp_path, capsys):
                  "--output_dir", str(tmp_path / "run")]) == 0
     bar = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.startswith("u4g")]
     assert any("reward=" in line and "loss=" in line for line in bar), bar[-3:]
+
+
+def test_a_model_trained_from_the_tiny_checkpoint_gets_the_tiny_scorers(tmp_path):
+    """--scorer_weights auto: a run's final/ trained from `tiny` (followed through the manifests'
+    recorded sources) is no real model; the README's chained tiny commands needed the official
+    scorers, from the hub, before."""
+    from uae.checkpoints import MANIFEST
+    from uae.random_weights import embedded_checkpoint, from_tiny
+
+    tiny = embedded_checkpoint()
+    sft, grpo, other = tmp_path / "sft" / "final", tmp_path / "grpo" / "final", tmp_path / "other" / "final"
+    for folder, source in ((sft, str(tiny)), (grpo, str(sft)), (other, "zhiyuanyan1/UAE")):
+        folder.mkdir(parents=True)
+        (folder / MANIFEST).write_text(json.dumps({"trained_by": "test", "config": {"checkpoint": source}}))
+    assert from_tiny("tiny") and from_tiny(str(tiny)) and from_tiny(str(sft)) and from_tiny(str(grpo))
+    assert not from_tiny(str(other)) and not from_tiny("zhiyuanyan1/UAE") and not from_tiny(str(tmp_path))

@@ -65,7 +65,7 @@ def _download(repo_id: str, patterns: list[str] | None = None) -> Path:
     except Exception as e:  # network, auth (gated repos), missing repo
         raise UAEError(
             f"could not download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
-            "Check the id, your network and `huggingface-cli login` for gated repos, or pass a local "
+            "Check the id, your network and `hf auth login` for gated repos, or pass a local "
             "folder instead.") from None
 
 

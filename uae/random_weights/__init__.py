@@ -13,6 +13,6 @@ any size. This package depends on uae.models and uae.scoring, never the reverse.
 
 from uae.random_weights.checkpoint import (ReleaseLayout, build_checkpoint, build_processor, build_uae,  # noqa: F401
                                            llm_config, load_preset, preset_key)
-from uae.random_weights.embedded import (TINY, embedded_checkpoint, resolve_checkpoint,  # noqa: F401
+from uae.random_weights.embedded import (TINY, embedded_checkpoint, from_tiny, resolve_checkpoint,  # noqa: F401
                                          scorer_checkpoint, tiny_scorer_dir)
 from uae.random_weights.scorers import build_scorer_checkpoints, build_scorer_model  # noqa: F401

@@ -21,9 +21,33 @@ logger = logging.getLogger(__name__)
 TINY = "tiny"
 
 
+def _embedded_path() -> Path:
+    return cache_dir() / f"tiny-v{uae.__version__}-{preset_key(TINY)}"
+
+
+def from_tiny(checkpoint: str, depth: int = 8) -> bool:
+    """Whether `checkpoint` is the embedded tiny checkpoint (by name or folder) or a run's final/
+    trained from it, followed through the manifests' recorded source checkpoints: its scorer
+    weights `auto` are then the tiny ones too (a model trained from random weights is no real one)."""
+    import json
+
+    from uae.checkpoints import MANIFEST
+
+    if checkpoint == TINY or (Path(checkpoint).is_dir() and Path(checkpoint).resolve() == _embedded_path().resolve()):
+        return True
+    manifest = Path(checkpoint) / MANIFEST
+    if depth == 0 or not manifest.is_file():
+        return False
+    try:
+        source = json.loads(manifest.read_text()).get("config", {}).get("checkpoint")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return isinstance(source, str) and from_tiny(source, depth - 1)
+
+
 def embedded_checkpoint() -> Path:
     """The embedded default: a tiny random UAE checkpoint in the official layout."""
-    path = cache_dir() / f"tiny-v{uae.__version__}-{preset_key(TINY)}"
+    path = _embedded_path()
     if not path.exists():
         logger.info("building the embedded tiny checkpoint in %s (seconds, offline)", path)
     return build_once(path, lambda p: build_checkpoint(p, TINY, seed=0))

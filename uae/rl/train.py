@@ -114,6 +114,7 @@ def run_stage(cfg, reward=None, last: bool = True):
 def main(argv=None, reward=None, description: str | None = None) -> int:
     """`reward`: a reward callable (or uae.rl.rewards.Rewards) for the RL stages instead of the
     configured reward functions."""
+    from uae.random_weights import from_tiny
     from uae.scoring.scorers import resolve_scorer_weights
 
     configs = parse(argv, description)
@@ -125,7 +126,7 @@ def main(argv=None, reward=None, description: str | None = None) -> int:
     from accelerate.state import AcceleratorState
 
     checkpoint = configs[0].checkpoint
-    weights = resolve_scorer_weights(configs[0].scorer_weights, checkpoint == "tiny")  # tiny stays tiny after stage 1
+    weights = resolve_scorer_weights(configs[0].scorer_weights, from_tiny(checkpoint))  # tiny stays tiny after stage 1
     for n, cfg in enumerate(configs, 1):
         logger.info("stage %s from %s", cfg.stage, checkpoint)
         cfg = dataclasses.replace(cfg, checkpoint=checkpoint, output_dir=str(Path(cfg.output_dir) / cfg.stage),

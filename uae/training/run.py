@@ -107,12 +107,12 @@ def resolve_names(cfg):
     to the embedded random checkpoint's folder."""
     import dataclasses
 
-    from uae.random_weights import resolve_checkpoint
+    from uae.random_weights import from_tiny, resolve_checkpoint
     from uae.scoring.scorers import resolve_scorer_weights
 
     model = getattr(cfg, "model", "uae")  # stage 2 may train another model's captioner
     if model == "uae":
-        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, cfg.checkpoint == "tiny"),
+        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, from_tiny(cfg.checkpoint)),
                                    checkpoint=resolve_checkpoint(cfg.checkpoint))
     from uae.random_weights.unified import resolve
     from uae.unified.loading import all_tiny
