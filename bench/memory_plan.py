@@ -12,7 +12,7 @@ Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's
 one more copy of the gradients); for SFT, 8 GPUs with FSDP full sharding of the modules accelerate
 wraps (the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the
 rest replicated. The RL stages have no FSDP row: train_grpo.py refuses FSDP and DeepSpeed launches
-(`uae.rl.train.refuse_sharded_launch`, README "Scaling out"), so the table says "refused".
+(`uae.rl.train.refuse_sharded_launch`, docs/scaling.md), so the table says "refused".
 
 Activations. One training step's peak memory above the weights is measured at `--act_preset` (a
 small DiT on this machine: resident memory sampled every 2 ms, glibc told to return freed blocks)

@@ -93,7 +93,7 @@ def resolve_components(checkpoint: str | None, overrides: dict[str, str | None] 
         else:
             raise UAEError(f"checkpoint folder {checkpoint!r} does not exist. Pass a folder in the "
                            "official layout (SD3/, dit/, dit_lora/, llm/, llm_lora/, llm_processor/) or "
-                           "a hub id such as the release's (see README).")
+                           "a hub id such as the release's (README, Real weights).")
     # A folder may declare optional parts it deliberately lacks (e.g. a fully fine-tuned DiT has
     # no dit_lora): {"dit_lora": null} in uae_checkpoint.json.
     declared = {}

@@ -1,5 +1,5 @@
 """demo.py: text -> image, image -> caption, image -> caption -> image, one at a time or in batches
-(the command line is `DemoConfig`; README "demo.py")."""
+(the command line is `DemoConfig`; docs/demo.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ logger = logging.getLogger("uae.demo")
 
 @dataclass
 class DemoConfig(InferenceConfig):
-    """UAE demo: text-to-image, captioning and reconstruction (see README)."""
+    """UAE demo: text-to-image, captioning and reconstruction (docs/demo.md)."""
 
     input_text: str | None = field(None, help="prompt to generate one image from")
     input_img: str | None = field(None, help="image to caption (or reconstruct), or a folder of images")

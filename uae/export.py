@@ -9,7 +9,7 @@ benchmarks (lmms-eval's `qwen2_5_vl`, VLMEvalKit) run it unchanged. The projecto
 DIR/llm/projector.safetensors, a file transformers never reads and our loader does. DIR/dit is the
 DiT with its LoRA fused (diffusers' `fuse_lora` + `unload_lora`); SD3/ and llm_processor/ are
 copied (or linked); the manifest declares both LoRAs absent. `demo.py --checkpoint DIR` then
-makes the source's captions and images, up to the float rounding of the merge (README "Export").
+makes the source's captions and images, up to the float rounding of the merge (docs/evaluation.md, "Export").
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
 @dataclass
 class ExportConfig:
     """Merge a UAE checkpoint's LoRAs into its weights: a plain Qwen2.5-VL folder for understanding
-    benchmarks, a plain DiT, in the official layout (see README "Export")."""
+    benchmarks, a plain DiT, in the official layout (docs/evaluation.md, "Export")."""
 
     checkpoint: str | None = field(None, help="source: a folder in the official layout, a hub id (zhiyuanyan1/UAE), "
                                               "or 'tiny' for the embedded random checkpoint")

@@ -1,6 +1,6 @@
 """uae-score, eval/Score_i2i.py (and the one-scorer scripts beside it): score a folder of
-reconstructions against a folder of references with the Unified-Bench scorers; README "Scoring
-folders"."""
+reconstructions against a folder of references with the Unified-Bench scorers; docs/unified-bench.md,
+"Scoring folders"."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ declare their choices and bounds (uae.dataclass_cli.field), checks across fields
             └── U4GConfig         stage 3 (--stage u4g)
 
 Stage defaults are the published values: Flow-GRPO's SD3.5 configs (config/grpo.py, scripts/train_sd3.py)
-for stage 3, TRL's GRPOConfig for stage 2, the release's training code for stage 1; the README's
+for stage 3, TRL's GRPOConfig for stage 2, the release's training code for stage 1; docs/unified-grpo.md's
 "Defaults and the published values" lists each and every deviation.
 """
 
@@ -31,7 +31,7 @@ STAGES = ("cold_start", "g4u", "u4g")
 class TrainConfig:
     """What every trainer shares."""
 
-    data: str = field(None, help="training data (see the script's README section for the accepted sources)")
+    data: str = field(None, help="training data (see the script's page in docs/ for the accepted sources)")
     checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
     output_dir: str = field("runs/train", run_only=True,
                             help="checkpoints, metrics.jsonl, plots, grids and final/ (official layout)")
