@@ -136,6 +136,7 @@ class Run:
         self.config_dict = to_dict(cfg)
         # Before anything is written, on every process: whose folder it is, and what to resume.
         self.resume, clear = claim_output_dir(cfg, self.config_dict)
+        self.resume_step = Checkpoints.state(self.resume)["step"] if self.resume is not None else 0
         self.acc = make_accelerator(cfg, self.out)
         self.acc.wait_for_everyone()  # every process has read the folder as it was
         if self.acc.is_main_process and not self.finished(cfg.max_steps):
@@ -152,7 +153,7 @@ class Run:
     def finished(self, total: int) -> bool:
         """A resume at or past `total` steps whose final/ is written: nothing to train, nothing to
         change (not even config.yaml)."""
-        return (self.resume is not None and Checkpoints.state(self.resume)["step"] >= total
+        return (self.resume is not None and self.resume_step >= total
                 and final_dir(self.out).is_dir())
 
     # ------------------------------------------------------------------ logging
@@ -271,7 +272,7 @@ class Run:
         cfg, acc = self.cfg, self.acc
         if self.finished(total):
             logger.info("%s is at step %d, at or past --max_steps %d: nothing to train; %s is unchanged", self.resume,
-                        Checkpoints.state(self.resume)["step"], total, final_dir(self.out))
+                        self.resume_step, total, final_dir(self.out))
             self._end(last)
             return final_dir(self.out)
         set_seed(cfg.seed)
