@@ -20,19 +20,24 @@ from uae.training.configs import STAGE_CONFIGS, STAGES
 logger = logging.getLogger("uae.grpo")
 
 
+def flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of `flag` (`--flag X` or `--flag=X`) on the command line, the last one as argparse
+    reads it; None when absent."""
+    argv, value = list(argv), None
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def requested_stage(argv: Sequence[str]) -> str:
     """`--stage` from the command line, else from the --config YAML, else u4g."""
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--stage" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--stage="):
-            return a.split("=", 1)[1]
-    for i, a in enumerate(argv):
-        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith("--config=") else None
-        if path:
-            return str(read_yaml(path).get("stage", "u4g"))
-    return "u4g"
+    stage, path = flag_value(argv, "--stage"), flag_value(argv, "--config")
+    if stage is not None:
+        return stage
+    return str(read_yaml(path).get("stage", "u4g")) if path else "u4g"
 
 
 def parse(argv: Sequence[str] | None = None, description: str | None = None) -> list:
@@ -59,14 +64,12 @@ def refuse_one_stage_config(argv: Sequence[str]) -> None:
     stage (configs/grpo/all.yaml)."""
     from uae.errors import UAEError
 
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        path = argv[i + 1] if a == "--config" and i + 1 < len(argv) else a.split("=", 1)[1] if a.startswith("--config=") else None
-        stage = read_yaml(path).get("stage", "all") if path else "all"
-        if stage != "all":
-            raise UAEError(f"--stage all --config {path}: a one-stage config (stage: {stage}) would give every stage "
-                           f"its settings; use a config with a section per stage (configs/grpo/all.yaml, "
-                           f"configs/grpo/tiny_all.yaml), or --stage {stage}")
+    path = flag_value(argv, "--config")
+    stage = read_yaml(path).get("stage", "all") if path else "all"
+    if stage != "all":
+        raise UAEError(f"--stage all --config {path}: a one-stage config (stage: {stage}) would give every stage "
+                       f"its settings; use a config with a section per stage (configs/grpo/all.yaml, "
+                       f"configs/grpo/tiny_all.yaml), or --stage {stage}")
 
 
 SAFE_LAUNCH_CONFIGS = "configs/accelerate/single_gpu.yaml, multi_gpu_ddp.yaml or multi_node.yaml (DDP)"
