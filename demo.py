@@ -10,7 +10,7 @@ Without --checkpoint the embedded tiny checkpoint is used (random weights: noise
 --checkpoint zhiyuanyan1/UAE or a local folder in the official layout for the real model.
 """
 
-from uae.demo import DemoConfig, main  # noqa: F401  (DemoConfig: the flags, for the docs' table)
+from uae.apps.demo import DemoConfig, main  # noqa: F401  (DemoConfig: the flags, for the docs' table)
 
 if __name__ == "__main__":
     raise SystemExit(main(description=__doc__))

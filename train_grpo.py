@@ -1,7 +1,7 @@
 """Unified-GRPO (the paper's RL, never released): stage 1 cold start, stage 2 Generation for
 Understanding (GRPO on the encoder's LoRA), stage 3 Understanding for Generation (Flow-GRPO on the
-decoder's LoRA), or all three in sequence. The settings of each stage: uae/training/configs.py
-(`--help` with `--stage`), the recipes: uae/rl/.
+decoder's LoRA), or all three in sequence. Each stage is a method in uae/methods/ (its config, then
+its recipe; `--help` with `--stage`).
 
     python train_grpo.py --stage u4g --config configs/grpo/tiny_u4g.yaml          # CPU, tiny, sample data
     python train_grpo.py --stage g4u --config configs/grpo/tiny_g4u.yaml
@@ -11,7 +11,7 @@ decoder's LoRA), or all three in sequence. The settings of each stage: uae/train
         --checkpoint zhiyuanyan1/UAE --data /data/images
 """
 
-from uae.rl.train import main
+from uae.train import grpo_main as main
 
 if __name__ == "__main__":
     raise SystemExit(main(description=__doc__))

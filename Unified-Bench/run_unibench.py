@@ -17,7 +17,7 @@ and generation over the processes (same images as one process); the main process
 Exit code 0 when every pair was scored, 1 when some failed (0 with --allow_failures), 2 on bad settings.
 """
 
-from uae.unibench import UniBenchConfig, main  # noqa: F401  (UniBenchConfig: the flags, for the docs' table)
+from uae.apps.unibench import UniBenchConfig, main  # noqa: F401  (UniBenchConfig: the flags, for the docs' table)
 
 if __name__ == "__main__":
     raise SystemExit(main(description=__doc__))

@@ -45,11 +45,11 @@ def _pair(folder: Path) -> Path:
 
 
 def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *extra: str):
-    from uae.training.configs import ColdStartConfig
+    from uae.methods.cold_start import ColdStartConfig
     from accelerate.state import AcceleratorState
 
-    from uae.dataclass_cli import parse_config
-    from uae.rl.cold_start import ColdStartRecipe
+    from uae.config import parse_config
+    from uae.methods.cold_start import ColdStartRecipe
     from uae.training.run import Run
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -102,9 +102,9 @@ def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
     detached (TRL's shortcut), so the rollout skips that forward; with inner_epochs > 1 it runs."""
     from accelerate.state import AcceleratorState
 
-    from uae.rl.g4u import G4URecipe
+    from uae.methods.g4u import G4URecipe
     from uae.rl.iteration import iteration_share
-    from uae.rl.train import parse
+    from uae.train import parse
     from uae.training.run import Run
 
     seconds = {}

@@ -12,7 +12,7 @@ Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's
 one more copy of the gradients); for SFT, 8 GPUs with FSDP full sharding of the modules accelerate
 wraps (the recipe's `Parts.prepared`): their weights, gradients, optimizer state and EMA / 8, the
 rest replicated. The RL stages have no FSDP row: train_grpo.py refuses FSDP and DeepSpeed launches
-(`uae.rl.train.refuse_sharded_launch`, docs/scaling.md), so the table says "refused".
+(`uae.train.refuse_sharded_launch`, docs/scaling.md), so the table says "refused".
 
 Activations. One training step's peak memory above the weights is measured at `--act_preset` (a
 small DiT on this machine: resident memory sampled every 2 ms, glibc told to return freed blocks)
@@ -50,7 +50,7 @@ GIB = 2 ** 30
 GPU_BYTES = 80 * GIB
 GPUS = 8
 # The stages whose script accepts an FSDP launch: train_grpo.py refuses one for every RL stage
-# (uae.rl.train.refuse_sharded_launch; tests/test_output.py checks the two agree).
+# (uae.train.refuse_sharded_launch; tests/test_output.py checks the two agree).
 FSDP_STAGES = ("sft",)
 SETTINGS = {  # name -> (stage, config file, extra settings)
     "SFT LoRA": ("sft", "configs/sft/paper.yaml", {"dit_mode": "lora"}),
@@ -62,18 +62,18 @@ SETTINGS = {  # name -> (stage, config file, extra settings)
 
 
 def config(stage: str, path: str, extra: dict, **over):
-    from uae.dataclass_cli import from_dict, read_yaml
-    from uae.training.configs import STAGE_CONFIGS, SFTConfig
+    from uae.config import from_dict, read_yaml
+    from uae.methods import METHODS
 
     values = {**read_yaml(str(ROOT / path)), "data": "plan", **extra, **over}
-    return from_dict(SFTConfig if stage == "sft" else STAGE_CONFIGS[stage], values)
+    return from_dict(METHODS[stage].config, values)
 
 
 def recipe_module(stage: str):
-    import importlib
+    """The method's recipe class: its `configure(model, cfg)` and `fully_trained(cfg)`."""
+    from uae.methods import METHODS
 
-    return importlib.import_module({"sft": "uae.training.sft", "cold_start": "uae.rl.cold_start",
-                                    "g4u": "uae.rl.g4u", "u4g": "uae.rl.u4g"}[stage])
+    return METHODS[stage].recipe
 
 
 def scorer_names(stage: str, cfg) -> list[str]:

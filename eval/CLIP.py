@@ -3,7 +3,7 @@
     python eval/CLIP.py --image_path recon/ --ref_path references/ --output_file clip.json
 """
 
-from uae.score_i2i import scorer_main
+from uae.apps.score_i2i import scorer_main
 
 main = scorer_main("clip")
 

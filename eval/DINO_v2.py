@@ -3,7 +3,7 @@
     python eval/DINO_v2.py --image_path recon/ --ref_path references/ --output_file dinov2.json
 """
 
-from uae.score_i2i import scorer_main
+from uae.apps.score_i2i import scorer_main
 
 main = scorer_main("dinov2")
 

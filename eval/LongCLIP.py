@@ -3,7 +3,7 @@
     python eval/LongCLIP.py --image_path recon/ --ref_path references/ --output_file longclip.json
 """
 
-from uae.score_i2i import scorer_main
+from uae.apps.score_i2i import scorer_main
 
 main = scorer_main("longclip")
 

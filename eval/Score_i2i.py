@@ -10,7 +10,7 @@ scorer averages, the summary, failures with their reasons and unmatched files go
 (0 with --allow_failures), 2 on a bad setting or folder.
 """
 
-from uae.score_i2i import ScoreConfig, main  # noqa: F401  (ScoreConfig: the flags, for the docs' table)
+from uae.apps.score_i2i import ScoreConfig, main  # noqa: F401  (ScoreConfig: the flags, for the docs' table)
 
 if __name__ == "__main__":
     raise SystemExit(main(description=__doc__))

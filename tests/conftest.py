@@ -72,7 +72,7 @@ def timeless(records: list[dict]) -> list[dict]:
 
 def grpo_config(stage: str, ckpt, out, *extra):
     """A stage's config from its tiny YAML, on `ckpt`, the sample photos and the tiny scorers."""
-    from uae.rl.train import parse
+    from uae.train import parse
 
     return parse(["--config", str(ROOT / "configs" / "grpo" / TINY_GRPO[stage]), "--stage", stage, "--checkpoint",
                   str(ckpt), "--data", str(REFS), "--output_dir", str(out), "--scorer_weights", "tiny",
@@ -85,9 +85,9 @@ def grpo_recipe(tmp_path):
     def make(stage, ckpt, *extra, reward=None, setup=True, out=None):
         from accelerate.state import AcceleratorState
 
-        from uae.rl.cold_start import ColdStartRecipe
-        from uae.rl.g4u import G4URecipe
-        from uae.rl.u4g import U4GRecipe
+        from uae.methods.cold_start import ColdStartRecipe
+        from uae.methods.g4u import G4URecipe
+        from uae.methods.u4g import U4GRecipe
         from uae.training.run import Run
 
         AcceleratorState._reset_state(reset_partial_state=True)

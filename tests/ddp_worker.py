@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from uae.dataclass_cli import parse_config  # noqa: E402
+from uae.config import parse_config  # noqa: E402
 
 
 def main() -> None:
@@ -21,9 +21,9 @@ def main() -> None:
     rank = int(os.environ.get("RANK", 0))
     advantages, captioned = [], []
     if stage == "sft":
-        from uae.training.configs import SFTConfig
+        from uae.methods.sft import SFTConfig
         from uae.training.run import Run
-        from uae.training.sft import SFTRecipe
+        from uae.methods.sft import SFTRecipe
 
         cfg = parse_config(SFTConfig, ["--config", str(ROOT / "configs/sft/tiny.yaml"), "--checkpoint", ckpt,
                                        "--data", data, "--output_dir", out, "--validation_steps", "0", *extra])
@@ -31,11 +31,11 @@ def main() -> None:
         recipe = SFTRecipe(run)
         run.train(recipe, cfg.max_steps, "sft")
     else:
-        import uae.rl.g4u
+        import uae.methods.g4u
         import uae.rl.iteration
-        import uae.rl.u4g
-        from uae.rl.cold_start import ColdStartRecipe
-        from uae.training.configs import STAGE_CONFIGS
+        import uae.methods.u4g
+        from uae.methods.cold_start import ColdStartRecipe
+        from uae.methods import METHODS
         from uae.training.run import Run
 
         real = uae.rl.iteration.group_advantages
@@ -47,7 +47,7 @@ def main() -> None:
 
         uae.rl.iteration.group_advantages = record
         preset = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}[stage]
-        cfg = parse_config(STAGE_CONFIGS[stage], ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
+        cfg = parse_config(METHODS[stage].config, ["--config", str(ROOT / "configs/grpo" / preset), "--stage", stage,
                                                   "--checkpoint", ckpt, "--data", data, "--output_dir", out,
                                                   "--scorer_weights", "tiny", "--image_log_steps", "0", *extra])
         run = Run(cfg, "test")
@@ -71,7 +71,7 @@ def main() -> None:
             def reward(images, keys, references, prompts):
                 return [1.0 if k == "astronaut.jpg" else float(len(p.split())) for k, p in zip(keys, prompts)]
         recipe = ColdStartRecipe(run) if stage == "cold_start" else \
-            {"u4g": uae.rl.u4g.U4GRecipe, "g4u": uae.rl.g4u.G4URecipe}[stage](run, reward=reward)
+            {"u4g": uae.methods.u4g.U4GRecipe, "g4u": uae.methods.g4u.G4URecipe}[stage](run, reward=reward)
         run.train(recipe, cfg.max_steps, stage)
     torch.save({"params": [p.detach().cpu().clone() for p in recipe.trainable], "advantages": advantages,
                 "captioned": len(captioned)},

@@ -14,9 +14,9 @@ SFT = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", GRPO + SFT, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_config_parses(path):
-    from uae.dataclass_cli import parse_config
-    from uae.rl.train import parse
-    from uae.training.configs import SFTConfig
+    from uae.config import parse_config
+    from uae.train import parse
+    from uae.methods.sft import SFTConfig
 
     data = [] if "data" in yaml.safe_load(path.read_text()) else ["--data", "x"]
     if path.parent.name == "sft":
@@ -56,23 +56,24 @@ def test_sample_captions_cover_the_sample_photos():
 
 
 @pytest.mark.parametrize("module, argv, flag", [
-    ("uae.demo", ["--input_te", "a cube", "--output_pa", "x.png"], "--input_te"),
-    ("uae.unibench", ["--model_arg", "{}"], "--model_arg"),
-    ("uae.rl.train", ["--data", "x", "--max_iter", "2"], "--max_iter"),
-    ("uae.score_i2i", ["--image", "a", "--ref_path", "b"], "--image"),
+    ("uae.apps.demo:main", ["--input_te", "a cube", "--output_pa", "x.png"], "--input_te"),
+    ("uae.apps.unibench:main", ["--model_arg", "{}"], "--model_arg"),
+    ("uae.train:grpo_main", ["--data", "x", "--max_iter", "2"], "--max_iter"),
+    ("uae.apps.score_i2i:main", ["--image", "a", "--ref_path", "b"], "--image"),
 ])
 def test_a_mistyped_flag_is_an_error_not_an_abbreviation(module, argv, flag, capsys):
     """argparse's prefix matching would read `--model_arg` as `--model_args` and `--input_te` as
     `--input_text`; only the declared aliases are other spellings."""
     import importlib
 
-    assert importlib.import_module(module).main(argv) == 2
+    module, main = module.split(":")
+    assert getattr(importlib.import_module(module), main)(argv) == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments" in err and flag in err and len(err.strip().splitlines()) == 1
 
 
 def test_declared_aliases_still_work():
-    from uae.rl.train import parse
+    from uae.train import parse
 
     cfg = parse(["--data", "x", "--max_iterations", "3", "--adv_std_scope", "group"])[0]
     assert (cfg.max_steps, cfg.scale_rewards) == (3, "group")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from uae.checkpoints import LORA_SHARDS, save_official_llm_lora
+from uae.models.layout import LORA_SHARDS, save_official_llm_lora
 from uae.errors import UAEError
 from uae.models.encoder import UAEEncoder
 

@@ -48,7 +48,7 @@ def test_step_zero_equals_the_unified_bench_runner(stage, tiny_ckpt, held_out, t
     """Before any update the model is the checkpoint's: the evaluation at step 0 must give the
     runner's scores on the same references, seeds and settings (the runner writes PNGs, reads them
     back and scores files; PNG is lossless, so the pixels are the same)."""
-    from uae import unibench
+    from uae.apps import unibench
 
     out = tmp_path / "train"
     assert _train(stage, tiny_ckpt, out, held_out, "--max_steps", 1, "--eval_steps", 1) == 0

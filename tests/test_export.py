@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from uae import demo, export
-from uae.checkpoints import MANIFEST, resolve_components
+from uae.models.layout import MANIFEST, resolve_components
 
 ROOT = Path(__file__).resolve().parent.parent
 REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
@@ -165,6 +165,6 @@ def test_bad_input_is_one_line_and_exit_code_2(case, tiny_ckpt, tmp_path, capsys
 
 
 def test_module_entry_point_exits_2_on_bad_input(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "uae.export", "--checkpoint", str(tmp_path / "nope"), "--output_dir",
+    proc = subprocess.run([sys.executable, "-m", "uae.apps.export", "--checkpoint", str(tmp_path / "nope"), "--output_dir",
                            str(tmp_path / "o")], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

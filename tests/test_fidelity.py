@@ -340,7 +340,7 @@ def test_dit_batching_shares_calls_between_equal_lengths_only(tiny_uae, monkeypa
 
 
 def test_unibench_runner_is_batch_invariant(tiny_ckpt, tmp_path):
-    from uae import unibench as run_unibench
+    from uae.apps import unibench as run_unibench
 
     outs = {}
     for b in (1, 3):

@@ -103,7 +103,7 @@ def test_a_resume_may_change_what_only_runs_the_run(used_folder, tiny_ckpt):
 
 def test_max_steps_counts_as_a_setting_under_a_decaying_schedule():
     from uae.training.checkpointing import changed_settings
-    from uae.training.configs import SFTConfig
+    from uae.methods.sft import SFTConfig
 
     for schedule, refused in (("constant_with_warmup", []), ("cosine", ["max_steps 10 -> 20"])):
         before = SFTConfig(data="x", lr_scheduler=schedule, max_steps=10)
@@ -115,7 +115,7 @@ def test_a_stage_into_another_stages_folder_is_refused(used_folder, capsys):
     """The issue's g4u --model pipeline case: a run into tiny_g4u.yaml's used folder would have left
     the old UAE parts beside its captioner_lora in final/."""
     from uae.training.checkpointing import claim_output_dir
-    from uae.rl.train import parse
+    from uae.train import parse
 
     cfg = parse(["--config", str(ROOT / "configs/grpo/tiny_g4u.yaml"), "--model", "pipeline", "--captioner", "tiny",
                  "--generator", "tiny", "--output_dir", str(used_folder)])[0]
@@ -146,7 +146,7 @@ def test_written_weights_are_readable_by_others(used_folder):
 def test_stage_all_refuses_a_one_stage_config(capsys):
     """The README once ran `--stage all --config configs/grpo/u4g.yaml`: stages 1 and 2 got stage 3's
     learning rate, group size, clip range and KL weight."""
-    from uae.rl.train import main
+    from uae.train import grpo_main as main
 
     assert main(["--stage", "all", "--config", str(ROOT / "configs/grpo/u4g.yaml"), "--data", "x"]) == 2
     err = the_error(capsys)
@@ -157,7 +157,7 @@ def test_all_yaml_gives_each_stage_its_own_published_settings():
     """configs/grpo/all.yaml's sections equal the one-stage configs, but for the run folder."""
     import dataclasses
 
-    from uae.rl.train import parse
+    from uae.train import parse
 
     for cfg in parse(["--config", str(ROOT / "configs/grpo/all.yaml"), "--data", "x"]):
         one = parse(["--config", str(ROOT / f"configs/grpo/{cfg.stage}.yaml"), "--data", "x"])[0]
@@ -195,12 +195,13 @@ def test_an_output_that_cannot_be_written_is_found_before_the_work(command, noth
 
     monkeypatch.chdir(ROOT)
     (tmp_path / "p.txt").write_text("a cube\n")
-    module = {"demo": "uae.demo", "unibench": "uae.unibench", "sft": "uae.training.sft", "score": "uae.score_i2i",
-              "grpo": "uae.rl.train"}[command[0]]
+    module, main = {"demo": ("uae.apps.demo", "main"), "unibench": ("uae.apps.unibench", "main"),
+                    "sft": ("uae.train", "sft_main"), "score": ("uae.apps.score_i2i", "main"),
+                    "grpo": ("uae.train", "grpo_main")}[command[0]]
     argv = [str(tmp_path / "p.txt") if a == "PROMPTS" else a for a in command[1:]]
     if command[0] in ("sft", "grpo"):
         argv = ["--data", str(PAIRS), *argv]
-    assert importlib.import_module(module).main(argv) == 2
+    assert getattr(importlib.import_module(module), main)(argv) == 2
     err = the_error(capsys)
     assert "cannot write there" in err and argv[-1] in err, err
     assert "is a file, not a folder" in err if "README.md" in argv[-1] else "No such file" in err
@@ -211,7 +212,7 @@ def test_an_output_that_cannot_be_written_is_found_before_the_work(command, noth
 def test_score_i2i_with_no_matched_pair_exits_2_naming_the_files(tmp_path, nothing_loads, capsys):
     from PIL import Image
 
-    from uae.score_i2i import main
+    from uae.apps.score_i2i import main
 
     for name in ("a.png", "b.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
@@ -225,7 +226,7 @@ def test_score_i2i_with_no_matched_pair_exits_2_naming_the_files(tmp_path, nothi
 @pytest.mark.parametrize("stage", ["g4u", "u4g"])
 def test_more_prompts_than_references_is_refused_before_any_model_loads(stage, nothing_loads, tmp_path, capsys):
     """The issue's case: --prompts_per_iteration 48 with 6 references failed after captioning them all."""
-    from uae.rl.train import main
+    from uae.train import grpo_main as main
 
     assert main(["--config", str(ROOT / f"configs/grpo/tiny_{stage}.yaml"), "--prompts_per_iteration", "48",
                  "--output_dir", str(tmp_path / "run")]) == 2
@@ -235,7 +236,7 @@ def test_more_prompts_than_references_is_refused_before_any_model_loads(stage, n
 
 @pytest.mark.parametrize("flag", ["--height", "--width"])
 def test_demo_refuses_a_size_sd3_cannot_make_before_loading(flag, nothing_loads, tmp_path, capsys):
-    from uae.demo import main
+    from uae.apps.demo import main
 
     assert main(["--input_text", "a cube", flag, "100", "--output_path", str(tmp_path / "x.png")]) == 2
     err = the_error(capsys)
@@ -243,7 +244,7 @@ def test_demo_refuses_a_size_sd3_cannot_make_before_loading(flag, nothing_loads,
 
 
 def test_demo_on_a_run_folder_points_to_its_final(finished_run, tmp_path, capsys):
-    from uae.demo import main
+    from uae.apps.demo import main
 
     assert main(["--checkpoint", str(finished_run), "--input_text", "a cube", "--output_path",
                  str(tmp_path / "x.png")]) == 2
@@ -261,7 +262,7 @@ def test_offline_official_scorers_fail_at_once_saying_what_to_do(tmp_path, monke
     from huggingface_hub import constants
 
     from uae import hub
-    from uae.score_i2i import main
+    from uae.apps.score_i2i import main
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
@@ -278,7 +279,7 @@ def test_offline_official_scorers_fail_at_once_saying_what_to_do(tmp_path, monke
 def test_offline_mode_without_the_files_says_what_to_do(tmp_path, capsys):
     """HF_HUB_OFFLINE=1 (as in these tests) with no cached copy: the libraries' error, on one line,
     with the offline options."""
-    from uae.score_i2i import main
+    from uae.apps.score_i2i import main
 
     assert main(["--image_path", str(REFS), "--ref_path", str(REFS), "--output_file", str(tmp_path / "s.json"),
                  "--models", "clip"]) == 2
@@ -306,9 +307,9 @@ def test_a_cached_repo_is_used_when_the_hub_cannot_be_reached(tmp_path, monkeypa
 
 def test_a_mistyped_lr_scheduler_is_refused_when_parsed():
     """It was a free string, found only by diffusers' get_scheduler after the models had loaded."""
-    from uae.dataclass_cli import parse_config
+    from uae.config import parse_config
     from uae.errors import UAEError
-    from uae.training.configs import SFTConfig
+    from uae.methods.sft import SFTConfig
 
     with pytest.raises(UAEError, match="--lr_scheduler.*'cosin'.*constant_with_warmup"):
         parse_config(SFTConfig, ["--data", "x", "--lr_scheduler", "cosin"])
@@ -317,7 +318,7 @@ def test_a_mistyped_lr_scheduler_is_refused_when_parsed():
 
 
 def test_the_grpo_bar_shows_the_reward(tmp_path, capsys):
-    from uae.rl.train import main
+    from uae.train import grpo_main as main
 
     assert main(["--config", str(ROOT / "configs/grpo/tiny_u4g.yaml"), "--max_steps", "1",
                  "--output_dir", str(tmp_path / "run")]) == 0
@@ -329,7 +330,7 @@ def test_a_model_trained_from_the_tiny_checkpoint_gets_the_tiny_scorers(tmp_path
     """--scorer_weights auto: a run's final/ trained from `tiny` (followed through the manifests'
     recorded sources) is no real model; the README's chained tiny commands needed the official
     scorers, from the hub, before."""
-    from uae.checkpoints import MANIFEST
+    from uae.models.layout import MANIFEST
     from uae.random_weights import embedded_checkpoint, from_tiny
 
     tiny = embedded_checkpoint()

@@ -51,7 +51,7 @@ def test_the_captioner_learns_longer_captions_and_loads_back(model, tmp_path, he
     manifest = json.loads((final / "uae_checkpoint.json").read_text())
     assert manifest["model"] == model and (final / "captioner_lora" / "adapter_config.json").exists()
     # Loaded back into the runner: its captions of the held-out photos are the trained ones (longer).
-    from uae import unibench
+    from uae.apps import unibench
 
     runs = {}
     for name, lora in (("base", []), ("trained", ["--captioner_lora", final / "captioner_lora"])):

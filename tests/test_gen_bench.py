@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uae import gen_bench
+from uae.apps import gen_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
@@ -255,7 +255,7 @@ def test_two_processes_write_the_files_of_one(geneval_run, geneval_meta, tiny_ck
     out = tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "uae.gen_bench",
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "uae.apps.gen_bench",
                            "--benchmark", "geneval", "--prompts", str(geneval_meta), "--output_dir", str(out),
                            "--checkpoint", str(tiny_ckpt), "--images_per_prompt", "2", *FAST],
                           check=False, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)

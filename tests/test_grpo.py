@@ -167,7 +167,7 @@ def test_g4u_interrupted_and_resumed_run_is_bit_identical(tiny_ckpt, interrupt_a
 
 
 def test_report_cli_makes_plots_and_page_for_any_run(tmp_path, capsys):
-    from uae.report import main as report_main
+    from uae.apps.report import main as report_main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -201,9 +201,9 @@ def captioned(tmp_path_factory):
 
 
 def _cold_cfg(tiny_ckpt, data, out, *extra):
-    from uae.dataclass_cli import parse_config
+    from uae.config import parse_config
 
-    from uae.training.configs import ColdStartConfig
+    from uae.methods.cold_start import ColdStartConfig
 
     return parse_config(ColdStartConfig, ["--config", "configs/grpo/tiny_cold_start.yaml", "--checkpoint",
                                                 str(tiny_ckpt), "--data", str(data), "--output_dir", str(out),
@@ -211,7 +211,7 @@ def _cold_cfg(tiny_ckpt, data, out, *extra):
 
 
 def _cold_start(cfg):
-    from uae.rl.cold_start import ColdStartRecipe
+    from uae.methods.cold_start import ColdStartRecipe
     from uae.training.run import Run
 
     run = Run(cfg, "test")

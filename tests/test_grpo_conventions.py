@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(*argv):
-    from uae.rl.train import parse
+    from uae.train import parse
 
     return parse([str(a) for a in argv])[0]
 
@@ -61,7 +61,7 @@ def test_u4g_config_follows_flow_grpo():
 
 
 def test_update_shares_mix_groups():
-    from uae.rl.u4g import update_shares
+    from uae.methods.u4g import update_shares
 
     shares = update_shares(48, 2, seed=0, it=3)
     assert sorted(shares[0] + shares[1]) == list(range(48)) and len(shares[0]) == len(shares[1]) == 24

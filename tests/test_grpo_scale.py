@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cfg(*argv):
-    from uae.rl.train import parse
+    from uae.train import parse
 
     return parse([str(a) for a in argv])[0]
 
@@ -250,16 +250,16 @@ def test_detach_uncond_gradient_is_the_formula(tiny_uae):
 
 
 def test_u4g_trains_with_the_unconditional_branch_detached_by_default(tiny_ckpt, tmp_path, monkeypatch):
-    import uae.rl.u4g
+    import uae.methods.u4g
 
     seen = []
-    real = uae.rl.u4g.guided_velocity
+    real = uae.methods.u4g.guided_velocity
 
     def spy(*a, detach_uncond=False, **k):
         seen.append((torch.is_grad_enabled(), detach_uncond))
         return real(*a, detach_uncond=detach_uncond, **k)
 
-    monkeypatch.setattr(uae.rl.u4g, "guided_velocity", spy)
+    monkeypatch.setattr(uae.methods.u4g, "guided_velocity", spy)
     for flag, expected in ((None, True), ("false", False)):
         seen.clear()
         out = tmp_path / str(flag)
@@ -272,14 +272,14 @@ def test_u4g_trains_with_the_unconditional_branch_detached_by_default(tiny_ckpt,
 
 
 def test_update_shares_are_drawn_anew_for_every_inner_epoch(tiny_ckpt, tmp_path, monkeypatch):
-    import uae.rl.u4g
-    from uae.rl.u4g import update_shares
+    import uae.methods.u4g
+    from uae.methods.u4g import update_shares
 
     a, b = update_shares(48, 2, seed=0, it=3, epoch=0), update_shares(48, 2, seed=0, it=3, epoch=1)
     assert a != b and sorted(a[0] + a[1]) == sorted(b[0] + b[1]) == list(range(48))
     assert update_shares(48, 2, seed=0, it=3, epoch=1) == b      # a function of (seed, iteration, epoch): resumable
     calls = []
-    monkeypatch.setattr(uae.rl.u4g, "update_shares", lambda *a: calls.append(a[3:]) or update_shares(*a))
+    monkeypatch.setattr(uae.methods.u4g, "update_shares", lambda *a: calls.append(a[3:]) or update_shares(*a))
     argv = ["--config", "configs/grpo/tiny_u4g.yaml", "--checkpoint", tiny_ckpt, "--data", REFS, "--output_dir",
             tmp_path / "run", "--scorer_weights", "tiny", "--max_iterations", 2, "--image_log_steps", 0,
             "--checkpointing_steps", 0, "--inner_epochs", 2]
@@ -312,7 +312,7 @@ def test_cps_window_that_reaches_the_last_step_is_refused():
 def test_u4g_prompts_per_iteration_is_flow_grpos_48():
     """Flow-GRPO's SD3.5 configs: num_batches_per_epoch = int(48 / (gpus * 9 / 24)) batches of 9
     images per GPU, 24 per prompt: 48 prompts per epoch on 8 GPUs as on 32."""
-    from uae.training.configs import U4GConfig
+    from uae.methods.u4g import U4GConfig
 
     for gpus in (8, 32):
         batches = int(48 / (gpus * 9 / 24))

@@ -25,22 +25,22 @@ def bf16_ckpt(tmp_path_factory):
 
 
 def _run(kind, ckpt, out, *extra):
-    from uae.rl.train import parse
+    from uae.train import parse
     from uae.training.run import Run
 
     if kind.startswith("sft"):
-        from uae.dataclass_cli import parse_config
-        from uae.training.configs import SFTConfig
-        from uae.training.sft import SFTRecipe
+        from uae.config import parse_config
+        from uae.methods.sft import SFTConfig
+        from uae.methods.sft import SFTRecipe
 
         cfg = parse_config(SFTConfig, ["--config", "configs/sft/tiny.yaml", "--checkpoint", str(ckpt), "--output_dir",
                                        str(out), "--validation_steps", "0", "--max_steps", "1", *map(str, extra)])
         run = Run(cfg, "test")
         recipe = SFTRecipe(run)
     else:
-        from uae.rl.cold_start import ColdStartRecipe
-        from uae.rl.g4u import G4URecipe
-        from uae.rl.u4g import U4GRecipe
+        from uae.methods.cold_start import ColdStartRecipe
+        from uae.methods.g4u import G4URecipe
+        from uae.methods.u4g import U4GRecipe
 
         cfg = parse(["--config", f"configs/grpo/tiny_{kind}.yaml", "--checkpoint", str(ckpt), "--output_dir", str(out),
                      "--max_steps", "1", "--scorer_weights", "tiny", "--image_log_steps", "0", *map(str, extra)])[0]

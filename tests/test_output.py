@@ -49,13 +49,13 @@ def test_grpo_help_shows_each_stages_default_where_they_differ(capsys, monkeypat
     """`--stage all` reads one command line into three configs: a flag's default is per stage."""
     import train_grpo
 
-    from uae.training.configs import STAGE_CONFIGS
+    from uae.methods import METHODS
 
     out = _help(lambda a: train_grpo.main(a, description=train_grpo.__doc__), ["--stage", "all"], capsys,
                 monkeypatch)
     assert "    accelerate launch --multi_gpu --num_processes 8 train_grpo.py --config configs/grpo/u4g.yaml \\\n" \
            "        --checkpoint zhiyuanyan1/UAE --data /data/images\n" in out  # a shell continuation, as written
-    lr = {stage: cls.__dataclass_fields__["learning_rate"].default for stage, cls in STAGE_CONFIGS.items()}
+    lr = {stage: cls.__dataclass_fields__["learning_rate"].default for stage, cls in ((n, m.config) for n, m in METHODS.items() if m.command == "train_grpo.py")}
     assert len(set(lr.values())) == 3
     opts = _options(out)
     assert "(default: " + ", ".join(f"{s} {v}" for s, v in lr.items()) + ")" in opts
@@ -67,8 +67,8 @@ def test_gen_bench_help_lists_only_its_flags(capsys, monkeypatch):
     """It captions nothing: the captioning settings it shared with demo.py and the runner are not its."""
     import dataclasses
 
-    from uae import gen_bench
-    from uae.models.inference import InferenceConfig
+    from uae.apps import gen_bench
+    from uae.apps.settings import InferenceConfig
 
     out = _help(gen_bench.main, [], capsys, monkeypatch)
     listed = set(re.findall(r"^  (--\w+)", out.split("options:", 1)[1], flags=re.M))
@@ -101,7 +101,7 @@ def _bars(err: str, name: str) -> list[str]:
 
 
 def test_demo_batch_mode_counts_images_and_shows_caption_progress(tiny_ckpt, tmp_path, capsys):
-    from uae.demo import main
+    from uae.apps.demo import main
 
     assert main(["--checkpoint", str(tiny_ckpt), "--input_img", str(REFS), "--prompt_only", "--batch_size", "4",
                  "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out")]) == 0
@@ -111,9 +111,9 @@ def test_demo_batch_mode_counts_images_and_shows_caption_progress(tiny_ckpt, tmp
 
 
 def test_the_runner_counts_images_and_shows_caption_progress(tiny_ckpt, tmp_path, capsys):
-    from uae.dataclass_cli import parse_config
+    from uae.config import parse_config
     from uae.images import list_images
-    from uae.unibench import UniBenchConfig, produce
+    from uae.apps.unibench import UniBenchConfig, produce
 
     cfg = parse_config(UniBenchConfig, ["--checkpoint", str(tiny_ckpt), "--output_dir", str(tmp_path), "--steps", "1",
                                         "--height", "32", "--width", "32", "--max_new_tokens", "4"])
@@ -233,7 +233,7 @@ def test_the_memory_plan_has_no_fsdp_row_for_a_stage_that_refuses_fsdp(monkeypat
     import memory_plan
 
     from uae.errors import UAEError
-    from uae.rl.train import refuse_sharded_launch
+    from uae.train import refuse_sharded_launch
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for name, (stage, _, _) in memory_plan.SETTINGS.items():
@@ -281,11 +281,11 @@ def test_what_the_commands_write_by_default_is_ignored_and_nothing_tracked_is():
 
     import yaml
 
-    from uae.demo import DemoConfig
+    from uae.apps.demo import DemoConfig
     from uae.scoring.folder import details_path
-    from uae.score_i2i import ScoreConfig
-    from uae.training.configs import STAGE_CONFIGS, SFTConfig
-    from uae.unibench import UniBenchConfig
+    from uae.apps.score_i2i import ScoreConfig
+    from uae.methods import METHODS
+    from uae.apps.unibench import UniBenchConfig
 
     if _git("rev-parse", "--is-inside-work-tree").returncode:
         pytest.skip("not a git checkout")
@@ -297,8 +297,8 @@ def test_what_the_commands_write_by_default_is_ignored_and_nothing_tracked_is():
     written = [default(DemoConfig, "output_path"), default(DemoConfig, "output_dir") + "/x.png",
                default(UniBenchConfig, "output_dir") + "/results.json", default(ScoreConfig, "output_file"),
                str(details_path(default(ScoreConfig, "output_file"))), "bench/results/small/results.json",
-               default(SFTConfig, "output_dir") + "/final/x"]
-    written += [default(c, "output_dir") + "/metrics.jsonl" for c in STAGE_CONFIGS.values()]
+               default(METHODS["sft"].config, "output_dir") + "/final/x"]
+    written += [default(c, "output_dir") + "/metrics.jsonl" for c in (m.config for m in METHODS.values() if m.command == "train_grpo.py")]
     for path in glob.glob(str(ROOT / "configs" / "**" / "*.yaml"), recursive=True):
         out = (yaml.safe_load(open(path)) or {}).get("output_dir")
         if out:

@@ -35,7 +35,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 CONFIG_FILES = sorted((ROOT / "configs").rglob("*.yaml"))
 MARKS = ("GPU", "real weights", "data", "tool", "time")
 PYTHONS = ("python", "python3", ".venv/bin/python")
-SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]  # uae-demo -> uae.demo:main
+SCRIPTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]  # uae-demo -> uae.apps.demo:main
 PLAN = json.loads((ROOT / "bench" / "results" / "cpu" / "memory_plan.json").read_text())
 GIB = 2 ** 30
 
@@ -171,11 +171,11 @@ def _parse_only():
 
 
 def _module_of_script(script: str) -> str | None:
-    """The module whose main a top-level script calls (`from uae.demo import ... main`)."""
+    """The module whose main a top-level script calls (`from uae.apps.demo import ... main`)."""
     src = (ROOT / script).read_text()
-    m = re.search(r"^from (uae[\w.]*) import .*\b(main|scorer_main)\b", src, flags=re.M)
+    m = re.search(r"^from (uae[\w.]*) import .*?\b(\w*main)\b", src, flags=re.M)
     if m:
-        return m.group(1)
+        return m.group(1) if m.group(2) in ("main", "scorer_main") else f"{m.group(1)}:{m.group(2)}"
     if script.startswith("bench/") and re.search(r"^def main\(", src, flags=re.M):
         return Path(script).stem  # bench/ is on the tests' path (pytest.ini)
     return None
@@ -185,22 +185,22 @@ def parse(module: str, argv: list[str]):
     """The config(s) (or argparse namespace) `module`'s command line makes of `argv`, through the
     script's own parser and config checks, without running it. Raises UAEError / AssertionError."""
     from uae.cli import with_named_config
-    from uae.dataclass_cli import parse_config
+    from uae.config import parse_config
 
-    if module == "uae.rl.train":
-        from uae.rl.train import parse as grpo_parse
+    if module == "uae.train:grpo_main":
+        from uae.train import parse as grpo_parse
 
         return grpo_parse(argv)
-    if module == "uae.training.sft":
-        from uae.training.configs import SFTConfig
+    if module == "uae.train:sft_main":
+        from uae.methods.sft import SFTConfig
 
         return [parse_config(SFTConfig, with_named_config(argv, "sft"))]
-    classes = {"uae.demo": "DemoConfig", "uae.unibench": "UniBenchConfig", "uae.score_i2i": "ScoreConfig",
-               "uae.gen_bench": "GenBenchConfig", "uae.export": "ExportConfig"}
+    classes = {"uae.apps.demo": "DemoConfig", "uae.apps.unibench": "UniBenchConfig", "uae.apps.score_i2i": "ScoreConfig",
+               "uae.apps.gen_bench": "GenBenchConfig", "uae.apps.export": "ExportConfig"}
     if module in classes:
         return [parse_config(getattr(importlib.import_module(module), classes[module]), argv)]
-    if module in ("uae.random_weights", "uae.random_weights.cli"):
-        module = "uae.random_weights.cli"
+    if module in ("uae.random_weights", "uae.apps.build_checkpoint"):
+        module = "uae.apps.build_checkpoint"
     main = importlib.import_module(module).main
     err = None
     with _parse_only():
@@ -233,7 +233,7 @@ def target(cmd: Command) -> Target:
     if a[0] in PYTHONS and a[1:3] == ["-m", "pytest"]:
         return Target("suite", argv=a[3:])
     if a[0] in SCRIPTS:
-        return Target("toolkit", SCRIPTS[a[0]].split(":")[0], a[1:])
+        return Target("toolkit", SCRIPTS[a[0]].removesuffix(":main"), a[1:])
     if a[0] == "accelerate" and a[1:2] == ["launch"]:
         from accelerate.commands.launch import launch_command_parser
 
@@ -437,11 +437,11 @@ def _flags(*classes) -> set[str]:
 
 
 @pytest.mark.parametrize("module, classes, page, start, end", [
-    ("uae.demo", ["DemoConfig"], "docs/demo.md", "## Every flag", "\n## "),
-    ("uae.score_i2i", ["ScoreConfig"], "docs/unified-bench.md", "## Scoring folders: eval/", "\n## "),
-    ("uae.unibench", ["UniBenchConfig"], "docs/unified-bench.md", "## The benchmark runner", "\n## "),
-    ("uae.training.configs", ["SFTConfig"], "docs/training-sft.md", "# Training the decoder", None),
-    ("uae.training.configs", ["ColdStartConfig", "G4UConfig", "U4GConfig"], "docs/unified-grpo.md",
+    ("uae.apps.demo", ["DemoConfig"], "docs/demo.md", "## Every flag", "\n## "),
+    ("uae.apps.score_i2i", ["ScoreConfig"], "docs/unified-bench.md", "## Scoring folders: eval/", "\n## "),
+    ("uae.apps.unibench", ["UniBenchConfig"], "docs/unified-bench.md", "## The benchmark runner", "\n## "),
+    ("uae.methods.sft", ["SFTConfig"], "docs/training-sft.md", "# Training the decoder", None),
+    ("uae.methods", ["ColdStartConfig", "G4UConfig", "U4GConfig"], "docs/unified-grpo.md",
      "# Unified-GRPO", "\n## Stage 2 for any captioner"),
 ])
 def test_flags_match_the_tables(module, classes, page, start, end):
@@ -469,7 +469,7 @@ def test_readme_is_short_and_links_every_page():
 
 def test_the_install_check_prints_what_the_readme_says(at_root, capsys):
     """The README's 'A correct install prints this': the tiny model's caption of a sample photo."""
-    from uae.demo import main
+    from uae.apps.demo import main
 
     expected = re.search(r"prints the caption `([^`]+)` on stdout", README).group(1)
     cmd = next(c for c in page_commands(ROOT / "README.md") if "--prompt_only --max_new_tokens" in c.text)
@@ -511,15 +511,15 @@ def plan_rows(cfg) -> list[str]:
     """The plan's settings whose config matches `cfg` in everything a GPU holds."""
     from memory_plan import SETTINGS
 
-    from uae.dataclass_cli import from_dict, read_yaml
-    from uae.training.configs import STAGE_CONFIGS, SFTConfig
+    from uae.config import from_dict, read_yaml
+    from uae.methods import METHODS
 
     stage = getattr(cfg, "stage", "sft")
     out = []
     for name, (row_stage, path, extra) in SETTINGS.items():
         if row_stage != stage or name not in PLAN["plans"]:
             continue
-        row = from_dict(SFTConfig if stage == "sft" else STAGE_CONFIGS[stage],
+        row = from_dict(METHODS[stage].config,
                         {**read_yaml(str(ROOT / path)), "data": "plan", **extra})
         if all(getattr(cfg, f.name) == getattr(row, f.name) for f in dataclasses.fields(cfg) if f.name not in NEUTRAL):
             out.append(name)
@@ -529,10 +529,10 @@ def plan_rows(cfg) -> list[str]:
 @pytest.mark.parametrize("cmd", LAUNCHES, ids=lambda c: c.source)
 def test_every_launch_fits_the_memory_plan(cmd, at_root):
     t = target(cmd)
-    if t.module not in ("uae.training.sft", "uae.rl.train"):
+    if t.module not in ("uae.train:sft_main", "uae.train:grpo_main"):
         pytest.skip("not a trainer: the plan covers training")
     kind, n = launch_kind(t.launch)
-    if t.module == "uae.rl.train":
+    if t.module == "uae.train:grpo_main":
         assert kind not in ("FSDP", "DeepSpeed"), f"{cmd}: train_grpo.py refuses {kind} launches"
     configs = parse(t.module, t.argv)
     if all(c.device == "cpu" for c in configs):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from uae import unibench
-from uae.report import main as report_main
+from uae.apps import unibench
+from uae.apps.report import main as report_main
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"

@@ -55,8 +55,8 @@ class ToyRecipe:
 
 
 def _run(tiny_ckpt, tmp_path, *extra):
-    from uae.dataclass_cli import parse_config
-    from uae.training.configs import SFTConfig
+    from uae.config import parse_config
+    from uae.methods.sft import SFTConfig
     from uae.training.run import Run
 
     cfg = parse_config(SFTConfig, ["--data", "unused", "--checkpoint", str(tiny_ckpt), "--output_dir", str(tmp_path),

@@ -169,7 +169,7 @@ def test_caches_give_the_same_training_and_skip_the_models(tiny_ckpt, pairs, tmp
     assert entries.count("latents") == 4 and entries.count("text") == 5          # 4 captions + the empty prompt
     # A second run reads the caches: no image is decoded and no caption goes through the LLM.
     import uae.data
-    from uae.training.sft import SFTRecipe
+    from uae.methods.sft import SFTRecipe
 
     monkeypatch.setattr(uae.data, "load_image", lambda *a: pytest.fail("image decoded"))
     monkeypatch.setattr(SFTRecipe, "_hidden", lambda *a: pytest.fail("LLM called"))

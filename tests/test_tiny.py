@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from uae.checkpoints import LORA_SHARDS
+from uae.models.layout import LORA_SHARDS
 from uae.random_weights import build_checkpoint, load_preset
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from uae import unibench as run_unibench
+from uae.apps import unibench as run_unibench
 
 ROOT = Path(__file__).resolve().parent.parent
 

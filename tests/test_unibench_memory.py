@@ -94,7 +94,7 @@ def test_asked_for_reference_features_and_cache_give_the_same_scores(scorers, tm
 
 
 def test_caption_faithfulness_encodes_a_batch_at_a_time(scorers):
-    from uae import unibench
+    from uae.apps import unibench
 
     clip = scorers["clip"]
     seen = []

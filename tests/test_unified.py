@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from uae import unibench
+from uae.apps import unibench
 from uae.images import open_image
 from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
 from uae.unified.protocol import RunSettings
@@ -375,7 +375,7 @@ def test_scorer_weights_auto_are_tiny_only_for_an_all_tiny_model(flags, weights,
     """`--scorer_weights auto` (the default): random scorers only when every loaded model is an
     embedded random one; another model, a user's class and another system's reconstructions are
     scored with the official weights, whatever --checkpoint's default."""
-    from uae.dataclass_cli import parse_config
+    from uae.config import parse_config
     from uae.scoring.scorers import resolve_scorer_weights
 
     cfg = parse_config(unibench.UniBenchConfig, [f.replace("{tmp}", str(tmp_path)) for f in flags])

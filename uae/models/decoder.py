@@ -13,6 +13,9 @@ from uae.errors import UAEError
 
 logger = logging.getLogger(__name__)
 
+# The modules a new DiT LoRA wraps (Flow-GRPO's SD3 targets: joint attention and its context projections).
+DIT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
 
 def _wrap(what: str, path: str, fn, *args, **kwargs):
     try:

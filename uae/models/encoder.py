@@ -172,7 +172,7 @@ class UAEEncoder(nn.Module):
         shards overrides the one in `llm/`, as the release's strict=False load applied them last."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        from uae.checkpoints import LORA_SHARDS, load_official_llm_lora, lora_layout_in_shards
+        from uae.models.layout import LORA_SHARDS, load_official_llm_lora, lora_layout_in_shards
 
         try:
             processor = AutoProcessor.from_pretrained(processor_path)

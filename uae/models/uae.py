@@ -7,7 +7,7 @@ from typing import Sequence
 
 import torch
 
-from uae.checkpoints import COMPONENTS, ComponentPaths, resolve_components
+from uae.models.layout import COMPONENTS, ComponentPaths, resolve_components
 from uae.models.decoder import UAEDecoder
 from uae.models.encoder import EncoderPrompts, UAEEncoder, group_by_length
 from uae.runtime import attention_backend, resolve_device, resolve_dtype

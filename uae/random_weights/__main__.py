@@ -1,3 +1,3 @@
-from uae.random_weights.cli import main
+from uae.apps.build_checkpoint import main
 
 raise SystemExit(main())

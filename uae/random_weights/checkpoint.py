@@ -185,7 +185,7 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
 def save_llm_release_format(model, projector, out: Path, n_shards: int = 2, with_projector: bool = True) -> None:
     """Write `llm/` as the release does: Qwen2.5-VL weights with transformers-4.50 key names
     (`model.*` = text model, `visual.*` = vision tower) and the projector in the same shards."""
-    from uae.checkpoints import current_to_official, save_sharded
+    from uae.models.layout import current_to_official, save_sharded
 
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
@@ -334,7 +334,7 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
             torch.set_default_dtype(old)
     from diffusers import StableDiffusion3Pipeline
 
-    from uae.checkpoints import save_official_llm_lora
+    from uae.models.layout import save_official_llm_lora
     from uae.files import atomic_folder
     from uae.models.decoder import save_dit_lora
     from uae.models.encoder import UAEEncoder, llm_lora_config

@@ -31,7 +31,7 @@ def from_tiny(checkpoint: str, depth: int = 8) -> bool:
     weights `auto` are then the tiny ones too (a model trained from random weights is no real one)."""
     import json
 
-    from uae.checkpoints import MANIFEST
+    from uae.models.layout import MANIFEST
 
     if checkpoint == TINY or (Path(checkpoint).is_dir() and Path(checkpoint).resolve() == _embedded_path().resolve()):
         return True

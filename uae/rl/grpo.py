@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from uae.config import field
+from uae.errors import UAEError
+from uae.training.run import TrainConfig
+
 
 @dataclass
 class Advantages:
@@ -124,3 +128,69 @@ def flow_kl(mean: torch.Tensor, ref_mean: torch.Tensor, noise_scale: torch.Tenso
     published beta values would not carry over)."""
     dims = tuple(range(1, mean.ndim))
     return ((mean - ref_mean) ** 2).mean(dim=dims) / (2 * noise_scale.reshape(-1).clamp(min=1e-12) ** 2)
+
+
+# ---------------------------------------------------------------------------- the RL stages' settings
+@dataclass
+class GRPOConfig(TrainConfig):
+    """What the three Unified-GRPO stages share."""
+
+    stage: str = field("u4g", help="cold_start: stage 1 (the reconstruction loss through the decoder's sampling into the "
+                            "encoder's LoRA, the projector and the decoder's LoRA); g4u: stage 2 (GRPO on the "
+                            "encoder's LoRA, captions as actions); u4g: stage 3 (Flow-GRPO on the decoder's LoRA); "
+                            "all: the three in sequence, each from the previous one's final/ (<output_dir>/<stage>/)")
+    data: str = field(None, help="reference images: a folder (captions from the encoder), a folder with .txt "
+                                 "captions, a .jsonl of {image, caption}, a datasets folder or webdataset shards")
+    output_dir: str = field("runs/grpo", run_only=True,
+                            help="checkpoints, metrics.jsonl, grids/, curves.png and final/")
+    num_steps: int = field(10, min=1, help="sampling steps per reconstruction / rollout")
+    guidance_scale: float = field(5.0, min=0, help="classifier-free guidance of the reconstructions")
+    reward_funcs: list[str] = field(["clip"], help="rewards, each a scorer (clip, dinov2, dinov3, longclip: image "
+                                                   "similarity to the reference), text:<scorer> (caption vs "
+                                                   "reference), or module:callable (a reward of your own)")
+    reward_weights: list[float] | None = field(None, help="one weight per reward function (default all 1.0)")
+    max_new_tokens: int = field(512, min=1, help="caption length limit (stage 3 prompts; stage 2 actions)")
+    temperature: float = field(0.7, min=1e-6, help="caption sampling temperature (stage 2 log-probs use the same)")
+    image_log_steps: int = field(10, min=0, run_only=True,
+                                 help="save a reference | group grid every N steps (0: never)")
+    checkpointing_steps: int = field(50, min=0, run_only=True,
+                                     help="resumable checkpoint every N steps (0: only at the end)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        from uae.scoring.scorers import SCORERS
+
+        for spec in self.reward_funcs:
+            name = spec[5:] if spec.startswith("text:") else spec
+            if ":" not in name and name not in SCORERS:
+                raise UAEError(f"--reward_funcs: reward {spec!r} is neither a scorer ({', '.join(SCORERS)}), "
+                               "text:<scorer> nor module:callable")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise UAEError(f"--reward_weights has {len(self.reward_weights)} weight(s) for {len(self.reward_funcs)} "
+                           "reward function(s) (--reward_funcs): give one each, or none for 1.0 each")
+
+
+
+@dataclass
+class GroupConfig(GRPOConfig):
+    """Groups, advantages, PPO-clip and KL: the two RL stages."""
+
+    group_size: int = field(24, min=2, help="rollouts per prompt (G; advantages are relative to the group)")
+    prompts_per_iteration: int = field(2, min=1, help="prompts per iteration over all processes, drawn without replacement")
+    inner_epochs: int = field(1, min=1, help="passes over each iteration's rollouts")
+    clip_range: float = field(1e-4, min=0, help="PPO clip range")
+    beta: float = field(0.04, min=0, help="KL weight to the reference policy")
+    kl_reference: str = field("start", choices=("start", "base"),
+                              help="the KL's reference: start (the LoRA as the stage began; a fresh LoRA starts at the "
+                                   "base model) or base (the model without LoRA)")
+    scale_rewards: str = field("group", choices=("group", "batch", "none"), aliases=["--adv_std_scope"],
+                               help="advantages (r - group mean) divided by the std of the group, of the whole batch, "
+                                    "or by nothing (TRL's scale_rewards; Flow-GRPO's global_std is batch)")
+    adv_clip: float = field(5.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping)")
+    checkpointing_steps: int = field(50, min=0, run_only=True,
+                                     help="resumable checkpoint every N iterations (0: only at the end)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient_accumulation_steps != 1:
+            raise UAEError("--gradient_accumulation_steps must stay 1 for GRPO (it accumulates over samples and steps)")

@@ -95,7 +95,7 @@ def changed_settings(cfg, before: dict, now: dict) -> list[str]:
     config marks `run_only` may change; so may max_steps, unless a decaying learning-rate schedule
     is stretched by it. A setting the record does not hold (written by an older version) is not
     compared."""
-    from uae.dataclass_cli import result_settings
+    from uae.config import result_settings
 
     names = result_settings(cfg)
     if not str(getattr(cfg, "lr_scheduler", "constant")).startswith("constant"):
@@ -165,7 +165,7 @@ def write_final(final: Path, paths, link: bool, keep: tuple[str, ...], manifest:
     """A run's result in the official layout, in the folder `final` (a temporary one that then
     takes final/'s place, uae.files.atomic_folder): the parts in `keep` linked (or copied) from the
     source checkpoint, the manifest written; the caller then writes the parts it trained."""
-    from uae.checkpoints import MANIFEST
+    from uae.models.layout import MANIFEST
 
     final = Path(final)
     final.mkdir(exist_ok=True)

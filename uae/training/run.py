@@ -12,15 +12,108 @@ import contextlib
 import json
 import logging
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
+from uae.config import check_fields, field
 from uae.errors import UAEError
+from uae.models.decoder import DIT_LORA_TARGETS
 from uae.files import atomic_folder, writable_dir
 from uae.training.checkpointing import Checkpoints, claim_output_dir, clear_run, final_dir, write_final
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer shares."""
+
+    data: str = field(None, help="training data (see the script's page in docs/ for the accepted sources)")
+    checkpoint: str = field("tiny", help="starting UAE checkpoint: folder in the official layout, hub id, or tiny")
+    output_dir: str = field("runs/train", run_only=True,
+                            help="checkpoints, metrics.jsonl, plots, grids and final/ (official layout)")
+    resolution: int = field(512, min=16, help="training / rollout size in pixels (a multiple of 16)")
+    max_steps: int = field(1000, min=1, aliases=["--max_train_steps", "--max_iterations"],
+                           help="optimizer steps (SFT, cold start) or iterations (GRPO stages)", run_only=True)
+    learning_rate: float = field(1e-4, min=0, help="AdamW learning rate")
+    adam_beta1: float = field(0.9, min=0, max=1, help="AdamW beta1")
+    adam_beta2: float = field(0.999, min=0, max=1, help="AdamW beta2")
+    adam_epsilon: float = field(1e-8, min=0, help="AdamW epsilon")
+    weight_decay: float = field(1e-4, min=0, help="AdamW weight decay")
+    optimizer: str = field("adamw", choices=("adamw", "adamw8bit"),
+                           help="adamw (torch), or adamw8bit (torchao's 8-bit AdamW: a quarter of the state; "
+                                "pip install torchao)")
+    max_grad_norm: float = field(1.0, min=0, help="gradient clipping (0: off)")
+    lora_rank: int = field(32, min=1, help="rank of a new DiT LoRA")
+    lora_alpha: float = field(64.0, min=0, help="alpha of a new DiT LoRA")
+    lora_target_modules: list[str] = field(DIT_LORA_TARGETS, help="DiT modules a new LoRA wraps")
+    use_ema: bool = field(False, help="keep an EMA of the trained weights; final/ uses it")
+    ema_decay: float = field(0.999, min=0, max=1, help="EMA decay (warm-up min((1+s)/(10+s), decay), s = optimizer steps)")
+    ema_every: int = field(1, min=1, help="EMA update every N optimizer steps")
+    ema_device: str = field("same", choices=("same", "cpu"), run_only=True,
+                            help="where the EMA weights live (cpu: none on the GPU)")
+    mixed_precision: str = field("no", choices=("no", "bf16", "fp16"),
+                                 help="no, bf16 or fp16: frozen weights in that dtype, trained weights and optimizer "
+                                      "state in fp32, forward passes under autocast")
+    gradient_checkpointing: bool = field(False, help="recompute activations in the backward pass, in every model "
+                                                     "that trains (DiT, LLM)", run_only=True)
+    gradient_accumulation_steps: int = field(1, min=1, help="micro-batches per optimizer step")
+    checkpointing_steps: int = field(500, min=0, run_only=True,
+                                     help="resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int | None = field(None, min=1, help="keep at most this many checkpoints", run_only=True)
+    resume_from_checkpoint: str | None = field(None, help="'latest' or a checkpoint folder", run_only=True)
+    overwrite_output_dir: bool = field(False, run_only=True,
+                                       help="a fresh run into an --output_dir that holds a run deletes that run's "
+                                            "files (all but cache/) first; without it, that is an error")
+    cache_dir: str | None = field(None, run_only=True,
+                                  help="cache of precomputed frozen-model outputs (default <output_dir>/cache)")
+    link_unchanged: bool = field(True, help="final/: symlink the unchanged parts instead of copying", run_only=True)
+    report_to: str = field("tensorboard", run_only=True,
+                           help="accelerate trackers, comma-separated: tensorboard, wandb, none")
+    seed: int = field(0, help="seed: data order, noise and sampling are functions of (seed, step)")
+    device: str = field("auto", choices=("auto", "cpu"), run_only=True,
+                        help="auto or cpu (force CPU); GPUs are chosen by accelerate launch")
+    log_level: str = field("INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level", run_only=True)
+    scorer_weights: str = field("auto", choices=("auto", "official", "tiny"),
+                                help="weights of the scorers (rewards, held-out evaluation): auto (tiny for the tiny "
+                                     "model, else official), official, tiny")
+    eval_steps: int = field(0, min=0, run_only=True,
+                            help="held-out Unified-Bench every N steps, and at the start and the end (0: never)")
+    eval_data: str | None = field(None, help="held-out references: a folder of images, a .jsonl or any --data source "
+                                             "(sample: the six sample photos)", run_only=True)
+    eval_scorers: list[str] = field(["clip", "longclip", "dinov2", "dinov3"], help="scorers of the held-out evaluation "
+                                                                                   "(overall: their mean)",
+                                                                                   run_only=True)
+    eval_resolution: int | None = field(None, min=16, run_only=True,
+                                        help="size of the held-out reconstructions (default --resolution)")
+    eval_inference_steps: int = field(40, min=1, run_only=True,
+                                      help="denoising steps of the held-out reconstructions (the benchmark's)")
+    eval_guidance_scale: float = field(5.0, min=0, run_only=True,
+                                       help="CFG of the held-out reconstructions (the benchmark's)")
+    eval_max_new_tokens: int = field(512, min=1, run_only=True,
+                                     help="caption length limit of the held-out captions (the benchmark's)")
+
+    def __post_init__(self):
+        if not self.data:
+            raise UAEError("--data is required (see --help for the accepted sources)")
+        check_fields(self)
+        if self.resolution % 16:
+            raise UAEError(f"--resolution {self.resolution} must be a multiple of 16")
+        if self.overwrite_output_dir and self.resume_from_checkpoint:
+            raise UAEError("--overwrite_output_dir starts a run again and --resume_from_checkpoint continues one: give "
+                           "one of them")
+        if self.eval_steps and not self.eval_data:
+            raise UAEError(f"--eval_steps {self.eval_steps} needs --eval_data (a folder of held-out reference images, a "
+                           ".jsonl, or sample for the six sample photos)")
+        if self.eval_resolution is not None and self.eval_resolution % 16:
+            raise UAEError(f"--eval_resolution {self.eval_resolution} must be a multiple of 16")
+        from uae.scoring.scorers import SCORERS
+
+        unknown = [s for s in self.eval_scorers if s not in SCORERS]
+        if unknown:
+            raise UAEError(f"--eval_scorers {' '.join(unknown)}: choose from {', '.join(SCORERS)}")
 
 
 class Recipe(Protocol):
@@ -30,7 +123,7 @@ class Recipe(Protocol):
     (the held-out evaluation); after `setup` the recipe has:
 
         trainable       the parameters it trains (EMA, gradient clipping and checkpoints act on these)
-        paths           the source checkpoint's parts (uae.checkpoints.ComponentPaths)
+        paths           the source checkpoint's parts (uae.models.layout.ComponentPaths)
         linked_parts    the parts final/ links unchanged from the source
         manifest        extra entries of final/'s manifest ({} for none)
     """
@@ -127,7 +220,7 @@ def resolve_names(cfg):
 class Run:
     def __init__(self, cfg, name: str):
         """`name`: the trackers' project name (e.g. uae_sft, uae_grpo_u4g)."""
-        from uae.dataclass_cli import save_config, to_dict
+        from uae.config import save_config, to_dict
         from uae.training.setup import make_accelerator
 
         self.cfg, self.name = resolve_names(cfg), name
@@ -249,7 +342,7 @@ class Run:
             metrics, grid, captions = self.held_out(step)
         metrics["time_eval"] = time.perf_counter() - t0
         if self.acc.is_main_process:
-            from uae.report import image_grid
+            from uae.apps.report import image_grid
 
             if grid:
                 pics = [im for pair in grid for im in pair]
@@ -338,7 +431,7 @@ class Run:
             records = self.metrics.read()
             recipe.plot(records)
             if self.held_out is not None:
-                from uae.report import eval_curves
+                from uae.apps.report import eval_curves
 
                 eval_curves(records, self.out / "eval.png", list(cfg.eval_scorers))
         recipe.close()

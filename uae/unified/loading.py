@@ -11,7 +11,7 @@
 
 `--model_args` is a mapping: inline JSON or YAML, or a path to a .json / .yaml file (or, in a
 --config YAML, a mapping under `model_args:`). Every source here is a folder or a hub id: the
-entry layer (uae.unibench) resolves the name `tiny` to the embedded random models first."""
+entry layer (uae.apps.unibench) resolves the name `tiny` to the embedded random models first."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""uae-export (python -m uae.export): a checkpoint in the official layout with its LoRAs merged.
+"""uae-export (python -m uae.apps.export): a checkpoint in the official layout with its LoRAs merged.
 
-    python -m uae.export --checkpoint SRC --output_dir DIR [--dtype bfloat16] [--overwrite]
+    python -m uae.apps.export --checkpoint SRC --output_dir DIR [--dtype bfloat16] [--overwrite]
 
 DIR/llm is a plain Qwen2.5-VL folder (the LLM LoRA merged by PEFT's `merge_and_unload`, the
 processor's files beside the weights): `Qwen2_5_VLForConditionalGeneration.from_pretrained` and
@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 
 from uae.cli import script_main, setup_logging
-from uae.dataclass_cli import check_fields, field, parse_config
+from uae.config import check_fields, field, parse_config
 from uae.errors import UAEError
 from uae.files import writable_dir
 
-logger = logging.getLogger("uae.export")
+logger = logging.getLogger("uae.apps.export")
 
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Files of a model folder that are not the processor's (not copied from the processor folder).
@@ -215,7 +215,7 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
            link_unchanged: bool = False, source_name: str | None = None) -> Path:
     """Write the merged export of `checkpoint` (a folder in the official layout or a hub id) to
     `out_dir`, atomically: built in a temporary sibling folder, renamed when complete."""
-    from uae.checkpoints import MANIFEST, resolve_components
+    from uae.models.layout import MANIFEST, resolve_components
     from uae.files import atomic_folder, atomic_write_json
     from uae.training.checkpointing import link_or_copy
 

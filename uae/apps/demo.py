@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uae.cli import script_main, setup_logging
-from uae.dataclass_cli import field, parse_config, save_config
+from uae.config import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.models.inference import InferenceConfig
+from uae.apps.settings import InferenceConfig
 
-logger = logging.getLogger("uae.demo")
+logger = logging.getLogger("uae.apps.demo")
 
 
 @dataclass

@@ -32,6 +32,68 @@ from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, train_lora_only
 from uae.training.precision import precision_policy
 
+from uae.config import field as config_field
+from uae.rl.grpo import GroupConfig, LOSS_TYPES
+
+
+@dataclass
+class G4UConfig(GroupConfig):
+    """Unified-GRPO stage 2, Generation for Understanding. UAE publishes no settings: these are TRL's
+    GRPO defaults for VLMs (8 generations, LoRA lr 1e-5, epsilon 0.2, beta 0)."""
+
+    stage: str = config_field("g4u", choices=("g4u",), help="this stage")
+    max_steps: int = config_field(1000, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="GRPO iterations")
+    learning_rate: float = config_field(1e-5, min=0, help="AdamW learning rate of the encoder's LoRA")
+    group_size: int = config_field(8, min=2, help="captions per image (G)")
+    prompts_per_iteration: int = config_field(16, min=1, help="images per iteration over all processes, drawn without replacement")
+    clip_range: float = config_field(0.2, min=0, help="PPO clip range (token level)")
+    beta: float = config_field(0.0, min=0, help="KL (k3, per token) weight to the reference policy")
+    train_batch_size: int | None = config_field(4, min=1, help="captions per log-probability forward (their logits are "
+                                                        "captions x tokens x vocabulary: the stage's largest activation)")
+    frozen_embedding: bool = config_field(False, help="condition the decoder through the LoRA-free LLM instead of the "
+                                               "current encoder weights")
+    decoder_noise: str = config_field("group", choices=("group", "sample"),
+                               help="the decoder's initial noise: one per group (the captions of a group are compared "
+                                    "on the same noise) or one per caption")
+    model: str = config_field("uae", choices=("uae", "janus", "pipeline"),
+                       help="whose captioner trains: uae (the checkpoint's encoder LoRA; images through its own "
+                            "decoder), janus (--checkpoint: Janus / Janus-Pro; a new LoRA on its language model, images "
+                            "by its own generation with the LoRA off), pipeline (--captioner: any transformers "
+                            "image-text-to-text model, a new LoRA on its language model; --generator: any diffusers "
+                            "text-to-image pipeline): the paper's '+ Ours' rows")
+    captioner: str | None = config_field(None, help="--model pipeline: the captioner that trains (hub id, folder or tiny)")
+    generator: str | None = config_field(None, help="--model pipeline: the frozen text-to-image pipeline of the reward (hub "
+                                             "id, folder or tiny)")
+    captioner_lora_rank: int = config_field(16, min=1, help="--model janus / pipeline: rank of the new LoRA")
+    captioner_lora_alpha: float = config_field(32.0, min=0, help="--model janus / pipeline: alpha of the new LoRA")
+    captioner_lora_targets: str = config_field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+                                        help="--model janus / pipeline: the modules the new LoRA wraps (a regex on module "
+                                             "names: the language model's attention and MLP; the vision tower, the "
+                                             "aligners and Janus's image head stay frozen; add |lm_head for the output "
+                                             "layer)")
+    loss_type: str = config_field("dapo", choices=LOSS_TYPES,
+                           help="how token losses are summed into the loss, TRL's normalisers: dapo (over every "
+                                "completion token of the iteration, on all processes: TRL's default), bnpo (over the "
+                                "tokens of each micro-batch), grpo (each caption's mean, then the mean over captions), "
+                                "dr_grpo (over micro-batch size x max_new_tokens)")
+    mask_truncated_completions: bool = config_field(False, help="leave captions cut at max_new_tokens (no end-of-sequence "
+                                                         "token) out of the loss (DAPO; TRL's option)")
+    adv_clip: float = config_field(0.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping, as TRL)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_g4u_model(self)
+
+
+
+
+def _check_g4u_model(cfg: "G4UConfig") -> None:
+    if cfg.model == "pipeline" and not (cfg.captioner and cfg.generator):
+        raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
+    if cfg.model != "pipeline" and (cfg.captioner or cfg.generator):
+        raise UAEError(f"--captioner / --generator are --model pipeline's; --model {cfg.model} uses --checkpoint")
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,6 +132,9 @@ def configure(model, cfg) -> Parts:
 
 class G4URecipe:
     """Stage 2 (g4u): the encoder's LoRA learns to caption for reconstruction; the decoder is frozen."""
+
+    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
+    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
 
     trained_by = "train_grpo.py --stage g4u"
     linked_parts = ("SD3", "dit", "dit_lora", "llm", "llm_processor")
@@ -297,7 +362,7 @@ class G4URecipe:
 
     # ------------------------------------------------------------------ seeing it work
     def _log_samples(self, step, mine, images, texts, rewards) -> None:
-        from uae.report import image_grid
+        from uae.apps.report import image_grid
 
         g = self.cfg.group_size
         side = images[0].size
@@ -310,7 +375,7 @@ class G4URecipe:
         self.run.log_sample(step, record, text=table)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.report import loss_curve, run_page
+        from uae.apps.report import loss_curve, run_page
 
         loss_curve(records, self.run.out / "curves.png", "Unified-GRPO g4u: the aha moment",
                    keys=("reward_mean", "caption_len_mean"))
@@ -322,6 +387,6 @@ class G4URecipe:
         if self.cfg.model != "uae":
             self.acc.unwrap_model(self.policy).save_pretrained(str(final / "captioner_lora"))
             return
-        from uae.checkpoints import save_official_llm_lora
+        from uae.models.layout import save_official_llm_lora
 
         save_official_llm_lora(self.model.encoder, final / "llm_lora")

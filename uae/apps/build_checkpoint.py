@@ -10,7 +10,7 @@ import argparse
 import logging
 
 from uae.cli import setup_logging
-from uae.dataclass_cli import HelpFormatter
+from uae.config import HelpFormatter
 from uae.random_weights.checkpoint import build_checkpoint
 
 logger = logging.getLogger(__name__)

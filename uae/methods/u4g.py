@@ -40,6 +40,72 @@ from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
+from uae.config import field
+from uae.rl.grpo import GroupConfig
+
+
+@dataclass
+class U4GConfig(GroupConfig):
+    """Unified-GRPO stage 3, Understanding for Generation: Flow-GRPO's SD3.5 settings."""
+
+    stage: str = field("u4g", choices=("u4g",), help="this stage")
+    max_steps: int = field(300, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="GRPO iterations")
+    learning_rate: float = field(3e-4, min=0, help="AdamW learning rate of the decoder's LoRA")
+    guidance_scale: float = field(4.5, min=0, help="CFG during rollouts and training (both branches in one batch)")
+    prompts_per_iteration: int = field(48, min=1, help="prompts per iteration over all processes, drawn without "
+                                                       "replacement (Flow-GRPO's SD3.5 configs: 48, whatever the GPU count)")
+    scale_rewards: str = field("batch", choices=("group", "batch", "none"), aliases=["--adv_std_scope"],
+                               help="advantages (r - group mean) divided by the std of the whole batch (Flow-GRPO's "
+                                    "global_std), of the group, or by nothing")
+    detach_uncond: bool = field(True, help="the unconditional CFG branch of the training forward is a constant for the "
+                                           "gradient (Flow-GRPO); false: the gradient of the guided velocity flows "
+                                           "through both branches")
+    sample_batch_size: int = field(8, min=1, help="rollouts sampled together; rewards of a chunk overlap the sampling "
+                                                  "of the next")
+    train_batch_size: int | None = field(None, min=1, help="samples per training forward (default sample_batch_size)")
+    updates_per_iteration: int = field(2, min=1, help="optimizer steps per batch of rollouts, each on a share shuffled "
+                                                      "across groups (Flow-GRPO: 2, so that the clip range acts)")
+    sde_kind: str = field("sde", choices=("sde", "cps"), help="sde (Flow-GRPO) or cps (coefficients-preserving)")
+    noise_level: float = field(0.7, min=0, help="SDE noise level a (0.8 is usual for cps)")
+    sde_window_mode: str = field("fixed", choices=("fixed", "random", "sliding"),
+                                 help="fixed (--sde_window), random (a window of --sde_window_size steps drawn anew each "
+                                      "iteration within --sde_window_range: Flow-GRPO-Fast) or sliding (moves by "
+                                      "--sde_window_shift every --sde_window_shift_every iterations: MixGRPO)")
+    sde_window: list[int] | None = field(None, min=0, help="fixed mode: two ints [lo, hi), SDE (and training) only on "
+                                                           "steps lo..hi-1, ODE elsewhere; default: all but the last")
+    sde_window_size: int = field(3, min=1, help="random / sliding mode: SDE steps per window (Flow-GRPO-Fast: 3)")
+    sde_window_range: list[int] | None = field(None, min=0, help="random / sliding mode: [lo, hi) the window stays in; "
+                                                                 "default the first half of the schedule")
+    sde_window_shift_every: int = field(25, min=1, help="sliding mode: iterations between moves (MixGRPO: 25)")
+    sde_window_shift: int = field(1, min=1, help="sliding mode: steps per move (MixGRPO: 1)")
+    fresh_dit_lora: bool = field(False, help="train a new DiT LoRA instead of the checkpoint's dit_lora")
+    use_data_captions: bool = field(False, help="use the captions that come with the data instead of the encoder's")
+    ema_decay: float = field(0.9, min=0, max=1, help="EMA decay (Flow-GRPO: 0.9)")
+    ema_every: int = field(8, min=1, help="EMA update every N optimizer steps (Flow-GRPO: 8)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sde_window is not None and (len(self.sde_window) != 2 or
+                                            not 0 <= self.sde_window[0] < self.sde_window[1] <= self.num_steps):
+            raise UAEError(f"--sde_window {self.sde_window}: give lo hi with 0 <= lo < hi <= num_steps ({self.num_steps})")
+        if self.sde_window_mode != "fixed":
+            lo, hi = self.sde_window_range or (0, self.num_steps // 2)
+            if not (0 <= lo < hi <= self.num_steps and self.sde_window_size <= hi - lo):
+                raise UAEError(f"--sde_window_range {[lo, hi]} / --sde_window_size {self.sde_window_size}: need "
+                               f"0 <= lo < hi <= num_steps ({self.num_steps}) and size <= hi - lo")
+        # CPS's last step has noise scale sigma_next sin(a pi / 2) = 0: its "sample" is its mean, its
+        # log-probability carries no signal and Flow-GRPO's KL divides by 2 s^2 = 0.
+        if self.sde_kind == "cps":
+            if self.sde_window_mode == "fixed":
+                hi, setting = (self.sde_window[1] if self.sde_window else self.num_steps - 1), "--sde_window"
+            else:
+                hi, setting = (self.sde_window_range or (0, self.num_steps // 2))[1], "--sde_window_range"
+            if hi >= self.num_steps:
+                raise UAEError(f"{setting} reaches the last step ({self.num_steps - 1}), where the cps step has no "
+                               f"noise (sigma_next = 0): end the window at {self.num_steps - 1} or earlier, or use "
+                               "--sde_kind sde")
+
 logger = logging.getLogger(__name__)
 
 
@@ -135,6 +201,9 @@ def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> l
 
 class U4GRecipe:
     """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen."""
+
+    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
+    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
 
     trained_by = "train_grpo.py --stage u4g"
     linked_parts = ("SD3", "dit", "llm", "llm_lora", "llm_processor")
@@ -400,7 +469,7 @@ class U4GRecipe:
     def _grid(self, step, mine, images, rewards) -> None:
         from torchvision.transforms.v2.functional import to_pil_image
 
-        from uae.report import image_grid
+        from uae.apps.report import image_grid
 
         g = self.cfg.group_size
         ref = self.refs[mine[0]].image.resize((images.shape[-1], images.shape[-2]))
@@ -410,7 +479,7 @@ class U4GRecipe:
         self.run.log_image(step, "grids/group", grid)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.report import loss_curve
+        from uae.apps.report import loss_curve
 
         loss_curve(records, self.run.out / "curves.png", f"Unified-GRPO {self.cfg.stage}", keys=("reward_mean", "kl"))
 

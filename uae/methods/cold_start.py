@@ -51,6 +51,46 @@ from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
+from dataclasses import dataclass
+
+from uae.config import field
+from uae.rl.grpo import GRPOConfig
+
+
+@dataclass
+class ColdStartConfig(GRPOConfig):
+    """Unified-GRPO stage 1, cold start (the release's training code: 512 px, 10 steps, CFG 5)."""
+
+    stage: str = field("cold_start", choices=("cold_start",), help="this stage")
+    max_steps: int = field(200, min=1, aliases=["--max_train_steps", "--max_iterations"], run_only=True,
+                           help="optimizer steps")
+    batch_size: int = field(1, min=1, help="images per step and process")
+    learning_rate: float = field(1e-4, min=0, help="AdamW learning rate of the encoder's LoRA and the projector")
+    decoder_learning_rate: float = field(1e-5, min=0, help="AdamW learning rate of the decoder's LoRA (ours: "
+                                                           "\"gently\", the paper gives none)")
+    train_decoder: bool = field(True, help="train the decoder's LoRA too (the checkpoint's dit_lora, or a new one)")
+    gradient: str = field("full", choices=("full", "truncated", "x0"),
+                          help="full (exact, through every sampling step), truncated (only the last "
+                               "truncate_steps), x0 (one-step x0 estimate at a random step)")
+    truncate_steps: int = field(1, min=1, help="with --gradient truncated: steps that keep gradients (the last N)")
+    step_checkpointing: bool = field(True, help="checkpoint each sampling step (about one step's activations in "
+                                                "memory, one more forward per step)")
+    conditioning: str = field("caption_tokens", choices=("caption_tokens", "all_tokens", "generate_template"),
+                              help="caption_tokens (states at the caption's tokens after instruction + image: the "
+                                   "release's cold start), all_tokens, or generate_template (as at inference)")
+    detach_uncond: bool = field(False, help="the unconditional CFG branch as a constant for the gradient (Flow-GRPO's "
+                                            "training forward); the cold start keeps both by default: its loss's exact "
+                                            "gradient, which trains the negative prompt's conditioning too")
+    fixed_noise: bool = field(False, help="the same initial noise for an image at every step (a deterministic loss, "
+                                          "for debugging and overfitting checks)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.truncate_steps > self.num_steps:
+            raise UAEError(f"--truncate_steps {self.truncate_steps} must be at most num_steps ({self.num_steps})")
+        if self.gradient_accumulation_steps != 1:
+            raise UAEError("--gradient_accumulation_steps: the cold start accumulates over --batch_size itself; keep 1")
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,6 +131,10 @@ def configure(model, cfg) -> Parts:
 
 
 class ColdStartRecipe:
+
+    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
+    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
+
     trained_by = "train_grpo.py --stage cold_start"
     manifest: dict = {}
 
@@ -257,14 +301,14 @@ class ColdStartRecipe:
             p.grad = g.view_as(p)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.report import loss_curve
+        from uae.apps.report import loss_curve
 
         loss_curve(records, self.run.out / "curves.png", "Unified-GRPO cold start: 1 - cos(CLIP)")
 
     def write_trained(self, final) -> None:
         """The LLM LoRA and the trained projector in the release's three LoRA shards, and the
         decoder's LoRA when it was trained."""
-        from uae.checkpoints import save_official_llm_lora
+        from uae.models.layout import save_official_llm_lora
         from uae.models.decoder import save_dit_lora
 
         save_official_llm_lora(self.model.encoder, final / "llm_lora")

@@ -6,9 +6,9 @@ import html
 import os
 from pathlib import Path
 
-from uae.dataclass_cli import HelpFormatter
+from uae.config import HelpFormatter
 from uae.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text
-from uae.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
+from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
 
 SUMMARY_KEYS = ("average", "min", "max")
 
@@ -190,9 +190,9 @@ def run_page(run_dir: str | os.PathLike) -> Path:
 
 
 def main(argv=None) -> int:
-    """uae-report RUN_DIR (python -m uae.report): a training run's plots of every logged value
+    """uae-report RUN_DIR (python -m uae.apps.report): a training run's plots of every logged value
     against the step, and its HTML page. `uae-report compare RUN_DIR... --output_dir DIR`:
-    Unified-Bench runs side by side (uae/compare.py; a training run folder named `compare` is
+    Unified-Bench runs side by side (uae/apps/compare.py; a training run folder named `compare` is
     given as ./compare)."""
     import argparse
     import inspect
@@ -201,7 +201,7 @@ def main(argv=None) -> int:
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
-        from uae.compare import main as compare_main
+        from uae.apps.compare import main as compare_main
 
         return compare_main(argv[1:])
     ap = argparse.ArgumentParser(allow_abbrev=False, description=inspect.cleandoc(main.__doc__),

@@ -1,8 +1,8 @@
 """Text-to-image benchmarks in their official output layouts: GenEval and DPG-Bench.
 
-    python -m uae.gen_bench --benchmark geneval --prompts geneval/prompts/evaluation_metadata.jsonl \\
+    python -m uae.apps.gen_bench --benchmark geneval --prompts geneval/prompts/evaluation_metadata.jsonl \\
         --output_dir out/geneval --checkpoint zhiyuanyan1/UAE
-    python -m uae.gen_bench --benchmark dpg --prompts ELLA/dpg_bench/prompts --output_dir out/dpg \\
+    python -m uae.apps.gen_bench --benchmark dpg --prompts ELLA/dpg_bench/prompts --output_dir out/dpg \\
         --checkpoint zhiyuanyan1/UAE
 
 GenEval (djghosh13/geneval): --prompts is its evaluation_metadata.jsonl (one JSON object a line,
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uae.cli import script_main, setup_logging
-from uae.dataclass_cli import field, parse_config
+from uae.config import field, parse_config
 from uae.errors import UAEError
-from uae.models.inference import GenerationConfig
+from uae.apps.settings import GenerationConfig
 
-logger = logging.getLogger("uae.gen_bench")  # not __name__: "__main__" under python -m
+logger = logging.getLogger("uae.apps.gen_bench")  # not __name__: "__main__" under python -m
 
 BENCHMARKS = ("geneval", "dpg")
 MANIFEST = "gen_bench_manifest.json"

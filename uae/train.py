@@ -1,6 +1,7 @@
-"""train_grpo.py: Unified-GRPO's three stages from one command line.
+"""The training command lines: `train_sft.py` (`sft_main`) and `train_grpo.py` (`grpo_main`), over
+the registry of methods (uae.methods.METHODS).
 
-`--stage cold_start|g4u|u4g` parses that stage's config (uae.training.configs) and runs it;
+`train_grpo.py --stage NAME` parses that method's config and runs its recipe;
 `--stage all` runs the three in sequence, each from the previous stage's final/, into
 <output_dir>/<stage>/: a flag or a top-level YAML key goes to every stage that has the setting, a
 YAML section named after a stage (`u4g: {learning_rate: ...}`) to that stage only.
@@ -10,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from pathlib import Path
 from typing import Sequence
 
 from uae.cli import script_main, setup_logging, with_named_config
-from uae.dataclass_cli import parse_config, parse_configs, read_yaml
-from uae.training.configs import STAGE_CONFIGS, STAGES
+from uae.config import parse_config, parse_configs, read_yaml
+from uae.data import read_items, validate
+from uae.errors import UAEError
+from uae.methods import METHODS, SEQUENCE, method
+from uae.training.run import Run
 
 logger = logging.getLogger("uae.grpo")
 
@@ -42,19 +47,13 @@ def requested_stage(argv: Sequence[str]) -> str:
 
 def parse(argv: Sequence[str] | None = None, description: str | None = None) -> list:
     """The config of each stage to run, in order."""
-    import sys
-
     argv = with_named_config(sys.argv[1:] if argv is None else argv, "grpo")
     stage = requested_stage(argv)
     if stage != "all":
-        from uae.errors import UAEError
-
-        if stage not in STAGE_CONFIGS:
-            raise UAEError(f"--stage {stage}: choose from {', '.join(STAGES)}, all")
-        return [parse_config(STAGE_CONFIGS[stage], argv, description)]
+        return [parse_config(method(stage).config, argv, description)]
     refuse_one_stage_config(argv)
-    configs = parse_configs(STAGE_CONFIGS, argv, description, drop=("stage",))
-    return [configs[s] for s in STAGES]
+    configs = parse_configs({s: METHODS[s].config for s in SEQUENCE}, argv, description, drop=("stage",))
+    return [configs[s] for s in SEQUENCE]
 
 
 def refuse_one_stage_config(argv: Sequence[str]) -> None:
@@ -62,8 +61,6 @@ def refuse_one_stage_config(argv: Sequence[str]) -> None:
     would reach every stage, giving stages 1 and 2 stage 3's learning rate, group size, clip range
     and KL weight. A config for all stages says `stage: all` (or nothing) and holds a section per
     stage (configs/grpo/all.yaml)."""
-    from uae.errors import UAEError
-
     path = flag_value(argv, "--config")
     stage = read_yaml(path).get("stage", "all") if path else "all"
     if stage != "all":
@@ -88,8 +85,6 @@ def refuse_sharded_launch(stage: str) -> None:
     holds where accelerate would fall back to DDP (on CPU) or fail later (DeepSpeed not installed)."""
     from accelerate.utils import parse_flag_from_env
 
-    from uae.errors import UAEError
-
     for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
         if parse_flag_from_env(env):
             raise UAEError(f"train_grpo.py --stage {stage}: {name} launches are not supported by Unified-GRPO "
@@ -101,9 +96,9 @@ def refuse_sharded_launch(stage: str) -> None:
 def run_stage(cfg, reward=None, last: bool = True):
     """One stage's run; returns its final/ (on every process, once written). `last`: no stage follows
     in this process (which then leaves the process group)."""
-    from uae.rl.cold_start import ColdStartRecipe
-    from uae.rl.g4u import G4URecipe
-    from uae.rl.u4g import U4GRecipe
+    from uae.methods.cold_start import ColdStartRecipe
+    from uae.methods.g4u import G4URecipe
+    from uae.methods.u4g import U4GRecipe
     from uae.training.run import Run
 
     refuse_sharded_launch(cfg.stage)
@@ -114,7 +109,7 @@ def run_stage(cfg, reward=None, last: bool = True):
 
 
 @script_main
-def main(argv=None, reward=None, description: str | None = None) -> int:
+def grpo_main(argv=None, reward=None, description: str | None = None) -> int:
     """`reward`: a reward callable (or uae.rl.rewards.Rewards) for the RL stages instead of the
     configured reward functions."""
     from uae.random_weights import from_tiny
@@ -135,6 +130,21 @@ def main(argv=None, reward=None, description: str | None = None) -> int:
         cfg = dataclasses.replace(cfg, checkpoint=checkpoint, output_dir=str(Path(cfg.output_dir) / cfg.stage),
                                   scorer_weights=weights)
         AcceleratorState._reset_state(reset_partial_state=True)  # a fresh Accelerator per stage
-        checkpoint = str(run_stage(cfg, reward if cfg.stage != "cold_start" else None, last=n == len(configs)))
+        checkpoint = str(run_stage(cfg, reward, last=n == len(configs)))
     logger.info("all stages done: %s", checkpoint)
+    return 0
+
+
+@script_main
+def sft_main(argv=None, description: str | None = None) -> int:
+    """train_sft.py: parse SFTConfig (flags over --config YAML), check the data or train."""
+    argv = with_named_config(sys.argv[1:] if argv is None else argv, "sft")
+    cfg = parse_config(METHODS["sft"].config, argv, description=description)
+    setup_logging(cfg.log_level)
+    if cfg.validate_data:
+        v = validate(read_items(cfg.data))
+        logger.info("data %s: %s", cfg.data, v.report())
+        return 1 if v.bad else 0
+    run = Run(cfg, "uae_sft")
+    run.train(METHODS["sft"].recipe(run), cfg.max_steps, "sft")
     return 0

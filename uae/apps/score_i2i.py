@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from uae.cli import script_main, setup_logging
-from uae.dataclass_cli import field, parse_config
+from uae.config import field, parse_config
 from uae.errors import UAEError
 
 logger = logging.getLogger("uae.score")

@@ -25,6 +25,64 @@ from uae.training.setup import make_optimizer
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
 
+from dataclasses import dataclass
+
+from uae.config import field
+from uae.training.run import TrainConfig
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Decoder pre-training (SFT) on image + long caption pairs."""
+
+    data: str = field(None, help="a .jsonl of {image, caption}, a folder of images with .txt captions, a `datasets` "
+                                 "save_to_disk folder (columns image, caption) or webdataset shards")
+    output_dir: str = field("runs/sft", run_only=True,
+                            help="checkpoints, logs, validation grids, loss plot and final/ (official layout)")
+    validate_data: bool = field(False, help="only check the data, report counts, and exit", run_only=True)
+    on_bad_data: str = field("error", choices=("error", "skip"),
+                             help="error: stop when any item is missing / unreadable / caption-less; skip: train without them")
+    bucketing: bool = field(False, help="aspect-ratio buckets instead of square centre crops; a batch holds one bucket")
+    bucket_step: int = field(64, min=16, help="bucket sides are multiples of this (a multiple of 16)")
+    max_aspect_ratio: float = field(2.0, min=1, help="most elongated bucket (height/width or width/height)")
+    dit_mode: str = field("lora", choices=("lora", "full"), help="lora (train a new DiT LoRA) or full (every DiT weight)")
+    cache_latents: bool = field(False, help="precompute each image's VAE posterior once (on disk); steps sample from it")
+    cache_text: bool = field(False, help="precompute the frozen LLM's hidden states of each caption once (on disk); "
+                                         "needs --text_padding max_length")
+    text_padding: str = field("longest", choices=("longest", "max_length"),
+                              help="longest (pad captions to the longest of the batch, as at inference) or "
+                                   "max_length (to --max_caption_tokens, batch-independent)")
+    max_caption_tokens: int = field(512, min=1, help="with text_padding max_length: tokens per templated caption "
+                                                     "(longer captions are an error, never cut)")
+    train_projector: bool = field(True, help="train the projector (LLM hidden states -> DiT conditioning)")
+    caption_dropout: float = field(0.1, min=0, max=1, help="probability of replacing a caption with the empty prompt (for CFG)")
+    weighting_scheme: str = field("logit_normal", choices=("logit_normal", "mode", "uniform", "sigma_sqrt", "cosmap", "none"),
+                                  help="timestep density / loss weighting (SD3, diffusers' training utilities)")
+    logit_mean: float = field(0.0, help="logit_normal mean")
+    logit_std: float = field(1.0, min=0, help="logit_normal std")
+    mode_scale: float = field(1.29, help="scale of the mode weighting scheme")
+    latent_sampling: str = field("sample", choices=("sample", "mode"),
+                                 help="VAE latents: sample (from the posterior, as diffusers' SD3 scripts) or mode")
+    train_batch_size: int = field(1, min=1, help="batch size per process")
+    lr_scheduler: str = field("constant_with_warmup", choices=("constant", "constant_with_warmup", "linear", "cosine",
+                                                               "cosine_with_restarts", "polynomial"),
+                              help="diffusers' learning-rate schedule (diffusers.optimization.get_scheduler)")
+    lr_warmup_steps: int = field(0, min=0, help="warm-up steps")
+    validation_prompts: list[str] = field(["a red cube on a wooden table", "a cat sitting on a window sill"],
+                                          help="fixed prompts rendered every validation_steps (seeded)", run_only=True)
+    validation_steps: int = field(250, min=0, help="render validation images every N steps (0: never)", run_only=True)
+    validation_inference_steps: int = field(28, min=1, help="denoising steps of validation images", run_only=True)
+    validation_guidance_scale: float = field(5.0, min=0, help="CFG of validation images", run_only=True)
+    dataloader_num_workers: int = field(0, min=0, help="DataLoader workers", run_only=True)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.cache_text and self.text_padding != "max_length":
+            raise UAEError("--cache_text needs --text_padding max_length (a cached caption's states must not depend "
+                           "on the other captions of its batch)")
+        if self.bucket_step % 16:
+            raise UAEError(f"--bucket_step {self.bucket_step} must be a positive multiple of 16")
+
 logger = logging.getLogger(__name__)
 
 
@@ -54,6 +112,10 @@ def configure(model, cfg) -> Parts:
 
 
 class SFTRecipe:
+
+    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
+    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
+
     trained_by = "train_sft.py"
 
     def __init__(self, run):
@@ -260,7 +322,7 @@ class SFTRecipe:
         return {"loss": loss_all, "lr": float(self.lr.get_last_lr()[0]), "seconds_per_step": time.perf_counter() - t0}
 
     def plot(self, records: list[dict]) -> None:
-        from uae.report import loss_curve
+        from uae.apps.report import loss_curve
 
         loss_curve(records, self.out / "loss.png", "SFT loss")
 
@@ -270,7 +332,7 @@ class SFTRecipe:
     # ------------------------------------------------------------------ seeing it work
     @torch.no_grad()
     def validate(self, step: int) -> None:
-        from uae.report import image_grid
+        from uae.apps.report import image_grid
 
         if not self.cfg.validation_prompts:
             return
@@ -286,7 +348,7 @@ class SFTRecipe:
     def write_trained(self, final: Path) -> None:
         """The trained projector (in llm/, whose other files are linked, and in llm_lora's shards if
         they hold one) and the DiT (its new LoRA, or all of it)."""
-        from uae.checkpoints import replace_projector_in_shards, shards_hold_projector
+        from uae.models.layout import replace_projector_in_shards, shards_hold_projector
         from uae.models.decoder import save_dit, save_dit_lora
         from uae.models.encoder import PROJECTOR_FILE, save_projector
         from uae.training.precision import stored_dtype
@@ -314,25 +376,3 @@ class SFTRecipe:
         else:  # in the dtype of the source's files, not of training
             save_dit(dit, final / "dit", stored_dtype(p.dit))
 
-
-@script_main
-def main(argv=None, description: str | None = None) -> int:
-    """train_sft.py: parse SFTConfig (flags over --config YAML), check the data or train."""
-    from uae.dataclass_cli import parse_config
-    from uae.training.configs import SFTConfig
-    from uae.training.run import Run
-
-    import sys
-
-    argv = with_named_config(sys.argv[1:] if argv is None else argv, "sft")
-    cfg = parse_config(SFTConfig, argv, description=description)
-    setup_logging(cfg.log_level)
-    if cfg.validate_data:
-        from uae.data import read_items, validate
-
-        v = validate(read_items(cfg.data))
-        logger.info("data %s: %s", cfg.data, v.report())
-        return 1 if v.bad else 0
-    run = Run(cfg, "uae_sft")
-    run.train(SFTRecipe(run), cfg.max_steps, "sft")
-    return 0

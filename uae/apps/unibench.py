@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from uae.cli import script_main, setup_logging
-from uae.dataclass_cli import field, parse_config, save_config
+from uae.config import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.models.inference import InferenceConfig
+from uae.apps.settings import InferenceConfig
 from uae.files import atomic_write_json, atomic_write_text, writable_dir
 from uae.images import list_images, open_image, save_image
 from uae.paths import SAMPLES_DIR
@@ -257,7 +257,7 @@ def run_unibench(cfg) -> dict | None:
 
     from uae.paths import cache_dir
     from uae.random_weights import scorer_checkpoint
-    from uae.report import bar_plot, html_report, markdown_table
+    from uae.apps.report import bar_plot, html_report, markdown_table
     from uae.runtime import resolve_device, resolve_dtype
     from uae.scoring.folder import score_folders
     from uae.scoring.scorers import load_scorer, resolve_scorer_weights

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from uae.dataclass_cli import check_fields, field
+from uae.config import check_fields, field
 from uae.errors import UAEError
 
 

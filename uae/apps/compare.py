@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uae.cli import script_main
-from uae.dataclass_cli import HelpFormatter
+from uae.config import HelpFormatter
 from uae.errors import UAEError
 
 COLUMNS = (("clip", "CLIP"), ("longclip", "LongCLIP"), ("dinov2", "DINO-v2"), ("dinov3", "DINO-v3"))
@@ -32,7 +32,7 @@ PAPER_FILE = ("paper", "unified_bench.yaml")  # under uae.paths.CONFIG_DIR
 
 
 @dataclass
-class Run:
+class BenchRun:
     """One runner folder's results, as the comparison needs them."""
 
     path: Path
@@ -71,7 +71,7 @@ def _folder(run_dir: Path, recorded, fallback: str | None = None) -> Path | None
     return next((c for c in cands if c.is_dir()), None)
 
 
-def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
+def load_run(path: str | os.PathLike, label: str | None = None) -> BenchRun:
     """A runner folder, or a UAEError saying why it is not one."""
     run_dir = Path(path)
     if not run_dir.exists():
@@ -97,7 +97,7 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> Run:
         scores[k] = avg
         per_image[k] = {n: v for n, v in (block or {}).items() if n not in ("average", "min", "max")}
     meta = result.get("meta") or {}
-    return Run(run_dir, label or run_dir.name, result, scores, per_image,
+    return BenchRun(run_dir, label or run_dir.name, result, scores, per_image,
                reference_folder=_folder(run_dir, meta.get("reference_folder")),
                reconstruction_folder=_folder(run_dir, meta.get("reconstruction_folder"), "recon"))
 
@@ -160,7 +160,7 @@ def _words(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.1f}"
 
 
-def measured_rows(runs: list[Run]) -> list[list[str]]:
+def measured_rows(runs: list[BenchRun]) -> list[list[str]]:
     return [[r.label, *(_x100(r.scores[k]) for k, _ in COLUMNS), _x100(r.overall), _words(r.caption_words),
              f"{r.result['summary'].get('valid', 'n/a')} / {r.result['summary'].get('failed', 'n/a')}"]
             for r in runs]
@@ -169,7 +169,7 @@ def measured_rows(runs: list[Run]) -> list[list[str]]:
 MEASURED_HEADER = ["run", *HEADER, "caption words", "valid / failed pairs"]
 
 
-def differing_references(runs: list[Run], images: list[str]) -> list[str]:
+def differing_references(runs: list[BenchRun], images: list[str]) -> list[str]:
     """The images whose reference file is not the same in every run that has one (runs scored
     against different reference folders holding different files of the same name)."""
     from uae.hashing import content_key
@@ -185,7 +185,7 @@ def differing_references(runs: list[Run], images: list[str]) -> list[str]:
     return out
 
 
-def notes(runs: list[Run], differing: list[str] = ()) -> list[str]:
+def notes(runs: list[BenchRun], differing: list[str] = ()) -> list[str]:
     """What a reader must know before comparing the numbers."""
     out = []
     if differing:
@@ -215,7 +215,7 @@ def _md_table(header: list[str], rows: list[list[str]], numeric_from: int = 1) -
             *("| " + " | ".join(map(cell, r)) + " |" for r in rows)]
 
 
-def images_of(runs: list[Run]) -> list[str]:
+def images_of(runs: list[BenchRun]) -> list[str]:
     """Every reference name any run scored or captioned, in order of first appearance."""
     names: dict[str, None] = {}
     for r in runs:
@@ -230,7 +230,7 @@ INTRO = ("Values x100: the mean cosine similarity of (reconstruction, reference)
          "Overall = the plain mean of the four scorer averages. Caption words: mean words per caption.")
 
 
-def run_details(run: Run) -> str:
+def run_details(run: BenchRun) -> str:
     """What a run measured: its model (or checkpoint), scorer weights and folders."""
     meta = run.result.get("meta") or {}
     model = meta.get("model_label") if meta.get("model", "uae") != "uae" or meta.get("captioner") else None
@@ -253,7 +253,7 @@ def published_rows(table: dict) -> tuple[list[tuple[str, list[str]]], list[str]]
     return rows, foot
 
 
-def write_markdown(path: Path, runs: list[Run], paper: list[dict] | None, images: list[str], shown: int,
+def write_markdown(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
                    differing: list[str] = ()) -> None:
     from uae.files import atomic_write_chunks
 
@@ -280,13 +280,13 @@ def write_markdown(path: Path, runs: list[Run], paper: list[dict] | None, images
     atomic_write_chunks(path, lines())
 
 
-def write_plot(path: Path, runs: list[Run], paper: list[dict] | None) -> None:
+def write_plot(path: Path, runs: list[BenchRun], paper: list[dict] | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from uae.pages import save_figure
+    from uae.apps.pages import save_figure
 
     published = [(f"{row['name']} ({t['table']}, published)", row["values"][4]) for t in (paper or []) for row in t["rows"]]
     ncols = 2 if published else 1
@@ -317,10 +317,10 @@ def write_plot(path: Path, runs: list[Run], paper: list[dict] | None) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def write_html(path: Path, runs: list[Run], paper: list[dict] | None, images: list[str], shown: int,
+def write_html(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
                differing: list[str] = ()) -> None:
     from uae.files import atomic_write_chunks
-    from uae.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri
+    from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri
 
     numeric = set(range(1, len(HEADER) + 2))
 
