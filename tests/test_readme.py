@@ -615,3 +615,14 @@ def test_every_unmarked_command_runs(tmp_path):
     print(report)
     (tmp_path / "times.txt").write_text(report)
     assert not failures, "\n\n".join(failures)
+
+
+def test_the_readme_lists_every_training_method_as_registered():
+    """The README's table of methods is the registry (uae.methods.METHODS): name, command, summary."""
+    from uae.methods import METHODS
+
+    table = README.split("| method | run by | what it trains |\n| --- | --- | --- |\n", 1)[1].split("\n\n", 1)[0]
+    rows = [tuple(c.strip().strip("`") for c in line.strip("|").split(" | ")) for line in table.splitlines()]
+    expected = [(m.name, m.command if m.command == "train_sft.py" else f"{m.command} --stage {m.name}", m.summary)
+                for m in METHODS.values()]
+    assert rows == expected
