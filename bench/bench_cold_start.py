@@ -58,8 +58,9 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
         "--num_steps", str(steps), "--resolution", str(resolution), "--guidance_scale", "5.0",
         "--scorer_weights", "tiny", "--report_to", "none", "--device", "auto",
         "--overwrite_output_dir", *extra])  # a scratch folder each measurement reuses
-    recipe = ColdStartRecipe(Run(cfg, "bench"))
-    recipe.setup()
+    run = Run(cfg, "bench")
+    recipe = ColdStartRecipe(run)
+    run.set_up(recipe)
     return recipe
 
 

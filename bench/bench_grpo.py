@@ -116,8 +116,9 @@ def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
                      "--mixed_precision", args.mixed_precision, "--max_new_tokens", str(args.max_new_tokens),
                      "--group_size", str(args.group_size), "--prompts_per_iteration", str(args.prompts),
                      "--inner_epochs", str(inner), "--report_to", "none", "--log_level", "WARNING"])[0]
-        recipe = G4URecipe(Run(cfg, "bench"), reward=lambda *a: [])
-        recipe.setup()
+        run = Run(cfg, "bench")
+        recipe = G4URecipe(run, reward=lambda *a: [])
+        run.set_up(recipe)
         share = iteration_share(cfg, 0, len(recipe.refs), 1, 0)
         with recipe.acc.autocast():
             recipe.rollout(0, share)  # warm-up

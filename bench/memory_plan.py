@@ -175,17 +175,12 @@ def _measure_step(setting: str, ckpt: str, resolution: int, tmp: str) -> dict:
     cfg = config(stage, path, extra, **over)
     AcceleratorState._reset_state(reset_partial_state=True)
     run = Run(cfg, "plan")
-    mod = recipe_module(stage)
-    recipe = {"sft": "SFTRecipe", "cold_start": "ColdStartRecipe", "g4u": "G4URecipe", "u4g": "U4GRecipe"}[stage]
-    recipe = getattr(mod, recipe)(run)
-    run.trainable = []
-    recipe.setup()
-    run.trainable = list(recipe.trainable)
+    recipe = recipe_module(stage)(run)
+    run.set_up(recipe)  # setup, prepared and attached: what trains is run.trainable
     from uae.training.run import JsonlLog
 
     run.metrics = run.samples = JsonlLog(Path(tmp) / "plan.jsonl", run.acc)
-    if hasattr(recipe, "begin"):
-        recipe.begin(0)
+    recipe.begin(0)
     with run.acc.autocast():
         recipe.step(0)  # warm-up
     if torch.cuda.is_available():

@@ -81,7 +81,8 @@ def grpo_config(stage: str, ckpt, out, *extra):
 
 @pytest.fixture
 def grpo_recipe(tmp_path):
-    """recipe(stage, ckpt, *flags, reward=None, setup=True): a stage's recipe on a fresh Run."""
+    """recipe(stage, ckpt, *flags, reward=None, setup=True): a stage's recipe on a fresh Run (set up:
+    `run.set_up(recipe)`, its setup prepared and attached)."""
     def make(stage, ckpt, *extra, reward=None, setup=True, out=None):
         from accelerate.state import AcceleratorState
 
@@ -97,7 +98,7 @@ def grpo_recipe(tmp_path):
         recipe = ColdStartRecipe(run) if stage == "cold_start" else \
             {"g4u": G4URecipe, "u4g": U4GRecipe}[stage](run, reward=reward)
         if setup:
-            recipe.setup()
+            run.set_up(recipe)
         return recipe
     return make
 

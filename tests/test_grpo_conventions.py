@@ -135,7 +135,7 @@ def test_ema_warm_up_counts_optimizer_steps(tiny_ckpt, tmp_path, monkeypatch):
 
 def test_g4u_rollouts_are_sampled_from_the_distribution_the_ratio_assumes(tiny_ckpt, grpo_recipe, tmp_path):
     recipe = grpo_recipe("g4u", tiny_ckpt, "--temperature", 0.9, reward=lambda *a: [], setup=False)
-    recipe.setup()
+    recipe.run.set_up(recipe)
     enc = recipe.model.encoder
     gen = enc.qwen.generation_config
     assert (gen.repetition_penalty, gen.top_k) == (1.05, 50)  # the checkpoint's file sets both
@@ -196,7 +196,7 @@ def test_g4u_reward_images_are_the_decoders_images_of_each_caption_alone(tiny_ck
         return [float(len(p)) for p in prompts]
 
     recipe = grpo_recipe("g4u", tiny_ckpt, "--prompts_per_iteration", 1, "--group_size", 3, reward=capture, setup=False)
-    recipe.setup()
+    recipe.run.set_up(recipe)
     from uae.rl.iteration import iteration_share
 
     seeds = recipe.decoder_seeds(0, iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0))
@@ -254,7 +254,7 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, grpo_
     from uae.training.seeding import generator_for
 
     recipe = grpo_recipe("cold_start", tiny_ckpt, "--data", one_pair, "--num_steps", 10, "--resolution", 64, setup=False)
-    recipe.setup()
+    recipe.run.set_up(recipe)
     assert recipe.sched.config.shift == 3.0 and len(recipe.sched.timesteps) == 10
     assert recipe.cfg.detach_uncond is False          # the cold start's default: the loss's exact gradient
     item = recipe.items[0]
@@ -311,7 +311,7 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, grpo_
 @pytest.mark.parametrize("mode", ["caption_tokens", "all_tokens", "generate_template"])
 def test_cold_start_conditioning_variants_and_their_negatives(tiny_ckpt, grpo_recipe, one_pair, tmp_path, mode):
     recipe = grpo_recipe("cold_start", tiny_ckpt, "--data", one_pair, "--conditioning", mode, setup=False)
-    recipe.setup()
+    recipe.run.set_up(recipe)
     enc = recipe.model.encoder
     image = recipe.items[0].open()
     caption = "an astronaut with a flag"

@@ -173,7 +173,7 @@ def test_caches_give_the_same_training_and_skip_the_models(tiny_ckpt, pairs, tmp
 
     monkeypatch.setattr(uae.data, "load_image", lambda *a: pytest.fail("image decoded"))
     monkeypatch.setattr(SFTRecipe, "_hidden", lambda *a: pytest.fail("LLM called"))
-    monkeypatch.setattr(uae.data, "validate", lambda items: uae.data.Validation(ok=items))
+    monkeypatch.setattr(uae.methods.sft, "validate", lambda items: uae.data.Validation(ok=items))
     assert sft(tiny_ckpt, pairs / "pairs.jsonl", tmp_path / "again", *args) == 0
     assert _losses(tmp_path / "again") == cached
 

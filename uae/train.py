@@ -20,6 +20,8 @@ from uae.config import parse_config, parse_configs, read_yaml
 from uae.data import read_items, validate
 from uae.errors import UAEError
 from uae.methods import METHODS, SEQUENCE, method
+from uae.random_weights import from_tiny
+from uae.scoring.scorers import resolve_scorer_weights
 from uae.training.run import Run
 
 logger = logging.getLogger("uae.grpo")
@@ -94,17 +96,13 @@ def refuse_sharded_launch(stage: str) -> None:
 
 
 def run_stage(cfg, reward=None, last: bool = True):
-    """One stage's run; returns its final/ (on every process, once written). `last`: no stage follows
-    in this process (which then leaves the process group)."""
-    from uae.methods.cold_start import ColdStartRecipe
-    from uae.methods.g4u import G4URecipe
-    from uae.methods.u4g import U4GRecipe
-    from uae.training.run import Run
-
+    """One stage's run (the registered method `cfg.stage`); returns its final/ (on every process, once
+    written). `reward` goes to a method that takes one. `last`: no stage follows in this process
+    (which then leaves the process group)."""
     refuse_sharded_launch(cfg.stage)
+    chosen = METHODS[cfg.stage]
     run = Run(cfg, f"uae_grpo_{cfg.stage}")
-    recipe = ColdStartRecipe(run) if cfg.stage == "cold_start" else \
-        {"g4u": G4URecipe, "u4g": U4GRecipe}[cfg.stage](run, reward=reward)
+    recipe = chosen.recipe(run, reward=reward) if chosen.takes_reward else chosen.recipe(run)
     return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "), last=last)
 
 
@@ -112,9 +110,6 @@ def run_stage(cfg, reward=None, last: bool = True):
 def grpo_main(argv=None, reward=None, description: str | None = None) -> int:
     """`reward`: a reward callable (or uae.rl.rewards.Rewards) for the RL stages instead of the
     configured reward functions."""
-    from uae.random_weights import from_tiny
-    from uae.scoring.scorers import resolve_scorer_weights
-
     configs = parse(argv, description)
     setup_logging(configs[0].log_level)
     refuse_sharded_launch(configs[0].stage if len(configs) == 1 else "all")

@@ -37,24 +37,32 @@ from __future__ import annotations
 import copy
 import logging
 import math
-
-import torch
-from torch.utils.checkpoint import checkpoint
-
-from uae.errors import UAEError
-from uae.rl.iteration import Phases
-from uae.rl.rewards import to_uint8
-from uae.models.decoder import decode_latents as decode
-from uae.models.decoder import guided_velocity
-from uae.training.seeding import generator_for
-from uae.training.setup import make_optimizer
-from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
-from uae.training.precision import precision_policy
-
 from dataclasses import dataclass
 
+import torch
+from accelerate.utils import reduce
+from torch.utils.checkpoint import checkpoint
+
+from uae.apps.report import loss_curve
 from uae.config import field
+from uae.data import read_items, validate
+from uae.errors import UAEError
+from uae.models.decoder import decode_latents as decode
+from uae.models.decoder import guided_velocity, save_dit_lora
+from uae.models.encoder import attention, release_position_ids
+from uae.models.layout import save_official_llm_lora
+from uae.models.uae import UAE
+from uae.random_weights import scorer_checkpoint
 from uae.rl.grpo import GRPOConfig
+from uae.rl.iteration import Phases
+from uae.rl.rewards import to_uint8
+from uae.scoring.scorers import load_scorer
+from uae.training.evaluation import uae_evaluated
+from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.precision import precision_policy
+from uae.training.run import Prepared, Setup
+from uae.training.seeding import StepSampler, generator_for
+from uae.training.setup import make_optimizer
 
 
 @dataclass
@@ -100,53 +108,46 @@ def euler_step(dit, x, t, sigma, sigma_next, pos, neg, pooled, guidance: float, 
     return x + (sigma_next - sigma) * v, v
 
 
-def fully_trained(cfg) -> set[str]:
-    """Parts whose every weight trains (loaded in fp32 by the precision policy): the projector."""
-    return {"projector"}
-
-
-def configure(model, cfg) -> Parts:
-    """The cold start trains the encoder's LoRA and the projector ("encoder" group) and, by
-    default, the decoder's LoRA ("decoder" group, its own learning rate); the rest is frozen."""
-    enc, pipe = model.encoder, model.decoder.pipe
-    if not hasattr(enc.llm, "disable_adapter"):
-        raise UAEError("stage cold_start trains the LLM LoRA: the checkpoint needs an llm_lora/")
-    dit = pipe.transformer
-    dit.requires_grad_(False)
-    pipe.vae.requires_grad_(False)
-    enc_params = train_lora_only(enc.llm)
-    enc.projector.requires_grad_(True)
-    dit_params = []
-    if cfg.train_decoder:
-        ensure_dit_lora(dit, cfg)
-        dit_params = train_lora_only(dit)
-    if cfg.gradient_checkpointing:  # block-level, inside the per-step checkpoints
-        enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if dit_params:
-            dit.enable_gradient_checkpointing()
-    # The DiT is not prepared: its checkpointed steps are recomputed inside the backward pass, where
-    # a DDP forward must not run; the recipe averages its LoRA's gradients itself.
-    return Parts({"encoder": enc_params + list(enc.projector.parameters()), "decoder": dit_params},
-                 prepared={"llm": enc.llm, "projector": enc.projector})
-
-
 class ColdStartRecipe:
-
-    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
-    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
+    """Stage 1 (cold start): the reconstruction loss through the decoder's sampling trains the
+    encoder's LoRA, the projector and (by default) the decoder's LoRA."""
 
     trained_by = "train_grpo.py --stage cold_start"
-    manifest: dict = {}
 
     def __init__(self, run):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
 
-    def setup(self):
-        from uae.data import read_items, validate
-        from uae.models.uae import UAE
-        from uae.random_weights import scorer_checkpoint
-        from uae.scoring.scorers import load_scorer
+    @staticmethod
+    def fully_trained(cfg) -> set[str]:
+        """Parts whose every weight trains (loaded in fp32 by the precision policy): the projector."""
+        return {"projector"}
 
+    @staticmethod
+    def configure(model, cfg) -> Parts:
+        """The cold start trains the encoder's LoRA and the projector ("encoder" group) and, by
+        default, the decoder's LoRA ("decoder" group, its own learning rate); the rest is frozen."""
+        enc, pipe = model.encoder, model.decoder.pipe
+        if not hasattr(enc.llm, "disable_adapter"):
+            raise UAEError("stage cold_start trains the LLM LoRA: the checkpoint needs an llm_lora/")
+        dit = pipe.transformer
+        dit.requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        enc_params = train_lora_only(enc.llm)
+        enc.projector.requires_grad_(True)
+        dit_params = []
+        if cfg.train_decoder:
+            ensure_dit_lora(dit, cfg)
+            dit_params = train_lora_only(dit)
+        if cfg.gradient_checkpointing:  # block-level, inside the per-step checkpoints
+            enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if dit_params:
+                dit.enable_gradient_checkpointing()
+        # The DiT is not prepared: its checkpointed steps are recomputed inside the backward pass, where
+        # a DDP forward must not run; the recipe averages its LoRA's gradients itself.
+        return Parts({"encoder": enc_params + list(enc.projector.parameters()), "decoder": dit_params},
+                     prepared={"llm": enc.llm, "projector": enc.projector})
+
+    def setup(self) -> Setup:
         cfg = self.cfg
         v = validate(read_items(cfg.data))
         if not v.ok:
@@ -157,28 +158,28 @@ class ColdStartRecipe:
         self.items = v.ok
         precision = precision_policy(cfg.mixed_precision)
         self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=precision.frozen,
-                                         part_dtypes=precision.load_dtypes(fully_trained(cfg)))
-        self.paths = self.model.components
+                                         part_dtypes=precision.load_dtypes(self.fully_trained(cfg)))
         pipe = self.model.decoder.pipe
-        dit = pipe.transformer
-        parts = configure(self.model, cfg)
+        parts = self.configure(self.model, cfg)
         self.enc_trainable, self.dit_trainable = parts.groups["encoder"], parts.groups["decoder"]
         self.trainable = parts.trainable
         self.clip = load_scorer("clip", scorer_checkpoint("clip", cfg.scorer_weights), device=self.acc.device,
                                 dtype=precision.frozen)
         self.sched = copy.deepcopy(pipe.scheduler)
         self.sched.set_timesteps(cfg.num_steps)
-        self.linked_parts = ("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",))
         groups = [{"params": self.enc_trainable, "lr": cfg.learning_rate}]
         if self.dit_trainable:
             groups.append({"params": self.dit_trainable, "lr": cfg.decoder_learning_rate})
-        opt = make_optimizer(cfg, groups)
-        self.dit_train = dit  # not prepared (configure says why)
-        modules, self.optimizer = self.run.prepare(parts, opt)
-        self.run.prepare_evaluation(self.model, encoder_trains=True)
-        self.llm_train, self.proj_train = modules["llm"], modules["projector"]
-        self.llm_train.train()  # (no dropout in Qwen2.5-VL) so that gradient checkpointing applies
+        self.dit_train = pipe.transformer  # not prepared (configure says why)
         self.targets: dict[int, torch.Tensor] = {}
+        return Setup(parts, make_optimizer(cfg, groups), uae_evaluated(self.model, cfg, encoder_trains=True),
+                     self.model.components,
+                     linked_parts=("SD3", "dit", "llm", "llm_processor") + (() if self.dit_trainable else ("dit_lora",)))
+
+    def attach(self, prepared: Prepared) -> None:
+        self.llm_train, self.proj_train = prepared.modules["llm"], prepared.modules["projector"]
+        self.optimizer = prepared.optimizer
+        self.llm_train.train()  # (no dropout in Qwen2.5-VL) so that gradient checkpointing applies
 
     # ------------------------------------------------------------------ the loss
     def conditioning(self, image, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,8 +189,6 @@ class ColdStartRecipe:
         enc, mode = self.model.encoder, self.cfg.conditioning
         negative = enc.prompts.negative_prompt
         if mode == "generate_template":
-            from uae.models.encoder import attention, release_position_ids
-
             ids, mask = enc.pad_right(enc.generate_ids([negative, caption]))
             with attention(enc.qwen, "sdpa"):
                 out = self.llm_train(input_ids=ids, attention_mask=mask, position_ids=release_position_ids(mask),
@@ -245,8 +244,6 @@ class ColdStartRecipe:
 
     # ------------------------------------------------------------------ one step
     def begin(self, start: int) -> None:
-        from uae.training.seeding import StepSampler
-
         cfg, acc = self.cfg, self.acc
         self.order = iter(StepSampler(len(self.items), cfg.batch_size, acc.num_processes, acc.process_index,
                                       cfg.seed, start, cfg.max_steps))
@@ -292,8 +289,6 @@ class ColdStartRecipe:
         """The DiT LoRA's gradients (not DDP-wrapped, see setup) averaged over the processes in
         one all-reduce of one flat buffer, as DDP's buckets do, not one collective per tensor (a
         LoRA on every attention projection of 38 blocks is hundreds of tensors)."""
-        from accelerate.utils import reduce
-
         params = self.dit_trainable
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
@@ -301,16 +296,11 @@ class ColdStartRecipe:
             p.grad = g.view_as(p)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.apps.report import loss_curve
-
         loss_curve(records, self.run.out / "curves.png", "Unified-GRPO cold start: 1 - cos(CLIP)")
 
     def write_trained(self, final) -> None:
         """The LLM LoRA and the trained projector in the release's three LoRA shards, and the
         decoder's LoRA when it was trained."""
-        from uae.models.layout import save_official_llm_lora
-        from uae.models.decoder import save_dit_lora
-
         save_official_llm_lora(self.model.encoder, final / "llm_lora")
         if self.dit_trainable:
             save_dit_lora(self.model.decoder.transformer, final / "dit_lora")

@@ -16,24 +16,32 @@ from __future__ import annotations
 import contextlib
 import logging
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from uae.errors import UAEError
-from uae.rl.captioners import CaptionPolicy, add_captioner_lora, uae_policy
-from uae.rl.grpo import clipped_surrogate, ratio_stats, token_loss
-from uae.rl.iteration import Phases, check_share, gathered_advantages, iteration_metrics, iteration_share
+from uae.apps.report import image_grid, loss_curve, run_page
+from uae.config import field as config_field
 from uae.data import load_references
+from uae.errors import UAEError
+from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+from uae.models.layout import save_official_llm_lora
+from uae.models.uae import UAE
+from uae.random_weights.unified import resolve as resolve_model
+from uae.rl.captioners import CaptionPolicy, add_captioner_lora, uae_policy
+from uae.rl.grpo import LOSS_TYPES, GroupConfig, clipped_surrogate, ratio_stats, token_loss
+from uae.rl.iteration import Phases, check_share, gathered_advantages, iteration_metrics, iteration_share
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
-from uae.training.seeding import generator_for
-from uae.training.setup import make_optimizer
+from uae.scoring.scorers import resolve_scorer_weights
+from uae.training.evaluation import Evaluated, uae_evaluated
 from uae.training.parts import Parts, train_lora_only
 from uae.training.precision import precision_policy
-
-from uae.config import field as config_field
-from uae.rl.grpo import GroupConfig, LOSS_TYPES
+from uae.training.run import Prepared, Setup
+from uae.training.seeding import generator_for
+from uae.training.setup import make_optimizer
+from uae.unified.loading import all_tiny, captioning_side, load_model
+from uae.unified.protocol import RunSettings
 
 
 @dataclass
@@ -83,16 +91,23 @@ class G4UConfig(GroupConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_g4u_model(self)
+        if self.model == "pipeline" and not (self.captioner and self.generator):
+            raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
+        if self.model != "pipeline" and (self.captioner or self.generator):
+            raise UAEError(f"--captioner / --generator are --model pipeline's; --model {self.model} uses --checkpoint")
 
-
-
-
-def _check_g4u_model(cfg: "G4UConfig") -> None:
-    if cfg.model == "pipeline" and not (cfg.captioner and cfg.generator):
-        raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
-    if cfg.model != "pipeline" and (cfg.captioner or cfg.generator):
-        raise UAEError(f"--captioner / --generator are --model pipeline's; --model {cfg.model} uses --checkpoint")
+    def resolved(self) -> "G4UConfig":
+        """As TrainConfig's, for the models --model loads: `scorer_weights: auto` is tiny when
+        every one of them is an embedded random model, and `tiny` names resolve to their folders
+        (janus: --checkpoint; pipeline: --captioner and --generator)."""
+        if self.model == "uae":
+            return super().resolved()
+        weights = resolve_scorer_weights(self.scorer_weights,
+                                         all_tiny(self.model, self.checkpoint, self.captioner, self.generator))
+        if self.model == "janus":
+            return replace(self, scorer_weights=weights, checkpoint=resolve_model(self.checkpoint, "janus"))
+        return replace(self, scorer_weights=weights, captioner=resolve_model(self.captioner, "captioner"),
+                       generator=resolve_model(self.generator, "generator"))
 
 logger = logging.getLogger(__name__)
 
@@ -111,75 +126,67 @@ class Rollout:
     images: list = field(default_factory=list)  # the decoder's image of each caption (filled by scoring)
 
 
-def fully_trained(cfg) -> set[str]:
-    """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
-    return set()
-
-
-def configure(model, cfg) -> Parts:
-    """Stage 2 trains the encoder's LoRA; the projector and the decoder are frozen."""
-    enc = model.encoder
-    if not hasattr(enc.llm, "disable_adapter"):
-        raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
-    model.decoder.pipe.transformer.requires_grad_(False)
-    model.decoder.pipe.vae.requires_grad_(False)
-    enc.projector.requires_grad_(False)
-    parts = Parts({"encoder": train_lora_only(enc.llm)}, prepared={"llm": enc.llm})
-    if cfg.gradient_checkpointing:
-        enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return parts
-
-
 class G4URecipe:
     """Stage 2 (g4u): the encoder's LoRA learns to caption for reconstruction; the decoder is frozen."""
 
-    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
-    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
-
     trained_by = "train_grpo.py --stage g4u"
-    linked_parts = ("SD3", "dit", "dit_lora", "llm", "llm_processor")
-    manifest: dict = {}
 
     def __init__(self, run, reward=None):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
         self.reward = reward
 
+    @staticmethod
+    def fully_trained(cfg) -> set[str]:
+        """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
+        return set()
+
+    @staticmethod
+    def configure(model, cfg) -> Parts:
+        """Stage 2 trains the encoder's LoRA; the projector and the decoder are frozen."""
+        enc = model.encoder
+        if not hasattr(enc.llm, "disable_adapter"):
+            raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
+        model.decoder.pipe.transformer.requires_grad_(False)
+        model.decoder.pipe.vae.requires_grad_(False)
+        enc.projector.requires_grad_(False)
+        parts = Parts({"encoder": train_lora_only(enc.llm)}, prepared={"llm": enc.llm})
+        if cfg.gradient_checkpointing:
+            enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return parts
+
     # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
+    def setup(self) -> Setup:
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
         check_share(cfg, len(self.refs), acc.num_processes)  # before anything loads
         precision = precision_policy(cfg.mixed_precision)
-        parts = self._setup_uae(precision) if cfg.model == "uae" else self._setup_other(precision)
+        parts, around = self._setup_uae(precision) if cfg.model == "uae" else self._setup_other(precision)
         self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
-        opt = make_optimizer(cfg, self.trainable)
-        modules, self.optimizer = self.run.prepare(parts, opt)
-        self.run.prepare_evaluation(self.model, encoder_trains=True)
-        self.policy = modules["llm"]
+        return Setup(parts, make_optimizer(cfg, self.trainable), **around)
 
-    def _setup_uae(self, precision) -> Parts:
+    def attach(self, prepared: Prepared) -> None:
+        self.policy, self.optimizer = prepared.modules["llm"], prepared.optimizer
+
+    def _setup_uae(self, precision) -> tuple[Parts, dict]:
         """UAE: the checkpoint's encoder LoRA trains; the reward's images come from its decoder,
-        conditioned through the current LLM (or, frozen_embedding, the LoRA-free one)."""
-        from uae.models.uae import UAE
-
+        conditioned through the current LLM (or, frozen_embedding, the LoRA-free one). Returns its
+        Parts and the rest of its Setup."""
         cfg = self.cfg
         self.model = UAE.from_pretrained(cfg.checkpoint, device=self.acc.device, dtype=precision.frozen)
-        self.paths = self.model.components
-        parts = configure(self.model, cfg)
+        parts = self.configure(self.model, cfg)
         self.captioner = uae_policy(self.model.encoder, cfg.temperature, cfg.max_new_tokens)
-        return parts
+        return parts, dict(evaluated=uae_evaluated(self.model, cfg, encoder_trains=True), paths=self.model.components,
+                           linked_parts=("SD3", "dit", "dit_lora", "llm", "llm_processor"))
 
-    def _setup_other(self, precision) -> Parts:
+    def _setup_other(self, precision) -> tuple[Parts, dict]:
         """Janus or a transformers captioner (uae.unified's adapters): a new LoRA on its language
         model trains; the reward's images come from its own frozen generator (Janus: the same
-        language model with the LoRA off); final/ holds the LoRA (`captioner_lora/`, PEFT's format)."""
-        from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
-        from uae.unified.loading import captioning_side, load_model
-        from uae.unified.protocol import RunSettings
-
+        language model with the LoRA off); final/ holds the LoRA (`captioner_lora/`, PEFT's format).
+        The held-out evaluation runs the adapter at its own settings (the reward's). Returns its
+        Parts and the rest of its Setup."""
         cfg = self.cfg
         settings = RunSettings(device=str(self.acc.device), dtype=str(precision.frozen).removeprefix("torch."),
                                caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
@@ -195,14 +202,14 @@ class G4URecipe:
         side.model = lm = add_captioner_lora(hf, cfg)
         self.captioner = CaptionPolicy(lm, hf, side.processor, side.inputs, cfg.temperature, cfg.max_new_tokens,
                                        side.text_kwargs)
-        self.paths, self.linked_parts = None, ()
-        self.manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
-                         "generator": cfg.generator, "captioner_lora": "captioner_lora",
-                         "load_with": f"run_unibench.py --model {cfg.model} ... "
-                                      "--captioner_lora <this folder>/captioner_lora"}
+        manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
+                    "generator": cfg.generator, "captioner_lora": "captioner_lora",
+                    "load_with": f"run_unibench.py --model {cfg.model} ... --captioner_lora <this folder>/captioner_lora"}
         if cfg.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm})
+        return (Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm}),
+                dict(evaluated=Evaluated(self.model, side.processor.tokenizer, encoder_trains=True), paths=None,
+                     manifest=manifest))
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], seeds: list[int]) -> list:
@@ -362,8 +369,6 @@ class G4URecipe:
 
     # ------------------------------------------------------------------ seeing it work
     def _log_samples(self, step, mine, images, texts, rewards) -> None:
-        from uae.apps.report import image_grid
-
         g = self.cfg.group_size
         side = images[0].size
         pics = [self.refs[mine[0]].image.resize(side)] + list(images[:g])
@@ -375,8 +380,6 @@ class G4URecipe:
         self.run.log_sample(step, record, text=table)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.apps.report import loss_curve, run_page
-
         loss_curve(records, self.run.out / "curves.png", "Unified-GRPO g4u: the aha moment",
                    keys=("reward_mean", "caption_len_mean"))
         run_page(self.run.out)
@@ -387,6 +390,4 @@ class G4URecipe:
         if self.cfg.model != "uae":
             self.acc.unwrap_model(self.policy).save_pretrained(str(final / "captioner_lora"))
             return
-        from uae.models.layout import save_official_llm_lora
-
         save_official_llm_lora(self.model.encoder, final / "llm_lora")

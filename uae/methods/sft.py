@@ -13,22 +13,30 @@ import copy
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from uae.cli import script_main, setup_logging, with_named_config
+from uae.apps.report import image_grid, loss_curve
+from uae.config import field
+from uae.data import (CaptionImageDataset, assign_buckets, buckets_for, collate, item_key, read_items,
+                      validate)
 from uae.errors import UAEError
+from uae.hashing import content_key, fingerprint
+from uae.models.decoder import save_dit, save_dit_lora
+from uae.models.encoder import PROJECTOR_FILE, save_projector
+from uae.models.layout import replace_projector_in_shards, shards_hold_projector
+from uae.models.uae import UAE
+from uae.training.cache import DiskCache
 from uae.training.checkpointing import link_or_copy
+from uae.training.evaluation import uae_evaluated
+from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.precision import precision_policy, stored_dtype
+from uae.training.run import Prepared, Setup, TrainConfig
 from uae.training.seeding import StepSampler, generator_for
 from uae.training.setup import make_optimizer
-from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
-from uae.training.precision import precision_policy
-
-from dataclasses import dataclass
-
-from uae.config import field
-from uae.training.run import TrainConfig
 
 
 @dataclass
@@ -86,35 +94,8 @@ class SFTConfig(TrainConfig):
 logger = logging.getLogger(__name__)
 
 
-def fully_trained(cfg) -> set[str]:
-    """The parts whose every weight trains (loaded in fp32 by the precision policy)."""
-    return ({"projector"} if cfg.train_projector else set()) | ({"dit"} if cfg.dit_mode == "full" else set())
-
-
-def configure(model, cfg) -> Parts:
-    """SFT trains the projector and the DiT (a new LoRA, or every weight); the LLM and VAE are frozen."""
-    enc, dec = model.encoder, model.decoder
-    enc.llm.requires_grad_(False)
-    dec.pipe.vae.requires_grad_(False)
-    dit = dec.pipe.transformer
-    dit.requires_grad_(False)
-    if cfg.dit_mode == "lora":
-        ensure_dit_lora(dit, cfg)
-        dit_params = train_lora_only(dit)
-    else:
-        dit.requires_grad_(True)
-        dit_params = list(dit.parameters())
-    if cfg.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-    enc.projector.requires_grad_(cfg.train_projector)
-    return Parts({"projector": [p for p in enc.projector.parameters() if p.requires_grad], "dit": dit_params},
-                 prepared={"projector": enc.projector, "dit": dit})
-
-
 class SFTRecipe:
-
-    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
-    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
+    """SFT: the projector and the DiT (a new LoRA, or every weight) learn the rectified-flow loss."""
 
     trained_by = "train_sft.py"
 
@@ -122,10 +103,33 @@ class SFTRecipe:
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
         self.out = run.out
 
+    @staticmethod
+    def fully_trained(cfg) -> set[str]:
+        """The parts whose every weight trains (loaded in fp32 by the precision policy)."""
+        return ({"projector"} if cfg.train_projector else set()) | ({"dit"} if cfg.dit_mode == "full" else set())
+
+    @staticmethod
+    def configure(model, cfg) -> Parts:
+        """SFT trains the projector and the DiT (a new LoRA, or every weight); the LLM and VAE are frozen."""
+        enc, dec = model.encoder, model.decoder
+        enc.llm.requires_grad_(False)
+        dec.pipe.vae.requires_grad_(False)
+        dit = dec.pipe.transformer
+        dit.requires_grad_(False)
+        if cfg.dit_mode == "lora":
+            ensure_dit_lora(dit, cfg)
+            dit_params = train_lora_only(dit)
+        else:
+            dit.requires_grad_(True)
+            dit_params = list(dit.parameters())
+        if cfg.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        enc.projector.requires_grad_(cfg.train_projector)
+        return Parts({"projector": [p for p in enc.projector.parameters() if p.requires_grad], "dit": dit_params},
+                     prepared={"projector": enc.projector, "dit": dit})
+
     # ------------------------------------------------------------------ set-up
     def _data(self):
-        from uae.data import read_items, validate
-
         items = read_items(self.cfg.data)
         v = validate(items)
         logger.info("data %s: %s", self.cfg.data, v.report())
@@ -138,21 +142,21 @@ class SFTRecipe:
             raise UAEError(f"data {self.cfg.data}: no usable item")
         return v
 
-    def _models(self):
-        from uae.models.uae import UAE
-
+    def _models(self) -> Parts:
         cfg = self.cfg
         overrides = {"dit_lora": "none"}  # SFT trains the DiT (or a new LoRA) from the base weights
         self.precision = precision_policy(cfg.mixed_precision)
         model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=self.acc.device,
-                                    dtype=self.precision.frozen, part_dtypes=self.precision.load_dtypes(fully_trained(cfg)))
+                                    dtype=self.precision.frozen,
+                                    part_dtypes=self.precision.load_dtypes(self.fully_trained(cfg)))
         self.model, self.paths = model, model.components
         self.dit = model.decoder.pipe.transformer
         self.scheduler = copy.deepcopy(model.decoder.pipe.scheduler)
-        self.parts = configure(model, cfg)
-        self.trainable = self.parts.trainable
+        parts = self.configure(model, cfg)
+        self.trainable = parts.trainable
         logger.info("trainable parameters: %.3fM (projector %s, DiT %s)", sum(p.numel() for p in self.trainable) / 1e6,
                     "on" if cfg.train_projector else "off", cfg.dit_mode)
+        return parts
 
     # ------------------------------------------------------------------ one step
     def _hidden(self, captions: list[str]) -> torch.Tensor:
@@ -174,8 +178,6 @@ class SFTRecipe:
 
     def _embed(self, captions: list[str]) -> torch.Tensor:
         if self.text_cache is not None:
-            from uae.hashing import content_key
-
             hidden = torch.stack([self.text_cache.get(content_key(c.encode()))["hidden"] for c in captions])
             return self.projector(hidden.to(self.acc.device))
         return self.projector(self._hidden(captions))
@@ -183,12 +185,6 @@ class SFTRecipe:
     @torch.no_grad()
     def _precompute(self, items) -> None:
         """Fill the latent / text caches for the items missing from them (shared across processes)."""
-        from tqdm.auto import tqdm
-
-        from uae.data import CaptionImageDataset, item_key
-        from uae.hashing import content_key, fingerprint
-        from uae.training.cache import DiskCache
-
         cfg, acc = self.cfg, self.acc
         root = Path(cfg.cache_dir) if cfg.cache_dir else self.out / "cache"
         self.latent_cache = self.text_cache = None
@@ -220,6 +216,7 @@ class SFTRecipe:
         latent from its posterior, the noise, the timestep) comes from its own generator, a
         function of (seed, its global index in the run): a sample's loss does not depend on how
         the global batch is split across processes or micro-batches."""
+        # diffusers takes seconds to import (the models have loaded it by now).
         from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
         cfg, dev = self.cfg, self.acc.device
@@ -254,10 +251,8 @@ class SFTRecipe:
         return (weight.float() * (pred.float() - (noise - latents).float()) ** 2).mean()
 
     # ------------------------------------------------------------------ the run
-    def setup(self) -> None:
-        from diffusers.optimization import get_scheduler
-
-        from uae.data import assign_buckets, buckets_for
+    def setup(self) -> Setup:
+        from diffusers.optimization import get_scheduler  # diffusers takes seconds to import
 
         cfg = self.cfg
         self.data = self._data()
@@ -268,20 +263,21 @@ class SFTRecipe:
                         ", ".join(f"{h}x{w}: {self.sizes.count((h, w))}" for h, w in sorted(set(self.sizes))))
         else:
             self.sizes = [(cfg.resolution, cfg.resolution)] * len(self.data.ok)
-        self._models()  # new LoRA weights are drawn from the global RNG, seeded by the run
+        parts = self._models()  # new LoRA weights are drawn from the global RNG, seeded by the run
         opt = make_optimizer(cfg, self.trainable)
         sched = get_scheduler(cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=cfg.max_steps)
-        modules, self.optimizer, self.lr = self.run.prepare(self.parts, opt, sched)
-        # The LLM does not train: its captions of the held-out references are made once.
-        self.run.prepare_evaluation(self.model, encoder_trains=False)
-        self.projector, self.dit_train = modules["projector"], modules["dit"]
-        self.linked_parts = ("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ())
-        self.manifest = {} if cfg.dit_mode == "lora" else {"dit_lora": None}
+        return Setup(parts, opt, lr_scheduler=sched, paths=self.paths,
+                     # The LLM does not train: its captions of the held-out references are made once.
+                     evaluated=uae_evaluated(self.model, cfg, encoder_trains=False),
+                     linked_parts=("SD3", "llm_lora", "llm_processor") + (("dit",) if cfg.dit_mode == "lora" else ()),
+                     manifest={} if cfg.dit_mode == "lora" else {"dit_lora": None})
+
+    def attach(self, prepared: Prepared) -> None:
+        self.projector, self.dit_train = prepared.modules["projector"], prepared.modules["dit"]
+        self.optimizer, self.lr = prepared.optimizer, prepared.lr_scheduler
 
     def begin(self, start: int) -> None:
-        from uae.data import CaptionImageDataset, collate
-
         cfg, acc = self.cfg, self.acc
         self._precompute(self.data.ok)  # all processes together (it ends at a barrier)
         accum = cfg.gradient_accumulation_steps
@@ -322,8 +318,6 @@ class SFTRecipe:
         return {"loss": loss_all, "lr": float(self.lr.get_last_lr()[0]), "seconds_per_step": time.perf_counter() - t0}
 
     def plot(self, records: list[dict]) -> None:
-        from uae.apps.report import loss_curve
-
         loss_curve(records, self.out / "loss.png", "SFT loss")
 
     def close(self) -> None:
@@ -332,8 +326,6 @@ class SFTRecipe:
     # ------------------------------------------------------------------ seeing it work
     @torch.no_grad()
     def validate(self, step: int) -> None:
-        from uae.apps.report import image_grid
-
         if not self.cfg.validation_prompts:
             return
         self.dit.eval()
@@ -348,11 +340,6 @@ class SFTRecipe:
     def write_trained(self, final: Path) -> None:
         """The trained projector (in llm/, whose other files are linked, and in llm_lora's shards if
         they hold one) and the DiT (its new LoRA, or all of it)."""
-        from uae.models.layout import replace_projector_in_shards, shards_hold_projector
-        from uae.models.decoder import save_dit, save_dit_lora
-        from uae.models.encoder import PROJECTOR_FILE, save_projector
-        from uae.training.precision import stored_dtype
-
         acc, cfg, p = self.acc, self.cfg, self.paths
         projector = acc.unwrap_model(self.projector)
         # The loader applies a projector in the llm_lora shards after llm/ (as the release did): if

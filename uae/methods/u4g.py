@@ -26,22 +26,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
+from tqdm.auto import tqdm
 
-from uae.models.decoder import decode_latents, guided_velocity
-from uae.rl.grpo import flow_kl, ppo_clip_loss
+from uae.apps.report import image_grid, loss_curve
+from uae.config import field
+from uae.data import load_references
+from uae.errors import UAEError
+from uae.files import atomic_write_text
+from uae.hashing import content_key, fingerprint
+from uae.models.decoder import decode_latents, guided_velocity, save_dit_lora
+from uae.models.uae import UAE
+from uae.rl.grpo import GroupConfig, flow_kl, ppo_clip_loss
 from uae.rl.iteration import (Phases, check_share, gathered_advantages, iteration_metrics, iteration_share,
                               sde_window_for)
-from uae.data import load_references
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
 from uae.rl.sde import sde_step, sde_window
-from uae.training.seeding import generator_for
-from uae.training.setup import make_optimizer
+from uae.training.cache import DiskCache
+from uae.training.evaluation import uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
 from uae.training.precision import precision_policy
-
-from uae.config import field
-from uae.rl.grpo import GroupConfig
+from uae.training.run import Prepared, Setup
+from uae.training.seeding import generator_for
+from uae.training.setup import make_optimizer
 
 
 @dataclass
@@ -137,26 +145,6 @@ def same_length_batches(samples: list[int], length, size: int) -> list[list[int]
     return out
 
 
-def fully_trained(cfg) -> set[str]:
-    """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
-    return set()
-
-
-def configure(model, cfg) -> Parts:
-    """Stage 3 trains the DiT's LoRA (the checkpoint's, or a new one); everything else is frozen,
-    and the encoder is freed once the captions' conditioning is cached."""
-    model.encoder.requires_grad_(False)
-    pipe = model.decoder.pipe
-    pipe.vae.requires_grad_(False)
-    dit = pipe.transformer
-    dit.requires_grad_(False)
-    ensure_dit_lora(dit, cfg)
-    parts = Parts({"decoder": train_lora_only(dit)}, prepared={"dit": dit}, freed=("encoder",))
-    if cfg.gradient_checkpointing:
-        dit.enable_gradient_checkpointing()
-    return parts
-
-
 @dataclass
 class Transitions:
     """This process's rollouts of an iteration, in its sample order: for each recorded (trained)
@@ -202,22 +190,35 @@ def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> l
 class U4GRecipe:
     """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen."""
 
-    configure = staticmethod(configure)        # what trains (the memory plan's entry too)
-    fully_trained = staticmethod(fully_trained)  # the parts loaded in fp32
-
     trained_by = "train_grpo.py --stage u4g"
-    linked_parts = ("SD3", "dit", "llm", "llm_lora", "llm_processor")
-    manifest: dict = {}
 
     def __init__(self, run, reward=None):
         self.run, self.cfg, self.acc = run, run.cfg, run.acc
         self.reward = reward
         self.pool = ThreadPoolExecutor(max_workers=1)  # rewards overlap the next sampling batch
 
-    # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
-        from uae.models.uae import UAE
+    @staticmethod
+    def fully_trained(cfg) -> set[str]:
+        """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
+        return set()
 
+    @staticmethod
+    def configure(model, cfg) -> Parts:
+        """Stage 3 trains the DiT's LoRA (the checkpoint's, or a new one); everything else is frozen,
+        and the encoder is freed once the captions' conditioning is cached (`attach`)."""
+        model.encoder.requires_grad_(False)
+        pipe = model.decoder.pipe
+        pipe.vae.requires_grad_(False)
+        dit = pipe.transformer
+        dit.requires_grad_(False)
+        ensure_dit_lora(dit, cfg)
+        parts = Parts({"decoder": train_lora_only(dit)}, prepared={"dit": dit}, freed=("encoder",))
+        if cfg.gradient_checkpointing:
+            dit.enable_gradient_checkpointing()
+        return parts
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> Setup:
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
         check_share(cfg, len(self.refs), acc.num_processes)  # before anything loads
@@ -230,7 +231,7 @@ class U4GRecipe:
         self.dit = pipe.transformer
         if getattr(self.dit, "peft_config", None):
             logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
-        parts = configure(self.model, cfg)
+        parts = self.configure(self.model, cfg)
         self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
         self.sched = copy.deepcopy(pipe.scheduler)
@@ -239,16 +240,20 @@ class U4GRecipe:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         self.captions = self._captions()
         self.prompt_cache = self._embed_captions(precision.frozen)
-        # The held-out references' captions and conditioning, while the encoder is here.
-        self.run.prepare_evaluation(self.model, encoder_trains=False, cache_conditioning=True)
-        # The encoder is frozen and its work is done: the DiT's conditioning comes from the cache.
+        # The encoder does not train: the held-out references' captions are made once, and their
+        # conditioning kept at set-up, while the encoder is here (it is freed in `attach`).
+        return Setup(parts, make_optimizer(cfg, self.trainable),
+                     uae_evaluated(self.model, cfg, encoder_trains=False, keep_conditioning=True), self.paths,
+                     linked_parts=("SD3", "dit", "llm", "llm_lora", "llm_processor"))
+
+    def attach(self, prepared: Prepared) -> None:
+        self.policy, self.optimizer = prepared.modules["dit"], prepared.optimizer
+        # The encoder is frozen and its work is done (the held-out evaluation has its conditioning
+        # too): the DiT's conditioning comes from the cache.
         self.model.encoder = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        opt = make_optimizer(cfg, self.trainable)
-        modules, self.optimizer = self.run.prepare(parts, opt)
-        self.policy = modules["dit"]
 
     def _captions(self) -> list[str]:
         """The encoder's captions of the references (prompts of stage 3), kept in captions.jsonl
@@ -258,9 +263,6 @@ class U4GRecipe:
         only on its image and the seed, but sampling on another GPU (other kernels) may give
         another text, and each prompt's conditioning must be cached under the caption every
         process asks for."""
-        from accelerate.utils import broadcast_object_list, gather_object
-        from tqdm.auto import tqdm
-
         refs, cfg, acc = self.refs, self.cfg, self.acc
         path = self.run.out / "captions.jsonl"
         stored = None
@@ -284,8 +286,6 @@ class U4GRecipe:
             generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
         if acc.is_main_process:
-            from uae.files import atomic_write_text
-
             atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
         return caps
 
@@ -293,11 +293,6 @@ class U4GRecipe:
         """Every caption's conditioning (`embed_pair`), computed once into a disk cache keyed by the
         encoder's files and settings and by the caption itself: a rerun or a resume reads it back,
         and the encoder can be freed for the run."""
-        from tqdm.auto import tqdm
-
-        from uae.hashing import content_key, fingerprint
-        from uae.training.cache import DiskCache
-
         cfg, acc, paths = self.cfg, self.acc, self.paths
         root = Path(cfg.cache_dir) if cfg.cache_dir else self.run.out / "cache"
         files = list(Path(paths.llm).glob("*.safetensors")) + \
@@ -315,8 +310,6 @@ class U4GRecipe:
         return cache
 
     def _pair(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from uae.hashing import content_key
-
         d = self.prompt_cache.get(content_key(caption.encode()))
         return d["pos"][None].to(self.acc.device), d["neg"][None].to(self.acc.device)
 
@@ -467,9 +460,7 @@ class U4GRecipe:
 
     # ------------------------------------------------------------------ seeing it work
     def _grid(self, step, mine, images, rewards) -> None:
-        from torchvision.transforms.v2.functional import to_pil_image
-
-        from uae.apps.report import image_grid
+        from torchvision.transforms.v2.functional import to_pil_image  # torchvision takes seconds: only for grids
 
         g = self.cfg.group_size
         ref = self.refs[mine[0]].image.resize((images.shape[-1], images.shape[-2]))
@@ -479,13 +470,9 @@ class U4GRecipe:
         self.run.log_image(step, "grids/group", grid)
 
     def plot(self, records: list[dict]) -> None:
-        from uae.apps.report import loss_curve
-
         loss_curve(records, self.run.out / "curves.png", f"Unified-GRPO {self.cfg.stage}", keys=("reward_mean", "kl"))
 
     def write_trained(self, final) -> None:
-        from uae.models.decoder import save_dit_lora
-
         save_dit_lora(self.acc.unwrap_model(self.policy), final / "dit_lora")
 
     def close(self) -> None:

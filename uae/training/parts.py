@@ -1,13 +1,16 @@
-"""What a trainer trains, as data: each recipe's `configure(model, cfg)` wraps its LoRAs, marks
-what trains and returns its `Parts` (`Run.prepare` then casts and wraps them). The recipe runs it
-on the loaded model; bench/memory_plan.py runs the very same function on full-size models built on
-the meta device, to count bytes without a GPU."""
+"""What a trainer trains, as data: each recipe's `configure(model, cfg)` (a static method of the
+recipe class) wraps its LoRAs, marks what trains and returns its `Parts`, which its `setup` returns
+inside the run's `Setup` (Run then casts and wraps them). The recipe runs it on the loaded model;
+bench/memory_plan.py runs the very same method on full-size models built on the meta device, to
+count bytes without a GPU."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from uae.models.decoder import add_dit_lora
 
 
 @dataclass
@@ -30,9 +33,7 @@ def train_lora_only(module: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def ensure_dit_lora(dit, cfg) -> None:
     """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one from the config."""
-    from peft import LoraConfig
-
-    from uae.models.decoder import add_dit_lora
+    from peft import LoraConfig  # peft takes seconds to import: only where a LoRA is made
 
     if not getattr(dit, "peft_config", None):
         add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",

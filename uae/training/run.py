@@ -1,27 +1,42 @@
-"""One training run, whatever the recipe: the accelerator, the resolved config beside the results,
+"""One training run, whatever the method: the accelerator, the resolved config beside the results,
 resume, the JSONL logs, the trackers, EMA (counting the optimizer's steps itself), the progress
 bar, the checkpoint cadence, `final/` in the official layout, the end-of-run plots and
-`end_training`. A recipe provides only what is its own, the `Recipe` protocol below (composition,
-not inheritance, as torchtune's recipe interface); `Run(cfg, name).train(recipe, total)` checks
-it and does the rest.
+`end_training`. A method provides only what is its own, the `Recipe` protocol below (composition,
+not inheritance, as torchtune's recipe interface): its `setup` returns what trains (`Setup`), Run
+prepares it and hands the prepared objects back (`attach`). `Run(cfg, name).train(recipe, total)`
+does the rest; Run knows no method's fields.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import time
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
+from accelerate.utils import DistributedType, set_seed
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
-from uae.config import check_fields, field
+from uae.apps.report import eval_curves, image_grid
+from uae.config import check_fields, field, save_config, to_dict
 from uae.errors import UAEError
 from uae.models.decoder import DIT_LORA_TARGETS
+from uae.models.layout import ComponentPaths
 from uae.files import atomic_folder, writable_dir
+from uae.random_weights import from_tiny, resolve_checkpoint
+from uae.scoring.scorers import SCORERS, resolve_scorer_weights
 from uae.training.checkpointing import Checkpoints, claim_output_dir, clear_run, final_dir, write_final
+from uae.training.evaluation import Evaluated, HeldOut
+from uae.training.parts import Parts
+from uae.training.precision import precision_policy
+from uae.training.setup import make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -109,29 +124,66 @@ class TrainConfig:
                            ".jsonl, or sample for the six sample photos)")
         if self.eval_resolution is not None and self.eval_resolution % 16:
             raise UAEError(f"--eval_resolution {self.eval_resolution} must be a multiple of 16")
-        from uae.scoring.scorers import SCORERS
-
         unknown = [s for s in self.eval_scorers if s not in SCORERS]
         if unknown:
             raise UAEError(f"--eval_scorers {' '.join(unknown)}: choose from {', '.join(SCORERS)}")
 
+    def resolved(self):
+        """This config with its names resolved, once, at the run's start (and saved so in
+        config.yaml): `scorer_weights: auto` to tiny or official (tiny for the tiny model, or a
+        model trained from it), then `checkpoint: tiny` to the embedded random checkpoint's folder.
+        A method whose models come from other settings overrides it (G4UConfig's --model)."""
+        return dataclasses.replace(self, scorer_weights=resolve_scorer_weights(self.scorer_weights,
+                                                                               from_tiny(self.checkpoint)),
+                                   checkpoint=resolve_checkpoint(self.checkpoint))
 
+
+@dataclass
+class Setup:
+    """What a recipe's `setup` returns: what trains, and what Run needs around it."""
+
+    parts: Parts                                # trained parameter groups, modules accelerate wraps, freed
+    optimizer: torch.optim.Optimizer            # over parts.trainable (Run prepares it and counts its steps)
+    evaluated: Evaluated                        # the held-out evaluation's model and options (--eval_steps)
+    paths: ComponentPaths | None                # the source checkpoint's parts (None: not a UAE checkpoint)
+    linked_parts: tuple[str, ...] = ()          # the parts final/ links unchanged from the source
+    manifest: dict = dataclasses.field(default_factory=dict)  # extra entries of final/'s manifest
+    lr_scheduler: Any = None                    # prepared with the optimizer; the recipe steps it
+
+
+@dataclass
+class Prepared:
+    """What Run hands back to the recipe (`Recipe.attach`) once accelerate has prepared its Setup."""
+
+    modules: dict[str, torch.nn.Module]         # `parts.prepared`, wrapped (DDP / FSDP), by the same names
+    optimizer: Any                              # the optimizer, wrapped (its steps are counted)
+    lr_scheduler: Any = None                    # the lr scheduler, wrapped, when the Setup had one
+
+
+@runtime_checkable
 class Recipe(Protocol):
-    """What a trainer provides. `setup` must hand what trains to `run.prepare(parts, optimizer)`,
-    which casts it to the precision policy, wraps `parts.prepared` with accelerate and counts the
-    optimizer's steps (the EMA's cadence and warm-up), and its model to `run.prepare_evaluation`
-    (the held-out evaluation); after `setup` the recipe has:
-
-        trainable       the parameters it trains (EMA, gradient clipping and checkpoints act on these)
-        paths           the source checkpoint's parts (uae.models.layout.ComponentPaths)
-        linked_parts    the parts final/ links unchanged from the source
-        manifest        extra entries of final/'s manifest ({} for none)
-    """
+    """What a training method provides, built as `Recipe(run)` (`Recipe(run, reward=...)` for a
+    method that takes a reward). Run calls, in order: `setup` (load and configure the models; returns
+    the `Setup`), `attach` (the prepared objects, after the held-out evaluation has read the model:
+    stage 3 frees its encoder there), `begin` (only when there are steps left), `step` for each step,
+    `write_trained`, `plot` (main process), `close`. `configure` and `fully_trained` describe what
+    trains without loading anything (bench/memory_plan.py runs them on meta-device models)."""
 
     trained_by: str  # the manifest's "trained_by": the command that trained it
 
-    def setup(self) -> None:
-        """Load the models, build the optimizer, `run.prepare(...)` what trains."""
+    @staticmethod
+    def configure(model, cfg) -> Parts:
+        """Wrap the LoRAs, mark what trains (requires_grad) and return it as `Parts`."""
+
+    @staticmethod
+    def fully_trained(cfg) -> set[str]:
+        """The parts whose every weight trains (the precision policy loads them in fp32)."""
+
+    def setup(self) -> Setup:
+        """Load the models, `configure` them, build the optimizer; return what Run needs."""
+
+    def attach(self, prepared: Prepared) -> None:
+        """Keep the prepared modules, optimizer and scheduler (the ones to train through)."""
 
     def begin(self, start: int) -> None:
         """Build what depends on the step the run starts or resumes at (data iterators)."""
@@ -150,14 +202,6 @@ class Recipe(Protocol):
 
 
 RECIPE_MEMBERS = ("trained_by",) + tuple(n for n, v in vars(Recipe).items() if callable(v) and not n.startswith("_"))
-AFTER_SETUP = ("trainable", "paths", "linked_parts", "manifest")
-
-
-def check_recipe(recipe, members: tuple[str, ...]) -> None:
-    missing = [m for m in members if not hasattr(recipe, m)]
-    if missing:
-        raise UAEError(f"{type(recipe).__name__} does not implement the recipe contract (uae.training.run.Recipe): "
-                       f"missing {', '.join(missing)}")
 
 
 class OptimizerSteps:
@@ -194,36 +238,10 @@ class JsonlLog:
         return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()] if self.path.exists() else []
 
 
-def resolve_names(cfg):
-    """The config with its names resolved once, at the run's start (and saved so in config.yaml):
-    `scorer_weights: auto` to tiny or official (tiny for the tiny model), then `checkpoint: tiny`
-    to the embedded random checkpoint's folder."""
-    import dataclasses
-
-    from uae.random_weights import from_tiny, resolve_checkpoint
-    from uae.scoring.scorers import resolve_scorer_weights
-
-    model = getattr(cfg, "model", "uae")  # stage 2 may train another model's captioner
-    if model == "uae":
-        return dataclasses.replace(cfg, scorer_weights=resolve_scorer_weights(cfg.scorer_weights, from_tiny(cfg.checkpoint)),
-                                   checkpoint=resolve_checkpoint(cfg.checkpoint))
-    from uae.random_weights.unified import resolve
-    from uae.unified.loading import all_tiny
-
-    weights = resolve_scorer_weights(cfg.scorer_weights, all_tiny(model, cfg.checkpoint, cfg.captioner, cfg.generator))
-    if model == "janus":
-        return dataclasses.replace(cfg, scorer_weights=weights, checkpoint=resolve(cfg.checkpoint, "janus"))
-    return dataclasses.replace(cfg, scorer_weights=weights, captioner=resolve(cfg.captioner, "captioner"),
-                               generator=resolve(cfg.generator, "generator"))
-
-
 class Run:
     def __init__(self, cfg, name: str):
         """`name`: the trackers' project name (e.g. uae_sft, uae_grpo_u4g)."""
-        from uae.config import save_config, to_dict
-        from uae.training.setup import make_accelerator
-
-        self.cfg, self.name = resolve_names(cfg), name
+        self.cfg, self.name = cfg.resolved(), name
         cfg = self.cfg
         self.out = writable_dir(cfg.output_dir, "--output_dir")
         self.config_dict = to_dict(cfg)
@@ -240,7 +258,7 @@ class Run:
         self.ema = None
         self._step_hook = None
         self.held_out = None           # the held-out evaluation (eval_steps > 0)
-        self._evaluation_prepared = False
+        self.recipe_setup: Setup | None = None  # what the recipe's setup returned (final/ reads it)
         self.trainable: list[torch.nn.Parameter] = []
 
     def finished(self, total: int) -> bool:
@@ -262,8 +280,6 @@ class Run:
 
     def log_image(self, step: int, tag: str, image) -> None:
         """A PIL image (a grid) to every tracker that takes images."""
-        import numpy as np
-
         if not self.acc.is_main_process:
             return
         arr = np.asarray(image.convert("RGB"))
@@ -274,25 +290,37 @@ class Run:
             tracker.log_images({tag: arr[None]}, step=step, **kwargs)
 
     # ------------------------------------------------------------------ what trains
-    def prepare(self, parts, optimizer, *others):
-        """The one way a recipe hands over what trains: its trained parameters cast to the
-        precision policy's dtype (fp32), the modules `parts.prepared` lists, the optimizer and
-        `others` (an lr scheduler) prepared by accelerate, and the optimizer's steps counted by a
-        hook on it (`optimizer_stepped`). Returns ({name: prepared module}, optimizer, *others)."""
-        from uae.training.precision import precision_policy
-
-        precision_policy(self.cfg.mixed_precision).cast_trained(parts.trainable)
-        names = list(parts.prepared)
-        out = self.acc.prepare(*parts.prepared.values(), optimizer, *others)
+    def set_up(self, recipe: Recipe) -> Setup:
+        """The recipe's `setup`, and what Run does with what it returns: the trained parameters
+        cast to the precision policy's dtype (fp32), the modules `parts.prepared`, the optimizer and
+        the lr scheduler prepared by accelerate, the optimizer's steps counted by a hook on it
+        (`optimizer_stepped`), the held-out evaluation given its model (before the recipe may free a
+        part of it: stage 3 frees its encoder in `attach`), then the prepared objects handed back
+        (`recipe.attach`). `train` calls it; a test that drives a recipe by hand may too."""
+        if not isinstance(recipe, Recipe):
+            missing = [m for m in RECIPE_MEMBERS if m not in dir(recipe)]
+            raise UAEError(f"{type(recipe).__name__} does not implement the recipe contract (uae.training.run.Recipe): "
+                           f"missing {', '.join(missing) or 'a member'}")
+        if self.cfg.eval_steps:
+            self.held_out = HeldOut(self.cfg, self.acc)
+        setup = recipe.setup()
+        precision_policy(self.cfg.mixed_precision).cast_trained(setup.parts.trainable)
+        names = list(setup.parts.prepared)
+        others = () if setup.lr_scheduler is None else (setup.lr_scheduler,)
+        out = self.acc.prepare(*setup.parts.prepared.values(), setup.optimizer, *others)
         out = out if isinstance(out, tuple) else (out,)
         optimizer = out[len(names)]
-        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper steps the torch optimizer
-        self._step_hook = inner.register_step_post_hook(lambda *_: self.optimizer_stepped())
-        return (dict(zip(names, out[:len(names)])), optimizer, *out[len(names) + 1:])
+        # accelerate's wrapper steps the torch optimizer: the hook sits on the latter.
+        self._step_hook = optimizer.optimizer.register_step_post_hook(lambda *_: self.optimizer_stepped())
+        self.recipe_setup, self.trainable = setup, setup.parts.trainable
+        if self.held_out is not None:
+            self.held_out.prepare(setup.evaluated)
+        recipe.attach(Prepared(dict(zip(names, out[:len(names)])), optimizer, *out[len(names) + 1:]))
+        return setup
 
     # ------------------------------------------------------------------ optimizer steps and EMA
     def optimizer_stepped(self) -> None:
-        """After every step of the optimizer `prepare` was given (a hook on it; a step skipped
+        """After every step of the Setup's optimizer (a hook on it; a step skipped
         by the fp16 scaler does not count). With `use_ema`, the EMA is updated every `ema_every`
         optimizer steps, its warm-up counting optimizer steps (diffusers' EMAModel: decay =
         min((1 + s) / (10 + s), ema_decay), s = optimizer steps - 1), not EMA updates."""
@@ -322,28 +350,17 @@ class Run:
             self.ema.restore(self.trainable)
 
     # ------------------------------------------------------------------ held-out evaluation
-    def prepare_evaluation(self, model, *, encoder_trains: bool, cache_conditioning: bool = False) -> None:
-        """The recipe's model for the held-out evaluation (uae.training.evaluation.HeldOut.prepare);
-        every recipe calls it in `setup`, a no-op without --eval_steps."""
-        self._evaluation_prepared = True
-        if self.held_out is not None:
-            self.held_out.prepare(model, encoder_trains=encoder_trains, cache_conditioning=cache_conditioning)
-
     def _eval_due(self, step: int, total: int) -> bool:
         return self.held_out is not None and self.held_out.due(step, total)
 
     def evaluate(self, step: int) -> dict:
         """Held-out Unified-Bench at `step`, with the EMA weights where kept; its metrics (eval/...,
         time_eval), a grid (reference | reconstruction) and the captions to the trackers."""
-        import time
-
         t0 = time.perf_counter()
         with self.ema_weights(), self.acc.autocast():
             metrics, grid, captions = self.held_out(step)
         metrics["time_eval"] = time.perf_counter() - t0
         if self.acc.is_main_process:
-            from uae.apps.report import image_grid
-
             if grid:
                 pics = [im for pair in grid for im in pair]
                 labels = [label for _ in grid for label in ("reference", "reconstruction")]
@@ -358,10 +375,7 @@ class Run:
         return metrics
 
     # ------------------------------------------------------------------ the loop
-    def train(self, recipe, total: int, desc: str, *, last: bool = True) -> Path:
-        from accelerate.utils import set_seed
-        from tqdm.auto import tqdm
-
+    def train(self, recipe: Recipe, total: int, desc: str, *, last: bool = True) -> Path:
         cfg, acc = self.cfg, self.acc
         if self.finished(total):
             logger.info("%s is at step %d, at or past --max_steps %d: nothing to train; %s is unchanged", self.resume,
@@ -371,22 +385,9 @@ class Run:
         set_seed(cfg.seed)
         # Every process sets up together (accelerate's prepare is collective); cached artefacts such
         # as the embedded tiny checkpoint are built once under a file lock (uae.files.build_once).
-        check_recipe(recipe, RECIPE_MEMBERS)
-        if cfg.eval_steps:
-            from uae.training.evaluation import HeldOut
-
-            self.held_out = HeldOut(cfg, acc)
-        recipe.setup()
-        check_recipe(recipe, AFTER_SETUP)
-        if self._step_hook is None:
-            raise UAEError(f"{type(recipe).__name__}.setup did not hand its parts and optimizer to run.prepare: its "
-                           "optimizer steps would not be counted (EMA, checkpoints)")
-        if not self._evaluation_prepared:
-            raise UAEError(f"{type(recipe).__name__}.setup did not hand its model to run.prepare_evaluation: the "
-                           "held-out evaluation (--eval_steps) would have nothing to evaluate")
-        self.trainable = list(recipe.trainable)
+        self.set_up(recipe)
         if cfg.use_ema:
-            from diffusers.training_utils import EMAModel
+            from diffusers.training_utils import EMAModel  # diffusers takes seconds to import: only with --use_ema
 
             self.ema = EMAModel(self._ema_view(), decay=cfg.ema_decay)
             acc.register_for_checkpointing(self.ema)
@@ -431,8 +432,6 @@ class Run:
             records = self.metrics.read()
             recipe.plot(records)
             if self.held_out is not None:
-                from uae.apps.report import eval_curves
-
                 eval_curves(records, self.out / "eval.png", list(cfg.eval_scorers))
         recipe.close()
         self._step_hook.remove()
@@ -453,27 +452,19 @@ class Run:
         same with these hooks): a LoRA run's checkpoint is megabytes, not the frozen 8B DiT again.
         Trained weights of modules that accelerate does not wrap (the cold start's DiT LoRA) are
         included. Under FSDP / DeepSpeed, accelerate's own sharded saving is kept."""
-        from accelerate.utils import DistributedType
-
         acc = self.acc
         if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
             return
 
         def save(models, weights, output_dir):
-            from safetensors.torch import save_file
-
             if acc.is_main_process:
                 state = {f"{i:05d}": p.detach().cpu().contiguous() for i, p in enumerate(self.trainable)}
                 save_file(state, str(Path(output_dir) / self.TRAINABLE_FILE))
             weights.clear()
 
         def load(models, input_dir):
-            from safetensors.torch import load_file
-
             state = load_file(str(Path(input_dir) / self.TRAINABLE_FILE))
             if len(state) != len(self.trainable):
-                from uae.errors import UAEError
-
                 raise UAEError(f"checkpoint {input_dir} holds {len(state)} trained tensors, this run trains "
                                f"{len(self.trainable)}: it was written by another configuration")
             with torch.no_grad():
@@ -486,15 +477,17 @@ class Run:
 
     def write_final(self, recipe) -> Path:
         """final/: the parts the recipe trained (the EMA weights when kept), the rest of the source
-        checkpoint linked (or copied), and the manifest; written by the main process, complete when
-        any process returns (`--stage all` starts every process's next stage from it)."""
+        checkpoint linked (or copied: the Setup's `paths` and `linked_parts`), and the manifest;
+        written by the main process, complete when any process returns (`--stage all` starts every
+        process's next stage from it)."""
         acc = self.acc
         acc.wait_for_everyone()
         final = final_dir(self.out)
         if acc.is_main_process:
             with self.ema_weights(), atomic_folder(final) as tmp:  # whole, and nothing of an earlier final/
-                manifest = {**recipe.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
-                write_final(tmp, recipe.paths, self.cfg.link_unchanged, recipe.linked_parts, manifest)
+                setup = self.recipe_setup
+                manifest = {**setup.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
+                write_final(tmp, setup.paths, self.cfg.link_unchanged, setup.linked_parts, manifest)
                 recipe.write_trained(tmp)
             logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
         acc.wait_for_everyone()

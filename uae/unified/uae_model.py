@@ -11,19 +11,23 @@ reach it as text."""
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Sequence
+
+import torch
+
+from uae.errors import UAEError
+from uae.models.uae import UAE
+from uae.unified.captioner import TransformersCaptioner
+from uae.unified.common import caption_sampling
 
 logger = logging.getLogger(__name__)
 
 
 def refuse_other_formats(checkpoint: str, setting: str = "--checkpoint") -> None:
     """A one-line error for a folder of the field's formats given as a UAE checkpoint."""
-    import json
-    from pathlib import Path
-
-    from uae.errors import UAEError
-
     p = Path(checkpoint)
     if not p.is_dir() or (p / "llm").is_dir():
         return
@@ -45,17 +49,31 @@ class UAEModel:
 
     def __init__(self, checkpoint: str, settings, *, captioner: str | None = None, captioner_label: str | None = None,
                  label: str = "uae"):
-        from uae.models.uae import UAE
-
         refuse_other_formats(checkpoint)
-        self.checkpoint, self.settings_ = checkpoint, settings
-        self.captioner = None
-        if captioner is not None:
-            from uae.unified.captioner import TransformersCaptioner
+        side = None if captioner is None else TransformersCaptioner(captioner, settings, label=captioner_label)
+        self._hold(UAE.from_pretrained(checkpoint, device=settings.device, dtype=settings.dtype), checkpoint, settings,
+                   side, label)
 
-            self.captioner = TransformersCaptioner(captioner, settings, label=captioner_label)
-        self.uae = UAE.from_pretrained(checkpoint, device=settings.device, dtype=settings.dtype)
-        self.name = label if self.captioner is None else f"{self.captioner.name}+{label}"
+    @classmethod
+    def from_model(cls, model: UAE, settings, *, label: str = "uae") -> "UAEModel":
+        """An already-loaded UAE (a trainer's, trained in place) at `settings` (only their caption and
+        generation fields apply: the model is where it is)."""
+        self = cls.__new__(cls)
+        self._hold(model, None, settings, None, label)
+        return self
+
+    def _hold(self, model: UAE, checkpoint: str | None, settings, captioner, label: str) -> None:
+        self.uae, self.checkpoint, self.settings_, self.captioner = model, checkpoint, settings, captioner
+        self.name = label if captioner is None else f"{captioner.name}+{label}"
+        self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> its (positive, negative)
+
+    @torch.no_grad()
+    def keep_conditioning(self, texts: Sequence[str]) -> None:
+        """Embed `texts` now (`embed_pair`) and keep their conditioning: `generate` of these texts
+        then needs no encoder (a trainer frees it: stage 3). The same images."""
+        for t in texts:
+            if t not in self.kept:
+                self.kept[t] = self.uae.encoder.embed_pair(t)
 
     def caption_kwargs(self) -> dict:
         s = self.settings_
@@ -74,11 +92,15 @@ class UAEModel:
                                 **self.caption_kwargs())
 
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
+        if self.kept and all(t in self.kept for t in texts):
+            return self.uae.generate_from_conditioning([self.kept[t] for t in texts], seed=list(seeds), progress=False,
+                                                       **self.generate_kwargs())
+        if self.uae.encoder is None:
+            raise UAEError(f"{self.name}: the encoder was freed; only the texts whose conditioning was kept "
+                           "(keep_conditioning) can be generated")
         return self.uae.generate(list(texts), seed=list(seeds), progress=False, **self.generate_kwargs())
 
     def settings(self) -> dict:
-        from uae.unified.common import caption_sampling
-
         s, enc = self.settings_, self.uae.encoder
         comps = self.uae.components
         caption = self.captioner.settings_dict() if self.captioner is not None else {
