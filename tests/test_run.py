@@ -1,7 +1,8 @@
 """The recipe contract (uae.training.run.Recipe), on a toy recipe: a recipe missing a member is a
 one-line error before anything loads; what `setup` returns (a `Setup`) is prepared by Run and
-handed back through `attach` after the held-out evaluation has read the model; the optimizer's
-steps are counted by Run itself (the EMA's cadence), however many a recipe step takes."""
+handed back through `attach` after the held-out evaluation has read the model (which must be a
+UnifiedModel); the optimizer's steps are counted by Run itself (the EMA's cadence), however many a
+recipe step takes; names are resolved by the config, not by Run."""
 
 import pytest
 import torch
@@ -115,6 +116,18 @@ def test_the_setup_comes_back_prepared_after_the_evaluation_read_the_model(tiny_
     assert run.trainable == setup.parts.trainable and {p.dtype for p in run.trainable} == {torch.float32}
     recipe.step(0)
     assert run.steps.count == 2                           # the hook sits on the prepared optimizer
+
+
+def test_the_evaluated_model_must_be_a_unified_model(tiny_ckpt, tmp_path):
+    class Raw(ToyRecipe):
+        def setup(self):
+            setup = super().setup()
+            setup.evaluated.model = torch.nn.Linear(1, 1)  # not behind the UnifiedModel protocol
+            return setup
+
+    run = _run(tiny_ckpt, tmp_path, "--eval_steps", 1, "--eval_data", "sample")
+    with pytest.raises(UAEError, match="needs a uae.unified.UnifiedModel, not Linear"):
+        run.set_up(Raw(run))
 
 
 @pytest.mark.parametrize("missing", ["attach", "write_trained", "configure", "trained_by"])

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from accelerate.utils import gather_object
 
 from uae.data import load_references
+from uae.errors import UAEError
 from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
 from uae.models.uae import RELEASE_SEED
 from uae.random_weights import scorer_checkpoint
@@ -91,6 +93,9 @@ class HeldOut:
         """The model to evaluate (a recipe's `Setup.evaluated`). With `keep_conditioning`, the
         references are captioned now and the model keeps their conditioning, before the recipe
         frees its encoder."""
+        if not isinstance(evaluated.model, UnifiedModel):
+            raise UAEError(f"the held-out evaluation needs a uae.unified.UnifiedModel, not "
+                           f"{type(evaluated.model).__name__} (a UAE goes through uae_evaluated, its adapter)")
         self.evaluated = evaluated
         if evaluated.keep_conditioning is not None:
             with torch.no_grad():
@@ -127,8 +132,6 @@ class HeldOut:
     def __call__(self, step: int) -> tuple[dict, list | None, dict[str, str]]:
         """(metrics, [(reference, reconstruction) thumbnails] or None off the main process,
         {reference key: caption})."""
-        from accelerate.utils import gather_object
-
         ev = self.evaluated
         captions = self.captions if self.captions is not None else self._caption()
         if not ev.encoder_trains:
