@@ -99,6 +99,7 @@ class ColdStartConfig(GRPOConfig):
         if self.gradient_accumulation_steps != 1:
             raise UAEError("--gradient_accumulation_steps: the cold start accumulates over --batch_size itself; keep 1")
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -109,6 +109,7 @@ class G4UConfig(GroupConfig):
         return replace(self, scorer_weights=weights, captioner=resolve_model(self.captioner, "captioner"),
                        generator=resolve_model(self.generator, "generator"))
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -91,6 +91,7 @@ class SFTConfig(TrainConfig):
         if self.bucket_step % 16:
             raise UAEError(f"--bucket_step {self.bucket_step} must be a positive multiple of 16")
 
+
 logger = logging.getLogger(__name__)
 
 

@@ -114,6 +114,7 @@ class U4GConfig(GroupConfig):
                                f"noise (sigma_next = 0): end the window at {self.num_steps - 1} or earlier, or use "
                                "--sde_kind sde")
 
+
 logger = logging.getLogger(__name__)
 
 
