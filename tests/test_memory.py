@@ -53,11 +53,18 @@ def _run(kind, ckpt, out, *extra):
 def _frozen_and_trained(recipe):
     """(dtypes of the frozen weights, of the trained ones). A frozen LoRA (the LLM's in SFT, the
     DiT's in g4u) stays fp32 like any LoRA, as the release's PEFT wrapping keeps it: not counted."""
+    from uae.models.decoder import unreachable_modules
+
     trained = {id(p) for p in recipe.trainable}
-    modules = [recipe.model.decoder.pipe.transformer, recipe.model.decoder.pipe.vae]
+    dit = recipe.model.decoder.pipe.transformer
+    # A fully trained DiT loads in fp32; the modules whose output never reaches the image are
+    # frozen inside it (they cannot learn) and keep its fp32.
+    unreachable = {id(p) for name in unreachable_modules(dit) for p in dit.get_submodule(name).parameters()}
+    modules = [dit, recipe.model.decoder.pipe.vae]
     if recipe.model.encoder is not None:
         modules += [recipe.model.encoder]
-    frozen = {p.dtype for m in modules for n, p in m.named_parameters() if id(p) not in trained and "lora_" not in n}
+    frozen = {p.dtype for m in modules for n, p in m.named_parameters()
+              if id(p) not in trained | unreachable and "lora_" not in n}
     return frozen, {p.dtype for p in recipe.trainable}
 
 

@@ -58,7 +58,7 @@ from uae.rl.iteration import Phases
 from uae.rl.rewards import to_uint8
 from uae.scoring.scorers import load_scorer
 from uae.training.evaluation import uae_evaluated
-from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.parts import Parts, ensure_dit_lora, train_dit, train_lora_only
 from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup
 from uae.training.seeding import StepSampler, generator_for
@@ -138,7 +138,7 @@ class ColdStartRecipe:
         dit_params = []
         if cfg.train_decoder:
             ensure_dit_lora(dit, cfg)
-            dit_params = train_lora_only(dit)
+            dit_params = train_dit(dit)
         if cfg.gradient_checkpointing:  # block-level, inside the per-step checkpoints
             enc.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if dit_params:

@@ -32,7 +32,7 @@ from uae.models.uae import UAE
 from uae.training.cache import DiskCache
 from uae.training.checkpointing import link_or_copy
 from uae.training.evaluation import uae_evaluated
-from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.parts import Parts, ensure_dit_lora, train_dit
 from uae.training.precision import precision_policy, stored_dtype
 from uae.training.run import Prepared, Setup, TrainConfig
 from uae.training.seeding import StepSampler, generator_for
@@ -119,10 +119,7 @@ class SFTRecipe:
         dit.requires_grad_(False)
         if cfg.dit_mode == "lora":
             ensure_dit_lora(dit, cfg)
-            dit_params = train_lora_only(dit)
-        else:
-            dit.requires_grad_(True)
-            dit_params = list(dit.parameters())
+        dit_params = train_dit(dit, lora_only=cfg.dit_mode == "lora")
         if cfg.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
         enc.projector.requires_grad_(cfg.train_projector)

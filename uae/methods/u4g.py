@@ -45,7 +45,7 @@ from uae.rl.rewards import default_reward, score
 from uae.rl.sde import sde_step, sde_window
 from uae.training.cache import DiskCache
 from uae.training.evaluation import uae_evaluated
-from uae.training.parts import Parts, ensure_dit_lora, train_lora_only
+from uae.training.parts import Parts, ensure_dit_lora, train_dit
 from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup
 from uae.training.seeding import generator_for
@@ -213,7 +213,7 @@ class U4GRecipe:
         dit = pipe.transformer
         dit.requires_grad_(False)
         ensure_dit_lora(dit, cfg)
-        parts = Parts({"decoder": train_lora_only(dit)}, prepared={"dit": dit}, freed=("encoder",))
+        parts = Parts({"decoder": train_dit(dit)}, prepared={"dit": dit}, freed=("encoder",))
         if cfg.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
         return parts

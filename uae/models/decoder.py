@@ -48,6 +48,17 @@ def pooled_empty_prompt(sd3_path: str, dtype: torch.dtype, device) -> torch.Tens
 PEFT_PREFIX = "base_model.model."
 
 
+def unreachable_modules(dit) -> list[str]:
+    """The DiT's modules whose output never reaches the image. A joint block with `context_pre_only`
+    (SD3's last block) computes the context tokens' attention output and then drops it: its context
+    query projection (`attn.add_q_proj`, and the query norm `attn.norm_added_q` after it) only feeds
+    that output, so nothing in them receives a gradient (measured: a LoRA there stays at its
+    initial value). A new LoRA leaves them out and training freezes them."""
+    return [f"transformer_blocks.{i}.attn.{name}" for i, block in enumerate(dit.transformer_blocks)
+            if block.context_pre_only for name in ("add_q_proj", "norm_added_q")
+            if getattr(block.attn, name) is not None]  # norm_added_q is None without qk_norm
+
+
 def add_dit_lora(dit, config, adapter_name: str = "default") -> None:
     """Inject a LoRA into the DiT in place (diffusers' PEFT integration: it stays an
     SD3Transformer2DModel, and enable/disable_adapters give the LoRA-free reference without a

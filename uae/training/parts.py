@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from uae.models.decoder import add_dit_lora
+from uae.models.decoder import add_dit_lora, unreachable_modules
 
 
 @dataclass
@@ -31,10 +31,22 @@ def train_lora_only(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def train_dit(dit, lora_only: bool = True) -> list[torch.nn.Parameter]:
+    """Freeze the DiT but its LoRA weights (or, `lora_only` False, but every weight), leaving out the
+    modules whose output never reaches the image (uae.models.decoder.unreachable_modules: a
+    checkpoint's dit_lora may hold a LoRA there, which then stays as it was); returns what trains."""
+    unreachable = tuple(name + "." for name in unreachable_modules(dit))
+    for n, p in dit.named_parameters():
+        p.requires_grad_(("lora_" in n or not lora_only) and not n.startswith(unreachable))
+    return [p for p in dit.parameters() if p.requires_grad]
+
+
 def ensure_dit_lora(dit, cfg) -> None:
-    """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one from the config."""
+    """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one from the config
+    (none on the modules whose output never reaches the image)."""
     from peft import LoraConfig  # peft takes seconds to import: only where a LoRA is made
 
     if not getattr(dit, "peft_config", None):
         add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                     target_modules=list(cfg.lora_target_modules)))
+                                     target_modules=list(cfg.lora_target_modules),
+                                     exclude_modules=unreachable_modules(dit)))
