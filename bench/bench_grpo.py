@@ -66,7 +66,7 @@ def dit_forward_seconds(ckpt: Path, resolution: int, batch: int, device, dtype) 
 def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
     from accelerate.state import AcceleratorState
 
-    from uae.rl import train as train_grpo
+    from uae.train import grpo_main
 
     out = work / f"run_{stage}"
     steps = args.iterations + 1
@@ -86,7 +86,7 @@ def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
         flags += ["--gradient_checkpointing"]
     AcceleratorState._reset_state(reset_partial_state=True)
     reset_peak_memory()
-    code = train_grpo.main(flags)
+    code = grpo_main(flags)
     if code != 0:
         raise SystemExit(f"train_grpo.py --stage {stage} exited with {code}")
     rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]

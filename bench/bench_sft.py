@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     setup_logging("WARNING")
     from accelerate.state import AcceleratorState
 
-    from uae.training import sft as train_sft
+    from uae.train import sft_main
     from uae.random_weights import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
             flags.append("--gradient_checkpointing")
         AcceleratorState._reset_state(reset_partial_state=True)
         reset_peak_memory()
-        if train_sft.main(flags) != 0:
+        if sft_main(flags) != 0:
             raise SystemExit("train_sft.py failed")
         rec = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()][1:]
     step = sum(r["seconds_per_step"] for r in rec) / len(rec)

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from uae import demo, export
+from uae.apps import demo, export
 from uae.models.layout import MANIFEST, resolve_components
 
 ROOT = Path(__file__).resolve().parent.parent

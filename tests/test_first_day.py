@@ -173,11 +173,18 @@ def nothing_loads(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a model was loaded before the settings were checked")
 
+    import sys
+
+    import uae.apps.demo, uae.apps.score_i2i, uae.apps.unibench, uae.train  # noqa: E401,F401  (the commands tested)
     from uae.models.uae import UAE
     from uae.scoring import scorers
 
     monkeypatch.setattr(UAE, "from_pretrained", refuse)
-    monkeypatch.setattr(scorers, "load_scorer", refuse)  # the scripts import it when they run
+    # Every module that imported load_scorer by name holds its own reference: replace each.
+    for module in [m for name, m in sys.modules.items() if name.startswith("uae")]:
+        if getattr(module, "load_scorer", None) is scorers.load_scorer:
+            monkeypatch.setattr(module, "load_scorer", refuse)
+    monkeypatch.setattr(scorers, "load_scorer", refuse)
 
 
 @pytest.mark.parametrize("command", [

@@ -13,7 +13,7 @@ from PIL import Image
 from skimage import data
 
 from uae.images import load_image
-from uae import score_i2i as Score_i2i
+from uae.apps import score_i2i as Score_i2i
 
 ROOT = Path(__file__).resolve().parent.parent
 
