@@ -65,7 +65,7 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
 
 
 def _gradient(recipe, seed: int = 1) -> torch.Tensor:
-    from uae.rl.rewards import to_uint8
+    from uae.images import to_uint8
     from uae.training.seeding import generator_for
 
     item = recipe.items[0]

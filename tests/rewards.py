@@ -2,7 +2,7 @@
 
 import torch
 
-from uae.rl.rewards import to_uint8
+from uae.images import to_uint8
 
 
 class TargetImageReward:

@@ -250,7 +250,7 @@ def test_cold_start_default_gradient_is_exact_at_sd35s_schedule(tiny_ckpt, grpo_
     Truncating to the last step is far from it."""
     import torch.nn.functional as F
 
-    from uae.rl.rewards import to_uint8
+    from uae.images import to_uint8
     from uae.training.seeding import generator_for
 
     recipe = grpo_recipe("cold_start", tiny_ckpt, "--data", one_pair, "--num_steps", 10, "--resolution", 64, setup=False)

@@ -100,7 +100,7 @@ def test_adamw8bit_keeps_8bit_state_and_says_how_to_install_it(tiny_ckpt, tmp_pa
 
 
 def test_llm_gradient_checkpointing_gives_the_same_gradient(tiny_ckpt, tmp_path):
-    from uae.rl.rewards import to_uint8
+    from uae.images import to_uint8
     from uae.training.seeding import generator_for
 
     grads = {}

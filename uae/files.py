@@ -30,6 +30,20 @@ def remove_path(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
+def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
+    """`dst` as a symlink to `src` (an unchanged part of a checkpoint: no multi-GB copy) or a copy
+    of it; whatever was at `dst` goes."""
+    src = Path(src).resolve()
+    if dst.exists() or dst.is_symlink():
+        remove_path(dst)
+    if link:
+        os.symlink(src, dst, target_is_directory=src.is_dir())
+    elif src.is_dir():
+        shutil.copytree(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
 def share_files(root: Path) -> None:
     """The files and folders under `root` get the permissions a plain write would give (the
     umask's): libraries that write atomically (safetensors) leave their files 0600, which others on

@@ -1,13 +1,18 @@
 """Images in and out: opening with clear errors (as the release's captioning path reads them, or
-converted to 8-bit RGB), listing a folder's images, saving atomically."""
+converted to 8-bit RGB), listing a folder's images, saving atomically, and the uint8 tensors the
+scorers take."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from uae.errors import UAEError
 from uae.files import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -75,6 +80,16 @@ def to_rgb(im):
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB") if im.mode != "RGB" else im.copy()
+
+
+def to_uint8(images) -> list[torch.Tensor]:
+    """PIL images or float (B, 3, H, W) in [0, 1] -> list of uint8 (3, H, W), as the scorers take them."""
+    import numpy as np
+    import torch  # lazy: torch takes seconds to import, and opening or saving an image needs none
+
+    if isinstance(images, torch.Tensor):
+        return list((images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+    return [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous() for im in images]
 
 
 def list_images(folder: str | os.PathLike, role: str = "image") -> list[Path]:

@@ -1,10 +1,12 @@
-"""Device, dtype and attention backend: chosen automatically, overridable by the user."""
+"""Device, dtype and attention backend: chosen automatically, overridable by the user; the dtype
+weights are stored in."""
 
 from __future__ import annotations
 
 import functools
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 
@@ -70,3 +72,17 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def stored_dtype(folder: str | Path) -> torch.dtype | None:
+    """The floating dtype of the first tensor stored in a folder's safetensors (None: none found)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():
+                t = h.get_slice(key)
+                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
+                if dtype is not None:
+                    return dtype
+    return None

@@ -26,7 +26,12 @@ import torch
 from uae.cli import script_main, setup_logging
 from uae.config import check_fields, field, parse_config
 from uae.errors import UAEError
-from uae.files import writable_dir
+from uae.files import atomic_folder, atomic_write_bytes, atomic_write_json, link_or_copy, writable_dir
+from uae.models.decoder import load_dit_lora, save_dit
+from uae.models.encoder import PROJECTOR_FILE, UAEEncoder
+from uae.models.layout import MANIFEST, resolve_components
+from uae.random_weights import resolve_checkpoint
+from uae.runtime import stored_dtype
 
 logger = logging.getLogger("uae.apps.export")
 
@@ -92,8 +97,6 @@ def export_dtype(requested: str, folder: str) -> tuple[torch.dtype, torch.dtype]
     """(written dtype, dtype the weights are loaded and merged in) of one part. The merge runs in
     the written dtype when the source is stored in it (PEFT adds the fp32 LoRA delta to the weight
     in place: one rounding, the same as merging in fp32 and casting), else in float32."""
-    from uae.training.precision import stored_dtype
-
     stored = stored_dtype(folder)
     if stored is None:
         logger.warning("no floating safetensors tensor in %s: taking float32 as its stored dtype", folder)
@@ -147,9 +150,6 @@ def export_llm(paths, dst: Path, requested: str) -> torch.dtype:
     them; the projector in projector.safetensors (not in the weights transformers reads)."""
     from safetensors.torch import save
 
-    from uae.files import atomic_write_bytes, atomic_write_json
-    from uae.models.encoder import PROJECTOR_FILE, UAEEncoder
-
     out_dtype, work = export_dtype(requested, paths.llm)
     logger.info("LLM: loading %s%s in %s", paths.llm, f" + LoRA {paths.llm_lora}" if paths.llm_lora else "",
                 _dtype_name(work))
@@ -183,9 +183,7 @@ def export_llm(paths, dst: Path, requested: str) -> torch.dtype:
 def export_dit(paths, dst: Path, requested: str) -> torch.dtype:
     """DIR/dit: the DiT with its PEFT LoRA fused by diffusers (`fuse_lora`, then `unload_lora`
     takes the LoRA layers out, leaving the merged base layers), written by `save_dit`."""
-    from diffusers import SD3Transformer2DModel
-
-    from uae.models.decoder import load_dit_lora, save_dit
+    from diffusers import SD3Transformer2DModel  # diffusers takes seconds to import: not for --help
 
     out_dtype, work = export_dtype(requested, paths.dit)
     logger.info("DiT: loading %s%s in %s", paths.dit, f" + LoRA {paths.dit_lora}" if paths.dit_lora else "",
@@ -215,10 +213,6 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
            link_unchanged: bool = False, source_name: str | None = None) -> Path:
     """Write the merged export of `checkpoint` (a folder in the official layout or a hub id) to
     `out_dir`, atomically: built in a temporary sibling folder, renamed when complete."""
-    from uae.models.layout import MANIFEST, resolve_components
-    from uae.files import atomic_folder, atomic_write_json
-    from uae.training.checkpointing import link_or_copy
-
     paths = resolve_components(checkpoint)
     out = Path(out_dir)
     sources = [p for p in paths.as_dict().values() if p and os.path.exists(p)]
@@ -242,8 +236,6 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
     cfg = parse_config(ExportConfig, argv, description=description or __doc__)
     setup_logging(cfg.log_level)
-    from uae.random_weights import resolve_checkpoint
-
     out = export(resolve_checkpoint(cfg.checkpoint), cfg.output_dir, dtype=cfg.dtype, overwrite=cfg.overwrite,
                  link_unchanged=cfg.link_unchanged, source_name=cfg.checkpoint)
     logger.info("wrote %s: llm/ loads with plain transformers (Qwen2_5_VLForConditionalGeneration, AutoProcessor); "

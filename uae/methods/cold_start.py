@@ -47,6 +47,7 @@ from uae.apps.report import loss_curve
 from uae.config import field
 from uae.data import read_items, validate
 from uae.errors import UAEError
+from uae.images import to_uint8
 from uae.models.decoder import decode_latents as decode
 from uae.models.decoder import guided_velocity, save_dit_lora
 from uae.models.encoder import attention, release_position_ids
@@ -55,7 +56,6 @@ from uae.models.uae import UAE
 from uae.random_weights import scorer_checkpoint
 from uae.rl.grpo import GRPOConfig
 from uae.rl.iteration import Phases
-from uae.rl.rewards import to_uint8
 from uae.scoring.scorers import load_scorer
 from uae.training.evaluation import uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_dit, train_lora_only

@@ -24,16 +24,17 @@ from uae.config import field
 from uae.data import (CaptionImageDataset, assign_buckets, buckets_for, collate, item_key, read_items,
                       validate)
 from uae.errors import UAEError
+from uae.files import link_or_copy
 from uae.hashing import content_key, fingerprint
 from uae.models.decoder import save_dit, save_dit_lora
 from uae.models.encoder import PROJECTOR_FILE, save_projector
 from uae.models.layout import replace_projector_in_shards, shards_hold_projector
 from uae.models.uae import UAE
+from uae.runtime import stored_dtype
 from uae.training.cache import DiskCache
-from uae.training.checkpointing import link_or_copy
 from uae.training.evaluation import uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_dit
-from uae.training.precision import precision_policy, stored_dtype
+from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup, TrainConfig
 from uae.training.seeding import StepSampler, generator_for
 from uae.training.setup import make_optimizer

@@ -21,17 +21,9 @@ from typing import Callable, Sequence
 import torch
 
 from uae.errors import UAEError
+from uae.images import to_uint8
 
 logger = logging.getLogger(__name__)
-
-
-def to_uint8(images) -> list[torch.Tensor]:
-    """PIL images or float (B, 3, H, W) in [0, 1] -> list of uint8 (3, H, W)."""
-    import numpy as np
-
-    if isinstance(images, torch.Tensor):
-        return list((images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-    return [torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous() for im in images]
 
 
 class _ReferenceFeatures:

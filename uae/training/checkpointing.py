@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 from pathlib import Path
 
+import yaml
+
+from uae.config import result_settings
 from uae.errors import UAEError
-from uae.files import atomic_write_json, remove_path, share_files
+from uae.files import atomic_write_json, link_or_copy, remove_path, share_files
+from uae.models.layout import MANIFEST
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +98,6 @@ def changed_settings(cfg, before: dict, now: dict) -> list[str]:
     config marks `run_only` may change; so may max_steps, unless a decaying learning-rate schedule
     is stretched by it. A setting the record does not hold (written by an older version) is not
     compared."""
-    from uae.config import result_settings
-
     names = result_settings(cfg)
     if not str(getattr(cfg, "lr_scheduler", "constant")).startswith("constant"):
         names.append("max_steps")
@@ -111,8 +112,6 @@ def claim_output_dir(cfg, config: dict) -> tuple[Path | None, bool]:
     - a fresh run into a folder that holds a run is refused, unless `overwrite_output_dir`;
     - a resume is refused if a setting that changes what it trains differs from the checkpoint's
       (or, with no checkpoint yet, from the folder's config.yaml)."""
-    import yaml
-
     out = Path(cfg.output_dir)
     held = run_contents(out)
     if not cfg.resume_from_checkpoint:
@@ -143,19 +142,6 @@ def clear_run(out: Path) -> None:
     logger.info("--overwrite_output_dir: removed the earlier run's files from %s", out)
 
 
-def link_or_copy(src: str | Path, dst: Path, link: bool) -> None:
-    """Unchanged parts of a checkpoint: a symlink (no multi-GB copies) or a copy."""
-    src = Path(src).resolve()
-    if dst.exists() or dst.is_symlink():
-        remove_path(dst)
-    if link:
-        os.symlink(src, dst, target_is_directory=src.is_dir())
-    elif src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
 def final_dir(out_dir) -> Path:
     """Where a run's result goes: <out_dir>/final/."""
     return Path(out_dir) / "final"
@@ -165,8 +151,6 @@ def write_final(final: Path, paths, link: bool, keep: tuple[str, ...], manifest:
     """A run's result in the official layout, in the folder `final` (a temporary one that then
     takes final/'s place, uae.files.atomic_folder): the parts in `keep` linked (or copied) from the
     source checkpoint, the manifest written; the caller then writes the parts it trained."""
-    from uae.models.layout import MANIFEST
-
     final = Path(final)
     final.mkdir(exist_ok=True)
     for part in keep:

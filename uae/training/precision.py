@@ -11,7 +11,6 @@ everything is fp32. Saved weights keep the dtypes of the files they came from.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -40,17 +39,3 @@ class Precision:
 
 def precision_policy(mixed_precision: str) -> Precision:
     return Precision(frozen=DTYPES[mixed_precision])
-
-
-def stored_dtype(folder: str | Path) -> torch.dtype | None:
-    """The floating dtype of the first tensor stored in a folder's safetensors (None: none found)."""
-    from safetensors import safe_open
-
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as h:
-            for key in h.keys():
-                t = h.get_slice(key)
-                dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(t.get_dtype())
-                if dtype is not None:
-                    return dtype
-    return None
