@@ -10,6 +10,7 @@ import warnings
 from typing import Callable, Sequence
 
 from uae.errors import UAEError
+from uae.paths import shipped_config
 
 logger = logging.getLogger("uae")
 
@@ -126,8 +127,6 @@ def report_to_launcher(error: UAEError) -> None:
 def with_named_config(argv: Sequence[str], kind: str) -> list[str]:
     """`argv` with its --config value resolved: a path, or the name of a shipped config of `kind`
     ("grpo", "sft"; uae.paths.shipped_config), so that `--config tiny_u4g` works from any folder."""
-    from uae.paths import shipped_config
-
     out = list(argv)
     for i, a in enumerate(out):
         if a == "--config" and i + 1 < len(out):

@@ -19,7 +19,9 @@ from typing import NamedTuple
 import torch
 
 from uae.errors import UAEError
-from uae.images import IMAGE_EXTENSIONS, load_image
+from uae.hashing import content_key
+from uae.images import IMAGE_EXTENSIONS, load_image, to_rgb
+from uae.paths import data_source
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +39,6 @@ class Item:
         """The image as 8-bit RGB PIL (see uae.images.load_image for the conversions)."""
         if self.ds is None:
             return load_image(self.image)
-        from uae.images import to_rgb
-
         return to_rgb(self.ds[self.row][self.column])
 
     def size(self) -> tuple[int, int]:
@@ -77,8 +77,6 @@ class Validation:
 def read_items(source: str | Path) -> list[Item]:
     """The items of a data source (module docstring); `sample`: the six sample photos with their
     captions that ship with the toolkit (uae.paths.data_source)."""
-    from uae.paths import data_source
-
     source = data_source(str(source))
     src = Path(source)
     if any(ch in str(source) for ch in "*?[") or (src.is_file() and src.suffix == ".tar"):
@@ -197,8 +195,6 @@ def center_crop_tensor(pil, height: int, width: int) -> torch.Tensor:
 
 def item_key(it: Item, height: int, width: int) -> str:
     """Key of an item's image at a training size (file bytes, or the decoded pixels of a row)."""
-    from uae.hashing import content_key
-
     data = it.open().tobytes() if it.ds is not None else it.image.read_bytes()
     return f"{content_key(data)}-{height}x{width}"
 

@@ -7,6 +7,8 @@ machine-specific paths."""
 import os
 from pathlib import Path
 
+from uae.errors import UAEError
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 DATA_ROOT = PACKAGE_DIR / "_data" if (PACKAGE_DIR / "_data").is_dir() else REPO_ROOT
@@ -33,8 +35,6 @@ def preset_path(name_or_path: str) -> Path:
     candidate = MODEL_PRESETS / f"{name_or_path}.yaml"
     if candidate.exists():
         return candidate
-    from uae.errors import UAEError
-
     known = sorted(q.stem for q in MODEL_PRESETS.glob("*.yaml"))
     raise UAEError(f"unknown model preset {name_or_path!r}: use one of {known} or a path to a YAML file")
 
@@ -48,8 +48,6 @@ def shipped_config(name_or_path: str, kind: str) -> Path:
     candidate = CONFIG_DIR / kind / f"{p.stem if p.suffix in ('.yaml', '.yml') else name_or_path}.yaml"
     if p.parent == Path(".") and candidate.is_file():
         return candidate
-    from uae.errors import UAEError
-
     known = sorted(q.stem for q in (CONFIG_DIR / kind).glob("*.yaml"))
     raise UAEError(f"--config {name_or_path}: no such file, and not a shipped config name ({', '.join(known)})")
 

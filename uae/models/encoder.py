@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from uae.errors import UAEError
+from uae.files import atomic_write_bytes
+from uae.models.layout import LORA_SHARDS, load_official_llm_lora, lora_layout_in_shards
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +72,6 @@ PROJECTOR_FILE = "projector.safetensors"
 def save_projector(projector: nn.Module, llm_dir: Path) -> None:
     """A trained projector beside unchanged LLM weights (`llm/projector.safetensors`)."""
     from safetensors.torch import save
-
-    from uae.files import atomic_write_bytes
 
     state = {f"projector.{k}": v.detach().float().cpu().contiguous() for k, v in projector.state_dict().items()}
     atomic_write_bytes(Path(llm_dir) / PROJECTOR_FILE, save(state, metadata={"format": "pt"}))
@@ -171,8 +171,6 @@ class UAEEncoder(nn.Module):
         the shards (alpha = ratio * rank; the release used r=32, alpha=64); a projector in the
         shards overrides the one in `llm/`, as the release's strict=False load applied them last."""
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
-
-        from uae.models.layout import LORA_SHARDS, load_official_llm_lora, lora_layout_in_shards
 
         try:
             processor = AutoProcessor.from_pretrained(processor_path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from uae.errors import UAEError
+from uae.hub import local_or_cached
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ def _is_hub_id(s: str) -> bool:
 
 def _download(repo_id: str, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
-
-    from uae.hub import local_or_cached
 
     found = local_or_cached(repo_id, "checkpoint", hint="offline, pass --checkpoint tiny (random weights, for "
                                                         "tests) or a local folder in the official layout")

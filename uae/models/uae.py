@@ -7,6 +7,7 @@ from typing import Sequence
 
 import torch
 
+from uae.errors import UAEError
 from uae.models.layout import COMPONENTS, ComponentPaths, resolve_components
 from uae.models.decoder import UAEDecoder
 from uae.models.encoder import EncoderPrompts, UAEEncoder, group_by_length
@@ -44,8 +45,6 @@ class UAE:
         then the DiT, then the VAE: diffusers' model CPU offload), so that about one model's weights
         are on the GPU at a time (inference on a 24 GB card)."""
         if checkpoint == "tiny":
-            from uae.errors import UAEError
-
             raise UAEError("checkpoint 'tiny' is the embedded random checkpoint, a name the command lines resolve: "
                            "in Python, UAE.from_pretrained(uae.random_weights.embedded_checkpoint())")
         # The encoder is needed by generation too: prompts are embedded by the LLM + projector.
@@ -54,8 +53,6 @@ class UAE:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         if offload and dev.type != "cuda":
-            from uae.errors import UAEError
-
             raise UAEError("--offload moves each model between CPU memory and the GPU while it runs: it needs a "
                            f"CUDA GPU (the device is {dev}); without a GPU everything is in CPU memory already")
         load_on = torch.device("cpu") if offload else dev
@@ -68,8 +65,6 @@ class UAE:
         if encoder is not None and decoder is not None:
             out = encoder.projector[-1].out_features
             if out != decoder.joint_attention_dim:
-                from uae.errors import UAEError
-
                 raise UAEError(f"the projector in {paths.llm} outputs {out} features but the DiT in {paths.dit} "
                                f"expects joint_attention_dim={decoder.joint_attention_dim}: llm/ and dit/ "
                                "come from different models")

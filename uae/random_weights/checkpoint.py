@@ -29,6 +29,12 @@ from typing import Any
 
 import yaml
 
+from uae.files import atomic_folder
+from uae.hashing import content_key
+from uae.models.decoder import UAEDecoder, add_dit_lora, save_dit_lora
+from uae.models.encoder import UAEEncoder, build_projector, llm_lora_config
+from uae.models.layout import current_to_official, save_official_llm_lora, save_sharded
+from uae.models.uae import UAE
 from uae.paths import preset_path
 
 logger = logging.getLogger(__name__)
@@ -84,8 +90,6 @@ def load_preset(preset: str | os.PathLike) -> dict[str, Any]:
 
 def preset_key(preset: str | os.PathLike) -> str:
     """Short content hash of a preset file: cached builds are rebuilt when the preset changes."""
-    from uae.hashing import content_key
-
     return content_key(Path(preset_path(str(preset))).read_bytes())[:10]
 
 
@@ -154,8 +158,6 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
     import torch
     from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
-    from uae.models.encoder import build_projector
-
     config = llm_config(cfg, tokenizer)
     _seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
@@ -185,8 +187,6 @@ def build_llm(cfg: dict[str, Any], tokenizer, seed: int, dtype=None):
 def save_llm_release_format(model, projector, out: Path, n_shards: int = 2, with_projector: bool = True) -> None:
     """Write `llm/` as the release does: Qwen2.5-VL weights with transformers-4.50 key names
     (`model.*` = text model, `visual.*` = vision tower) and the projector in the same shards."""
-    from uae.models.layout import current_to_official, save_sharded
-
     out.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
@@ -334,11 +334,6 @@ def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int
             torch.set_default_dtype(old)
     from diffusers import StableDiffusion3Pipeline
 
-    from uae.models.layout import save_official_llm_lora
-    from uae.files import atomic_folder
-    from uae.models.decoder import save_dit_lora
-    from uae.models.encoder import UAEEncoder, llm_lora_config
-
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
@@ -383,10 +378,6 @@ def build_uae(preset: str = "full", *, device: str = "meta", dtypes: dict | None
     of each part ("llm", "projector", "dit", "vae"), e.g. from the precision policy."""
     import torch
     from diffusers import StableDiffusion3Pipeline
-
-    from uae.models.decoder import UAEDecoder, add_dit_lora
-    from uae.models.encoder import UAEEncoder, llm_lora_config
-    from uae.models.uae import UAE
 
     cfg = load_preset(preset)
     dtypes = dtypes or {}

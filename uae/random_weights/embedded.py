@@ -6,15 +6,19 @@ here; the model and scorer loaders only ever see folders and hub ids."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import uae
+from uae.errors import UAEError
 from uae.files import build_once
 from uae.hashing import content_key
+from uae.models.layout import MANIFEST
 from uae.paths import CONFIG_DIR, cache_dir
 from uae.random_weights.checkpoint import build_checkpoint, preset_key
 from uae.random_weights.scorers import build_scorer_checkpoints
+from uae.scoring.scorers import WEIGHTS, load_specs
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +33,6 @@ def from_tiny(checkpoint: str, depth: int = 8) -> bool:
     """Whether `checkpoint` is the embedded tiny checkpoint (by name or folder) or a run's final/
     trained from it, followed through the manifests' recorded source checkpoints: its scorer
     weights `auto` are then the tiny ones too (a model trained from random weights is no real one)."""
-    import json
-
-    from uae.models.layout import MANIFEST
-
     if checkpoint == TINY or (Path(checkpoint).is_dir() and Path(checkpoint).resolve() == _embedded_path().resolve()):
         return True
     manifest = Path(checkpoint) / MANIFEST
@@ -77,9 +77,6 @@ def tiny_scorer_dir() -> Path:
 def scorer_checkpoint(name: str, weights: str, specs: dict | None = None) -> str:
     """Where scorer `name`'s weights are: configs/scorers.yaml's checkpoint (hub id or folder) for
     `official`, the random ones for `tiny`."""
-    from uae.errors import UAEError
-    from uae.scoring.scorers import WEIGHTS, load_specs
-
     if weights not in WEIGHTS:
         raise UAEError(f"scorer weights {weights!r}: choose from {', '.join(WEIGHTS)}")
     specs = specs or load_specs()

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from uae.files import atomic_folder
 from uae.random_weights.checkpoint import build_clip_tokenizer
 from uae.scoring.scorers import load_specs
 
@@ -41,8 +42,6 @@ def build_scorer_checkpoints(out_dir: str | os.PathLike, size: str = "tiny", see
     from transformers import BitImageProcessor, CLIPImageProcessor, DINOv3ViTImageProcessor
 
     specs = specs or load_specs()
-    from uae.files import atomic_folder
-
     out = Path(out_dir)
     if out.exists():
         raise FileExistsError(out)

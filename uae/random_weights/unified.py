@@ -24,6 +24,13 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+import uae
+from uae.files import atomic_folder, build_once
+from uae.hashing import content_key
+from uae.paths import cache_dir
+from uae.random_weights.checkpoint import (build_dit, build_llm, build_processor, build_sd3_parts, load_preset,
+                                           preset_key)
+
 logger = logging.getLogger(__name__)
 
 KINDS = ("janus", "captioner", "generator")
@@ -127,8 +134,6 @@ def _seed(seed: int) -> None:
 
 def _written(out: str | os.PathLike, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """`write(folder)` into a folder that becomes `out` only when complete (uae.files.atomic_folder)."""
-    from uae.files import atomic_folder
-
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass overwrite=True to replace it")
@@ -209,8 +214,6 @@ def build_captioner(out: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     """A random Qwen2.5-VL image-text-to-text model (the preset's LLM, without UAE's projector or
     LoRA) saved with save_pretrained beside its processor: what `AutoModelForImageTextToText` /
     `AutoProcessor` load from a hub id such as Qwen/Qwen2.5-VL-7B-Instruct."""
-    from uae.random_weights.checkpoint import build_llm, build_processor, load_preset
-
     cfg = load_preset(preset)
 
     def write(tmp: Path) -> None:
@@ -231,8 +234,6 @@ def generator_preset(preset: str = "tiny") -> dict:
     to joint_attention_dim without T5), so joint_attention_dim must be at least the sum of the two
     CLIP widths; the pooled vector is their two projections side by side. (UAE's own DiT takes its
     projector's output instead.)"""
-    from uae.random_weights.checkpoint import load_preset
-
     cfg = copy.deepcopy(load_preset(preset))
     clip = cfg["text_encoder"]["hidden_size"] + cfg["text_encoder_2"]["hidden_size"]
     cfg["dit"]["joint_attention_dim"] = clip
@@ -250,8 +251,6 @@ def build_generator(out: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     def write(tmp: Path) -> None:
         from diffusers import StableDiffusion3Pipeline
 
-        from uae.random_weights.checkpoint import build_dit, build_sd3_parts
-
         pipe = StableDiffusion3Pipeline(transformer=build_dit(cfg, seed), text_encoder_3=None, tokenizer_3=None,
                                         **build_sd3_parts(cfg, seed + 1))
         pipe.save_pretrained(tmp)
@@ -265,19 +264,12 @@ BUILDERS: dict[str, Callable[..., Path]] = {"janus": build_janus, "captioner": b
 
 
 def _spec_key(kind: str) -> str:
-    from uae.hashing import content_key
-    from uae.random_weights.checkpoint import preset_key
-
     spec = TINY_JANUS if kind == "janus" else {"preset": preset_key("tiny"), "kind": kind}
     return content_key(json.dumps([spec, JANUS_CHAT_TEMPLATE if kind == "janus" else ""], sort_keys=True).encode())[:10]
 
 
 def embedded(kind: str) -> Path:
     """The cached tiny model of `kind` (janus, captioner, generator), built on first use."""
-    import uae
-    from uae.files import build_once
-    from uae.paths import cache_dir
-
     if kind not in BUILDERS:
         raise ValueError(f"kind {kind!r}: choose from {KINDS}")
     path = cache_dir() / f"tiny-{kind}-v{uae.__version__}-{_spec_key(kind)}"

@@ -19,6 +19,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from uae.errors import UAEError
+
 # Config attributes naming the vision placeholder tokens of the models we know (Qwen2.5-VL: image,
 # video, vision start/end; Janus: image). A caption holding one would not re-encode with its image.
 VISION_TOKEN_ATTRIBUTES = ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
@@ -130,8 +132,6 @@ def add_captioner_lora(model, cfg):
     attention and MLP by default, so the vision tower stays frozen); B starts at zero, so the model starts
     as it was. Returns the PEFT model."""
     from peft import LoraConfig, get_peft_model
-
-    from uae.errors import UAEError
 
     config = LoraConfig(r=cfg.captioner_lora_rank, lora_alpha=cfg.captioner_lora_alpha,
                         target_modules=cfg.captioner_lora_targets, lora_dropout=0.0)

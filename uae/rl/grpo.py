@@ -9,6 +9,7 @@ import torch
 
 from uae.config import field
 from uae.errors import UAEError
+from uae.scoring.scorers import SCORERS
 from uae.training.run import TrainConfig
 
 
@@ -158,8 +159,6 @@ class GRPOConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from uae.scoring.scorers import SCORERS
-
         for spec in self.reward_funcs:
             name = spec[5:] if spec.startswith("text:") else spec
             if ":" not in name and name not in SCORERS:

@@ -22,6 +22,9 @@ import torch
 
 from uae.errors import UAEError
 from uae.images import to_uint8
+from uae.random_weights import scorer_checkpoint
+from uae.runtime import resolve_dtype
+from uae.scoring.scorers import SCORERS, load_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +124,6 @@ def build_rewards(specs: Sequence[str], weights: Sequence[float] | None, *, scor
                   dtype: torch.dtype | None = None) -> Rewards:
     """The Rewards of a config's `reward_funcs` / `reward_weights` (module docstring); the scorers
     they need are loaded once."""
-    from uae.random_weights import scorer_checkpoint
-    from uae.runtime import resolve_dtype
-    from uae.scoring.scorers import SCORERS, load_scorer
-
     weights = list(weights) if weights is not None else [1.0] * len(specs)
     scorers: dict[str, object] = {}
     refs = _ReferenceFeatures()

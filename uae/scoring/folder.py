@@ -19,7 +19,7 @@ import torch
 from uae.errors import UAEError
 from uae.files import atomic_write_bytes
 from uae.hashing import content_key
-from uae.images import list_images
+from uae.images import list_images, load_image
 from uae.runtime import release_freed_memory
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         import torchvision.transforms.v2.functional as TF
-
-        from uae.images import load_image
 
         try:
             pil = load_image(self.paths[i])

@@ -12,7 +12,9 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
+from uae.images import to_rgb
 from uae.models.encoder import token_bar
+from uae.runtime import resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +40,6 @@ def caption_images(model, processor, inputs, images: Sequence, seeds: Sequence[i
     generate() call (one image, or the batch with `batched`) after torch.manual_seed(its seed),
     decoded without the prompt and special tokens, unstripped. `progress`: a bar of each call's
     tokens."""
-    from uae.images import to_rgb
-
     images = [to_rgb(im) for im in images]
     out: list[str] = [""] * len(images)
     for idx, seed in seed_groups(len(images), seeds, batched):
@@ -75,8 +75,6 @@ def caption_sampling(settings, generation_config) -> tuple[dict, dict]:
 
 
 def torch_dtype(settings) -> torch.dtype:
-    from uae.runtime import resolve_dtype
-
     return resolve_dtype(settings.dtype, torch.device(settings.device))
 
 

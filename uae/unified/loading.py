@@ -25,7 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from uae.errors import UAEError
+from uae.unified.common import first_line
+from uae.unified.janus import JanusAdapter
+from uae.unified.pipeline import PipelineAdapter
 from uae.unified.protocol import check_model
+from uae.unified.uae_model import UAEModel
 
 logger = logging.getLogger(__name__)
 
@@ -132,16 +136,10 @@ def load_model(spec: str, settings, *, checkpoint: str | None = None, captioner:
     labels = labels or {}
     kind = model_kind(spec)
     if kind == "uae":
-        from uae.unified.uae_model import UAEModel
-
         model = UAEModel(checkpoint, settings, captioner=captioner, captioner_label=labels.get("captioner"))
     elif kind == "janus":
-        from uae.unified.janus import JanusAdapter
-
         model = JanusAdapter(checkpoint, settings, label=labels.get("checkpoint"))
     elif kind == "pipeline":
-        from uae.unified.pipeline import PipelineAdapter
-
         if not generator:
             raise UAEError("--model pipeline needs --generator (a diffusers text-to-image pipeline)")
         model = PipelineAdapter(captioner or None, generator, settings, read_model_args(model_args),
@@ -188,8 +186,6 @@ def apply_captioner_lora(model, folder: str) -> None:
     from the file: PEFT drops a tensor it cannot place without a word, and only warns of one missing."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
-
-    from uae.unified.common import first_line
 
     setting = f"--captioner_lora {folder}"
     if not (Path(folder) / "adapter_config.json").is_file():

@@ -23,6 +23,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
+from uae.errors import UAEError
+from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+
 
 @runtime_checkable
 class UnifiedModel(Protocol):
@@ -73,8 +76,6 @@ class RunSettings:
     @classmethod
     def from_config(cls, cfg, device, dtype, caption_progress: bool = False) -> "RunSettings":
         """From an InferenceConfig (the runner's flags) and the resolved device and dtype."""
-        from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
-
         return cls(device=str(device), dtype=str(dtype).removeprefix("torch."),
                    caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -88,8 +89,6 @@ class RunSettings:
 
 def check_model(model, setting: str) -> None:
     """A one-line error naming `setting` when `model` lacks a member of the protocol."""
-    from uae.errors import UAEError
-
     missing = [m for m in ("name", "settings", "caption", "generate") if not hasattr(model, m)]
     missing += [m for m in ("settings", "caption", "generate") if m not in missing and not callable(getattr(model, m))]
     if missing:
@@ -100,8 +99,6 @@ def check_model(model, setting: str) -> None:
 def check_outputs(outputs, n: int, kind: str, model, setting: str) -> list:
     """`outputs` of `model.caption` (kind "caption": strings) or `model.generate` (kind "image":
     PIL images), one per input, or a one-line error naming `setting`."""
-    from uae.errors import UAEError
-
     name = getattr(model, "name", type(model).__name__)
     try:
         outputs = list(outputs)
