@@ -60,6 +60,9 @@ def test_sample_captions_cover_the_sample_photos():
     ("uae.apps.unibench:main", ["--model_arg", "{}"], "--model_arg"),
     ("uae.train:grpo_main", ["--data", "x", "--max_iter", "2"], "--max_iter"),
     ("uae.apps.score_i2i:main", ["--image", "a", "--ref_path", "b"], "--image"),
+    ("uae.apps.report:main", ["run", "--conf", "c.yaml"], "--conf"),
+    ("uae.apps.report:main", ["compare", "a", "b", "--output_dir", "o", "--pape"], "--pape"),
+    ("uae.apps.build_checkpoint:main", ["--ou", "x"], "--ou"),
 ])
 def test_a_mistyped_flag_is_an_error_not_an_abbreviation(module, argv, flag, capsys):
     """argparse's prefix matching would read `--model_arg` as `--model_args` and `--input_te` as
@@ -77,3 +80,46 @@ def test_declared_aliases_still_work():
 
     cfg = parse(["--data", "x", "--max_iterations", "3", "--adv_std_scope", "group"])[0]
     assert (cfg.max_steps, cfg.scale_rewards) == (3, "group")
+
+
+def test_positional_and_required_fields(tmp_path):
+    """A positional field is read without a flag (a list takes one or more values, anywhere among
+    the flags); a field without a default is required, from the command line or the YAML."""
+    from dataclasses import dataclass
+
+    from uae.config import build_parser, check_fields, field, parse_config
+    from uae.errors import UAEError
+
+    @dataclass
+    class Cfg:
+        inputs: list[str] = field(positional=True, metavar="IN", help="folders to read")
+        out: str = field(help="folder to write")
+        n: int = field(1, min=1, help="how many")
+
+    assert parse_config(Cfg, ["a", "b", "--out", "o"]) == Cfg(["a", "b"], "o", 1)
+    assert parse_config(Cfg, ["--out", "o", "--n", "2", "a"]) == Cfg(["a"], "o", 2)
+    given = tmp_path / "c.yaml"
+    given.write_text("out: from_yaml\nn: 3\n")
+    assert parse_config(Cfg, ["a", "--config", str(given)]) == Cfg(["a"], "from_yaml", 3)
+    assert parse_config(Cfg, ["a", "--config", str(given), "--out", "o"]).out == "o"
+    with pytest.raises(UAEError, match="the following arguments are required: --out"):
+        parse_config(Cfg, ["a"])
+    with pytest.raises(UAEError, match="the following arguments are required: IN"):
+        parse_config(Cfg, ["--out", "o"])
+    text = build_parser(Cfg, prog="tool sub").format_help()
+    assert text.startswith("usage: tool sub") and "IN [IN ...]" in text and "folder to write (required)" in text
+
+    @dataclass
+    class WithDefaults:
+        n: int = field(3, positional=True, help="a number")
+        kinds: list[str] = field(["a"], positional=True, choices=["a", "b"], help="kinds")
+
+        def __post_init__(self):
+            check_fields(self)
+
+    assert parse_config(WithDefaults, []) == WithDefaults(3, ["a"])
+    assert parse_config(WithDefaults, ["5", "b", "a"]) == WithDefaults(5, ["b", "a"])
+    given.write_text("n: 7\n")
+    assert parse_config(WithDefaults, ["--config", str(given)]) == WithDefaults(7, ["a"])
+    with pytest.raises(UAEError, match="^kinds c: choose from a, b"):
+        parse_config(WithDefaults, ["5", "c"])

@@ -3,7 +3,11 @@ also readable from YAML (`--config file.yaml`; flags given on the command line w
 
 A field declares its `choices` and bounds (`min`, `max`, inclusive); `check_fields(cfg)` (called
 from `__post_init__`) enforces them with a UAEError naming the flag, and argparse lists the
-choices in --help. Checks that involve several fields stay in the dataclass's `__post_init__`."""
+choices in --help. Checks that involve several fields stay in the dataclass's `__post_init__`.
+
+A field without a default is required: from the command line or the YAML, else a UAEError in
+argparse's words. A `positional` field is read from the command line by position (a list takes one
+or more values), as `uae-report compare RUN_DIR... --output_dir DIR` reads its run folders."""
 
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ T = TypeVar("T")
 
 def field(default: Any = dataclasses.MISSING, *, help: str, aliases: Sequence[str] = (),
           choices: Sequence[Any] | None = None, min: float | None = None, max: float | None = None,
-          run_only: bool = False, **kw) -> Any:
+          run_only: bool = False, positional: bool = False, metavar: str | None = None, **kw) -> Any:
     """A dataclass field with help text, extra flag spellings, and its allowed values for the CLI.
     `run_only`: the setting changes how a run goes (logging, checkpoint cadence, placement, the
-    held-out evaluation), not what it trains, so a resumed run may change it (`result_settings`)."""
+    held-out evaluation), not what it trains, so a resumed run may change it (`result_settings`).
+    `positional`: a command-line argument without a flag (`metavar` names it in --help); one
+    without a default must be given there."""
     meta = {"help": help, "aliases": tuple(aliases), "choices": tuple(choices) if choices else None,
-            "min": min, "max": max, "run_only": run_only}
+            "min": min, "max": max, "run_only": run_only, "positional": positional, "metavar": metavar}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
     return dataclasses.field(default=default, metadata=meta, **kw)
@@ -109,6 +115,15 @@ class _PerClass(dict):
     """Defaults that differ between the classes of one command line: {class label: default}."""
 
 
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _shown_name(f: dataclasses.Field) -> str:
+    """The field as the command line names it: its flag, or its metavar if it is positional."""
+    return (f.metadata.get("metavar") or f.name) if f.metadata.get("positional") else "--" + f.name
+
+
 def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -124,24 +139,32 @@ def _shown_default(name: str, classes: dict[str, type]):
     return values[0] if all(v == values[0] for v in values) else _PerClass(per)
 
 
-def build_parser(cls, description: str | None = None, no_default: Sequence[str] = ()) -> argparse.ArgumentParser:
+def build_parser(cls, description: str | None = None, no_default: Sequence[str] = (),
+                 prog: str | None = None) -> argparse.ArgumentParser:
     """The CLI of a config class (or of several, a list or {label: class}: the union of their
     fields; --help shows each class's default, by label, where they differ, and none for the
-    fields in `no_default`)."""
+    fields in `no_default`). `prog`: the command as --help's usage line names it (a sub-command:
+    "uae-report compare"); argparse's default, the script's file name, otherwise."""
     if isinstance(cls, dict):
         labelled = dict(cls)
     else:
         labelled = {c.__name__: c for c in (cls if isinstance(cls, (list, tuple)) else [cls])}
     classes = list(labelled.values())
-    parser = _Parser(description=description or classes[0].__doc__, formatter_class=HelpFormatter)
+    parser = _Parser(prog=prog, description=description or classes[0].__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file with any of the settings below")
     hints: dict[str, Any] = {}
     for c in classes:
         hints.update({k: v for k, v in typing.get_type_hints(c).items() if k not in hints})
     for f in _fields(classes):
         tp, is_list = _base_type(hints[f.name])
+        if f.metadata.get("positional"):
+            _add_positional(parser, f, tp, is_list)
+            continue
         names = ["--" + f.name] + list(f.metadata.get("aliases", ()))
-        kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name, "default": argparse.SUPPRESS}
+        kw: dict[str, Any] = {"help": f.metadata.get("help", "") + (" (required)" if _required(f) else ""),
+                              "dest": f.name, "default": argparse.SUPPRESS}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
         if tp is bool:
             if f.default is False:
                 kw["action"] = "store_true"
@@ -158,6 +181,20 @@ def build_parser(cls, description: str | None = None, no_default: Sequence[str] 
     return parser
 
 
+def _add_positional(parser: argparse.ArgumentParser, f: dataclasses.Field, tp, is_list: bool) -> None:
+    """A positional field: required by argparse when it has no default (its usage line and error
+    are argparse's own), else optional and, when absent, left to the YAML or the default."""
+    required = _required(f)
+    convert = tp if tp in (int, float, str) else str
+    kw: dict[str, Any] = {"help": f.metadata.get("help", ""), "metavar": f.metadata.get("metavar") or f.name,
+                          "nargs": ("+" if required else "*") if is_list else (None if required else "?")}
+    if required:
+        kw.update(type=convert, choices=f.metadata.get("choices"))
+    else:  # argparse converts and checks an absent one's default too: SUPPRESS passes, check_fields checks choices
+        kw.update(default=argparse.SUPPRESS, type=lambda s: s if s == argparse.SUPPRESS else convert(s))
+    parser.add_argument(f.name, **kw)
+
+
 def check_fields(cfg) -> None:
     """Every field's declared choices and bounds (a list is checked item by item; None passes)."""
     for f in dataclasses.fields(cfg):
@@ -168,11 +205,11 @@ def check_fields(cfg) -> None:
         choices, lo, hi = f.metadata.get("choices"), f.metadata.get("min"), f.metadata.get("max")
         for v in items:
             if choices and v not in choices:
-                raise UAEError(f"--{f.name} {v}: choose from {', '.join(map(str, choices))}")
+                raise UAEError(f"{_shown_name(f)} {v}: choose from {', '.join(map(str, choices))}")
             if lo is not None and v < lo:
-                raise UAEError(f"--{f.name} must be at least {lo} (got {v})")
+                raise UAEError(f"{_shown_name(f)} must be at least {lo} (got {v})")
             if hi is not None and v > hi:
-                raise UAEError(f"--{f.name} must be at most {hi} (got {v})")
+                raise UAEError(f"{_shown_name(f)} must be at most {hi} (got {v})")
 
 
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
@@ -180,6 +217,9 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     unknown = sorted(set(values) - known)
     if unknown:
         raise UAEError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
+    missing = [_shown_name(f) for f in dataclasses.fields(cls) if _required(f) and f.name not in values]
+    if missing:  # argparse's words, as for a required flag (the YAML may give it, so argparse cannot check)
+        raise UAEError(f"the following arguments are required: {', '.join(missing)} (see --help)")
     return cls(**values)
 
 
@@ -196,9 +236,10 @@ def read_yaml(cfg_path: str) -> dict[str, Any]:
     return loaded
 
 
-def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None,
+                 prog: str | None = None) -> T:
     """CLI flags over YAML (`--config`) over the dataclass defaults."""
-    parser = build_parser(cls, description)
+    parser = build_parser(cls, description, prog=prog)
     args = vars(parser.parse_args(argv))
     cfg_path = args.pop("config", None)
     values = read_yaml(cfg_path) if cfg_path else {}
