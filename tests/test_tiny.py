@@ -67,6 +67,25 @@ def test_existing_folder_is_not_overwritten_silently(tiny_ckpt):
         build_checkpoint(tiny_ckpt, "tiny")
 
 
+def test_command_line_builds_the_same_checkpoint_and_replaces_one_only_when_told(tiny_ckpt, tmp_path, capsys):
+    """uae-build-checkpoint (python -m uae.random_weights) in-process: the library's bytes; an
+    existing --out or a mistyped flag is a one-line error, exit code 2."""
+    from uae.apps.build_checkpoint import main
+
+    out = tmp_path / "cli"
+    assert main(["--out", str(out)]) == 0
+    assert _digest(out) == _digest(tiny_ckpt)
+    capsys.readouterr()
+    assert main(["--out", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert main(["--out", str(out), "--seed", "1", "--overwrite"]) == 0
+    dit = "dit/diffusion_pytorch_model.safetensors"
+    assert _digest(out)[dit] != _digest(tiny_ckpt)[dit]
+    assert main(["--ou", str(tmp_path / "x")]) == 2
+    assert "unrecognized arguments: --ou" in capsys.readouterr().err
+
+
 def test_full_size_presets_have_the_real_sizes():
     """Instantiate the full-size architectures on the meta device (no memory, no download)."""
     from diffusers import SD3Transformer2DModel

@@ -6,27 +6,40 @@ official layout, offline.
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
-from uae.cli import setup_logging
-from uae.config import HelpFormatter
+from uae.cli import script_main
+from uae.config import check_fields, field, parse_config
+from uae.errors import UAEError
 from uae.random_weights.checkpoint import build_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class BuildCheckpointConfig:
+    """A random-weight UAE checkpoint in the official layout."""
+
+    out: str = field(help="folder to create")
+    preset: str = field("tiny", help="tiny, mid, full, or a path to a preset YAML")
+    seed: int = field(0, help="seed of the random weights")
+    overwrite: bool = field(False, help="replace --out if it exists")
+    dtype: str | None = field(None, choices=["float32", "bfloat16", "float16"],
+                              help="create the weights in this dtype (bfloat16 for full size)")
+    device: str | None = field(None, help="create and initialise the weights here (cuda for full size)")
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@script_main
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to create")
-    parser.add_argument("--preset", default="tiny", help="tiny, mid, full, or a path to a preset YAML")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--dtype", default=None, help="create the weights in this dtype (bfloat16 for full size)")
-    parser.add_argument("--device", default=None, help="create and initialise the weights here (cuda for full size)")
-    args = parser.parse_args(argv)
-    setup_logging()
-    path = build_checkpoint(args.out, args.preset, args.seed, overwrite=args.overwrite, dtype=args.dtype,
-                            device=args.device)
+    cfg = parse_config(BuildCheckpointConfig, argv, description=__doc__)
+    if Path(cfg.out).exists() and not cfg.overwrite:  # before torch and the models load
+        raise UAEError(f"--out {cfg.out} exists: pass --overwrite to replace it, or choose another folder")
+    path = build_checkpoint(cfg.out, cfg.preset, cfg.seed, overwrite=cfg.overwrite, dtype=cfg.dtype,
+                            device=cfg.device)
     logger.info("wrote %s", path)
     return 0

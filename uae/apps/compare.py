@@ -14,21 +14,44 @@ system's outputs scored with --recon_from / --captions_from). Writes into --outp
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import html
 import json
 import os
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from uae.cli import script_main
-from uae.config import HelpFormatter
+import yaml
+
+from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
+from uae.config import check_fields, field, parse_config
 from uae.errors import UAEError
+from uae.files import atomic_write_chunks
+from uae.hashing import content_key
+from uae.images import IMAGE_EXTENSIONS
+from uae.paths import CONFIG_DIR
 
 COLUMNS = (("clip", "CLIP"), ("longclip", "LongCLIP"), ("dinov2", "DINO-v2"), ("dinov3", "DINO-v3"))
 HEADER = [label for _, label in COLUMNS] + ["Overall"]
 PUBLISHED = "published, not measured"
 PAPER_FILE = ("paper", "unified_bench.yaml")  # under uae.paths.CONFIG_DIR
+
+
+@dataclass
+class CompareConfig:
+    """uae-report compare RUN_DIR... --output_dir DIR: Unified-Bench runs side by side."""
+
+    run_dirs: list[str] = field(positional=True, metavar="RUN_DIR",
+                                help="Unified-Bench run folders (the runner's --output_dir)")
+    output_dir: str = field(help="where compare.md, compare.png and compare.html go")
+    paper: bool = field(False, help="add the paper's published rows (Tab. 2 and Tab. 3, marked published, "
+                                    "not measured)")
+    labels: list[str] | None = field(None, help="a name per run (default: the folder names)")
+    max_images: int = field(100, min=0, help="references shown side by side (Unified-Bench has 100)")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -39,7 +62,7 @@ class BenchRun:
     label: str
     result: dict
     scores: dict[str, float | None]                 # scorer -> average (x1), None when not scored
-    per_image: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer -> image -> score
+    per_image: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # scorer -> image -> score
     reference_folder: Path | None = None
     reconstruction_folder: Path | None = None
 
@@ -116,10 +139,6 @@ def _unique_labels(runs: list[Path]) -> list[str]:
 
 def load_paper(path: Path | None = None) -> list[dict]:
     """The shipped published rows: [{table, citation, rows: [{name, values: [5 floats]}]}]."""
-    import yaml
-
-    from uae.paths import CONFIG_DIR
-
     path = Path(path) if path else CONFIG_DIR.joinpath(*PAPER_FILE)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -172,8 +191,6 @@ MEASURED_HEADER = ["run", *HEADER, "caption words", "valid / failed pairs"]
 def differing_references(runs: list[BenchRun], images: list[str]) -> list[str]:
     """The images whose reference file is not the same in every run that has one (runs scored
     against different reference folders holding different files of the same name)."""
-    from uae.hashing import content_key
-
     folders = {r.reference_folder.resolve() for r in runs if r.reference_folder}
     if len(folders) < 2:
         return []
@@ -255,8 +272,6 @@ def published_rows(table: dict) -> tuple[list[tuple[str, list[str]]], list[str]]
 
 def write_markdown(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
                    differing: list[str] = ()) -> None:
-    from uae.files import atomic_write_chunks
-
     def lines():
         yield f"# Unified-Bench comparison\n\n{INTRO}\n\n"
         yield "## Measured\n\n" + "\n".join(_md_table(MEASURED_HEADER, measured_rows(runs))) + "\n\n"
@@ -281,12 +296,11 @@ def write_markdown(path: Path, runs: list[BenchRun], paper: list[dict] | None, i
 
 
 def write_plot(path: Path, runs: list[BenchRun], paper: list[dict] | None) -> None:
+    # matplotlib is heavy (about a second to import): loaded when a plot is drawn, on the file backend.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from uae.apps.pages import save_figure
 
     published = [(f"{row['name']} ({t['table']}, published)", row["values"][4]) for t in (paper or []) for row in t["rows"]]
     ncols = 2 if published else 1
@@ -319,9 +333,6 @@ def write_plot(path: Path, runs: list[BenchRun], paper: list[dict] | None) -> No
 
 def write_html(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
                differing: list[str] = ()) -> None:
-    from uae.files import atomic_write_chunks
-    from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri
-
     numeric = set(range(1, len(HEADER) + 2))
 
     def page():
@@ -367,8 +378,6 @@ def write_html(path: Path, runs: list[BenchRun], paper: list[dict] | None, image
 
 def _index(folder: Path | None) -> dict[str, Path]:
     """{reference stem: reconstruction} of a folder, named as the runner matches them (stem or recon_<stem>)."""
-    from uae.images import IMAGE_EXTENSIONS
-
     if folder is None:
         return {}
     out: dict[str, Path] = {}
@@ -406,34 +415,14 @@ def compare(run_dirs: list[str], output_dir: str, *, paper: bool = False, labels
             "published": published, "output_dir": str(out)}
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments are one line (a UAEError: exit code 2 through script_main), not usage + error."""
-
-    def error(self, message):
-        raise UAEError(f"uae-report compare: {message} (see --help)")
-
-
-@script_main
 def main(argv=None) -> int:
-    """uae-report compare RUN_DIR... --output_dir DIR: Unified-Bench runs side by side (the paper's
-    Tab. 2 shape), with the paper's published rows (--paper) and every reference beside each run's
+    """`uae-report compare RUN_DIR... --output_dir DIR` (uae/apps/report.py's main dispatches here and
+    turns a UAEError into one line, exit code 2): Unified-Bench runs side by side (the paper's Tab. 2
+    shape), with the paper's published rows (--paper) and every reference beside each run's
     reconstruction."""
-    import sys
-
-    ap = _Parser(prog="uae-report compare", allow_abbrev=False, description=__doc__, formatter_class=HelpFormatter)
-    ap.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                    help="Unified-Bench run folders (the runner's --output_dir)")
-    ap.add_argument("--output_dir", required=True, help="where compare.md, compare.png and compare.html go")
-    ap.add_argument("--paper", action="store_true",
-                    help="add the paper's published rows (Tab. 2 and Tab. 3, marked published, not measured)")
-    ap.add_argument("--labels", nargs="+", default=None, help="a name per run (default: the folder names)")
-    ap.add_argument("--max_images", type=int, default=100,
-                    help="references shown side by side (Unified-Bench has 100)")
-    args = ap.parse_args(argv)
-    if args.max_images < 0:
-        raise UAEError("--max_images must be >= 0")
-    res = compare(args.run_dirs, args.output_dir, paper=args.paper, labels=args.labels, max_images=args.max_images)
-    out = Path(args.output_dir)
+    cfg = parse_config(CompareConfig, argv, description=__doc__, prog="uae-report compare")
+    res = compare(cfg.run_dirs, cfg.output_dir, paper=cfg.paper, labels=cfg.labels, max_images=cfg.max_images)
+    out = Path(cfg.output_dir)
     sys.stdout.write(f"{out / 'compare.md'}\n{out / 'compare.png'}\n{out / 'compare.html'}\n")
     for label, row in res["runs"].items():
         overall = row["Overall"]

@@ -1,14 +1,31 @@
-"""Results people look at: markdown tables, bar plots and HTML pages."""
+"""Results people look at: markdown tables, bar plots and HTML pages; and their command line,
+uae-report (python -m uae.apps.report):
+
+  uae-report RUN_DIR                              a training run's plots of every logged value against
+                                                  the step, and its HTML page (index.html)
+  uae-report compare RUN_DIR... --output_dir DIR  Unified-Bench runs side by side (uae/apps/compare.py;
+                                                  `uae-report compare --help`); a training run folder
+                                                  named `compare` is given as ./compare
+"""
 
 from __future__ import annotations
 
 import html
+import io
+import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from uae.config import HelpFormatter
-from uae.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text
+from PIL import Image, ImageDraw
+
+from uae.apps import compare
 from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
+from uae.cli import script_main
+from uae.config import field, parse_config
+from uae.errors import UAEError
+from uae.files import atomic_write_bytes, atomic_write_chunks, atomic_write_text
 
 SUMMARY_KEYS = ("average", "min", "max")
 
@@ -32,6 +49,7 @@ def markdown_table(result: dict, scorers: list[str]) -> str:
 
 
 def bar_plot(result: dict, scorers: list[str], path: Path, title: str) -> None:
+    # matplotlib is heavy (about a second to import): loaded when a plot is drawn, on the file backend.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,7 +110,7 @@ def html_report(result: dict, scorers: list[str], rows, path: Path, title: str) 
 def loss_curve(records: list[dict], path: Path, title: str, keys: tuple[str, ...] = ("loss",)) -> dict[str, int]:
     """Plot logged values against the step (one point per logged step), with a running mean.
     Returns the number of points drawn per key."""
-
+    # matplotlib is heavy (about a second to import): loaded when a plot is drawn, on the file backend.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,10 +145,6 @@ def eval_curves(records: list[dict], path: Path, scorers: list[str]) -> dict[str
 def image_grid(images: list, labels: list[str], path: Path, columns: int = 4, label_chars: int = 60):
     """A grid of PIL images with a short label under each (e.g. prompts, rewards), written to
     `path` and returned."""
-    import io
-
-    from PIL import Image, ImageDraw
-
     w = max(im.width for im in images)
     h = max(im.height for im in images)
     cols = min(columns, len(images))
@@ -152,8 +166,6 @@ def run_page(run_dir: str | os.PathLike) -> Path:
     """A training run at a glance: the curves, then the logged grids over time with the sampled
     captions (samples.jsonl) under each, then the held-out evaluations (eval.png, each grid with its
     captions). Written to <run_dir>/index.html."""
-    import json
-
     run = Path(run_dir)
     samples, evals = {}, {}
     if (run / "samples.jsonl").exists():
@@ -189,29 +201,25 @@ def run_page(run_dir: str | os.PathLike) -> Path:
     return out
 
 
-def main(argv=None) -> int:
-    """uae-report RUN_DIR (python -m uae.apps.report): a training run's plots of every logged value
-    against the step, and its HTML page. `uae-report compare RUN_DIR... --output_dir DIR`:
-    Unified-Bench runs side by side (uae/apps/compare.py; a training run folder named `compare` is
-    given as ./compare)."""
-    import argparse
-    import inspect
-    import json
-    import sys
+@dataclass
+class ReportConfig:
+    """uae-report RUN_DIR: a training run's curves and page."""
 
+    run_dir: str = field(positional=True, metavar="RUN_DIR", help="a training run folder (its metrics.jsonl)")
+
+
+@script_main
+def main(argv=None) -> int:
+    """uae-report: a training run's report, or (`uae-report compare ...`) the comparison of
+    Unified-Bench runs, each form on its own config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
-        from uae.apps.compare import main as compare_main
-
-        return compare_main(argv[1:])
-    ap = argparse.ArgumentParser(allow_abbrev=False, description=inspect.cleandoc(main.__doc__),
-                                 formatter_class=HelpFormatter)
-    ap.add_argument("run_dir", help="a training run folder (its metrics.jsonl)")
-    args = ap.parse_args(argv)
-    run = Path(args.run_dir)
+        return compare.main(argv[1:])
+    cfg = parse_config(ReportConfig, argv, description=__doc__, prog="uae-report")
+    run = Path(cfg.run_dir)
     path = run / "metrics.jsonl"
     if not path.exists():
-        raise SystemExit(f"error: {path} does not exist: give a training run folder")
+        raise UAEError(f"{path} does not exist: give a training run folder")
     records = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
     keys = [k for k in ("loss", "reward_mean", "caption_len_mean", "kl") if any(k in r for r in records)]
     drawn = loss_curve(records, run / "curves.png", run.name, keys=tuple(keys))
