@@ -9,10 +9,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from uae.apps.settings import InferenceConfig
 from uae.cli import script_main, setup_logging
 from uae.config import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.apps.settings import InferenceConfig
+from uae.files import atomic_write_text, writable_dir, writable_file
+from uae.images import list_images, open_image, save_image
+from uae.models.uae import UAE
+from uae.random_weights import resolve_checkpoint
 
 logger = logging.getLogger("uae.apps.demo")
 
@@ -94,11 +98,6 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     cfg = parse_config(DemoConfig, argv, description=description or __doc__)
     setup_logging(cfg.log_level)
     from tqdm.auto import tqdm
-
-    from uae.files import atomic_write_text, writable_dir, writable_file
-    from uae.images import list_images, open_image, save_image
-    from uae.models.uae import UAE
-    from uae.random_weights import resolve_checkpoint
 
     # Read and check every input, and where the outputs go, before loading any model.
     batch_mode = bool(cfg.prompt_file) or (cfg.input_img and Path(cfg.input_img).is_dir())

@@ -31,10 +31,16 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import uae
+from uae.apps.settings import GenerationConfig
 from uae.cli import script_main, setup_logging
 from uae.config import field, parse_config
 from uae.errors import UAEError
-from uae.apps.settings import GenerationConfig
+from uae.files import atomic_write_json, atomic_write_text, check_same_settings, writable_dir
+from uae.images import save_image
+from uae.models.uae import UAE
+from uae.random_weights import resolve_checkpoint
+from uae.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger("uae.apps.gen_bench")  # not __name__: "__main__" under python -m
 
@@ -267,9 +273,6 @@ def dpg_grid(images: list, width: int, height: int):
 
 
 def write_outputs(cfg: GenBenchConfig, out: Path, p: Prompt, ks: list[int], images: list) -> None:
-    from uae.files import atomic_write_text
-    from uae.images import save_image
-
     if cfg.benchmark == "dpg":
         save_image(dpg_grid(images, cfg.width, cfg.height), dpg_image(out, p))
         return
@@ -298,9 +301,6 @@ def settings(cfg: GenBenchConfig, prompts: list[Prompt]) -> dict:
     import torch
     import transformers
 
-    import uae
-    from uae.runtime import resolve_device, resolve_dtype
-
     ckpt = Path(cfg.checkpoint)
     return {
         "benchmark": cfg.benchmark,
@@ -327,8 +327,6 @@ def settings(cfg: GenBenchConfig, prompts: list[Prompt]) -> dict:
 
 def check_resumable(out: Path, current: dict) -> None:
     """An output folder made with other settings is not added to: its images would be mixed."""
-    from uae.files import check_same_settings
-
     check_same_settings(out / MANIFEST, current, RESUME_KEYS)
 
 
@@ -339,9 +337,6 @@ def run(cfg: GenBenchConfig) -> dict | None:
     main process, None on the others."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
-
-    from uae.files import atomic_write_json, writable_dir
-    from uae.runtime import resolve_device
 
     prompts = read_prompts(cfg.benchmark, cfg.prompts)  # every input checked before any model loads
     out = writable_dir(cfg.output_dir, "--output_dir")
@@ -359,9 +354,6 @@ def run(cfg: GenBenchConfig) -> dict | None:
                 cfg.benchmark, len(prompts), cfg.images_per_prompt, sum(v is None for v in todo.values()), rank,
                 world, len(mine))
     if mine:
-        from uae.models.uae import UAE
-        from uae.random_weights import resolve_checkpoint
-
         model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=str(state.device) if world > 1 else
                                     cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
                                     offload=cfg.offload)

@@ -12,7 +12,9 @@ import html
 import os
 from pathlib import Path
 
+from uae.errors import UAEError
 from uae.files import atomic_write_bytes
+from uae.images import load_image
 
 
 def save_figure(fig, path: Path, dpi: int) -> None:
@@ -41,9 +43,6 @@ def image_data_uri(path: str | os.PathLike | None, max_side: int = THUMBNAIL_PX)
     data: URI; None when there is no file or it cannot be read."""
     import base64
     import io
-
-    from uae.errors import UAEError
-    from uae.images import load_image
 
     if path is None:
         return None

@@ -11,6 +11,12 @@ from pathlib import Path
 from uae.cli import script_main, setup_logging
 from uae.config import field, parse_config
 from uae.errors import UAEError
+from uae.files import atomic_write_json, writable_file
+from uae.paths import cache_dir
+from uae.random_weights import scorer_checkpoint
+from uae.runtime import resolve_device, resolve_dtype
+from uae.scoring.folder import details_path, match_folders, score_folders, split_official
+from uae.scoring.scorers import SCORERS, WEIGHTS, load_scorer
 
 logger = logging.getLogger("uae.score")
 
@@ -40,8 +46,6 @@ class ScoreConfig:
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING")
 
     def __post_init__(self):
-        from uae.scoring.scorers import SCORERS, WEIGHTS
-
         if not self.image_path or not self.ref_path:
             raise UAEError("--image_path (reconstructions) and --ref_path (references) are both required")
         bad = [m for m in self.models if m not in SCORERS]
@@ -54,13 +58,6 @@ class ScoreConfig:
 
 
 def run(cfg: ScoreConfig) -> int:
-    from uae.files import atomic_write_json, writable_file
-    from uae.paths import cache_dir
-    from uae.random_weights import scorer_checkpoint
-    from uae.runtime import resolve_device, resolve_dtype
-    from uae.scoring.folder import details_path, match_folders, score_folders, split_official
-    from uae.scoring.scorers import load_scorer
-
     # Before any scorer loads: where the results go, and that there is something to score.
     writable_file(cfg.output_file, "--output_file")
     check_some_match(match_folders(cfg.image_path, cfg.ref_path), cfg)

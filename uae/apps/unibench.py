@@ -20,14 +20,22 @@ from pathlib import Path
 
 import torch
 
+from uae.apps.report import bar_plot, html_report, markdown_table
+from uae.apps.settings import InferenceConfig
 from uae.cli import script_main, setup_logging
 from uae.config import field, parse_config, save_config
 from uae.errors import UAEError
-from uae.apps.settings import InferenceConfig
-from uae.files import atomic_write_json, atomic_write_text, writable_dir
+from uae.files import atomic_write_json, atomic_write_text, check_same_settings, writable_dir
 from uae.images import list_images, open_image, save_image
-from uae.paths import SAMPLES_DIR
-from uae.unified.loading import MODEL_HELP
+from uae.paths import SAMPLES_DIR, cache_dir
+from uae.random_weights import resolve_checkpoint, scorer_checkpoint
+from uae.random_weights.unified import resolve as resolve_tiny
+from uae.runtime import release_freed_memory, resolve_device, resolve_dtype
+from uae.scoring.folder import score_folders
+from uae.scoring.scorers import load_scorer, resolve_scorer_weights
+from uae.unified.common import short_name
+from uae.unified.loading import MODEL_HELP, all_tiny, apply_captioner_lora, load_model, model_kind, read_model_args
+from uae.unified.protocol import RunSettings, check_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +95,6 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
     Every process returns the merged result."""
     from tqdm.auto import tqdm
 
-    from uae.files import check_same_settings
-
     world, rank = (1, 0) if state is None else (state.num_processes, state.process_index)
     settings = run_settings(cfg)
     check_same_settings(out / RUN_FILE, settings, RESUME_KEYS)  # on every process: none waits for a failed one
@@ -120,15 +126,11 @@ def produce(cfg, refs: list[Path], out: Path, state=None) -> tuple[dict[str, str
 
 
 def _source_label(value: str | None, kind: str) -> str | None:
-    from uae.unified.common import short_name
-
     return None if value is None else (f"tiny-{kind}" if value == "tiny" else short_name(value))
 
 
 def model_label(cfg) -> str:
     """The model under test's name for titles, known without loading it."""
-    from uae.unified.loading import model_kind
-
     kind = model_kind(cfg.model)
     if kind == "uae":
         name = Path(cfg.checkpoint).name if cfg.checkpoint else "external"
@@ -145,12 +147,6 @@ def load_model_under_test(cfg, device, caption_progress: bool = False):
     """The `--model` on `device`, built with the run's settings (uae.unified.RunSettings); the name
     `tiny` of --checkpoint / --captioner / --generator resolved to the embedded random models.
     `caption_progress`: the model shows a bar of each caption's tokens."""
-    from uae.random_weights import resolve_checkpoint
-    from uae.random_weights.unified import resolve as resolve_tiny
-    from uae.runtime import resolve_device, resolve_dtype
-    from uae.unified.loading import load_model, model_kind
-    from uae.unified.protocol import RunSettings
-
     dev = resolve_device(str(device))
     settings = RunSettings.from_config(cfg, dev, resolve_dtype(cfg.dtype, dev), caption_progress=caption_progress)
     kind = model_kind(cfg.model)
@@ -165,8 +161,6 @@ def load_model_under_test(cfg, device, caption_progress: bool = False):
     model = load_model(cfg.model, settings, checkpoint=checkpoint, captioner=resolve_tiny(cfg.captioner, "captioner"),
                        generator=resolve_tiny(cfg.generator, "generator"), model_args=cfg.model_args, labels=labels)
     if cfg.captioner_lora:
-        from uae.unified.loading import apply_captioner_lora
-
         apply_captioner_lora(model, cfg.captioner_lora)
     return model
 
@@ -179,8 +173,6 @@ def _caption_and_regenerate(cfg, todo, starts, seed, captions, cap_dir, rec_dir,
     """`seed[reference]`: the release's one seed for all, or the reference's index added to it
     (--increment_seed), independent of batches, processes and resumes. `show`: this process draws
     the bars (of its images, and of each caption's tokens)."""
-    from uae.unified.protocol import check_outputs
-
     skipped: dict[str, str] = {}
     model = load_model_under_test(cfg, device, caption_progress=show)
     setting = f"--model {cfg.model}"
@@ -229,8 +221,6 @@ def caption_faithfulness(scorers: dict, captions: dict[str, str], ref_features: 
     """Cosine of each caption's text feature with its reference's image feature (text scorers),
     TEXT_BATCH captions at a time (all at once, a text encoder's activations grow with the number
     of references: gigabytes at 2,000)."""
-    from uae.runtime import release_freed_memory
-
     out = {}
     for name, scorer in scorers.items():
         if not scorer.has_text:
@@ -254,13 +244,6 @@ def run_unibench(cfg) -> dict | None:
     """Caption + regenerate (split over the processes of an `accelerate launch` / torchrun job),
     then score and report on the main process. Returns the result there, None elsewhere."""
     from accelerate import PartialState
-
-    from uae.paths import cache_dir
-    from uae.random_weights import scorer_checkpoint
-    from uae.apps.report import bar_plot, html_report, markdown_table
-    from uae.runtime import resolve_device, resolve_dtype
-    from uae.scoring.folder import score_folders
-    from uae.scoring.scorers import load_scorer, resolve_scorer_weights
 
     out = writable_dir(cfg.output_dir, "--output_dir")  # before anything loads
     refs = list_images(cfg.ref_path, "reference (--ref_path)")
@@ -369,8 +352,6 @@ class UniBenchConfig(InferenceConfig):
 
     def check_model_settings(self) -> None:
         """Which flags each --model takes (cheap: nothing is loaded)."""
-        from uae.unified.loading import model_kind, read_model_args
-
         kind = model_kind(self.model)
         if kind == "uae" and not self.recon_from:
             self.check_sd3_size()
@@ -392,8 +373,6 @@ class UniBenchConfig(InferenceConfig):
         """Whether the run loads a model and every model it loads is an embedded random one (then
         --scorer_weights auto is tiny). Another system's reconstructions (--recon_from) and a
         user's class get the official scorers unless --scorer_weights tiny."""
-        from uae.unified.loading import all_tiny
-
         return not self.recon_from and all_tiny(self.model, self.checkpoint, self.captioner, self.generator)
 
 
