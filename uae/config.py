@@ -22,6 +22,7 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from uae.errors import UAEError
+from uae.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -284,6 +285,4 @@ def to_dict(cfg) -> dict[str, Any]:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write the resolved config next to results (YAML, atomically)."""
-    from uae.files import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
