@@ -32,6 +32,16 @@ from pathlib import Path
 from common import machine, write_json
 
 import torch
+from accelerate.state import AcceleratorState
+
+from uae.cli import setup_logging
+from uae.config import parse_config
+from uae.images import to_uint8
+from uae.methods.cold_start import ColdStartConfig, ColdStartRecipe
+from uae.random_weights import build_checkpoint
+from uae.runtime import release_freed_memory
+from uae.training.run import Run
+from uae.training.seeding import generator_for
 
 
 def _pair(folder: Path) -> Path:
@@ -45,13 +55,6 @@ def _pair(folder: Path) -> Path:
 
 
 def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *extra: str):
-    from uae.methods.cold_start import ColdStartConfig
-    from accelerate.state import AcceleratorState
-
-    from uae.config import parse_config
-    from uae.methods.cold_start import ColdStartRecipe
-    from uae.training.run import Run
-
     AcceleratorState._reset_state(reset_partial_state=True)
     cfg = parse_config(ColdStartConfig, [
         "--stage", "cold_start", "--checkpoint", str(ckpt), "--data", str(pairs), "--output_dir", str(out),
@@ -65,9 +68,6 @@ def _recipe(ckpt: Path, pairs: Path, out: Path, steps: int, resolution: int, *ex
 
 
 def _gradient(recipe, seed: int = 1) -> torch.Tensor:
-    from uae.images import to_uint8
-    from uae.training.seeding import generator_for
-
     item = recipe.items[0]
     image = item.open()
     target = recipe.clip.encode_images(to_uint8([image])).detach()
@@ -132,8 +132,6 @@ def measure(args) -> dict:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         return {"peak_mb": (torch.cuda.max_memory_allocated() - before) / 2 ** 20, "seconds": seconds, "memory": "gpu"}
-    from uae.runtime import release_freed_memory
-
     # Freed memory handed back to the OS first, and (env of this process) large blocks mmap-ed and
     # returned on free: resident memory then follows what is alive.
     for p in recipe.trainable:
@@ -180,16 +178,12 @@ def main(argv=None) -> dict:
         args.checkpointing = args.checkpointing == "True"
         print(json.dumps(measure(args)))
         return {}
-    from uae.cli import setup_logging
-
     setup_logging("WARNING")
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.checkpoint:
             ckpt = Path(args.checkpoint)
         else:
-            from uae.random_weights import build_checkpoint
-
             ckpt = build_checkpoint(tmp / "ckpt", args.preset, seed=0)
         pairs = _pair(tmp)
         grads = gradients(args, ckpt, pairs, tmp)

@@ -26,6 +26,10 @@ from common import machine, peak_memory_mb, reset_peak_memory, sync, write_json
 
 import torch
 
+from uae.cli import setup_logging
+from uae.models.uae import UAE
+from uae.random_weights import build_checkpoint
+
 PROMPT = ("A wide photograph of a red-brick lighthouse on a rocky shore at dusk; waves break on dark stones in "
           "the foreground, a wooden boat rests on the sand to the left, gulls circle the lamp, and the sky shades "
           "from orange near the horizon to deep blue above, with a thin crescent moon over the sea.")
@@ -52,16 +56,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    # Read by huggingface_hub when it first loads (setup_logging, below): no module imported above loads it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from uae.cli import setup_logging
-
     setup_logging("WARNING")
     from diffusers import StableDiffusion3Pipeline
     from PIL import Image
     from skimage import data
-
-    from uae.models.uae import UAE
-    from uae.random_weights import build_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(Path(tmp) / "ckpt", args.preset)

@@ -27,6 +27,15 @@ from pathlib import Path
 from common import ROOT, machine, peak_memory_mb, reset_peak_memory, sync, write_json
 
 import torch
+from accelerate.state import AcceleratorState
+
+from uae.cli import setup_logging
+from uae.methods.g4u import G4URecipe
+from uae.random_weights import build_checkpoint
+from uae.rl.iteration import iteration_share
+from uae.runtime import resolve_device
+from uae.train import grpo_main, parse
+from uae.training.run import Run
 
 STAGES = ("cold_start", "g4u", "u4g")
 CONFIGS = {"u4g": "tiny_u4g.yaml", "g4u": "tiny_g4u.yaml", "cold_start": "tiny_cold_start.yaml"}
@@ -64,10 +73,6 @@ def dit_forward_seconds(ckpt: Path, resolution: int, batch: int, device, dtype) 
 
 
 def run_stage(stage: str, ckpt: Path, work: Path, args) -> dict:
-    from accelerate.state import AcceleratorState
-
-    from uae.train import grpo_main
-
     out = work / f"run_{stage}"
     steps = args.iterations + 1
     flags = ["--config", str(ROOT / "configs" / "grpo" / CONFIGS[stage]), "--stage", stage, "--checkpoint", str(ckpt),
@@ -100,13 +105,6 @@ def old_logprob_forward(ckpt: Path, work: Path, args, repeats: int = 2) -> dict:
     """Stage 2's rollout with and without the old log-probs forward, side by side in one process:
     with one update per rollout batch (inner_epochs 1) the old log-probs are the policy's own,
     detached (TRL's shortcut), so the rollout skips that forward; with inner_epochs > 1 it runs."""
-    from accelerate.state import AcceleratorState
-
-    from uae.methods.g4u import G4URecipe
-    from uae.rl.iteration import iteration_share
-    from uae.train import parse
-    from uae.training.run import Run
-
     seconds = {}
     for inner in (1, 2):
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -160,13 +158,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    # Read by huggingface_hub when it first loads (setup_logging, below): no module imported above loads it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from uae.cli import setup_logging
-
     setup_logging("WARNING")
-    from uae.runtime import resolve_device
-    from uae.random_weights import build_checkpoint
-
     stages = STAGES if args.stage == "all" else (args.stage,)
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -34,8 +34,11 @@ from common import machine, peak_memory_mb, sync, write_json
 
 import torch
 
-from uae.scoring.scorers import SCORERS, load_scorer
+from uae.images import load_image
 from uae.random_weights import build_scorer_checkpoints
+from uae.runtime import resolve_device
+from uae.scoring.folder import match_folders, score_folders
+from uae.scoring.scorers import SCORERS, load_scorer
 
 logger = logging.getLogger("uae.bench")
 
@@ -104,8 +107,6 @@ def run_loop(pairs, folders, device) -> dict:
 
 
 def run_ours(rec, ref, scorers, cache, batch_size, workers) -> dict:
-    from uae.scoring.folder import score_folders
-
     return score_folders(rec, ref, scorers, batch_size=batch_size, num_workers=workers, cache_dir=cache,
                          progress=False)
 
@@ -113,8 +114,6 @@ def run_ours(rec, ref, scorers, cache, batch_size, workers) -> dict:
 def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
     """Forward passes alone over pre-decoded, pre-processed images already on the device."""
     import numpy as np
-
-    from uae.images import load_image
 
     images = [torch.from_numpy(np.array(load_image(p))).permute(2, 0, 1) for p in paths]
     pixels = {n: torch.stack([s.preprocess(im) for im in images]).to(s.device, s.dtype) for n, s in scorers.items()}
@@ -133,9 +132,6 @@ def run_floor(paths, scorers, batch_sizes) -> tuple[float, int]:
 
 def measure(args) -> dict:
     """One method in this (fresh) process, `loop` or `ours` (cold + warm), then the compute floor."""
-    from uae.runtime import resolve_device
-    from uae.scoring.folder import match_folders
-
     device = resolve_device(args.device)
     data, folders = Path(args.data), Path(args.scorers)
     rec, ref = data / "rec", data / "ref"
@@ -199,8 +195,6 @@ def main(argv=None) -> dict:
         write_json(args.json, res)
         return res
 
-    from uae.runtime import resolve_device
-
     device = resolve_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -208,8 +202,6 @@ def main(argv=None) -> dict:
         folders = build_scorer_checkpoints(tmp / "scorers", args.size)
         loop = spawn(args, "loop", tmp / "data", folders, args.floor_batch_sizes)
         ours = spawn(args, "ours", tmp / "data", folders, [loop["floor_batch_size"]])
-        from uae.scoring.folder import match_folders
-
         pairs = match_folders(rec, ref).pairs
         quarter = args.pairs // 4
         sub = tmp / "quarter"

@@ -15,6 +15,12 @@ from pathlib import Path
 from bench_grpo import sample_pairs
 from common import ROOT, machine, peak_memory_mb, reset_peak_memory, write_json
 
+from accelerate.state import AcceleratorState
+
+from uae.cli import setup_logging
+from uae.random_weights import build_checkpoint
+from uae.train import sft_main
+
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,15 +34,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--gradient_checkpointing", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    # Read by huggingface_hub when it first loads (setup_logging, below): no module imported above loads it.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from uae.cli import setup_logging
-
     setup_logging("WARNING")
-    from accelerate.state import AcceleratorState
-
-    from uae.train import sft_main
-    from uae.random_weights import build_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "ckpt", args.preset)

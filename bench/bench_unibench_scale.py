@@ -34,6 +34,8 @@ from pathlib import Path
 
 from common import ROOT, machine, write_json
 
+from uae.random_weights import build_checkpoint
+
 RUNNER = ROOT / "Unified-Bench" / "run_unibench.py"
 SCORERS = ("clip", "dinov2", "dinov3", "longclip")
 
@@ -167,7 +169,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", default=None, help="also write the measurements here")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from uae.random_weights import build_checkpoint
 
     sizes = sorted(set(args.sizes))
     with tempfile.TemporaryDirectory() as scratch:

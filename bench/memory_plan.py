@@ -43,6 +43,15 @@ from pathlib import Path
 from common import ROOT, machine, write_json
 
 import torch
+from accelerate.state import AcceleratorState
+
+from uae.cli import setup_logging
+from uae.config import from_dict, read_yaml
+from uae.methods import METHODS
+from uae.random_weights import build_checkpoint, build_scorer_model, build_uae, load_preset
+from uae.runtime import release_freed_memory
+from uae.training.precision import precision_policy
+from uae.training.run import JsonlLog, Run
 
 logger = logging.getLogger("uae.bench.memory_plan")
 
@@ -62,9 +71,6 @@ SETTINGS = {  # name -> (stage, config file, extra settings)
 
 
 def config(stage: str, path: str, extra: dict, **over):
-    from uae.config import from_dict, read_yaml
-    from uae.methods import METHODS
-
     values = {**read_yaml(str(ROOT / path)), "data": "plan", **extra, **over}
     return from_dict(METHODS[stage].config, values)
 
@@ -90,9 +96,6 @@ def _bytes(params) -> int:
 
 def plan(name: str, preset: str = "full") -> dict:
     """Bytes held per GPU by setting `name` at `preset` size, per parallel setting."""
-    from uae.random_weights import build_scorer_model, build_uae
-    from uae.training.precision import precision_policy
-
     stage, path, extra = SETTINGS[name]
     cfg = config(stage, path, extra)
     mod = recipe_module(stage)
@@ -150,11 +153,6 @@ def plan(name: str, preset: str = "full") -> dict:
 
 def _measure_step(setting: str, ckpt: str, resolution: int, tmp: str) -> dict:
     """In this fresh process: one training step's peak memory above the memory held before it."""
-    from accelerate.state import AcceleratorState
-
-    from uae.runtime import release_freed_memory
-    from uae.training.run import Run
-
     from bench_cold_start import PeakSampler
 
     stage, path, extra = SETTINGS[setting]
@@ -177,8 +175,6 @@ def _measure_step(setting: str, ckpt: str, resolution: int, tmp: str) -> dict:
     run = Run(cfg, "plan")
     recipe = recipe_module(stage)(run)
     run.set_up(recipe)  # setup, prepared and attached: what trains is run.trainable
-    from uae.training.run import JsonlLog
-
     run.metrics = run.samples = JsonlLog(Path(tmp) / "plan.jsonl", run.acc)
     recipe.begin(0)
     with run.acc.autocast():
@@ -217,8 +213,6 @@ def fit(name: str, points: list[dict], scale: float) -> dict:
     estimate = b * scale * tokens_full if ok else None
     logits = None
     if stage == "g4u":
-        from uae.random_weights import load_preset
-
         vocab = load_preset("full")["llm"]["text_config"].get("vocab_size", 151936)
         logits = cfg.train_batch_size * (cfg.max_new_tokens + 1) * vocab * 14
     if logits is not None:  # the LM head's logits dominate this stage whatever the fit says
@@ -232,8 +226,6 @@ def fit(name: str, points: list[dict], scale: float) -> dict:
 
 def activations(settings: list[str], preset: str, resolutions: list[int], tmp: Path) -> dict:
     from tqdm.auto import tqdm
-
-    from uae.random_weights import build_checkpoint, load_preset
 
     logger.info("activations: building a random %s checkpoint to measure them on", preset)
     ckpt = build_checkpoint(tmp / "ckpt", preset, seed=0)
@@ -265,8 +257,6 @@ def activations(settings: list[str], preset: str, resolutions: list[int], tmp: P
 def measure_full(setting: str, preset: str, tmp: Path, ckpt: str | None = None) -> dict:
     """The setting's training step for real (random weights of `preset` size: `ckpt`, or built
     here): peak memory against the plan's weights + optimizer + gradients (GPU: torch's allocator)."""
-    from uae.random_weights import build_checkpoint
-
     if ckpt is None:
         kw = {"dtype": "bfloat16", "device": "cuda"} if torch.cuda.is_available() else {}
         logger.info("measure: building a random %s checkpoint", preset)
@@ -306,8 +296,6 @@ def main(argv=None) -> dict:
     if args._measure:
         print(json.dumps(_measure_step(args._measure, args._ckpt, args._res, args._tmp)))
         return {}
-    from uae.cli import setup_logging
-
     setup_logging("INFO")
     plans = {}
     for name in args.settings:

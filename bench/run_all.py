@@ -29,6 +29,10 @@ from pathlib import Path
 
 from common import ROOT, machine
 
+from uae.cli import setup_logging
+from uae.files import atomic_write_json, atomic_write_text
+from uae.random_weights import build_checkpoint
+
 logger = logging.getLogger("uae.bench")
 BENCH = ROOT / "bench"
 
@@ -146,8 +150,6 @@ def markdown(table: list[list[str]], header: str) -> str:
 def write_summary(out: Path, profile: str, total: float, walls: dict, results: dict, failures: dict,
                   skipped: dict) -> dict:
     """results.json as it stands (after every benchmark: an interrupted run keeps what it measured)."""
-    from uae.files import atomic_write_json
-
     summary = {"machine": machine(), "profile": profile, "seconds_total": total, "seconds_per_benchmark": walls,
                "results": results, "failed": failures, "skipped": skipped}
     atomic_write_json(out / "results.json", summary)
@@ -174,8 +176,6 @@ def main(argv=None) -> dict:
                     help="wall-clock budget: a benchmark that would not finish within it (GPU_SECONDS) is skipped and "
                          "reported as such; what was measured is kept (results are written after each benchmark)")
     args = ap.parse_args(argv)
-    from uae.cli import setup_logging
-
     setup_logging("INFO")
     out = Path(args.out or BENCH / "results" / args.profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,8 +184,7 @@ def main(argv=None) -> dict:
         t_start = time.perf_counter()
         ckpt = build_full_checkpoint(work) if args.profile == "gpu" else None
         if ckpt is None and any("{ckpt}" in map(str, PROFILES[args.profile][n]) for n in args.only):
-            from uae.random_weights import build_checkpoint  # the small profile's stand-in for the shared checkpoint
-
+            # the small profile's stand-in for the shared checkpoint
             ckpt = build_checkpoint(work / "uae-tiny", "tiny", seed=0)
         results, walls, failures, skipped = {}, {}, {}, {}
         for name in [n for n in PROFILES[args.profile] if n in args.only]:
@@ -213,8 +212,6 @@ def main(argv=None) -> dict:
     table = markdown(rows(results), header)
     print(table)
     summary = write_summary(out, args.profile, total, walls, results, failures, skipped)
-    from uae.files import atomic_write_text
-
     atomic_write_text(out / "results.md", table)
     logger.info("wrote %s and %s", out / "results.json", out / "results.md")
     if failures:
