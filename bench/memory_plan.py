@@ -77,8 +77,6 @@ def config(stage: str, path: str, extra: dict, **over):
 
 def recipe_module(stage: str):
     """The method's recipe class: its `configure(model, cfg)` and `fully_trained(cfg)`."""
-    from uae.methods import METHODS
-
     return METHODS[stage].recipe
 
 

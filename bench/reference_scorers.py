@@ -1,6 +1,6 @@
 """Independent reference computations: each scorer's model called through its *own* processor
 (transformers' image processors, open_clip's CLIP transform), one image at a time, as the official
-scripts do. Used by the parity tests (tests/test_scoring.py) and as the "official-style loop" of
+scripts do. Used by the parity tests (tests/scoring/test_scoring.py) and as the "official-style loop" of
 bench/bench_score_i2i.py; not part of the library, and never used by its scoring path."""
 
 from __future__ import annotations

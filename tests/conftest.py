@@ -165,3 +165,11 @@ def held_out(tmp_path_factory):
         shutil.copy(REFS / name, d / name)
     return d
 
+
+
+def pytest_collection_modifyitems(items):
+    """A resume test trains twice (interrupted, then resumed) and once more in one go: it is slow,
+    whatever file it is in."""
+    for item in items:
+        if "interrupt_and_resume" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -1,5 +1,5 @@
 """Run one training stage in a (possibly multi-process) torchrun job and dump, per rank, the trained
-parameters and the advantages of every iteration. Used by tests/test_multiprocess.py:
+parameters and the advantages of every iteration. Used by tests/training/test_multiprocess.py:
 
     torchrun --nproc_per_node 2 tests/ddp_worker.py STAGE OUT_DIR CHECKPOINT DATA [extra flags]
 """

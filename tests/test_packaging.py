@@ -11,6 +11,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a fresh virtual environment and an installed copy
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

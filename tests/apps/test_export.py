@@ -21,7 +21,7 @@ from safetensors import safe_open
 from uae.apps import demo, export
 from uae.models.layout import MANIFEST, resolve_components
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REFS = ROOT / "Unified-Bench" / "UniBench" / "sample"
 
 

@@ -17,7 +17,9 @@ import demo
 from uae.errors import UAEError
 from uae.random_weights import ReleaseLayout, build_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # the release's code re-implemented and run beside ours
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # The release's `gen_prompt` question, typed from its demo.py (two spaces before each newline,
 # the ** and the empty quotes, the trailing space).

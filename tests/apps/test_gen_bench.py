@@ -18,7 +18,7 @@ from PIL import Image
 
 from uae.apps import gen_bench
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "2", "--height", "32", "--width", "32"]
 GENEVAL_LINES = [  # the official file's format: json.dumps of each record, one a line
     '{"tag": "single_object", "include": [{"class": "bench", "count": 1}], "prompt": "a photo of a bench"}',

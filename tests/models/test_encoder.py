@@ -70,7 +70,7 @@ def test_lora_weights_absent_from_shards_fail_loudly(tiny_ckpt, tmp_path):
 
 def test_projected_embeddings_shape_padding_and_real_tokens(tiny_uae):
     """Shapes and right padding; the real tokens' rows equal the full model's hidden_states[-1]
-    (only pad rows depend on the position convention: tests/test_fidelity.py checks those)."""
+    (only pad rows depend on the position convention: tests/models/test_fidelity.py checks those)."""
     enc = tiny_uae.encoder
     joint = tiny_uae.decoder.joint_attention_dim
     prompts = ["a very long prompt about a red cube on a wooden table in a bright room", "cat"]

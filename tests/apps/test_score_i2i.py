@@ -15,7 +15,7 @@ from skimage import data
 from uae.images import load_image
 from uae.apps import score_i2i as Score_i2i
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _save(arr, path, **kw):

@@ -12,7 +12,7 @@ from safetensors import safe_open
 import demo
 import train_sft
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = ROOT / "Unified-Bench" / "UniBench" / "sample.jsonl"
 
 

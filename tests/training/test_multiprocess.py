@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # two processes (torchrun, gloo) per test
+
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "ddp_worker.py"
 
 

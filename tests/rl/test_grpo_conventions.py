@@ -16,7 +16,7 @@ import train_grpo
 from conftest import REFS
 from conftest import read_metrics as _metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(*argv):

@@ -12,7 +12,7 @@ from PIL import Image
 
 import demo
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--steps", "2", "--height", "48", "--width", "64", "--max_new_tokens", "6"]
 
 

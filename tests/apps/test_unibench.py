@@ -9,7 +9,7 @@ from PIL import Image
 
 from uae.apps import unibench as run_unibench
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"
 FAST = ["--steps", "2", "--height", "48", "--width", "64", "--max_new_tokens", "8", "--num_workers", "0"]

@@ -16,7 +16,7 @@ from conftest import REFS
 from conftest import read_metrics as _metrics
 from tests.rewards import TargetImageReward
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def grpo(tiny_ckpt, out, *extra, reward=None):

@@ -13,7 +13,7 @@ import yaml
 import train_grpo
 from conftest import REFS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cfg(*argv):

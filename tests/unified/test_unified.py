@@ -16,7 +16,7 @@ from uae.images import open_image
 from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
 from uae.unified.protocol import RunSettings
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"
 HELPERS = ROOT / "tests" / "unified_helpers.py"
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--max_new_tokens", "6", "--scorer_weights", "tiny",

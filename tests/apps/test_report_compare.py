@@ -16,7 +16,7 @@ from PIL import Image
 from uae.apps import unibench
 from uae.apps.report import main as report_main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"
 FAST = ["--steps", "2", "--height", "32", "--width", "32", "--max_new_tokens", "8", "--scorer_weights", "tiny",
         "--num_workers", "0", "--no_cache"]
