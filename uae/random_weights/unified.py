@@ -7,13 +7,20 @@ built offline in seconds (tests, and `tiny` for the runner's --checkpoint / --ca
                             checkpoints' chat template; 32x32 images of 16 tokens)
     build_captioner(out)    an image-text-to-text model: the tiny preset's Qwen2.5-VL, saved with
                             save_pretrained (current key names) beside its processor
+    build_gemma3(out)       another image-text-to-text model, Gemma 3 (Gemma3ForConditionalGeneration
+                            + Gemma3Processor), whose processor takes one list of images per sample
     build_generator(out)    a diffusers StableDiffusion3Pipeline saved whole (DiT, VAE, scheduler,
                             CLIP-L / CLIP-G text encoders and tokenizers; no T5, recorded as null in
                             model_index.json)
 
-`embedded(kind)` builds each once into the cache folder, keyed by the content of its specs, as the
-embedded `tiny` UAE checkpoint is (uae.random_weights.embedded). Two builds from the same seed are
-identical."""
+Each tokenizer carries the special tokens of the real checkpoints' files (names, which of them the
+encoding adds, which decoding skips), so that code relying on them (a BOS at the start of every
+prompt, a pad token, an image placeholder) is tested as it runs on the real ones; only the
+vocabulary is a small byte-level BPE trained offline.
+
+`embedded(kind)` builds each once into the cache folder, keyed by the content of its specs
+(tokenizer specs included), as the embedded `tiny` UAE checkpoint is
+(uae.random_weights.embedded). Two builds from the same seed are identical."""
 
 from __future__ import annotations
 
@@ -28,12 +35,12 @@ import uae
 from uae.files import atomic_folder, build_once
 from uae.hashing import content_key
 from uae.paths import cache_dir
-from uae.random_weights.checkpoint import (build_dit, build_llm, build_processor, build_sd3_parts, load_preset,
-                                           preset_key)
+from uae.random_weights.checkpoint import (QWEN_SPECIAL_TOKENS, build_dit, build_llm, build_processor,
+                                           build_sd3_parts, load_preset, preset_key)
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("janus", "captioner", "generator")
+KINDS = ("janus", "captioner", "generator", "gemma3")
 
 # The converted Janus checkpoints' chat template (transformers' convert_janus_weights_to_hf.py,
 # CHAT_TEMPLATE): "<|User|>: ...\n\n<|Assistant|>:", images as <image_placeholder>, text items
@@ -77,12 +84,23 @@ JANUS_CHAT_TEMPLATE = (
     "{%if add_generation_prompt%}<|Assistant|>:{%endif%}"
 )
 
-# DeepSeek's special tokens as the converted Janus tokenizer names them.
+# DeepSeek's special tokens as the Janus-Pro tokenizers name them: deepseek-ai/Janus-Pro-1B / -7B's
+# special_tokens_map.json (bos, eos, pad and the additional special tokens) and tokenizer_config.json
+# (LlamaTokenizer, which adds the BOS to every encoding: the converted deepseek-community/Janus-Pro-*
+# tokenizer, LlamaTokenizerFast, keeps add_bos_token true), plus the three image tokens transformers'
+# convert_janus_weights_to_hf.py names for JanusProcessor. The unconditional prompt of Janus' image
+# generation keeps the BOS and blanks the rest, so a tokenizer without it would test another model.
 JANUS_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
 JANUS_EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
 JANUS_PAD = "<\uff5c\u2581pad\u2581\uff5c>"
 JANUS_IMAGE_TOKENS = {"image_token": "<image_placeholder>", "boi_token": "<begin_of_image>",
                       "eoi_token": "<end_of_image>"}
+JANUS_TOKENIZER: dict[str, Any] = {
+    "bos_token": JANUS_BOS, "eos_token": JANUS_EOS, "pad_token": JANUS_PAD, "add_bos_token": True,
+    "extra_special_tokens": ["<image_placeholder>", "<patch_placeholder>", "<|ref|>", "<|/ref|>", "<|det|>",
+                             "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>"],
+    "model_specific_special_tokens": JANUS_IMAGE_TOKENS,
+}
 
 # Sizes. Janus: vision image_size / patch_size = 4 patches a side = 16 image tokens (understanding
 # and generation alike); the VQ decoder upsamples 4 -> 32 pixels (channel_multiplier of four levels);
@@ -150,22 +168,35 @@ def _readme(folder: Path, what: str, seed: int) -> None:
 
 # ---------------------------------------------------------------------------- Janus
 
-def build_janus_tokenizer(vocab_size: int = TINY_JANUS["vocab_size"]):
-    """Byte-level BPE trained offline on CORPUS, with DeepSeek's special tokens and the image tokens
-    that JanusProcessor reads from the tokenizer (image_token, boi_token, eoi_token)."""
+def _bpe(specials: list[str], vocab_size: int):
+    """A byte-level BPE trained offline on CORPUS, `specials` first in its vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    specials = [JANUS_BOS, JANUS_EOS, JANUS_PAD, *JANUS_IMAGE_TOKENS.values(), "<|User|>", "<|Assistant|>"]
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(CORPUS * 4, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=JANUS_BOS, eos_token=JANUS_EOS, pad_token=JANUS_PAD,
-                                   additional_special_tokens=["<|User|>", "<|Assistant|>"],
-                                   extra_special_tokens=dict(JANUS_IMAGE_TOKENS))
+    return bpe
+
+
+def _tokenizer(spec: dict[str, Any], vocab_size: int):
+    """A fast tokenizer with `spec`'s special tokens (transformers' keyword arguments: named tokens,
+    first in the vocabulary in the order given, add_bos_token, extra_special_tokens,
+    model_specific_special_tokens such as image_token)."""
+    from transformers import PreTrainedTokenizerFast
+
+    named = [v for k, v in spec.items() if k.endswith("_token") and isinstance(v, str)]  # the real order
+    specials = list(dict.fromkeys(named + list(spec.get("extra_special_tokens", []))
+                                  + list(spec.get("model_specific_special_tokens", {}).values())))
+    return PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, vocab_size), **copy.deepcopy(spec))
+
+
+def build_janus_tokenizer(vocab_size: int = TINY_JANUS["vocab_size"]):
+    """Byte-level BPE trained offline on CORPUS with Janus-Pro's special tokens (JANUS_TOKENIZER): a
+    BOS before every encoding, and the image tokens that JanusProcessor reads from the tokenizer."""
+    return _tokenizer(JANUS_TOKENIZER, vocab_size)
 
 
 def build_janus(out: str | os.PathLike, seed: int = 0, spec: dict | None = None, overwrite: bool = False) -> Path:
@@ -226,6 +257,83 @@ def build_captioner(out: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     return _written(out, overwrite, write)
 
 
+# ---------------------------------------------------------------------------- Gemma 3
+
+# Gemma 3's special tokens as google/gemma-3-*-it name them (tokenizer_config.json: <bos> added to
+# every encoding, <eos>, <pad>, <unk>; the image tokens Gemma3Processor reads from the tokenizer;
+# the turn markers). Its generation_config.json ends a caption at <eos> or <end_of_turn>.
+GEMMA3_TOKENIZER: dict[str, Any] = {
+    "pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>", "add_bos_token": True,
+    "extra_special_tokens": ["<start_of_turn>", "<end_of_turn>"],
+    "model_specific_special_tokens": {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                                      "image_token": "<image_soft_token>"},
+}
+
+# A chat template equivalent to Gemma 3's for what the toolkit sends (the BOS, then user / model
+# turns of text and images, the generation prompt). Real checkpoints ship their own.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%for message in messages%}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n"
+    "{%if message['content'] is string%}{{ message['content'] | trim }}"
+    "{%else%}{%for item in message['content']%}"
+    "{%if item['type'] == 'image'%}<start_of_image>{%elif item['type'] == 'text'%}{{ item['text'] | trim }}{%endif%}"
+    "{%endfor%}{%endif%}"
+    "<end_of_turn>\n"
+    "{%endfor%}"
+    "{%if add_generation_prompt%}<start_of_turn>model\n{%endif%}"
+)
+
+# Sizes: SigLIP 32 / 8 = 4 patches a side, pooled 2 x 2 into mm_tokens_per_image = 4 image tokens.
+TINY_GEMMA3: dict[str, Any] = {
+    "vocab_size": 400,
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 4096, "sliding_window": 64},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                      "image_size": 32, "patch_size": 8},
+    "mm_tokens_per_image": 4,
+    # Gemma 3's preprocessor (SigLIP): mean = std = 0.5, at the vision tower's size.
+    "image_processor": {"size": {"height": 32, "width": 32}, "image_mean": [0.5, 0.5, 0.5],
+                        "image_std": [0.5, 0.5, 0.5]},
+    # Gemma 3's generation_config.json sampling processors.
+    "generation": {"top_k": 64, "top_p": 0.95},
+}
+
+
+def build_gemma3(out: str | os.PathLike, seed: int = 0, spec: dict | None = None, overwrite: bool = False) -> Path:
+    """A random Gemma 3 image-text-to-text model (Gemma3ForConditionalGeneration + Gemma3Processor)
+    loadable with AutoModelForImageTextToText / AutoProcessor, as google/gemma-3-4b-it is. Its
+    processor reads images as one list per sample: a flat list of two images is one sample with
+    two images."""
+    spec = copy.deepcopy(spec or TINY_GEMMA3)
+
+    def write(tmp: Path) -> None:
+        from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor,
+                                  Gemma3Processor, GenerationConfig)
+
+        tok = _tokenizer(GEMMA3_TOKENIZER, spec["vocab_size"])
+        ids = {name: tok.convert_tokens_to_ids(t) for name, t in
+               {**GEMMA3_TOKENIZER["model_specific_special_tokens"], "bos": "<bos>", "eos": "<eos>", "pad": "<pad>",
+                "end_of_turn": "<end_of_turn>"}.items()}
+        text = dict(spec["text_config"], vocab_size=len(tok), bos_token_id=ids["bos"], eos_token_id=ids["eos"],
+                    pad_token_id=ids["pad"])
+        config = Gemma3Config(text_config=text, vision_config=spec["vision_config"],
+                              mm_tokens_per_image=spec["mm_tokens_per_image"], boi_token_index=ids["boi_token"],
+                              eoi_token_index=ids["eoi_token"], image_token_index=ids["image_token"])
+        _seed(seed)
+        model = Gemma3ForConditionalGeneration(config).eval()
+        model.generation_config = GenerationConfig(
+            bos_token_id=ids["bos"], eos_token_id=[ids["eos"], ids["end_of_turn"]], pad_token_id=ids["pad"],
+            do_sample=True, **spec["generation"])
+        model.save_pretrained(tmp)
+        processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(**spec["image_processor"]), tokenizer=tok,
+                                    chat_template=GEMMA3_CHAT_TEMPLATE, image_seq_length=spec["mm_tokens_per_image"])
+        processor.save_pretrained(tmp)
+        _readme(tmp, "Gemma 3 image-text-to-text model", seed)
+
+    return _written(out, overwrite, write)
+
+
 # ---------------------------------------------------------------------------- generator
 
 def generator_preset(preset: str = "tiny") -> dict:
@@ -260,16 +368,20 @@ def build_generator(out: str | os.PathLike, seed: int = 0, preset: str = "tiny",
 
 
 BUILDERS: dict[str, Callable[..., Path]] = {"janus": build_janus, "captioner": build_captioner,
-                                             "generator": build_generator}
+                                             "generator": build_generator, "gemma3": build_gemma3}
 
 
 def _spec_key(kind: str) -> str:
-    spec = TINY_JANUS if kind == "janus" else {"preset": preset_key("tiny"), "kind": kind}
-    return content_key(json.dumps([spec, JANUS_CHAT_TEMPLATE if kind == "janus" else ""], sort_keys=True).encode())[:10]
+    """What a cached build depends on: its sizes, tokenizer and chat template (a change rebuilds it)."""
+    spec = {"janus": [TINY_JANUS, JANUS_TOKENIZER, JANUS_CHAT_TEMPLATE],
+            "gemma3": [TINY_GEMMA3, GEMMA3_TOKENIZER, GEMMA3_CHAT_TEMPLATE],
+            "captioner": [preset_key("tiny"), QWEN_SPECIAL_TOKENS],
+            "generator": [preset_key("tiny")]}[kind]
+    return content_key(json.dumps([kind, spec], sort_keys=True).encode())[:10]
 
 
 def embedded(kind: str) -> Path:
-    """The cached tiny model of `kind` (janus, captioner, generator), built on first use."""
+    """The cached tiny model of `kind` (janus, captioner, generator, gemma3), built on first use."""
     if kind not in BUILDERS:
         raise ValueError(f"kind {kind!r}: choose from {KINDS}")
     path = cache_dir() / f"tiny-{kind}-v{uae.__version__}-{_spec_key(kind)}"
