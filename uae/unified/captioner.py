@@ -50,9 +50,22 @@ class TransformersCaptioner:
         return caption_prompt(self.processor, self.settings.caption_instruction)
 
     def inputs(self, images: Sequence):
+        """The caption prompts of `images` (left-padded when more than one) on the model's device."""
         text = [self.caption_prompt()] * len(images)
         kwargs = {"padding": True, "padding_side": "left"} if len(images) > 1 else {}
-        batch = self.processor(text=text, images=list(images), return_tensors="pt", **kwargs)
+        # One list of images per prompt: transformers' nested form says which images belong to
+        # which sample. Processors that group images by sample (Gemma 3, PaliGemma, Idefics3 /
+        # SmolVLM, Mllama) read a flat list of two images as one sample with two images and
+        # refuse a batch of two prompts; the others (Qwen2.5-VL, LLaVA, ...) flatten the nested
+        # form in their image processor (make_flat_list_of_images) into the same tensors as a flat
+        # list (tests/unified/test_captioner_batches.py checks both kinds).
+        nested = [[im] for im in images]
+        # A chat template that writes the BOS itself (Gemma 3, Llama-based LLaVA) would get a second
+        # one from the tokenizer: not then, as transformers' ProcessorMixin.apply_chat_template.
+        bos = getattr(self.processor.tokenizer, "bos_token", None)
+        if bos and text and text[0].startswith(bos):
+            kwargs["add_special_tokens"] = False
+        batch = self.processor(text=text, images=nested, return_tensors="pt", **kwargs)
         return to_device(batch, self.model.device, self.dtype)
 
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[str]:
