@@ -111,9 +111,17 @@ class CaptionPolicy:
         logits[..., self.suppressed] = float("-inf")
         return torch.log_softmax(logits, dim=-1).gather(-1, completion[..., None])[..., 0]
 
-    def decode(self, completion: torch.Tensor) -> list[str]:
-        """The captions, unstripped (the release turns a caption into a prompt as it is)."""
-        return self.processor.batch_decode(completion, skip_special_tokens=True)
+    def decode(self, completion: torch.Tensor, mask: torch.Tensor | None = None) -> list[str]:
+        """The captions, unstripped (the release turns a caption into a prompt as it is). `mask`
+        (B, T): each row's tokens where it is true, the completion's own (up to its end of
+        sequence): the pad that fills a row after it is then never decoded, even where the pad id is
+        a token that skip_special_tokens keeps. None: every token (special ones skipped)."""
+        if mask is None:
+            return self.processor.batch_decode(completion, skip_special_tokens=True)
+        if mask.shape != completion.shape:
+            raise ValueError(f"mask {tuple(mask.shape)} does not match the completion {tuple(completion.shape)}")
+        rows = [row[keep].tolist() for row, keep in zip(completion, mask.bool())]
+        return self.processor.batch_decode(rows, skip_special_tokens=True)
 
     def without_lora(self):
         """The model without its LoRA (the KL reference `base`)."""
