@@ -48,7 +48,12 @@ class InferenceConfig(GenerationConfig):
 
     increment_seed: bool = field(False, help="item i (of a batch mode or a benchmark, in order) uses seed + i instead "
                                              "of seed, for its caption and its image")
-    temperature: float = field(0.7, min=1e-6, help="caption sampling temperature")
+    do_sample: bool = field(True, help="sample each caption (at --temperature, with --top_k / --top_p); false: greedy "
+                                       "decoding, the most likely token at every step, the same caption for any seed "
+                                       "(temperature, top_k and top_p unused; repetition_penalty still applies, as "
+                                       "in transformers' generate)")
+    temperature: float = field(0.7, min=0, help="caption sampling temperature (above 0; greedy captions: --do_sample "
+                                                "false)")
     max_new_tokens: int = field(512, min=1, help="caption length limit in tokens")
     top_k: int | None = field(None, min=0, help="caption sampling top-k (default: llm/generation_config.json's; 0: off)")
     top_p: float | None = field(None, min=1e-6, max=1, help="caption sampling top-p (default: llm/generation_config.json's)")
@@ -59,9 +64,20 @@ class InferenceConfig(GenerationConfig):
     caption_batching: bool = field(False, help="caption a batch in one generate() call: faster on a GPU, but a sampled "
                                                "caption then depends on its batch-mates (off: each image alone, seeded)")
 
+    def __post_init__(self):
+        if self.do_sample and self.temperature <= 0:
+            raise UAEError(f"--temperature {self.temperature}: sampling needs a temperature above 0; for greedy "
+                           "captions use --do_sample false")
+        for name in ("top_k", "top_p"):
+            if not self.do_sample and getattr(self, name) is not None:
+                raise UAEError(f"--{name} {getattr(self, name)} applies to sampling, and --do_sample false decodes "
+                               f"greedily: drop --{name} or --do_sample false")
+        super().__post_init__()
+
     def caption_kwargs(self) -> dict:
         return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_k=self.top_k,
-                    top_p=self.top_p, repetition_penalty=self.repetition_penalty, batch=self.caption_batching)
+                    top_p=self.top_p, repetition_penalty=self.repetition_penalty, do_sample=self.do_sample,
+                    batch=self.caption_batching)
 
     def seeds(self, indices) -> list[int]:
         """The seed of each item: the release's one seed for all, or its index added (--increment_seed)."""

@@ -222,33 +222,44 @@ class UAEEncoder(nn.Module):
             batch["pixel_values"] = batch["pixel_values"].to(self.projector[0].weight.dtype)
         return batch
 
-    def caption_sampling(self, temperature: float, **overrides) -> dict:
+    def caption_sampling(self, temperature: float, do_sample: bool = True, **overrides) -> dict:
         """The sampling settings of a caption: temperature from the caller (the release's 0.7),
         top_k / top_p / repetition_penalty from `llm/generation_config.json` unless overridden
-        (None = the file's). Logged once per distinct setting."""
+        (None = the file's). `do_sample` False: greedy decoding (the most likely token at each
+        step, ties to the lowest id, as no top_k=1 in bf16 guarantees): no temperature / top_k /
+        top_p, which generate() would not apply anyway; repetition_penalty as above. Logged once
+        per distinct setting."""
         gen = self.qwen.generation_config
-        out = {"do_sample": True, "temperature": temperature}
         given = {k: v for k, v in overrides.items() if v is not None}
         unknown = set(given) - set(CAPTION_SAMPLING_KEYS)
         if unknown:
             raise UAEError(f"unknown caption sampling setting(s) {sorted(unknown)}; known: {list(CAPTION_SAMPLING_KEYS)}")
+        keys = CAPTION_SAMPLING_KEYS if do_sample else ("repetition_penalty",)
+        unused = sorted(set(given) - set(keys))
+        if unused:
+            raise UAEError(f"caption setting(s) {unused} apply to sampling, and do_sample=False decodes greedily: "
+                           "leave them unset")
+        out = {"do_sample": True, "temperature": temperature} if do_sample else {"do_sample": False}
         out.update(given)
         key = tuple(sorted(out.items()))
         if key not in self._logged_sampling:
             self._logged_sampling.add(key)
-            effective = {**{k: getattr(gen, k, None) for k in CAPTION_SAMPLING_KEYS}, **out}
-            logger.info("caption sampling: %s (%s from llm/generation_config.json)",
+            effective = {**{k: getattr(gen, k, None) for k in keys}, **out}
+            logger.info("caption %s: %s (%s from llm/generation_config.json)",
+                        "sampling" if do_sample else "greedy decoding",
                         ", ".join(f"{k}={v}" for k, v in effective.items()),
-                        ", ".join(k for k in CAPTION_SAMPLING_KEYS if k not in given) or "nothing")
+                        ", ".join(k for k in keys if k not in given) or "nothing")
         return out
 
     @torch.no_grad()
     def caption(self, images: Sequence, *, max_new_tokens: int = 512, temperature: float = 0.7,
                 seed: int | Sequence[int] | None = None, batch: bool = False, min_new_tokens: int | None = None,
                 top_k: int | None = None, top_p: float | None = None,
-                repetition_penalty: float | None = None, progress: bool = False) -> list[str]:
+                repetition_penalty: float | None = None, do_sample: bool = True,
+                progress: bool = False) -> list[str]:
         """Captions, sampled as the release samples them (temperature 0.7, 512 new tokens, the rest
-        from `llm/generation_config.json`) and returned unstripped.
+        from `llm/generation_config.json`) and returned unstripped; `do_sample=False`: decoded
+        greedily instead (`caption_sampling`), the same caption for any seed.
 
         By default each image is captioned alone, seeded with its seed (`seed`: one for all, or one
         per image): a caption does not depend on the other images. `batch=True` samples all images
@@ -261,7 +272,7 @@ class UAEEncoder(nn.Module):
         if len(seeds) != len(images):
             raise ValueError(f"{len(seeds)} seeds for {len(images)} images")
         kwargs = dict(max_new_tokens=max_new_tokens, **self.caption_sampling(
-            temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty))
+            temperature, do_sample, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty))
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
         groups = [(images, seeds[0])] if batch else [([im], s) for im, s in zip(images, seeds)]

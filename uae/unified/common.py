@@ -61,16 +61,23 @@ def caption_prompt(processor, instruction: str) -> str:
 
 def caption_sampling(settings, generation_config) -> tuple[dict, dict]:
     """(keyword arguments for generate(), the effective values for settings()): sampling at the
-    run's temperature; top_k / top_p / repetition_penalty from the run when given, else from the
-    checkpoint's generation_config.json (as UAE's captioner reads them)."""
-    kwargs = {"do_sample": True, "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens}
-    given = {k: getattr(settings, k) for k in SAMPLING_KEYS if getattr(settings, k) is not None}
-    kwargs.update(given)
-    effective = {"do_sample": True, "temperature": settings.temperature, "max_new_tokens": settings.max_new_tokens}
-    for k in SAMPLING_KEYS:
+    run's temperature, top_k / top_p / repetition_penalty from the run when given, else from the
+    checkpoint's generation_config.json (as UAE's captioner reads them); or, with the run's
+    do_sample False, greedy decoding: no temperature / top_k / top_p passed (generate() applies
+    none of them without sampling, whatever the checkpoint's file says), repetition_penalty as
+    above (a logits processor of greedy decoding too)."""
+    sample = settings.do_sample
+    keys = SAMPLING_KEYS if sample else ("repetition_penalty",)
+    given = {k: getattr(settings, k) for k in keys if getattr(settings, k) is not None}
+    head = {"do_sample": sample, **({"temperature": settings.temperature} if sample else {}),
+            "max_new_tokens": settings.max_new_tokens}
+    kwargs = {**head, **given}
+    effective = dict(head) if sample else {**head, "decoding": "greedy",
+                                           **{k: "unused: greedy" for k in ("temperature", "top_k", "top_p")}}
+    for k in keys:
         value = given.get(k, getattr(generation_config, k, None))
         effective[k] = "unset: transformers' default" if value is None else value
-    effective["from_generation_config"] = [k for k in SAMPLING_KEYS if k not in given]
+    effective["from_generation_config"] = [k for k in keys if k not in given]
     return kwargs, effective
 
 

@@ -49,6 +49,8 @@ class RunSettings:
     caption_instruction        the release's instruction (uae.models.encoder.RELEASE_CAPTION_INSTRUCTION)
     max_new_tokens, temperature, top_k, top_p, repetition_penalty
                                caption sampling (None: the checkpoint's generation_config.json)
+    do_sample                  sample captions (True), or decode them greedily (False: temperature,
+                               top_k and top_p unused, the same caption for any seed)
     caption_batching           caption a batch in one generate() call (faster; not batch-invariant)
     steps, guidance_scale, height, width
                                image generation (a model that cannot honour one records so in settings())
@@ -65,6 +67,7 @@ class RunSettings:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    do_sample: bool = True
     caption_batching: bool = False
     steps: int = 40
     guidance_scale: float = 5.0
@@ -73,13 +76,19 @@ class RunSettings:
     dit_batching: bool = False
     caption_progress: bool = False
 
+    def __post_init__(self):
+        if not self.do_sample and (self.top_k is not None or self.top_p is not None):
+            raise UAEError(f"RunSettings: top_k {self.top_k} / top_p {self.top_p} apply to sampling, and "
+                           "do_sample=False decodes greedily: leave them None")
+
     @classmethod
     def from_config(cls, cfg, device, dtype, caption_progress: bool = False) -> "RunSettings":
         """From an InferenceConfig (the runner's flags) and the resolved device and dtype."""
         return cls(device=str(device), dtype=str(dtype).removeprefix("torch."),
                    caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                   repetition_penalty=cfg.repetition_penalty, caption_batching=cfg.caption_batching,
+                   repetition_penalty=cfg.repetition_penalty, do_sample=cfg.do_sample,
+                   caption_batching=cfg.caption_batching,
                    steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
                    dit_batching=cfg.dit_batching, caption_progress=caption_progress)
 

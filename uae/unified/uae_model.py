@@ -78,7 +78,7 @@ class UAEModel:
     def caption_kwargs(self) -> dict:
         s = self.settings_
         return dict(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                    repetition_penalty=s.repetition_penalty, batch=s.caption_batching)
+                    repetition_penalty=s.repetition_penalty, do_sample=s.do_sample, batch=s.caption_batching)
 
     def generate_kwargs(self) -> dict:
         s = self.settings_
