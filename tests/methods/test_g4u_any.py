@@ -65,10 +65,12 @@ def test_the_captioner_learns_longer_captions_and_loads_back(model, tmp_path, he
 
 
 @pytest.mark.parametrize("model", ["janus", "pipeline"])
-def test_the_reward_uses_the_frozen_generator_with_one_seed_per_group(model, tmp_path, grpo_recipe):
+def test_the_reward_uses_the_frozen_generator_with_one_seed_per_group(model, tmp_path, grpo_recipe, monkeypatch):
     from uae.rl.iteration import iteration_share
+    from uae.unified import janus
 
-    recipe = grpo_recipe("g4u", "unused", *MODELS[model], "--prompts_per_iteration", 2, "--group_size", 3,
+    frozen = ["--frozen_generator", "true", "--train_tokens", "caption"] if model == "janus" else []
+    recipe = grpo_recipe("g4u", "unused", *MODELS[model], *frozen, "--prompts_per_iteration", 2, "--group_size", 3,
                          "--max_new_tokens", 4, reward=lambda images, *a: [0.0] * len(images))
     seen, janus_images = [], []
     real = recipe.model.generate
@@ -79,15 +81,15 @@ def test_the_reward_uses_the_frozen_generator_with_one_seed_per_group(model, tmp
         return real(texts, seeds)
 
     recipe.model.generate = spy
-    if model == "janus":  # Janus generates with its own language model: every image's tokens without the LoRA
-        hf_generate = recipe.model.model.generate
+    # Janus samples with its own language model (uae.unified.janus_images, up to 16 images a call):
+    # every image's tokens without the LoRA.
+    sample = janus.sample_image_tokens
 
-        def image_spy(*args, **kwargs):
-            if kwargs.get("generation_mode") == "image":
-                janus_images.append(all(m.disable_adapters for m in lora))
-            return hf_generate(*args, **kwargs)
+    def image_spy(model, input_ids, *args, **kwargs):
+        janus_images.append((input_ids.shape[0], all(m.disable_adapters for m in lora)))
+        return sample(model, input_ids, *args, **kwargs)
 
-        recipe.model.model.generate = image_spy
+    monkeypatch.setattr(janus, "sample_image_tokens", image_spy)
     share = iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0)
     roll = recipe.rollout(0, share)
     recipe.score_rollout(0, share, roll)
@@ -95,7 +97,7 @@ def test_the_reward_uses_the_frozen_generator_with_one_seed_per_group(model, tmp
     assert seeds == recipe.decoder_seeds(0, share) and len(set(seeds)) == 2
     assert seeds[:3] == [seeds[0]] * 3 and seeds[3:] == [seeds[3]] * 3           # one seed per group
     assert not lora_off and not any(m.disable_adapters for m in lora)           # the captioner's LoRA stays on
-    assert janus_images == ([True] * 6 if model == "janus" else [])
+    assert janus_images == ([(6, True)] if model == "janus" else [])
     assert len(roll.images) == 6
 
 

@@ -1,9 +1,10 @@
 """Janus' image-token sampler with log-probabilities (uae.unified.janus_images) on the tiny Janus,
 fp32 on CPU: it draws what transformers' generate draws, the teacher-forced recomputation gives the
 sampled log-probabilities back with gradient (through the unconditional branch or not), a row's
-tokens depend on its own seed only, and a toy reward on the image tokens rises under REINFORCE on a
-LoRA."""
+tokens depend on its own seed only, a toy reward on the image tokens rises under REINFORCE on a
+LoRA, and JanusAdapter generates through it at any guidance scale."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,80 @@ def test_bad_inputs_are_one_line_errors(janus):
         with pytest.raises(UAEError) as e:
             call()
         assert says in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------- JanusAdapter
+
+def _adapter():
+    """JanusAdapter on the tiny Janus, its generation head at a trained model's scale (as _janus)."""
+    from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+    from uae.unified.janus import JanusAdapter
+    from uae.unified.protocol import RunSettings
+
+    adapter = JanusAdapter(resolve("tiny", "janus"), RunSettings(caption_instruction=RELEASE_CAPTION_INSTRUCTION))
+    head = adapter.model.model.generation_head.vision_head.weight
+    with torch.no_grad():
+        head.copy_(torch.randn(head.shape, generator=torch.Generator().manual_seed(1)))
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def adapter():
+    return _adapter()
+
+
+def _pixels(images):
+    return [np.asarray(im) for im in images]
+
+
+def test_the_adapter_generates_at_any_guidance_scale(adapter, monkeypatch):
+    from dataclasses import replace
+
+    for w in (1.0, 0.5):
+        monkeypatch.setattr(adapter, "settings_", replace(adapter.settings_, guidance_scale=w))
+        images = adapter.generate(PROMPTS[:2], [1, 2])
+        assert len(images) == 2 and all(im.size == (32, 32) for im in images)
+        assert adapter.settings()["generation"]["guidance_scale"] == w
+
+
+def test_the_adapters_images_do_not_depend_on_images_per_call(adapter, monkeypatch):
+    texts, seeds = PROMPTS * 2, [3, 1, 4, 1, 5, 9, 2, 6]
+    together = _pixels(adapter.generate(texts, seeds))                   # one call (16 per call)
+    monkeypatch.setattr(adapter, "images_per_call", 3)
+    assert all(np.array_equal(a, b) for a, b in zip(together, _pixels(adapter.generate(texts, seeds))))
+    s = adapter.settings()
+    assert s["batch_invariant"] is True and s["generation"]["images_per_call"] == 3
+
+
+def test_image_inputs_are_left_padded_prompts_ending_in_begin_of_image(adapter):
+    batch = adapter.image_inputs(PROMPTS[:2])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (ids[:, -1] == adapter.boi).all() and mask[:, -1].all() and not mask[1, 0]
+    assert adapter.bos_id == adapter.processor.tokenizer.bos_token_id and (ids[mask.bool()] == adapter.bos_id).sum() == 2
+    assert adapter.pad_id == adapter.processor.tokenizer.pad_token_id
+
+
+def test_the_caption_prompt_puts_the_image_before_the_instruction(adapter):
+    prompt = adapter.caption_prompt()
+    assert prompt.index("<image_placeholder>") < prompt.index(adapter.settings_.caption_instruction[:40])
+
+
+def test_image_lora_chooses_whether_images_use_the_adapter():
+    """A LoRA that moves the image logits: images with it off (image_lora False, the default) are the
+    base model's; with it on they change."""
+    from peft import LoraConfig, get_peft_model
+
+    adapter = _adapter()
+    base = _pixels(adapter.generate(PROMPTS[:2], [1, 2]))
+    torch.manual_seed(0)                                                   # the LoRA's random init
+    lora = get_peft_model(adapter.model, LoraConfig(r=2, target_modules=r".*language_model.*\.v_proj",
+                                                    init_lora_weights=False))
+    adapter.model = lora
+    assert adapter.image_lora is False
+    assert all(np.array_equal(a, b) for a, b in zip(base, _pixels(adapter.generate(PROMPTS[:2], [1, 2]))))
+    adapter.image_lora = True
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.mul_(50)
+    assert not all(np.array_equal(a, b) for a, b in zip(base, _pixels(adapter.generate(PROMPTS[:2], [1, 2]))))

@@ -2,34 +2,36 @@
 `JanusProcessor`; checkpoints as transformers' converter writes them, e.g.
 deepseek-community/Janus-Pro-7B and deepseek-community/Janus-Pro-1B).
 
-Captioning: one user turn [the release's caption instruction, the image] through the checkpoint's
-chat template; the processor prepends its default system prompt (use_default_system_prompt, as
-DeepSeek's release does for understanding) and expands the image into its image tokens; text
-generation (generation_mode="text") samples at the run's temperature (top_k / top_p /
-repetition_penalty from the run, else generation_config.json's, else transformers' defaults),
-after torch.manual_seed(the image's seed), one image per call.
+Captioning: one user turn [the image, the release's caption instruction] (the image first, as
+DeepSeek's Janus demo and transformers' Janus docs write it) through the checkpoint's chat template;
+the processor prepends its default system prompt (use_default_system_prompt, as DeepSeek's release
+does for understanding) and expands the image into its image tokens; text generation
+(generation_mode="text") samples at the run's temperature (top_k / top_p / repetition_penalty from
+the run, else generation_config.json's, else transformers' defaults), after torch.manual_seed(the
+image's seed), one image per call (a batch per call with caption_batching: not batch-invariant).
 
 Generation: one user turn [caption] through the chat template, then the processor's image mode
-(appends <begin_of_image>), then Janus's own classifier-free-guided autoregressive image-token
-generation (generate(generation_mode="image"): each prompt paired with an unconditional copy whose
-tokens other than BOS and <begin_of_image> are padding; guidance --guidance_scale, DeepSeek's 5 by
-default), image tokens sampled at the checkpoint's temperature (1 in the converted checkpoints)
-from the full distribution (top_k off, top_p 1, as DeepSeek's release samples them: transformers
-would otherwise apply its default top_k=50), after torch.manual_seed(the caption's seed), one image
-per call; the tokens are decoded by the model's VQ decoder and the processor's postprocess into
-PIL. The image size is fixed by the checkpoint (384 x 384 for Janus-Pro): --steps, --height and
---width do not apply.
+(appends <begin_of_image>), left-padded (`image_inputs`), then classifier-free-guided
+autoregressive image-token sampling by uae.unified.janus_images.sample_image_tokens: each prompt
+beside an unconditional copy whose tokens other than BOS and <begin_of_image> are padding, the next
+token drawn from softmax((u + w (c - u)) / T) with w = --guidance_scale (DeepSeek's 5 by default;
+any value: 1 is the conditional model alone) and T the checkpoint's temperature (1 in the converted
+checkpoints), over the full codebook (no top-k / top-p, as DeepSeek's release samples). Images go in
+calls of `images_per_call` (16, DeepSeek's parallel_size), each image drawing from a torch.Generator
+of its own on the model's device seeded with its seed, so an image depends on its caption and seed
+only, not on its batch-mates or the batching (dit_batching has no effect on Janus). The tokens are
+decoded by the model's VQ decoder and the processor's postprocess into PIL. The image size is fixed
+by the checkpoint (384 x 384 for Janus-Pro): --steps, --height and --width do not apply. A batch's
+arithmetic can differ from a single image's in the last bits (padding, kernel shapes; in bf16 on a
+GPU more than in fp32), which may flip a token drawn right at a boundary of the distribution.
 
-Seeds: the sampling draws from torch's global generator on the model's device, so an item's
-output depends only on its seed when it has its own generate() call (the default: batch- and
-process-invariant). With caption_batching / dit_batching a batch is one call seeded with its first
-seed (left-padded prompts): faster, not batch-invariant.
+A captioner LoRA (PEFT, --captioner_lora or stage 2's policy) applies to the captions; the images use
+it only with `image_lora` True (a LoRA trained end to end on its own images), else they are the base
+model's.
 
-Two workarounds for transformers 5.x, both inert where the library does not need them: image
-generation reads `generation_config.generation_kwargs["boi_token_id"]`, an attribute
-GenerationConfig no longer has (it is set from the processor's <begin_of_image> id), and
-`processor.postprocess(..., return_tensors="PIL.Image.Image")` fails in the image processor's
-tensor conversion (the uint8 tensors it returns with return_tensors=None are converted here)."""
+One workaround for transformers 5.x, inert where the library does not need it:
+`processor.postprocess(..., return_tensors="PIL.Image.Image")` fails in the image processor's tensor
+conversion (the uint8 tensors it returns with return_tensors=None are converted here)."""
 
 from __future__ import annotations
 
@@ -40,8 +42,9 @@ from typing import Sequence
 import torch
 
 from uae.errors import UAEError
-from uae.unified.common import (caption_images, caption_prompt, caption_sampling, load_config, load_pretrained,
-                              seed_groups, short_name, to_device, torch_dtype)
+from uae.unified.common import (caption_images, caption_sampling, load_config, load_pretrained, short_name, to_device,
+                                torch_dtype)
+from uae.unified.janus_images import sample_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,8 @@ class JanusAdapter:
     """Janus / Janus-Pro behind the UnifiedModel protocol."""
 
     text_kwargs = {"generation_mode": "text"}  # generate() writes text (captions), not image tokens
+    images_per_call = 16  # images sampled together (DeepSeek's parallel_size); no effect on the images
+    image_lora = False  # images with the model's PEFT adapter (True) or with it disabled (False)
 
     def __init__(self, checkpoint: str, settings, *, setting: str = "--checkpoint", label: str | None = None):
         from transformers import JanusForConditionalGeneration, JanusProcessor
@@ -71,16 +76,22 @@ class JanusAdapter:
             raise UAEError(f"{setting} {checkpoint}: the processor has no chat template")
         self.model.to(settings.device).eval()
         tok = self.processor.tokenizer
-        self.boi = tok.convert_tokens_to_ids(self.processor.image_start_token)
         gen = self.model.generation_config
+        # The unconditional prompt of image generation keeps BOS (None: a tokenizer without one) and
+        # <begin_of_image>, and pads the rest.
+        self.boi = tok.convert_tokens_to_ids(self.processor.image_start_token)
+        self.bos_id = tok.bos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else getattr(gen, "pad_token_id", None)
         if getattr(gen, "boi_token_id", self.boi) != self.boi:
             raise UAEError(f"{setting} {checkpoint}: generation_config.json's boi_token_id {gen.boi_token_id} is not "
                            f"the tokenizer's {self.processor.image_start_token} ({self.boi})")
-        if not isinstance(getattr(gen, "generation_kwargs", None), dict):
-            gen.generation_kwargs = {}
-        gen.generation_kwargs.setdefault("boi_token_id", self.boi)
+        if self.pad_id is None:
+            raise UAEError(f"{setting} {checkpoint}: neither the tokenizer nor generation_config.json has a pad token "
+                           "(the unconditional prompt of image generation is made of it)")
         self.sampling, self.effective = caption_sampling(settings, gen)
         self.image_temperature = getattr(gen, "temperature", None) or 1.0
+        # An unset --guidance_scale: the checkpoint's generation_config.json (5 in the converted ones), else DeepSeek's 5.
+        self.default_guidance = getattr(gen, "guidance_scale", None) or 5.0
         vision, vq = self.model.config.vision_config, self.model.config.vq_config
         self.image_tokens = vision.num_image_tokens
         side = vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
@@ -90,7 +101,11 @@ class JanusAdapter:
 
     # -------------------------------------------------------------- captioning
     def caption_prompt(self) -> str:
-        return caption_prompt(self.processor, self.settings_.caption_instruction)
+        """The release's caption instruction after the image, in one user turn through the checkpoint's
+        chat template (Janus puts the image first: DeepSeek's demo, transformers' Janus docs)."""
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": self.settings_.caption_instruction}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def inputs(self, images: Sequence):
         """Caption prompts of `images` (RGB), left-padded, on the model's device."""
@@ -125,21 +140,42 @@ class JanusAdapter:
             images.append(Image.fromarray(arr.to(torch.uint8).numpy()))
         return images
 
+    def image_inputs(self, texts: Sequence[str]):
+        """Image-generation prompts of `texts` (chat template, then <begin_of_image>), left-padded, on
+        the model's device: what generate() and stage 2's trainer sample from."""
+        return self.processor(text=[self.generation_prompt(t) for t in texts], generation_mode="image", padding=True,
+                              padding_side="left", return_tensors="pt").to(self.model.device)
+
+    def image_lora_context(self):
+        """The context images are generated in: the PEFT adapter disabled unless `image_lora` (a stage-2
+        captioner LoRA that trained the captions only leaves the images as the base model's)."""
+        if self.image_lora or not hasattr(self.model, "disable_adapter"):
+            return contextlib.nullcontext()
+        return self.model.disable_adapter()
+
+    def guidance_scale(self) -> float:
+        """The run's --guidance_scale, or the checkpoint's default when the run leaves it unset."""
+        given = self.settings_.guidance_scale
+        return self.default_guidance if given is None else given
+
     @torch.no_grad()
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
-        texts = list(texts)
-        images: list = [None] * len(texts)
-        for idx, seed in seed_groups(len(texts), seeds, self.settings_.dit_batching):
-            batch = self.processor(text=[self.generation_prompt(texts[i]) for i in idx], generation_mode="image",
-                                   padding=True, return_tensors="pt").to(self.model.device)
-            torch.manual_seed(seed)
-            # A stage-2 captioner LoRA (--captioner_lora) trains the captions only: images without it.
-            with (self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else contextlib.nullcontext()):
-                tokens = self.model.generate(**batch, generation_mode="image", do_sample=True,
-                                             guidance_scale=self.settings_.guidance_scale, top_k=0, top_p=1.0,
-                                             temperature=self.image_temperature)
-            for i, im in zip(idx, self.to_pil(self.model.decode_image_tokens(tokens))):
-                images[i] = im
+        texts, seeds = list(texts), list(seeds)
+        if len(seeds) != len(texts):
+            raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
+        if self.images_per_call < 1:
+            raise UAEError(f"images_per_call {self.images_per_call}: must be at least 1")
+        images: list = []
+        for start in range(0, len(texts), self.images_per_call):
+            chunk = slice(start, start + self.images_per_call)
+            batch = self.image_inputs(texts[chunk])
+            gens = [torch.Generator(device=self.model.device).manual_seed(s) for s in seeds[chunk]]
+            with self.image_lora_context():
+                out = sample_image_tokens(self.model, batch["input_ids"], batch["attention_mask"], generators=gens,
+                                          guidance_scale=self.guidance_scale(),
+                                          temperature=self.image_temperature, bos_id=self.bos_id, boi_id=self.boi,
+                                          pad_id=self.pad_id)
+            images += self.to_pil(self.model.decode_image_tokens(out.tokens))
         return images
 
     def settings(self) -> dict:
@@ -148,13 +184,17 @@ class JanusAdapter:
         return {"model": "janus", "name": self.name, "checkpoint": self.checkpoint, "device": s.device,
                 "dtype": str(self.dtype),
                 "caption": {"instruction": s.caption_instruction,
-                            "prompt": "chat template, one user turn [instruction, image]; the processor's default "
+                            "prompt": "chat template, one user turn [image, instruction]; the processor's default "
                                       f"system prompt: {system}",
                             "sampling": self.effective},
                 "generation": {"image_tokens": self.image_tokens, "image_size": self.image_size,
-                               "guidance_scale": s.guidance_scale, "temperature": self.image_temperature,
-                               "top_k": "off", "top_p": 1.0,
+                               "guidance_scale": self.guidance_scale(), "temperature": self.image_temperature,
+                               "top_k": "off", "top_p": 1.0, "images_per_call": self.images_per_call,
+                               "seeded": "one torch.Generator(seed) per image on the model's device",
+                               "batch_invariant": True, "image_lora": self.image_lora,
+                               "dit_batching": "no effect: images are sampled images_per_call at a time, each "
+                                               "from its own generator",
                                "not_applicable": ["steps", "height", "width"]},
-                "seeded": "torch.manual_seed(seed) before each caption's and each image's generate()" if not
-                          (s.caption_batching or s.dit_batching) else "one generate() per batch, first seed",
-                "batch_invariant": not (s.caption_batching or s.dit_batching)}
+                "seeded": "torch.manual_seed(seed) before each caption's generate()" if not s.caption_batching
+                          else "one caption generate() per batch, first seed",
+                "batch_invariant": not s.caption_batching}
