@@ -38,14 +38,27 @@ class GenerationConfig:
                 raise UAEError(f"--{name} {getattr(self, name)} must be a multiple of 16 (SD3's VAE and patch size)")
 
     def generate_kwargs(self) -> dict:
-        return dict(height=self.height, width=self.width, num_inference_steps=self.steps,
-                    guidance_scale=self.guidance_scale, dit_batching=self.dit_batching)
+        """UAE.generate's arguments; steps or guidance left unset (None) are left out: UAE.generate's
+        own defaults, the release's, apply."""
+        given = dict(num_inference_steps=self.steps, guidance_scale=self.guidance_scale)
+        return dict(height=self.height, width=self.width, dit_batching=self.dit_batching,
+                    **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
 class InferenceConfig(GenerationConfig):
-    """Captioning and text-to-image settings (the release's by default)."""
+    """Captioning and text-to-image settings (the release's by default; steps and guidance: each
+    model's own unless given)."""
 
+    # Unset by default (uae.unified.RunSettings.model_defaults): UAE keeps the release's 40 steps and
+    # guidance 5.0 (UAE.generate's defaults), a diffusers pipeline its __call__'s (FLUX.1-dev guidance
+    # 3.5, SD3.5 28 steps, ...), Janus guidance 5.0 (DeepSeek's); each model's settings() say which.
+    steps: int | None = field(None, min=1, help="denoising steps (default: the model's own: UAE's release 40, a "
+                                                "diffusers pipeline's __call__ default, e.g. 28 for SD3 and FLUX)")
+    guidance_scale: float | None = field(None, min=0, help="classifier-free guidance scale (default: the model's own: "
+                                                           "UAE's release 5.0, a diffusers pipeline's __call__ "
+                                                           "default, e.g. 3.5 for FLUX, 7.0 for SD3; <= 1 disables "
+                                                           "UAE's negative branch)")
     increment_seed: bool = field(False, help="item i (of a batch mode or a benchmark, in order) uses seed + i instead "
                                              "of seed, for its caption and its image")
     do_sample: bool = field(True, help="sample each caption (at --temperature, with --top_k / --top_p); false: greedy "

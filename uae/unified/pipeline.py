@@ -4,7 +4,11 @@ decoder swap).
 
 The generator is `AutoPipelineForText2Image.from_pretrained(--generator)` (SD3 / SD3.5, FLUX,
 Qwen-Image, SDXL, ...), called with each caption as `prompt` and the run's steps, guidance scale,
-height and width (those its __call__ accepts; the others are recorded as not applicable), plus the
+height and width (those its __call__ accepts; the others are recorded as not applicable); steps and
+guidance the run leaves unset are the pipeline's own, its __call__'s defaults (FluxPipeline 28
+steps and guidance 3.5, StableDiffusion3Pipeline 28 and 7.0, ...; recorded in settings() as
+model_defaults), not UAE's 40 and 5.0. A checkpoint's recommended values that are no default of its
+class (FLUX.1-schnell's 4 steps) are given with --steps / --guidance_scale. Plus the
 `--model_args` mapping as further call arguments (e.g. {"max_sequence_length": 512} for SD3's T5,
 {"true_cfg_scale": 4.0, "negative_prompt": " "} for Qwen-Image). Image i's initial noise comes from
 its own CPU torch.Generator seeded with seeds[i] (diffusers' reproducible recipe: the same noise on
@@ -68,12 +72,22 @@ class DiffusersGenerator:
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         if "prompt" not in params or "generator" not in params:
             raise UAEError(f"{setting} {source}: {type(pipe).__name__}.__call__ takes no prompt / generator")
-        self.run_args = {k: getattr(settings, v) for k, v in RUN_ARGUMENTS.items() if k in params}
-        self.not_applicable = sorted(v for k, v in RUN_ARGUMENTS.items() if k not in params)
         self.call_kwargs = dict(call_kwargs or {})
         unknown = [k for k in self.call_kwargs if k not in params and not accepts_any]
         if unknown:
             raise UAEError(f"--model_args {unknown}: {type(pipe).__name__}.__call__ takes no such argument")
+        # What the run sets is passed. What it leaves to the model (settings.model_defaults) is not,
+        # unless the pipeline's __call__ has no default for it: the pipeline's own default applies
+        # (or --model_args' value), read from its signature for settings().
+        left = {k for k, v in RUN_ARGUMENTS.items() if k in params and v in settings.model_defaults
+                and (k in self.call_kwargs or params[k].default is not inspect.Parameter.empty)}
+        self.run_args = {k: getattr(settings, v) for k, v in RUN_ARGUMENTS.items() if k in params and k not in left}
+        self.model_defaults = {k: params[k].default for k in sorted(left) if k not in self.call_kwargs}
+        twice = sorted(k for k in self.call_kwargs if k in self.run_args)
+        if twice:
+            raise UAEError(f"--model_args {twice}: set by --{' / --'.join(RUN_ARGUMENTS[k] for k in twice)} too; "
+                           "give each once")
+        self.not_applicable = sorted(v for k, v in RUN_ARGUMENTS.items() if k not in params)
         if self.not_applicable:
             logger.info("%s does not take %s: not applied", type(pipe).__name__, ", ".join(self.not_applicable))
 
@@ -91,7 +105,8 @@ class DiffusersGenerator:
 
     def settings_dict(self) -> dict:
         return {"generator": self.source, "pipeline": type(self.pipe).__name__, "dtype": str(self.dtype),
-                **self.run_args, "call_kwargs": self.call_kwargs,
+                **self.model_defaults, **self.run_args, "model_defaults": sorted(self.model_defaults),
+                "call_kwargs": self.call_kwargs,
                 "not_applicable": self.not_applicable,
                 "seeded": "one CPU torch.Generator(seed) per image, "
                           + ("a batch per call" if self.settings.dit_batching else "one image per call")}

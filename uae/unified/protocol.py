@@ -20,7 +20,7 @@ mapping as further keyword arguments (see uae/unified/loading.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Protocol, Sequence, runtime_checkable
 
 from uae.errors import UAEError
@@ -41,6 +41,10 @@ class UnifiedModel(Protocol):
         """One PIL image per text."""
 
 
+# The generation settings a model may take from its own defaults when the user leaves them unset.
+MODEL_DEFAULTS = ("steps", "guidance_scale")
+
+
 @dataclass(frozen=True)
 class RunSettings:
     """The run's inference settings, as every model under test is built with them.
@@ -53,7 +57,12 @@ class RunSettings:
                                top_k and top_p unused, the same caption for any seed)
     caption_batching           caption a batch in one generate() call (faster; not batch-invariant)
     steps, guidance_scale, height, width
-                               image generation (a model that cannot honour one records so in settings())
+                               image generation (a model that cannot honour one records so in settings());
+                               steps and guidance default to UAE's release values (40, 5.0)
+    model_defaults             the generation settings the user left unset ("steps", "guidance_scale"):
+                               a model with defaults of its own uses those instead of the values above
+                               and records so in settings() (a diffusers pipeline: its __call__'s
+                               defaults); a model without (UAE, Janus) uses the values above
     dit_batching               generate a batch's images together (faster; see each adapter)
     caption_progress           show a bar of each caption's tokens while it is generated (the
                                runner turns it on for each node's first process; no effect on outputs)
@@ -75,22 +84,30 @@ class RunSettings:
     width: int = 1024
     dit_batching: bool = False
     caption_progress: bool = False
+    model_defaults: tuple[str, ...] = ()
 
     def __post_init__(self):
+        unknown = sorted(set(self.model_defaults) - set(MODEL_DEFAULTS))
+        if unknown:
+            raise UAEError(f"RunSettings: model_defaults {unknown}: only {list(MODEL_DEFAULTS)} can be left to a model")
         if not self.do_sample and (self.top_k is not None or self.top_p is not None):
             raise UAEError(f"RunSettings: top_k {self.top_k} / top_p {self.top_p} apply to sampling, and "
                            "do_sample=False decodes greedily: leave them None")
 
     @classmethod
     def from_config(cls, cfg, device, dtype, caption_progress: bool = False) -> "RunSettings":
-        """From an InferenceConfig (the runner's flags) and the resolved device and dtype."""
+        """From an InferenceConfig (the runner's flags) and the resolved device and dtype; the flags
+        left unset (None) among MODEL_DEFAULTS are UAE's release values here and named in
+        model_defaults."""
+        unset = tuple(k for k in MODEL_DEFAULTS if getattr(cfg, k) is None)
+        release = {f.name: f.default for f in fields(cls) if f.name in unset}
+        generation = {k: release.get(k, getattr(cfg, k)) for k in MODEL_DEFAULTS}
         return cls(device=str(device), dtype=str(dtype).removeprefix("torch."),
                    caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
                    temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                    repetition_penalty=cfg.repetition_penalty, do_sample=cfg.do_sample,
-                   caption_batching=cfg.caption_batching,
-                   steps=cfg.steps, guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width,
-                   dit_batching=cfg.dit_batching, caption_progress=caption_progress)
+                   caption_batching=cfg.caption_batching, **generation, height=cfg.height, width=cfg.width,
+                   dit_batching=cfg.dit_batching, caption_progress=caption_progress, model_defaults=unset)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,8 +11,10 @@ reach it as text."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -24,6 +26,13 @@ from uae.unified.captioner import TransformersCaptioner
 from uae.unified.common import caption_sampling
 
 logger = logging.getLogger(__name__)
+
+
+def release_generation_defaults() -> dict:
+    """UAE's own steps and guidance (UAE.generate's defaults: the release demo's 40 and 5.0), for
+    the run settings left unset."""
+    params = inspect.signature(UAE.generate).parameters
+    return {"steps": params["num_inference_steps"].default, "guidance_scale": params["guidance_scale"].default}
 
 
 def refuse_other_formats(checkpoint: str, setting: str = "--checkpoint") -> None:
@@ -63,6 +72,10 @@ class UAEModel:
         return self
 
     def _hold(self, model: UAE, checkpoint: str | None, settings, captioner, label: str) -> None:
+        # The run's unset steps / guidance: UAE's own (recorded in settings() as model_defaults).
+        self.model_defaults = list(settings.model_defaults)
+        own = release_generation_defaults()
+        settings = replace(settings, **{k: own[k] for k in self.model_defaults})
         self.uae, self.checkpoint, self.settings_, self.captioner = model, checkpoint, settings, captioner
         self.name = label if captioner is None else f"{captioner.name}+{label}"
         self.kept: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # caption -> its (positive, negative)
@@ -110,7 +123,8 @@ class UAEModel:
                 "dtype": str(self.uae.dtype),
                 "components": {k: None if v is None else str(v) for k, v in comps.as_dict().items()} if comps else None,
                 "caption": caption,
-                "generation": {**self.generate_kwargs(), "negative_prompt": enc.prompts.negative_prompt,
+                "generation": {**self.generate_kwargs(), "model_defaults": self.model_defaults,
+                               "negative_prompt": enc.prompts.negative_prompt,
                                "generate_role": enc.prompts.generate_role,
                                "conditioning": "UAE's LLM + LoRA hidden states of the caption, projected"},
                 "batch_invariant": not (s.caption_batching or s.dit_batching)}
