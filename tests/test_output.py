@@ -37,7 +37,7 @@ def test_demo_help_keeps_each_example_on_its_line_and_shows_defaults(capsys, mon
         assert line in out.splitlines(), line
     opts = _options(out)
     assert "--seed SEED seed of every caption and image (the release generates with 42) (default: 42)" in opts
-    assert "--steps STEPS denoising steps (default: 40)" in opts
+    assert "--steps STEPS denoising steps (default: the model's own: UAE's release 40" in opts
     assert "--output_dir OUTPUT_DIR folder written in batch mode (--prompt_file or a folder --input_img) " \
            "(default: output/demo)" in opts
     # No default shown where there is none to show: an off switch, None, or a help that says it already.
