@@ -20,7 +20,8 @@ checkpoints), over the full codebook (no top-k / top-p, as DeepSeek's release sa
 calls of `images_per_call` (16, DeepSeek's parallel_size), each image drawing from a torch.Generator
 of its own on the model's device seeded with its seed, so an image depends on its caption and seed
 only, not on its batch-mates or the batching (dit_batching has no effect on Janus). The tokens are
-decoded by the model's VQ decoder and the processor's postprocess into PIL. The image size is fixed
+decoded one image at a time (`decode`: a batched decode rounds a pixel differently) by the model's
+VQ decoder and the processor's postprocess into PIL. The image size is fixed
 by the checkpoint (384 x 384 for Janus-Pro): --steps, --height and --width do not apply. A batch's
 arithmetic can differ from a single image's in the last bits (padding, kernel shapes; in bf16 on a
 GPU more than in fp32), which may flip a token drawn right at a boundary of the distribution.
@@ -92,9 +93,8 @@ class JanusAdapter:
         self.image_temperature = getattr(gen, "temperature", None) or 1.0
         # An unset --guidance_scale: the checkpoint's generation_config.json (5 in the converted ones), else DeepSeek's 5.
         self.default_guidance = getattr(gen, "guidance_scale", None) or 5.0
-        vision, vq = self.model.config.vision_config, self.model.config.vq_config
-        self.image_tokens = vision.num_image_tokens
-        side = vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
+        self.image_tokens = self.model.config.vision_config.num_image_tokens
+        side = janus_image_side(self.model.config)
         self.image_size = [side, side]
         logger.info("janus: images are %dx%d (%d tokens, fixed by the checkpoint); --steps, --height and --width do "
                     "not apply", side, side, self.image_tokens)
@@ -140,6 +140,13 @@ class JanusAdapter:
             images.append(Image.fromarray(arr.to(torch.uint8).numpy()))
         return images
 
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> list:
+        """Image tokens (B, N) -> PIL images, one VQ decoder call per image: a batch's convolutions
+        round differently from a single image's (pixels a level apart, measured on the tiny Janus),
+        and an image must not depend on its batch-mates."""
+        return [im for row in tokens for im in self.to_pil(self.model.decode_image_tokens(row[None]))]
+
     def image_inputs(self, texts: Sequence[str]):
         """Image-generation prompts of `texts` (chat template, then <begin_of_image>), left-padded, on
         the model's device: what generate() and stage 2's trainer sample from."""
@@ -175,7 +182,7 @@ class JanusAdapter:
                                           guidance_scale=self.guidance_scale(),
                                           temperature=self.image_temperature, bos_id=self.bos_id, boi_id=self.boi,
                                           pad_id=self.pad_id)
-            images += self.to_pil(self.model.decode_image_tokens(out.tokens))
+            images += self.decode(out.tokens)
         return images
 
     def settings(self) -> dict:
@@ -198,3 +205,10 @@ class JanusAdapter:
                 "seeded": "torch.manual_seed(seed) before each caption's generate()" if not s.caption_batching
                           else "one caption generate() per batch, first seed",
                 "batch_invariant": not s.caption_batching}
+
+
+def janus_image_side(config) -> int:
+    """The side in pixels of a Janus checkpoint's images (its config: the VQ model's latent grid
+    times its upsampling; 384 for Janus-Pro), fixed by the checkpoint."""
+    vq = config.vq_config
+    return vq.num_patches * 2 ** (len(vq.channel_multiplier) - 1)
