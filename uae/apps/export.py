@@ -10,6 +10,12 @@ DIR/llm/projector.safetensors, a file transformers never reads and our loader do
 DiT with its LoRA fused (diffusers' `fuse_lora` + `unload_lora`); SD3/ and llm_processor/ are
 copied (or linked); the manifest declares both LoRAs absent. `demo.py --checkpoint DIR` then
 makes the source's captions and images, up to the float rounding of the merge (docs/evaluation.md, "Export").
+
+A stage-2 run of another model (`train_grpo.py --stage g4u --model janus|pipeline`: its final/ holds
+captioner_lora/ and a manifest naming the source model) exports as a plain transformers folder of
+that model (Janus: JanusForConditionalGeneration, the LoRA merged into the language model that
+both captions and generates image tokens; a pipeline's captioner: its image-text-to-text class),
+with the source's processor files: `from_pretrained` and `--model janus --checkpoint DIR` load it.
 """
 
 from __future__ import annotations
@@ -207,12 +213,61 @@ def export_dit(paths, dst: Path, requested: str) -> torch.dtype:
     return out_dtype
 
 
+def captioner_run(checkpoint: str) -> dict | None:
+    """The manifest of a stage-2 run of another model (its final/: captioner_lora/ and a manifest
+    with its source model), or None for a checkpoint in UAE's layout."""
+    manifest = Path(checkpoint) / MANIFEST
+    if not (Path(checkpoint) / "captioner_lora").is_dir() or not manifest.is_file():
+        return None
+    declared = json.loads(manifest.read_text())
+    return declared if declared.get("model") in ("janus", "pipeline") and declared.get("source") else None
+
+
+def export_captioner(final: str, declared: dict, out: Path, requested: str, overwrite: bool) -> Path:
+    """OUT: the source model of a stage-2 run (Janus, or a pipeline's captioner) with the run's
+    captioner LoRA merged by PEFT (`merge_and_unload`), saved by transformers with the source's
+    processor: a plain folder of the source's class."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    source, lora = declared["source"], str(Path(final) / "captioner_lora")
+    check_output(out, overwrite, [final] + ([source] if os.path.exists(source) else []))
+    out_dtype, work = export_dtype(requested, source) if os.path.isdir(source) else (DTYPE_NAMES.get(requested,
+                                                                                                     torch.float32),) * 2
+    logger.info("%s: loading %s + LoRA %s in %s", declared["model"], source, lora, _dtype_name(work))
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(source, dtype=work)
+        processor = AutoProcessor.from_pretrained(source)
+        merged = PeftModel.from_pretrained(model, lora).merge_and_unload()
+    except Exception as e:  # a moved source, an adapter of another model
+        raise UAEError(f"--checkpoint {final}: could not load its source {source} with {lora} "
+                       f"({type(e).__name__}: {e})") from None
+    _no_adapter_left(merged, declared["model"])
+    if declared["model"] == "janus" and "image" not in declared.get("lora_sides", ["caption"]):
+        logger.warning("%s trained its LoRA with a frozen generator (images with the LoRA off); merged, the LoRA also "
+                       "changes the exported model's images (the runner's --captioner_lora keeps them apart)", final)
+    merged.to(out_dtype)
+    with atomic_folder(out) as tmp:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / "uae_export.json", {"exported_by": "uae-export", "source": source,
+                                                     "merged": "captioner_lora", "from_run": str(Path(final).resolve()),
+                                                     "lora_sides": declared.get("lora_sides", ["caption"]),
+                                                     "dtype": _dtype_name(out_dtype)})
+    logger.info("wrote %s: a plain %s folder (%s, the LoRA merged)", out, type(merged).__name__, _dtype_name(out_dtype))
+    return out
+
+
 # ---------------------------------------------------------------------------- folder
 
 def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", overwrite: bool = False,
            link_unchanged: bool = False, source_name: str | None = None) -> Path:
-    """Write the merged export of `checkpoint` (a folder in the official layout or a hub id) to
-    `out_dir`, atomically: built in a temporary sibling folder, renamed when complete."""
+    """Write the merged export of `checkpoint` (a folder in the official layout or a hub id, or a
+    stage-2 run's final/ of another model) to `out_dir`, atomically: built in a temporary sibling
+    folder, renamed when complete."""
+    declared = captioner_run(checkpoint)
+    if declared is not None:
+        return export_captioner(checkpoint, declared, Path(out_dir), dtype, overwrite)
     paths = resolve_components(checkpoint)
     out = Path(out_dir)
     sources = [p for p in paths.as_dict().values() if p and os.path.exists(p)]
@@ -238,8 +293,9 @@ def main(argv: list[str] | None = None, description: str | None = None) -> int:
     setup_logging(cfg.log_level)
     out = export(resolve_checkpoint(cfg.checkpoint), cfg.output_dir, dtype=cfg.dtype, overwrite=cfg.overwrite,
                  link_unchanged=cfg.link_unchanged, source_name=cfg.checkpoint)
-    logger.info("wrote %s: llm/ loads with plain transformers (Qwen2_5_VLForConditionalGeneration, AutoProcessor); "
-                "`demo.py --checkpoint %s` runs the merged model", out, out)
+    if captioner_run(cfg.checkpoint) is None:
+        logger.info("wrote %s: llm/ loads with plain transformers (Qwen2_5_VLForConditionalGeneration, AutoProcessor); "
+                    "`demo.py --checkpoint %s` runs the merged model", out, out)
     return 0
 
 

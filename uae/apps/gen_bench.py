@@ -40,6 +40,11 @@ from uae.files import atomic_write_json, atomic_write_text, check_same_settings,
 from uae.images import save_image
 from uae.models.uae import UAE
 from uae.random_weights import resolve_checkpoint
+from uae.random_weights.unified import resolve as resolve_model
+from uae.unified.common import load_config
+from uae.unified.janus import JanusAdapter, janus_image_side
+from uae.unified.loading import apply_captioner_lora
+from uae.unified.protocol import RunSettings
 from uae.runtime import resolve_device, resolve_dtype
 
 logger = logging.getLogger("uae.apps.gen_bench")  # not __name__: "__main__" under python -m
@@ -51,8 +56,8 @@ SEED_POLICY = ("image k (0-based) of prompt i (0-based) is generated alone with 
                "file names (a folder of <id>.txt)")
 DPG_MAX_IMAGES = 4  # compute_dpg_bench.py crops at most four cells: a 2x2 grid
 # What an existing output folder must have been made with for a rerun to add to it.
-RESUME_KEYS = ("benchmark", "prompts_sha256", "checkpoint", "images_per_prompt", "seed", "steps", "guidance_scale",
-               "height", "width", "dit_batching", "dtype")
+RESUME_KEYS = ("benchmark", "prompts_sha256", "model", "checkpoint", "lora", "images_per_prompt", "seed", "steps",
+               "guidance_scale", "height", "width", "dit_batching", "dtype")
 
 
 @dataclass
@@ -69,8 +74,17 @@ class GenBenchConfig(GenerationConfig):
                                            "\"prompt\"} (required)")
     output_dir: str | None = field(None, help="folder the images go to, in the benchmark's layout (required); a rerun "
                                               "skips what is complete")
-    checkpoint: str = field("tiny", help="folder in the official layout, a hub id (zhiyuanyan1/UAE), or 'tiny' for the "
-                                         "embedded random checkpoint")
+    model: str = field("uae", choices=("uae", "janus"),
+                       help="whose generator: uae (--checkpoint in UAE's layout) or janus (--checkpoint: Janus / "
+                            "Janus-Pro in transformers' layout; its images are the checkpoint's size, 384 for "
+                            "Janus-Pro, so --height / --width / --steps do not apply)")
+    checkpoint: str = field("tiny", help="uae: a folder in the official layout, a hub id (zhiyuanyan1/UAE), or 'tiny' "
+                                         "for the embedded random checkpoint; janus: a Janus folder or hub id "
+                                         "(deepseek-community/Janus-Pro-7B) or 'tiny'")
+    lora: str | None = field(None, aliases=["--captioner_lora"],
+                             help="--model janus: a LoRA trained by train_grpo.py --stage g4u --model janus (its "
+                                  "final/captioner_lora); applied to the images when its run trained end to end "
+                                  "(the run's manifest says so), else it changes nothing here")
     images_per_prompt: int = field(4, min=1, help="images per prompt (GenEval: samples/; DPG-Bench: tiled into one "
                                                   "png, at most 4, the evaluator's 2x2 grid)")
     attn_implementation: str = field("auto", help="auto (flash_attention_2 if installed and supported, else sdpa), "
@@ -84,6 +98,9 @@ class GenBenchConfig(GenerationConfig):
                 raise UAEError(f"--{name} is required (e.g. --benchmark geneval --prompts "
                                "geneval/prompts/evaluation_metadata.jsonl --output_dir out/geneval)")
         super().__post_init__()
+        if self.lora and self.model != "janus":
+            raise UAEError(f"--lora {self.lora}: a LoRA for --model janus; UAE's trained LoRAs live in its checkpoint "
+                           "folder (--checkpoint <run>/final)")
         if self.benchmark == "dpg":
             if self.images_per_prompt > DPG_MAX_IMAGES:
                 raise UAEError(f"--images_per_prompt {self.images_per_prompt}: DPG-Bench's evaluator reads at most "
@@ -307,7 +324,9 @@ def settings(cfg: GenBenchConfig, prompts: list[Prompt]) -> dict:
         "prompts": str(Path(cfg.prompts).resolve()),
         "prompts_sha256": prompts_digest(prompts),
         "num_prompts": len(prompts),
+        "model": cfg.model,
         "checkpoint": str(ckpt.resolve()) if cfg.checkpoint != "tiny" and ckpt.exists() else cfg.checkpoint,
+        "lora": str(Path(cfg.lora).resolve()) if cfg.lora else None,
         "images_per_prompt": cfg.images_per_prompt,
         "seed": cfg.seed,
         "seed_policy": SEED_POLICY,
@@ -330,6 +349,32 @@ def check_resumable(out: Path, current: dict) -> None:
     check_same_settings(out / MANIFEST, current, RESUME_KEYS)
 
 
+def janus_settings(cfg: GenBenchConfig) -> GenBenchConfig:
+    """--model janus: `tiny` resolved, and the image size the checkpoint fixes (the DPG grid's
+    cells and the evaluator's --resolution), read from its config before any weights load."""
+    checkpoint = resolve_model(cfg.checkpoint, "janus")
+    side = janus_image_side(load_config(checkpoint, "--checkpoint", "a Janus checkpoint"))
+    if (cfg.height, cfg.width) != (side, side):
+        logger.info("janus: images are %dx%d (fixed by the checkpoint): --height / --width do not apply", side, side)
+    return dataclasses.replace(cfg, checkpoint=checkpoint, height=side, width=side)
+
+
+def load_generator(cfg: GenBenchConfig, device: str):
+    """generate(texts, seeds) -> PIL images, image i from seeds[i] alone: UAE's, or Janus's with
+    --lora on the side(s) its run trained."""
+    if cfg.model == "uae":
+        model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=device, dtype=cfg.dtype,
+                                    attn_implementation=cfg.attn_implementation, offload=cfg.offload)
+        return lambda texts, seeds: model.generate(texts, seed=seeds, progress=False, **cfg.generate_kwargs())
+    dev = resolve_device(device)
+    settings = RunSettings(device=str(dev), dtype=str(resolve_dtype(cfg.dtype, dev)).removeprefix("torch."),
+                           guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width)
+    model = JanusAdapter(cfg.checkpoint, settings)
+    if cfg.lora:
+        apply_captioner_lora(model, cfg.lora)
+    return model.generate
+
+
 def run(cfg: GenBenchConfig) -> dict | None:
     """Generate every missing output. Under torchrun / `accelerate launch` the prompts are dealt out
     round-robin by rank (prompt i to process i % N), each process skipping what is complete; the
@@ -340,6 +385,8 @@ def run(cfg: GenBenchConfig) -> dict | None:
 
     prompts = read_prompts(cfg.benchmark, cfg.prompts)  # every input checked before any model loads
     out = writable_dir(cfg.output_dir, "--output_dir")
+    if cfg.model == "janus":
+        cfg = janus_settings(cfg)
     manifest = settings(cfg, prompts)
     check_resumable(out, manifest)
     state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
@@ -354,16 +401,13 @@ def run(cfg: GenBenchConfig) -> dict | None:
                 cfg.benchmark, len(prompts), cfg.images_per_prompt, sum(v is None for v in todo.values()), rank,
                 world, len(mine))
     if mine:
-        model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=str(state.device) if world > 1 else
-                                    cfg.device, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                    offload=cfg.offload)
+        generate = load_generator(cfg, str(state.device) if world > 1 else cfg.device)
         for p in tqdm(mine, desc=f"{cfg.benchmark} prompts" + (f" (process {rank})" if world > 1 else ""),
                       unit="prompt"):
             ks, seeds = todo[p.key], image_seeds(cfg, p)
-            images = model.generate([p.prompt] * len(ks), seed=[seeds[k] for k in ks], progress=False,
-                                    **cfg.generate_kwargs()) if ks else []
+            images = generate([p.prompt] * len(ks), [seeds[k] for k in ks]) if ks else []
             write_outputs(cfg, out, p, ks, images)
-        del model
+        del generate
     state.wait_for_everyone()
     if not state.is_main_process:
         return None

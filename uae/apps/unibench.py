@@ -320,9 +320,11 @@ class UniBenchConfig(InferenceConfig):
     generator: str | None = field(None, help="--model pipeline: a diffusers text-to-image pipeline (hub id, folder, "
                                              "or 'tiny'); without --captioner it regenerates --captions_from's "
                                              "captions (a decoder swap)")
-    captioner_lora: str | None = field(None, help="--model janus / pipeline: a captioner LoRA trained by train_grpo.py "
-                                                  "--stage g4u --model ... (its final/captioner_lora), loaded onto "
-                                                  "the captioner (Janus generates with it off, as it trained)")
+    captioner_lora: str | None = field(None, aliases=["--lora"],
+                                       help="--model janus / pipeline: a LoRA trained by train_grpo.py --stage g4u "
+                                            "--model ... (its final/captioner_lora), loaded onto the captioner's "
+                                            "language model; Janus also generates with it when its run trained end "
+                                            "to end (the run's manifest, lora_sides), else with it off, as it trained")
     model_args: str | None = field(None, help="a mapping (inline JSON / YAML, or a .json / .yaml file): the "
                                               "constructor's keyword arguments for --model module:Class; extra "
                                               "pipeline call arguments for --model pipeline")

@@ -5,6 +5,15 @@ caption's reward is the similarity of the frozen decoder's image from that capti
 image. The decoder is conditioned through the LLM itself (as at inference): with the current
 LoRA by default, with `frozen_embedding` through the LoRA-free LLM.
 
+Janus / Janus-Pro (`--model janus`, the paper's UMM-2: one autoregressive model both sides) trains
+end to end by default: the policy captions the image, then generates the reconstruction from its
+own caption as image tokens (x -> y -> x~), and the loss covers the caption tokens and the image
+tokens of each sample with the sample's one advantage (`--train_tokens both`: one sequence per
+sample, caption tokens then image tokens, normalised as `loss_type` says). The image tokens come
+from our own sampling loop (uae.unified.janus_images), which records each token's log-probability
+(`--image_logprob guided|conditional`). `--frozen_generator true --train_tokens caption` is the
+control: images with the LoRA off, as a frozen part of the reward.
+
 On-policy: captions are sampled with an explicit generation config whose only logits processors
 are the temperature and the suppressed vision tokens, exactly what the log-probabilities are
 recomputed with (a checkpoint's generation_config.json may hold repetition_penalty, top_k or top_p,
@@ -40,8 +49,12 @@ from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup
 from uae.training.seeding import generator_for
 from uae.training.setup import make_optimizer
+from uae.unified.janus_images import image_token_logprobs, sample_image_tokens
 from uae.unified.loading import all_tiny, captioning_side, load_model
 from uae.unified.protocol import RunSettings
+
+
+TRAIN_TOKENS = ("caption", "image", "both")
 
 
 @dataclass
@@ -61,13 +74,17 @@ class G4UConfig(GroupConfig):
                                                         "captions x tokens x vocabulary: the stage's largest activation)")
     frozen_embedding: bool = config_field(False, help="condition the decoder through the LoRA-free LLM instead of the "
                                                "current encoder weights")
-    decoder_noise: str = config_field("group", choices=("group", "sample"),
-                               help="the decoder's initial noise: one per group (the captions of a group are compared "
-                                    "on the same noise) or one per caption")
+    decoder_noise: str | None = config_field(None, choices=("group", "sample"),
+                                             help="the generator's sampling noise: one seed per group (the captions "
+                                                  "of a group are compared on the same noise) or one per caption. "
+                                                  "Default: group, or sample when image tokens train (--model janus: "
+                                                  "the image tokens are actions too, and a group sampling them from "
+                                                  "one seed explores them hardly at all)")
     model: str = config_field("uae", choices=("uae", "janus", "pipeline"),
                        help="whose captioner trains: uae (the checkpoint's encoder LoRA; images through its own "
-                            "decoder), janus (--checkpoint: Janus / Janus-Pro; a new LoRA on its language model, images "
-                            "by its own generation with the LoRA off), pipeline (--captioner: any transformers "
+                            "decoder), janus (--checkpoint: Janus / Janus-Pro; a new LoRA on its language model, which "
+                            "captions and then generates the reward's image from its caption: see --train_tokens, "
+                            "--frozen_generator), pipeline (--captioner: any transformers "
                             "image-text-to-text model, a new LoRA on its language model; --generator: any diffusers "
                             "text-to-image pipeline): the paper's '+ Ours' rows")
     captioner: str | None = config_field(None, help="--model pipeline: the captioner that trains (hub id, folder or tiny)")
@@ -88,6 +105,24 @@ class G4UConfig(GroupConfig):
     mask_truncated_completions: bool = config_field(False, help="leave captions cut at max_new_tokens (no end-of-sequence "
                                                          "token) out of the loss (DAPO; TRL's option)")
     adv_clip: float = config_field(0.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping, as TRL)")
+    train_tokens: str | None = config_field(None, choices=TRAIN_TOKENS,
+                                            help="whose tokens the loss covers, each sample with its one advantage: "
+                                                 "caption (the caption tokens), image (--model janus: the image tokens "
+                                                 "of the reconstruction it generates from its caption), both (the "
+                                                 "paper's UMM-2: x -> caption -> image, the one model end to end). "
+                                                 "Default: both for janus, caption otherwise")
+    frozen_generator: bool | None = config_field(None, help="--model janus: generate the reward's images with the LoRA "
+                                                            "off (the frozen generator as part of the reward; the "
+                                                            "control) instead of by the policy itself. Default false "
+                                                            "for janus; uae's decoder and a pipeline's generator are "
+                                                            "always frozen here")
+    image_logprob: str = config_field("guided", choices=("guided", "conditional"),
+                                      help="--model janus, image tokens: the log-probability the ratio uses. guided: "
+                                           "of the classifier-free-guided distribution the tokens are sampled from "
+                                           "(Janus-Pro-R1, AR-GRPO; on-policy); conditional: of the conditional "
+                                           "branch alone (T2I-R1, CoRL)")
+    detach_uncond: bool = config_field(False, help="--model janus, image tokens, guided: no gradient through the "
+                                                   "unconditional branch of the guidance")
 
     def __post_init__(self):
         super().__post_init__()
@@ -95,6 +130,23 @@ class G4UConfig(GroupConfig):
             raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
         if self.model != "pipeline" and (self.captioner or self.generator):
             raise UAEError(f"--captioner / --generator are --model pipeline's; --model {self.model} uses --checkpoint")
+        janus = self.model == "janus"
+        if self.train_tokens is None:
+            self.train_tokens = "both" if janus else "caption"
+        if self.frozen_generator is None:
+            self.frozen_generator = not janus
+        if not janus and self.train_tokens != "caption":
+            raise UAEError(f"--train_tokens {self.train_tokens}: only --model janus generates its images as tokens; "
+                           f"--model {self.model} trains its caption tokens (--train_tokens caption)")
+        if not janus and not self.frozen_generator:
+            raise UAEError(f"--frozen_generator false: --model {self.model}'s generator is frozen in stage 2 (UAE's "
+                           "decoder trains in stage 3, train_grpo.py --stage u4g)")
+        if self.decoder_noise is None:
+            self.decoder_noise = "group" if self.train_tokens == "caption" else "sample"
+        if self.frozen_generator and self.train_tokens != "caption":
+            raise UAEError(f"--train_tokens {self.train_tokens} with --frozen_generator true: a frozen generator's "
+                           "image tokens do not come from the policy; use --frozen_generator false or --train_tokens "
+                           "caption")
 
     def resolved(self) -> "G4UConfig":
         """As TrainConfig's, for the models --model loads: `scorer_weights: auto` is tiny when
@@ -125,6 +177,18 @@ class Rollout:
     rows: list[slice]                   # the micro-batches of the log-prob forwards
     old_log_probs: torch.Tensor | None  # (B, T) at sampling time; None: the first update's own, detached
     images: list = field(default_factory=list)  # the decoder's image of each caption (filled by scoring)
+    image: "ImageRollout | None" = None  # --model janus, the policy generating: its image tokens (filled by scoring)
+
+
+@dataclass
+class ImageRollout:
+    """The image tokens of one process's reconstructions, generated by the policy (--model janus,
+    --frozen_generator false) from its own captions."""
+
+    input_ids: torch.Tensor       # (B, L) the captions' generation prompts, left-padded, ending in <begin_of_image>
+    attention_mask: torch.Tensor  # (B, L)
+    tokens: torch.Tensor          # (B, N) the sampled image tokens
+    sampled_log_probs: torch.Tensor  # (B, N) at sampling time, under --image_logprob
 
 
 class G4URecipe:
@@ -203,14 +267,80 @@ class G4URecipe:
         side.model = lm = add_captioner_lora(hf, cfg)
         self.captioner = CaptionPolicy(lm, hf, side.processor, side.inputs, cfg.temperature, cfg.max_new_tokens,
                                        side.text_kwargs)
+        self.hf = hf
+        if cfg.model == "janus":
+            # The reward's images (and the held-out evaluation's) by the policy itself, or with its LoRA off.
+            side.image_lora = not cfg.frozen_generator
+            self.image_ids = dict(bos_id=side.bos_id, boi_id=side.boi, pad_id=side.pad_id)
         manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
                     "generator": cfg.generator, "captioner_lora": "captioner_lora",
+                    "lora_sides": ["caption"] if cfg.frozen_generator else ["caption", "image"],
+                    "train_tokens": cfg.train_tokens,
                     "load_with": f"run_unibench.py --model {cfg.model} ... --captioner_lora <this folder>/captioner_lora"}
+        if cfg.model == "janus" and cfg.train_tokens != "caption":
+            manifest["image_logprob"] = cfg.image_logprob
         if cfg.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return (Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm}),
                 dict(evaluated=Evaluated(self.model, side.processor.tokenizer, encoder_trains=True), paths=None,
                      manifest=manifest))
+
+    @torch.no_grad()
+    def generate_images(self, texts: list[str], seeds: list[int]) -> tuple[list, ImageRollout]:
+        """--model janus, the policy generating: the images of `texts` by the current weights, image i
+        sampled from a generator of its own seeded with seeds[i] (so it does not depend on its
+        batch-mates), in calls of the adapter's images_per_call, with each token's log-probability
+        under --image_logprob."""
+        cfg, side = self.cfg, self.model
+        batch = side.image_inputs(texts)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        gens = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds]
+        tokens, logps = [], []
+        for i in range(0, len(texts), side.images_per_call):
+            rows = slice(i, i + side.images_per_call)
+            out = sample_image_tokens(self.captioner.lm, ids[rows], mask[rows], generators=gens[rows],
+                                      guidance_scale=cfg.guidance_scale, temperature=side.image_temperature,
+                                      **self.image_ids)
+            tokens.append(out.tokens)
+            logps.append(out.guided if cfg.image_logprob == "guided" else out.conditional)
+        tokens = torch.cat(tokens)
+        images = side.decode(tokens)
+        return images, ImageRollout(ids, mask, tokens, torch.cat(logps))
+
+    def image_logprobs(self, model, image: ImageRollout, rows: slice) -> torch.Tensor:
+        """Log-probabilities (B, N) of the image tokens of samples `rows` under `model` (the
+        prepared policy, or the LoRA model in a reference context), recomputed teacher-forced."""
+        return image_token_logprobs(model, self.hf, image.input_ids[rows], image.attention_mask[rows],
+                                    image.tokens[rows], guidance_scale=self.cfg.guidance_scale,
+                                    temperature=self.model.image_temperature, mode=self.cfg.image_logprob,
+                                    detach_uncond=self.cfg.detach_uncond, **self.image_ids)
+
+    def log_probs(self, model, roll: "Rollout", rows: slice) -> torch.Tensor:
+        """Log-probabilities of samples `rows` over the tokens the loss covers (--train_tokens):
+        caption tokens, then image tokens, one sequence per sample."""
+        parts = []
+        if self.cfg.train_tokens != "image":
+            parts.append(self.captioner.token_logprobs(model, roll.batch, roll.completion, rows))
+        if self.cfg.train_tokens != "caption":
+            parts.append(self.image_logprobs(model, roll.image, rows))
+        return torch.cat(parts, dim=1)
+
+    def loss_mask(self, roll: "Rollout") -> torch.Tensor:
+        """(B, T) the tokens of the loss, as `log_probs` lays them out; with
+        mask_truncated_completions a sample whose caption was cut is left out whole."""
+        cfg = self.cfg
+        keep = ~roll.truncated[:, None] if cfg.mask_truncated_completions else torch.ones_like(roll.truncated[:, None])
+        parts = []
+        if cfg.train_tokens != "image":
+            parts.append(roll.token_mask & keep)
+        if cfg.train_tokens != "caption":
+            parts.append(torch.ones_like(roll.image.tokens, dtype=torch.bool) & keep)
+        return torch.cat(parts, dim=1)
+
+    def max_tokens(self) -> int:
+        """The longest sequence of the loss (dr_grpo's normaliser)."""
+        n = self.cfg.max_new_tokens if self.cfg.train_tokens != "image" else 0
+        return n + (self.model.image_tokens if self.cfg.train_tokens != "caption" else 0)
 
     @torch.no_grad()
     def reconstruct(self, texts: list[str], seeds: list[int]) -> list:
@@ -292,10 +422,10 @@ class G4URecipe:
         after = (torch.cumsum(is_eos.int(), dim=1) - is_eos.int()) > 0
         tok_mask = ~after
         completion = completion.masked_fill(after, cap.pad_id)
-        texts = cap.decode(completion)
+        texts = cap.decode(completion, tok_mask)
         rows = self.micro_batches(len(mine))
         old_lp = None
-        if cfg.inner_epochs > 1:
+        if cfg.inner_epochs > 1 and cfg.train_tokens != "image":
             # With one optimizer step per rollout batch the policy has not moved when it is taken:
             # the old log-probs are the current ones, detached (TRL's shortcut; one forward saved).
             with torch.no_grad():
@@ -307,7 +437,11 @@ class G4URecipe:
         rewards, and the advantages of every sample of the iteration."""
         cfg, acc = self.cfg, self.acc
         mine = share.samples
-        roll.images = self.reconstruct(roll.texts, self.decoder_seeds(it, share))
+        seeds = self.decoder_seeds(it, share)
+        if cfg.model == "janus" and not cfg.frozen_generator:
+            roll.images, roll.image = self.generate_images(roll.texts, seeds)
+        else:
+            roll.images = self.reconstruct(roll.texts, seeds)
         scores = score(self.reward, roll.images, [self.refs[p].key for p in mine], [self.refs[p].image for p in mine],
                        roll.texts)
         # TRL's statistics: the std with Bessel's correction (its nanstd), no clipping by default.
@@ -322,10 +456,14 @@ class G4URecipe:
         max_new_tokens are left out."""
         cfg, acc, cap = self.cfg, self.acc, self.captioner
         self.policy.train()
-        mask = roll.token_mask & ~roll.truncated[:, None] if cfg.mask_truncated_completions else roll.token_mask
+        mask = self.loss_mask(roll)
         tokens = acc.gather(mask.sum()[None].float()).sum().item()
         norm = dict(accumulation_steps=len(roll.rows), tokens_in_batch=tokens, num_processes=acc.num_processes,
-                    max_completion_length=cfg.max_new_tokens)
+                    max_completion_length=self.max_tokens())
+        old_all = None
+        if cfg.inner_epochs > 1:  # the captions' from the rollout, the image tokens' from their sampling
+            old_all = torch.cat(([roll.old_log_probs] if cfg.train_tokens != "image" else [])
+                                + ([roll.image.sampled_log_probs] if cfg.train_tokens != "caption" else []), dim=1)
         agg: dict[str, float] = {}
         for inner in range(cfg.inner_epochs):
             self.optimizer.zero_grad(set_to_none=True)
@@ -334,16 +472,13 @@ class G4URecipe:
                 ref = None
                 if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
                     with torch.no_grad():
-                        if self.reference is not None:  # the LoRA the stage started from
-                            with self.reference.active():
-                                ref = cap.token_logprobs(cap.lm, roll.batch, roll.completion, r)
-                        else:
-                            with cap.without_lora():
-                                ref = cap.token_logprobs(cap.lm, roll.batch, roll.completion, r)
+                        # the LoRA the stage started from, or none
+                        with (self.reference.active() if self.reference is not None else cap.without_lora()):
+                            ref = self.log_probs(cap.lm, roll, r)
                 sync = acc.no_sync(self.policy) if c < len(roll.rows) - 1 else contextlib.nullcontext()
                 with sync:  # one gradient all-reduce per optimizer step
-                    lp = cap.token_logprobs(self.policy, roll.batch, roll.completion, r)
-                    old = lp.detach() if roll.old_log_probs is None else roll.old_log_probs[r]
+                    lp = self.log_probs(self.policy, roll, r)
+                    old = lp.detach() if old_all is None else old_all[r]
                     per, _ = clipped_surrogate(lp, old, adv[r][:, None], cfg.clip_range)
                     kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
                     if kl is not None:

@@ -91,8 +91,6 @@ class JanusAdapter:
                            "(the unconditional prompt of image generation is made of it)")
         self.sampling, self.effective = caption_sampling(settings, gen)
         self.image_temperature = getattr(gen, "temperature", None) or 1.0
-        # An unset --guidance_scale: the checkpoint's generation_config.json (5 in the converted ones), else DeepSeek's 5.
-        self.default_guidance = getattr(gen, "guidance_scale", None) or 5.0
         self.image_tokens = self.model.config.vision_config.num_image_tokens
         side = janus_image_side(self.model.config)
         self.image_size = [side, side]
@@ -160,11 +158,6 @@ class JanusAdapter:
             return contextlib.nullcontext()
         return self.model.disable_adapter()
 
-    def guidance_scale(self) -> float:
-        """The run's --guidance_scale, or the checkpoint's default when the run leaves it unset."""
-        given = self.settings_.guidance_scale
-        return self.default_guidance if given is None else given
-
     @torch.no_grad()
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
         texts, seeds = list(texts), list(seeds)
@@ -179,7 +172,7 @@ class JanusAdapter:
             gens = [torch.Generator(device=self.model.device).manual_seed(s) for s in seeds[chunk]]
             with self.image_lora_context():
                 out = sample_image_tokens(self.model, batch["input_ids"], batch["attention_mask"], generators=gens,
-                                          guidance_scale=self.guidance_scale(),
+                                          guidance_scale=self.settings_.guidance_scale,
                                           temperature=self.image_temperature, bos_id=self.bos_id, boi_id=self.boi,
                                           pad_id=self.pad_id)
             images += self.decode(out.tokens)
@@ -195,7 +188,7 @@ class JanusAdapter:
                                       f"system prompt: {system}",
                             "sampling": self.effective},
                 "generation": {"image_tokens": self.image_tokens, "image_size": self.image_size,
-                               "guidance_scale": self.guidance_scale(), "temperature": self.image_temperature,
+                               "guidance_scale": s.guidance_scale, "temperature": self.image_temperature,
                                "top_k": "off", "top_p": 1.0, "images_per_call": self.images_per_call,
                                "seeded": "one torch.Generator(seed) per image on the model's device",
                                "batch_invariant": True, "image_lora": self.image_lora,

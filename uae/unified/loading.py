@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from uae.errors import UAEError
+from uae.models.layout import MANIFEST
 from uae.unified.common import first_line
 from uae.unified.janus import JanusAdapter
 from uae.unified.pipeline import PipelineAdapter
@@ -180,8 +181,9 @@ def captioning_side(model, setting: str):
 
 def apply_captioner_lora(model, folder: str) -> None:
     """A captioner LoRA from stage 2 (PEFT's folder format) onto the model under test's captioner:
-    Janus's language model (its image generation then runs with the LoRA off, as in training) or
-    a pipeline's transformers captioner. UAE keeps its LoRA in its checkpoint (--checkpoint
+    Janus's language model (its images then use the LoRA too when its run trained end to end, as its
+    manifest says: see `lora_sides`; else they run with the LoRA off, as in its training) or a
+    pipeline's transformers captioner. UAE keeps its LoRA in its checkpoint (--checkpoint
     <run>/final). Every tensor of the file must find its place and every LoRA weight must come
     from the file: PEFT drops a tensor it cannot place without a word, and only warns of one missing."""
     from peft import PeftModel
@@ -203,3 +205,27 @@ def apply_captioner_lora(model, folder: str) -> None:
         raise UAEError(f"{setting} does not fit the captioner: {len(unplaced)} tensor(s) of the file have no place "
                        f"in it {unplaced[:1]}, {len(missing)} of its LoRA weight(s) are not in the file {missing[:1]}")
     target.model = lora
+    sides = lora_sides(folder)
+    if "image" in sides and isinstance(model, JanusAdapter):
+        model.image_lora = True  # trained end to end: it generated the images it was rewarded for
+    logger.info("%s: the LoRA serves the %s", setting, " and the ".join(f"{s}s" for s in sides))
+
+
+def lora_sides(folder: str) -> list[str]:
+    """The sides a captioner LoRA serves, from the manifest of the run that wrote it
+    (<final>/uae_checkpoint.json beside <final>/captioner_lora): ["caption"] when it was trained
+    with a frozen generator (and for a folder without a manifest), ["caption", "image"] when the
+    policy generated the reward's images itself (--model janus end to end)."""
+    manifest = Path(folder).parent / MANIFEST
+    if not manifest.is_file():
+        return ["caption"]
+    try:
+        declared = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise UAEError(f"--captioner_lora {folder}: {manifest} is not valid JSON ({e}); it is the run's manifest, "
+                       "written by train_grpo.py") from None
+    sides = declared.get("lora_sides", ["caption"])
+    if not isinstance(sides, list) or not set(sides) <= {"caption", "image"} or "caption" not in sides:
+        raise UAEError(f"--captioner_lora {folder}: {manifest} lora_sides {sides!r} is not ['caption'] or "
+                       "['caption', 'image']")
+    return sides
