@@ -21,10 +21,10 @@ calls of `images_per_call` (16, DeepSeek's parallel_size), each image drawing fr
 of its own on the model's device seeded with its seed, so an image depends on its caption and seed
 only, not on its batch-mates or the batching (dit_batching has no effect on Janus). The tokens are
 decoded one image at a time (`decode`: a batched decode rounds a pixel differently) by the model's
-VQ decoder and the processor's postprocess into PIL. The image size is fixed
-by the checkpoint (384 x 384 for Janus-Pro): --steps, --height and --width do not apply. A batch's
-arithmetic can differ from a single image's in the last bits (padding, kernel shapes; in bf16 on a
-GPU more than in fp32), which may flip a token drawn right at a boundary of the distribution.
+VQ decoder and the processor's postprocess into PIL. The image size is fixed by the checkpoint
+(384 x 384 for Janus-Pro): --steps, --height and --width do not apply. A batch's arithmetic can
+differ from a single image's in the last bits (padding, kernel shapes; in bf16 on a GPU more than in
+fp32), which may flip a token drawn right at a boundary of the distribution.
 
 A captioner LoRA (PEFT, --captioner_lora or stage 2's policy) applies to the captions; the images use
 it only with `image_lora` True (a LoRA trained end to end on its own images), else they are the base
