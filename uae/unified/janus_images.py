@@ -178,12 +178,21 @@ def image_token_logprobs(model, base, input_ids: torch.Tensor, attention_mask: t
         rows = ids.shape[0] // input_ids.shape[0]
         full = torch.cat([mask, mask.new_ones(mask.shape[0], n - 1)], dim=1)
         embeds = torch.cat([embed(ids), image.repeat(rows, 1, 1).to(embed.weight.dtype)], dim=1)
-        # logits_to_keep=1: the text head (lm_head) on one position only; the image logits come from the
-        # generation head on the language model's final (normed) hidden states, which transformers
-        # returns last in hidden_states (capture_outputs ties hidden_states[-1] to last_hidden_state).
-        out = model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full),
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
-        return base.model.generation_head(out.hidden_states[-1][:, length - 1:]).float()
+        # The image logits come from the generation head on the language model's final-normed hidden
+        # states, taken from its final norm as it runs (output_hidden_states would also keep every
+        # layer's states, gigabytes at Janus-Pro's size in a no-grad pass); logits_to_keep=1: the text
+        # head (lm_head) on one position only.
+        final = []
+        hook = base.model.language_model.norm.register_forward_hook(lambda module, args, out: final.append(out))
+        try:
+            model(inputs_embeds=embeds, attention_mask=full, position_ids=_positions(full), logits_to_keep=1,
+                  use_cache=False)
+        finally:
+            hook.remove()
+        if len(final) != 1:
+            raise UAEError(f"image_token_logprobs: the language model's final norm ran {len(final)} times in one "
+                           "forward, expected once")
+        return base.model.generation_head(final[0][:, length - 1:]).float()
 
     if mode == "conditional" or guidance_scale == 1:
         return _logprob(logits(input_ids, attention_mask), tokens, temperature)
