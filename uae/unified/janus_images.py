@@ -150,9 +150,10 @@ def sample_image_tokens(model, input_ids: torch.Tensor, attention_mask: torch.Te
 def image_token_logprobs(model, base, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: torch.Tensor, *,
                          guidance_scale: float, temperature: float = 1.0, mode: str = "guided",
                          detach_uncond: bool = False, bos_id: int | None, boi_id: int, pad_id: int) -> torch.Tensor:
-    """(B, N) float32 log-probabilities of image `tokens` after their prompts, teacher-forced in one
-    pass with gradient: under the guided distribution they were sampled from (`mode` "guided"), or
-    under the conditional branch alone ("conditional": no unconditional pass).
+    """(B, N) float32 log-probabilities of image `tokens` after their prompts, teacher-forced with
+    gradient: under the guided distribution they were sampled from (`mode` "guided": the conditional
+    and unconditional rows in one pass of 2B), or under the conditional branch alone ("conditional",
+    or guidance_scale 1: one pass of B rows).
 
     The language model runs through `model(...)` (the prepared module: DDP / accelerate wrapper of
     the PEFT model, so its forward hooks and all-reduce see the pass); `base`, the unwrapped
