@@ -28,6 +28,7 @@ def test_every_config_parses(path):
         assert [c.stage for c in configs] == (["cold_start", "g4u", "u4g"] if stage == "all" else [stage])
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 @pytest.mark.parametrize("name", ["tiny_u4g", "tiny_g4u", "tiny_cold_start", "tiny_all"])
 def test_tiny_grpo_configs_run_as_written(name, tmp_path, monkeypatch):
     import train_grpo

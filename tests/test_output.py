@@ -163,6 +163,7 @@ def test_only_each_nodes_first_process_logs_info(rank, shown, monkeypatch, capsy
     assert ("[rank 11]" in err) == (not shown)  # another process's warning says whose it is
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_torchaos_enum_warnings_are_silenced():
     """torchao registers two enums with torch's pytree on import; torch answers with a deprecation
     warning meant for torchao's developers, on every launch that touches transformers' quantizers."""

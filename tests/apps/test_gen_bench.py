@@ -251,6 +251,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_two_processes_write_the_files_of_one(geneval_run, geneval_meta, tiny_ckpt, tmp_path):
     out = tmp_path / "two"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}

@@ -3,15 +3,17 @@
 
 import json
 import os
-
-import torch
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_gpu_check_small_runs_every_benchmark_on_cpu(tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}

@@ -3,7 +3,10 @@ with its peak RSS measured, and a run killed with SIGKILL resumed without redoin
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_scale_bench_measures_memory_and_resume(tmp_path, capsys):
     import bench_unibench_scale
 

@@ -35,6 +35,7 @@ def _threads(one_thread):
     pass
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 @pytest.mark.parametrize("model", ["janus", "pipeline"])
 def test_the_captioner_learns_longer_captions_and_loads_back(model, tmp_path, held_out):
     out = tmp_path / "run"

@@ -24,6 +24,7 @@ def grpo(tiny_ckpt, out, *extra, reward=None):
                             "--output_dir", str(out), "--scorer_weights", "tiny", *map(str, extra)], reward=reward)
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_smoke_with_the_reconstruction_reward(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "run"
     assert grpo(tiny_ckpt, out, "--max_iterations", 3, "--image_log_steps", 3, "--reward_funcs", "clip", "dinov2",
@@ -49,6 +50,7 @@ def test_smoke_with_the_reconstruction_reward(tiny_ckpt, tmp_path, capsys):
     assert before.keys() == after.keys() and not all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_reward_rises_on_a_toy_task(tiny_ckpt, tmp_path):
     """Reward = similarity to one fixed target image (a white one): a seeded run raises it."""
     out = tmp_path / "learn"
@@ -108,6 +110,7 @@ def test_g4u_smoke_with_the_reconstruction_reward_and_aha_page(tiny_ckpt, tmp_pa
                       "--max_new_tokens", "5"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_g4u_learns_longer_captions_on_a_length_reward(tiny_ckpt, tmp_path):
     """The aha effect in miniature: with reward = caption length in words, a seeded stage-2 run
     raises the mean reward and the logged caption-length curve, well beyond the group noise."""
@@ -219,6 +222,7 @@ def _cold_start(cfg):
     return recipe, run.train(recipe, cfg.max_steps, "cold start")
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 @pytest.mark.parametrize("decoder", [True, False])
 def test_cold_start_trains_what_it_claims_and_the_loss_falls(tiny_ckpt, captioned, tmp_path, decoder):
     """Default: the encoder's LoRA, the projector and the decoder's LoRA ("both halves"); with
@@ -264,6 +268,7 @@ def test_cold_start_interrupted_and_resumed_is_bit_identical(tiny_ckpt, captione
                          ["dit_lora/adapter_model.safetensors"])
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_all_stages_in_sequence_and_the_result_loads_in_demo(tiny_ckpt, captioned, tmp_path, capsys):
     out = tmp_path / "all"
     argv = ["--stage", "all", "--config", "configs/grpo/tiny_all.yaml", "--checkpoint", tiny_ckpt,

@@ -133,6 +133,7 @@ def test_ema_warm_up_counts_optimizer_steps(tiny_ckpt, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- stage 2: TRL's, on-policy
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_g4u_rollouts_are_sampled_from_the_distribution_the_ratio_assumes(tiny_ckpt, grpo_recipe, tmp_path):
     recipe = grpo_recipe("g4u", tiny_ckpt, "--temperature", 0.9, reward=lambda *a: [], setup=False)
     recipe.run.set_up(recipe)

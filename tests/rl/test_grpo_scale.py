@@ -194,6 +194,7 @@ def test_g4u_old_log_probs_only_when_an_update_is_not_the_first(tiny_ckpt, grpo_
             assert torch.allclose(now, roll.old_log_probs, atol=1e-5)
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_g4u_runs_with_each_loss_type(tiny_ckpt, tmp_path):
     for loss_type in ("bnpo", "grpo", "dr_grpo"):
         out = tmp_path / loss_type
@@ -249,6 +250,7 @@ def test_detach_uncond_gradient_is_the_formula(tiny_uae):
     assert (full - detached).norm() > 0.1 * detached.norm()
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_u4g_trains_with_the_unconditional_branch_detached_by_default(tiny_ckpt, tmp_path, monkeypatch):
     import uae.methods.u4g
 

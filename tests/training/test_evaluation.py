@@ -43,6 +43,7 @@ def test_every_trainer_evaluates_at_start_every_n_steps_and_end(stage, tiny_ckpt
     assert sorted(samples[0]["eval_captions"]) == ["camera.jpg", "coffee.jpg"]
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 @pytest.mark.parametrize("stage", ["g4u", "u4g"])
 def test_step_zero_equals_the_unified_bench_runner(stage, tiny_ckpt, held_out, tmp_path):
     """Before any update the model is the checkpoint's: the evaluation at step 0 must give the

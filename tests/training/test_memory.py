@@ -89,6 +89,7 @@ def test_without_mixed_precision_everything_is_fp32(tiny_ckpt, tmp_path):
     assert _frozen_and_trained(recipe) == ({torch.float32}, {torch.float32})
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_adamw8bit_keeps_8bit_state_and_says_how_to_install_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
     recipe = _run("sft", tiny_ckpt, tmp_path / "run", "--optimizer", "adamw8bit", "--max_steps", 2)
     kinds = {type(v).__name__ for s in recipe.optimizer.state.values() for v in s.values()}
@@ -134,6 +135,7 @@ def test_u4g_embeds_each_caption_once_then_frees_the_encoder(tiny_ckpt, tmp_path
     _run("u4g", tiny_ckpt, out, "--cache_dir", tmp_path / "cache", "--max_steps", 2, "--resume_from_checkpoint", "latest")
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_ema_on_the_cpu_gives_the_same_weights(tiny_ckpt, tmp_path):
     finals = {}
     for where in ("same", "cpu"):

@@ -203,6 +203,7 @@ def test_runner_on_janus(tiny, refs, tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in (a / "recon").iterdir()} == before
 
 
+@pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_janus_over_two_processes_gives_the_one_process_outputs(tiny, refs, tmp_path):
     """torchrun, 2 CPU processes, batches of 1 dealt round-robin: the captions, images and JSON of
     one process (an in-process run, one thread as in the workers)."""
