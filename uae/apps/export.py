@@ -16,6 +16,8 @@ captioner_lora/ and a manifest naming the source model) exports as a plain trans
 that model (Janus: JanusForConditionalGeneration, the LoRA merged into the language model that
 both captions and generates image tokens; a pipeline's captioner: its image-text-to-text class),
 with the source's processor files: `from_pretrained` and `--model janus --checkpoint DIR` load it.
+A full fine-tune's final/ (`--captioner_finetune full`: captioner/, already a plain folder) is saved
+again in the requested dtype.
 """
 
 from __future__ import annotations
@@ -217,9 +219,12 @@ def captioner_run(checkpoint: str) -> dict | None:
     """The manifest of a stage-2 run of another model (its final/: captioner_lora/ and a manifest
     with its source model), or None for a checkpoint in UAE's layout."""
     manifest = Path(checkpoint) / MANIFEST
-    if not (Path(checkpoint) / "captioner_lora").is_dir() or not manifest.is_file():
+    if not manifest.is_file():
         return None
     declared = json.loads(manifest.read_text())
+    trained = declared.get("captioner") if declared.get("captioner_finetune") == "full" else "captioner_lora"
+    if not trained or not (Path(checkpoint) / trained).is_dir():
+        return None
     return declared if declared.get("model") in ("janus", "pipeline") and declared.get("source") else None
 
 
@@ -230,6 +235,8 @@ def export_captioner(final: str, declared: dict, out: Path, requested: str, over
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    if declared.get("captioner_finetune") == "full":
+        return export_full_captioner(final, declared, out, requested, overwrite)
     source, lora = declared["source"], str(Path(final) / "captioner_lora")
     check_output(out, overwrite, [final] + ([source] if os.path.exists(source) else []))
     out_dtype, work = export_dtype(requested, source) if os.path.isdir(source) else (DTYPE_NAMES.get(requested,
@@ -255,6 +262,32 @@ def export_captioner(final: str, declared: dict, out: Path, requested: str, over
                                                      "lora_sides": declared.get("lora_sides", ["caption"]),
                                                      "dtype": _dtype_name(out_dtype)})
     logger.info("wrote %s: a plain %s folder (%s, the LoRA merged)", out, type(merged).__name__, _dtype_name(out_dtype))
+    return out
+
+
+def export_full_captioner(final: str, declared: dict, out: Path, requested: str, overwrite: bool) -> Path:
+    """OUT: a stage-2 full fine-tune's model (final/captioner, already a plain transformers folder)
+    saved again by transformers in the requested dtype, with its processor: nothing to merge."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = Path(final) / declared["captioner"]
+    check_output(out, overwrite, [final])
+    out_dtype, work = export_dtype(requested, str(folder))
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, dtype=work)
+        processor = AutoProcessor.from_pretrained(folder)
+    except Exception as e:  # a damaged folder
+        raise UAEError(f"--checkpoint {final}: could not load its fine-tuned {folder} ({type(e).__name__}: {e})") from None
+    model.to(out_dtype)
+    with atomic_folder(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        atomic_write_json(tmp / "uae_export.json", {"exported_by": "uae-export", "source": declared["source"],
+                                                     "merged": None, "captioner_finetune": "full",
+                                                     "from_run": str(Path(final).resolve()),
+                                                     "dtype": _dtype_name(out_dtype)})
+    logger.info("wrote %s: a plain %s folder (%s; a full fine-tune, nothing to merge: %s loads as it is too)", out,
+                type(model).__name__, _dtype_name(out_dtype), folder)
     return out
 
 

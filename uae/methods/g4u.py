@@ -37,10 +37,11 @@ from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
 from uae.models.layout import save_official_llm_lora
 from uae.models.uae import UAE
 from uae.random_weights.unified import resolve as resolve_model
-from uae.rl.captioners import CaptionPolicy, add_captioner_lora, uae_policy
+from uae.rl.captioners import (CaptionPolicy, add_captioner_lora, save_full_captioner, train_language_model,
+                               uae_policy)
 from uae.rl.grpo import LOSS_TYPES, GroupConfig, clipped_surrogate, ratio_stats, token_loss
 from uae.rl.iteration import Phases, check_share, gathered_advantages, iteration_metrics, iteration_share
-from uae.rl.kl import kl_reference
+from uae.rl.kl import FrozenLanguageModel, kl_reference
 from uae.rl.rewards import default_reward, score
 from uae.scoring.scorers import resolve_scorer_weights
 from uae.training.evaluation import Evaluated, uae_evaluated
@@ -55,6 +56,7 @@ from uae.unified.protocol import RunSettings
 
 
 TRAIN_TOKENS = ("caption", "image", "both")
+CAPTIONER_FINETUNE = ("lora", "full")
 
 
 @dataclass
@@ -90,6 +92,12 @@ class G4UConfig(GroupConfig):
     captioner: str | None = config_field(None, help="--model pipeline: the captioner that trains (hub id, folder or tiny)")
     generator: str | None = config_field(None, help="--model pipeline: the frozen text-to-image pipeline of the reward (hub "
                                              "id, folder or tiny)")
+    captioner_finetune: str = config_field("lora", choices=CAPTIONER_FINETUNE,
+                                           help="--model janus / pipeline: what trains on the captioner's language "
+                                                "model: lora (a new LoRA, --captioner_lora_*), or full (every weight "
+                                                "of its language model, fp32 master weights; the vision tower, the "
+                                                "aligners, Janus's VQ model, image embeddings, image head and lm_head "
+                                                "stay frozen; final/captioner is then a plain model folder)")
     captioner_lora_rank: int = config_field(16, min=1, help="--model janus / pipeline: rank of the new LoRA")
     captioner_lora_alpha: float = config_field(32.0, min=0, help="--model janus / pipeline: alpha of the new LoRA")
     captioner_lora_targets: str = config_field(r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
@@ -143,6 +151,13 @@ class G4UConfig(GroupConfig):
                            "decoder trains in stage 3, train_grpo.py --stage u4g)")
         if self.decoder_noise is None:
             self.decoder_noise = "group" if self.train_tokens == "caption" else "sample"
+        if self.captioner_finetune == "full" and self.model == "uae":
+            raise UAEError("--captioner_finetune full: --model uae trains its checkpoint's llm_lora; full fine-tuning "
+                           "is for --model janus / pipeline")
+        if self.captioner_finetune == "full" and janus and self.frozen_generator:
+            raise UAEError("--captioner_finetune full with --frozen_generator true: Janus's one language model both "
+                           "captions and generates, so a full fine-tune changes its images too; use "
+                           "--captioner_finetune lora for the frozen-generator control")
         if self.frozen_generator and self.train_tokens != "caption":
             raise UAEError(f"--train_tokens {self.train_tokens} with --frozen_generator true: a frozen generator's "
                            "image tokens do not come from the policy; use --frozen_generator false or --train_tokens "
@@ -202,12 +217,22 @@ class G4URecipe:
 
     @staticmethod
     def fully_trained(cfg) -> set[str]:
-        """Parts whose every weight trains: none (a LoRA is fp32 whatever its base)."""
-        return set()
+        """Parts whose every weight trains: the captioner's language model with --captioner_finetune
+        full, else none (a LoRA is fp32 whatever its base)."""
+        return {"llm"} if cfg.model != "uae" and cfg.captioner_finetune == "full" else set()
 
     @staticmethod
     def configure(model, cfg) -> Parts:
-        """Stage 2 trains the encoder's LoRA; the projector and the decoder are frozen."""
+        """UAE: the encoder's LoRA trains; the projector and the decoder are frozen. Another model
+        (`model`: its transformers captioner, Janus whole): a new LoRA on its language model, or with
+        --captioner_finetune full every weight of its language model; the rest frozen. The module
+        that trains (PEFT-wrapped, or the model itself) is `prepared["llm"]`."""
+        if cfg.model != "uae":
+            if cfg.captioner_finetune == "full":
+                return Parts({"captioner": train_language_model(model)}, prepared={"llm": model})
+            model.requires_grad_(False)
+            lm = add_captioner_lora(model, cfg)
+            return Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm})
         enc = model.encoder
         if not hasattr(enc.llm, "disable_adapter"):
             raise UAEError("stage g4u trains the LLM LoRA: the checkpoint needs an llm_lora/ (not --llm_lora none)")
@@ -227,7 +252,11 @@ class G4URecipe:
         precision = precision_policy(cfg.mixed_precision)
         parts, around = self._setup_uae(precision) if cfg.model == "uae" else self._setup_other(precision)
         self.trainable = parts.trainable
-        self.reference = kl_reference(cfg, self.trainable, acc)
+        if cfg.model != "uae" and cfg.captioner_finetune == "full":
+            # `start` and `base` are the same weights here: the source checkpoint's.
+            self.reference = FrozenLanguageModel(self.hf) if cfg.beta else None
+        else:
+            self.reference = kl_reference(cfg, self.trainable, acc)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         return Setup(parts, make_optimizer(cfg, self.trainable), **around)
@@ -248,8 +277,10 @@ class G4URecipe:
 
     def _setup_other(self, precision) -> tuple[Parts, dict]:
         """Janus or a transformers captioner (uae.unified's adapters): a new LoRA on its language
-        model trains; the reward's images come from its own frozen generator (Janus: the same
-        language model with the LoRA off); final/ holds the LoRA (`captioner_lora/`, PEFT's format).
+        model trains (or, --captioner_finetune full, the language model itself); the reward's images
+        come from the policy (Janus end to end) or a frozen generator (Janus with the LoRA off, a
+        pipeline's); final/ holds the LoRA (`captioner_lora/`, PEFT's format) or the fine-tuned model
+        (`captioner/`, a plain transformers folder).
         The held-out evaluation runs the adapter at its own settings (the reward's). Returns its
         Parts and the rest of its Setup."""
         cfg = self.cfg
@@ -260,28 +291,35 @@ class G4URecipe:
         self.model = load_model(cfg.model, settings, checkpoint=cfg.checkpoint, captioner=cfg.captioner,
                                 generator=cfg.generator)
         side = captioning_side(self.model, f"--model {cfg.model}")
-        hf = side.model
-        hf.requires_grad_(False)
-        # The adapter holds the LoRA-wrapped model, as after --captioner_lora in the runner: its captions
-        # (the held-out evaluation) are the trained ones, and Janus generates images with the LoRA off.
-        side.model = lm = add_captioner_lora(hf, cfg)
+        hf = self.hf = side.model
+        full = cfg.captioner_finetune == "full"
+        parts = self.configure(hf, cfg)
+        # The adapter holds the model that trains (LoRA-wrapped, as after --captioner_lora in the runner):
+        # its captions (the held-out evaluation) are the trained ones.
+        side.model = lm = parts.prepared["llm"]
         self.captioner = CaptionPolicy(lm, hf, side.processor, side.inputs, cfg.temperature, cfg.max_new_tokens,
                                        side.text_kwargs)
-        self.hf = hf
         if cfg.model == "janus":
             # The reward's images (and the held-out evaluation's) by the policy itself, or with its LoRA off.
             side.image_lora = not cfg.frozen_generator
             self.image_ids = dict(bos_id=side.bos_id, boi_id=side.boi, pad_id=side.pad_id)
+        sides = ["caption"] if cfg.frozen_generator else ["caption", "image"]
         manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
-                    "generator": cfg.generator, "captioner_lora": "captioner_lora",
-                    "lora_sides": ["caption"] if cfg.frozen_generator else ["caption", "image"],
-                    "train_tokens": cfg.train_tokens,
-                    "load_with": f"run_unibench.py --model {cfg.model} ... --captioner_lora <this folder>/captioner_lora"}
+                    "generator": cfg.generator, "captioner_finetune": cfg.captioner_finetune,
+                    "train_tokens": cfg.train_tokens}
+        if full:  # a plain transformers folder: the model under test itself
+            given = "--checkpoint" if cfg.model == "janus" else "--captioner"
+            manifest.update(captioner="captioner", captioner_lora=None, trained_sides=sides,
+                            load_with=f"run_unibench.py --model {cfg.model} {given} <this folder>/captioner ...")
+        else:
+            manifest.update(captioner_lora="captioner_lora", lora_sides=sides,
+                            load_with=f"run_unibench.py --model {cfg.model} ... --captioner_lora "
+                                      "<this folder>/captioner_lora")
         if cfg.model == "janus" and cfg.train_tokens != "caption":
             manifest["image_logprob"] = cfg.image_logprob
         if cfg.gradient_checkpointing:
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return (Parts({"captioner": train_lora_only(lm)}, prepared={"llm": lm}),
+        return (parts,
                 dict(evaluated=Evaluated(self.model, side.processor.tokenizer, encoder_trains=True), paths=None,
                      manifest=manifest))
 
@@ -522,7 +560,13 @@ class G4URecipe:
 
     def write_trained(self, final) -> None:
         """UAE: the trained LLM LoRA as the release stores it (three shards); another model: its
-        captioner's LoRA in PEFT's format (`captioner_lora/`, what --captioner_lora loads)."""
+        captioner's LoRA in PEFT's format (`captioner_lora/`, what --captioner_lora loads), or with
+        --captioner_finetune full the whole fine-tuned model with its processor (`captioner/`, a
+        plain transformers folder: --checkpoint for Janus, --captioner for a pipeline)."""
+        if self.cfg.model != "uae" and self.cfg.captioner_finetune == "full":
+            save_full_captioner(self.acc.unwrap_model(self.policy), captioning_side(self.model, "").processor,
+                                final / "captioner", precision_policy(self.cfg.mixed_precision).frozen)
+            return
         if self.cfg.model != "uae":
             self.acc.unwrap_model(self.policy).save_pretrained(str(final / "captioner_lora"))
             return

@@ -125,6 +125,10 @@ class CaptionPolicy:
 
     def without_lora(self):
         """The model without its LoRA (the KL reference `base`)."""
+        if not hasattr(self.lm, "disable_adapter"):
+            raise UAEError("the captioner trains without a LoRA (--captioner_finetune full): there is no LoRA to "
+                           "switch off; its KL reference is a frozen copy of the language model "
+                           "(uae.rl.kl.FrozenLanguageModel)")
         return self.lm.disable_adapter()
 
 
@@ -147,3 +151,40 @@ def add_captioner_lora(model, cfg):
         return get_peft_model(model, config)
     except ValueError as e:
         raise UAEError(f"--captioner_lora_targets {cfg.captioner_lora_targets}: {e}") from None
+
+
+def language_model(model):
+    """The language model of a transformers vision-language model, `model.model.language_model`
+    (Janus's Llama, Qwen2.5-VL's and Gemma 3's text model in transformers 5's layout)."""
+    lm = getattr(getattr(model, "model", None), "language_model", None)
+    if not isinstance(lm, torch.nn.Module):
+        raise UAEError(f"--captioner_finetune full: {type(model).__name__} has no model.language_model to fine-tune "
+                       "(transformers' vision-language layout); use --captioner_finetune lora with "
+                       "--captioner_lora_targets")
+    return lm
+
+
+def train_language_model(model) -> list[torch.nn.Parameter]:
+    """Full fine-tuning of the language model (the paper: "only the LLM is updated"): every weight
+    of `model.model.language_model` trains (its embeddings, layers and final norm), the rest of the
+    model is frozen (the vision tower and its aligner; Janus's VQ model, image embeddings, image
+    aligner and image head; lm_head, unless the checkpoint ties it to the input embeddings, as
+    Qwen2.5-VL-3B does: then it is the same weight and trains with them). Returns what trains."""
+    model.requires_grad_(False)
+    language_model(model).requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def save_full_captioner(model, processor, folder, dtype: torch.dtype) -> None:
+    """A fully fine-tuned captioner as a plain transformers folder (weights and processor), every
+    floating weight in `dtype` (the frozen parts' dtype: the one it was loaded in), so that
+    `from_pretrained` and the runner's --checkpoint / --captioner load it as any checkpoint. A
+    weight shared by two names (tied embeddings) stays one tensor."""
+    cast: dict[int, torch.Tensor] = {}
+    state = {}
+    for name, t in model.state_dict(keep_vars=False).items():
+        if id(t) not in cast:
+            cast[id(t)] = t.detach().to(dtype) if t.is_floating_point() else t
+        state[name] = cast[id(t)]
+    model.save_pretrained(str(folder), state_dict=state)
+    processor.save_pretrained(str(folder))

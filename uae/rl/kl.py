@@ -1,9 +1,11 @@
 """The KL reference `start`: the trained weights as the stage began, kept on the side (a LoRA's
-worth of memory, saved in the checkpoints) and swapped in for the reference's forward pass."""
+worth of memory, saved in the checkpoints) and swapped in for the reference's forward pass; and,
+for a fully fine-tuned language model, a frozen copy of it swapped in as a module."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -44,3 +46,26 @@ class ReferenceWeights:
 
     def load_state_dict(self, state: dict) -> None:
         self.start = [t.to(p.device) for t, p in zip(state["start"], self.params)]
+
+
+class FrozenLanguageModel:
+    """The KL reference of a full fine-tune of a captioner's language model (stage 2,
+    --captioner_finetune full): a frozen copy of `model.model.language_model` as the stage began,
+    in the dtype it was loaded in (bf16 with mixed precision: half the trained fp32 weights), put in
+    the trained one's place for the reference's forward pass. The stage starts from the source
+    checkpoint, so the reference `start` and `base` are both these weights, and a resumed run
+    rebuilds the copy from the source (nothing to checkpoint). Built before the trained weights are
+    cast to fp32 (Run casts them after the recipe's setup)."""
+
+    def __init__(self, model):
+        self.owner = model.model
+        self.copy = copy.deepcopy(self.owner.language_model).requires_grad_(False).eval()
+
+    @contextlib.contextmanager
+    def active(self):
+        trained = self.owner.language_model
+        self.owner.language_model = self.copy
+        try:
+            yield
+        finally:
+            self.owner.language_model = trained

@@ -184,12 +184,19 @@ def apply_captioner_lora(model, folder: str) -> None:
     Janus's language model (its images then use the LoRA too when its run trained end to end, as its
     manifest says: see `lora_sides`; else they run with the LoRA off, as in its training) or a
     pipeline's transformers captioner. UAE keeps its LoRA in its checkpoint (--checkpoint
-    <run>/final). Every tensor of the file must find its place and every LoRA weight must come
+    <run>/final). A full fine-tune (--captioner_finetune full) has no LoRA: its final/captioner is
+a plain model folder, given as --checkpoint (Janus) or --captioner (a pipeline); naming it here is a
+one-line error that says so. Every tensor of the file must find its place and every LoRA weight must come
     from the file: PEFT drops a tensor it cannot place without a word, and only warns of one missing."""
     from peft import PeftModel
     from peft.utils import get_peft_model_state_dict, load_peft_weights
 
     setting = f"--captioner_lora {folder}"
+    full = full_captioner(folder)
+    if full is not None:
+        given = "--checkpoint" if isinstance(captioning_side(model, setting), JanusAdapter) else "--captioner"
+        raise UAEError(f"{setting}: a full fine-tune (train_grpo.py --captioner_finetune full) has no LoRA; its "
+                       f"{full} is a plain model folder: give it as {given} {full}")
     if not (Path(folder) / "adapter_config.json").is_file():
         raise UAEError(f"{setting}: not a PEFT adapter folder (no adapter_config.json); give a stage-2 run's "
                        "final/captioner_lora")
@@ -209,6 +216,22 @@ def apply_captioner_lora(model, folder: str) -> None:
     if "image" in sides and isinstance(model, JanusAdapter):
         model.image_lora = True  # trained end to end: it generated the images it was rewarded for
     logger.info("%s: the LoRA serves the %s", setting, " and the ".join(f"{s}s" for s in sides))
+
+
+def full_captioner(folder: str) -> Path | None:
+    """The plain model folder of a stage-2 full fine-tune (--captioner_finetune full) that `folder`
+    names (its final/, or final/captioner itself), or None for anything else."""
+    folder = Path(folder)
+    for final, model in ((folder, folder / "captioner"), (folder.parent, folder)):
+        manifest = final / MANIFEST
+        if manifest.is_file() and (model / "config.json").is_file():
+            try:
+                declared = json.loads(manifest.read_text())
+            except ValueError:
+                continue
+            if declared.get("captioner_finetune") == "full" and (final / declared.get("captioner", "")) == model:
+                return model
+    return None
 
 
 def lora_sides(folder: str) -> list[str]:
