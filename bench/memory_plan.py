@@ -6,7 +6,10 @@ DiT, cold start, g4u, u4g; their configs in configs/), the full-size models (SD3
 VAE, Qwen2.5-VL-3B + projector, the release's LoRAs, the reward's scorers) are built on the meta
 device from configs/models/full.yaml by `uae.random_weights.build_uae`, through the toolkit's own
 classes, with the dtypes the precision policy loads them in (`uae.training.precision`), and the recipe's
-own `configure(model, cfg)` marks what trains. Bytes follow: frozen weights at their dtype;
+own `configure(model, cfg)` marks what trains. Stage 2 on Janus-Pro-1B / -7B (configs/grpo/g4u_janus.yaml,
+with a LoRA or --captioner_finetune full) builds transformers' JanusForConditionalGeneration on the
+meta device from Janus-Pro's sizes (JANUS_PRO), and counts the KL reference its config needs; its
+activations are not measured here (the DiT's fit does not apply): the largest estimate stands in. Bytes follow: frozen weights at their dtype;
 trained weights, gradients and EMA in fp32; AdamW 8 bytes per trained weight (8-bit AdamW 2).
 Per parallel setting: 1 GPU; 8 GPUs with DDP (every GPU holds it all, plus DDP's gradient buckets,
 one more copy of the gradients); for SFT, 8 GPUs with FSDP full sharding of the modules accelerate
@@ -25,6 +28,8 @@ stage-3 step (`--measure u4g` on a GPU).
 
     python bench/memory_plan.py                          # plan at full size + activations at mid (minutes)
     python bench/memory_plan.py --act_preset tiny --act_resolutions 32 48 64   # quick
+    python bench/memory_plan.py --reuse results/cpu/memory_plan.json --json results/cpu/memory_plan.json
+                                                         # the plans again, the measured activations kept
     python bench/memory_plan.py --measure u4g --preset full   # on a GPU: the stage-3 step, measured vs planned
 """
 
@@ -67,6 +72,30 @@ SETTINGS = {  # name -> (stage, config file, extra settings)
     "cold start": ("cold_start", "configs/grpo/cold_start.yaml", {}),
     "g4u": ("g4u", "configs/grpo/g4u.yaml", {}),
     "u4g": ("u4g", "configs/grpo/u4g.yaml", {}),
+    # Stage 2 on Janus-Pro (configs/grpo/g4u_janus.yaml: Janus-Pro-7B), a LoRA or the full language model.
+    "g4u Janus-Pro-7B LoRA": ("g4u", "configs/grpo/g4u_janus.yaml", {}),
+    "g4u Janus-Pro-7B full": ("g4u", "configs/grpo/g4u_janus.yaml", {"captioner_finetune": "full"}),
+}
+# The same config on Janus-Pro-1B. Kept apart from SETTINGS: these rows differ from the 7B ones by
+# --checkpoint alone, which tests/test_readme.py's launch check counts as a setting that changes
+# nothing a GPU holds (true of UAE's checkpoints), so there a 1B row would match a 7B launch too.
+OTHER_SIZES = {
+    "g4u Janus-Pro-1B LoRA": ("g4u", "configs/grpo/g4u_janus.yaml",
+                              {"checkpoint": "deepseek-community/Janus-Pro-1B"}),
+    "g4u Janus-Pro-1B full": ("g4u", "configs/grpo/g4u_janus.yaml",
+                              {"checkpoint": "deepseek-community/Janus-Pro-1B", "captioner_finetune": "full"}),
+}
+ROWS = {**SETTINGS, **OTHER_SIZES}
+# Janus-Pro's language models (DeepSeek-LLM 1.5B / 7B: Llama layers, untied output layer, bf16), as
+# deepseek-ai/Janus-Pro-1B / -7B's config.json `language_config` gives them (transformers' converter
+# copies them into text_config of deepseek-community/Janus-Pro-*); the vision tower (SigLIP-L, 384 px,
+# 576 tokens) and the VQ model (16384 codes) are transformers' JanusVisionConfig / JanusVQVAEConfig
+# defaults, which are Janus-Pro's, with their projections to the language model's width.
+JANUS_PRO = {
+    "deepseek-community/Janus-Pro-1B": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                                        "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 102400},
+    "deepseek-community/Janus-Pro-7B": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 30,
+                                        "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 102400},
 }
 
 
@@ -92,18 +121,59 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
+def build_janus(checkpoint: str, dtype: torch.dtype):
+    """Janus-Pro-1B / -7B on the meta device (JANUS_PRO's sizes), in `dtype`."""
+    from transformers import JanusConfig, JanusForConditionalGeneration
+
+    if checkpoint not in JANUS_PRO:
+        raise ValueError(f"no Janus-Pro size for {checkpoint}: add it to JANUS_PRO")
+    text = JANUS_PRO[checkpoint]
+    width = text["hidden_size"]
+    config = JanusConfig(text_config={"model_type": "llama", **text, "tie_word_embeddings": False},
+                         vision_config={"projection_dim": width},
+                         vq_config={"projection_dim": width, "image_token_embed_dim": width},
+                         tie_word_embeddings=False)
+    with torch.device("meta"):
+        return JanusForConditionalGeneration(config).to(dtype)
+
+
+def _janus_modules(cfg, precision, parts, model) -> dict:
+    """Janus's modules for the plan: the model (what trains marked by the recipe's configure), and
+    the KL reference: with --captioner_finetune full and --beta, a frozen copy of the language model
+    in the frozen dtype (uae.rl.kl.FrozenLanguageModel); a LoRA's `start` reference, a copy of the
+    LoRA (uae.rl.kl.ReferenceWeights); a LoRA's `base`, nothing (the LoRA switched off)."""
+    modules = {"llm": model}
+    if cfg.beta and cfg.captioner_finetune == "full":
+        with torch.device("meta"):
+            modules["kl_reference"] = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.empty(p.shape, dtype=precision.frozen), requires_grad=False)
+                 for p in model.model.language_model.parameters()])
+    elif cfg.beta and cfg.kl_reference == "start":
+        with torch.device("meta"):
+            modules["kl_reference"] = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype), requires_grad=False) for p in parts.trainable])
+    return modules
+
+
 def plan(name: str, preset: str = "full") -> dict:
     """Bytes held per GPU by setting `name` at `preset` size, per parallel setting."""
-    stage, path, extra = SETTINGS[name]
+    stage, path, extra = ROWS[name]
     cfg = config(stage, path, extra)
     mod = recipe_module(stage)
     precision = precision_policy(cfg.mixed_precision)
-    # SFT trains the DiT from its base weights (no dit_lora); the RL stages start from the release's.
-    model = build_uae(preset, dtypes=precision.load_dtypes(mod.fully_trained(cfg)), dit_lora=stage != "sft")
-    parts = mod.configure(model, cfg)
+    if getattr(cfg, "model", "uae") == "janus":
+        # The recipe's own configure on the whole model (frozen dtype), then Run's cast of what trains to fp32.
+        model = build_janus(cfg.checkpoint, precision.frozen)
+        parts = mod.configure(model, cfg)
+        precision.cast_trained(parts.trainable)
+        modules = _janus_modules(cfg, precision, parts, model)
+    else:
+        # SFT trains the DiT from its base weights (no dit_lora); the RL stages start from the release's.
+        model = build_uae(preset, dtypes=precision.load_dtypes(mod.fully_trained(cfg)), dit_lora=stage != "sft")
+        parts = mod.configure(model, cfg)
+        modules = {"llm": model.encoder.llm, "projector": model.encoder.projector,
+                   "dit": model.decoder.transformer, "vae": model.decoder.pipe.vae}
     trained = {id(p) for p in parts.trainable}
-    modules = {"llm": model.encoder.llm, "projector": model.encoder.projector,
-               "dit": model.decoder.transformer, "vae": model.decoder.pipe.vae}
     with torch.device("meta"):
         scorers = {f"scorer:{n}": build_scorer_model(n, "full" if preset == "full" else "tiny")[0].to(precision.frozen)
                    for n in scorer_names(stage, cfg)}
@@ -142,6 +212,8 @@ def plan(name: str, preset: str = "full") -> dict:
     if stage in FSDP_STAGES:
         parallel[f"{GPUS} GPUs FSDP"] = totals(GPUS, False)
     return {"setting": name, "stage": stage, "config": path, "mixed_precision": cfg.mixed_precision,
+            **({"checkpoint": cfg.checkpoint, "captioner_finetune": cfg.captioner_finetune}
+               if getattr(cfg, "model", "uae") == "janus" else {}),
             "trained_parameters": n_trained, "modules_gib": {k: (v["frozen"] + v["trained"]) / GIB for k, v in per_module.items()},
             "startup_weights_gib": startup / GIB, "prepared": sorted(prepared), "freed": sorted(freed),
             "parallel": parallel}
@@ -277,7 +349,7 @@ SETTINGS_RES: dict[str, int] = {}
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="full", help="model size of the plan (full)")
-    ap.add_argument("--settings", nargs="*", default=list(SETTINGS), help=f"among {list(SETTINGS)}")
+    ap.add_argument("--settings", nargs="*", default=list(ROWS), help=f"among {list(ROWS)}")
     ap.add_argument("--act_preset", default="mid", help="model size the activations are measured at ('' to skip)")
     ap.add_argument("--act_resolutions", type=int, nargs=3, default=[128, 192, 256],
                     help="fit on the first two, check on the third")
@@ -304,25 +376,26 @@ def main(argv=None) -> dict:
         if args.reuse:
             old = json.loads(Path(args.reuse).read_text())["activations"]
             res["activations"] = {n: fit(n, a["points"], a["scale"]) for n, a in old.items() if n in args.settings}
-        elif args.act_preset:
-            res["activations"] = activations(args.settings, args.act_preset, args.act_resolutions, Path(d))
+        elif args.act_preset:  # measured on UAE's DiT: not for the Janus rows
+            res["activations"] = activations([n for n in args.settings if "Janus" not in n], args.act_preset,
+                                             args.act_resolutions, Path(d))
         if args.measure:
             stage, path, extra = SETTINGS[args.measure]
             SETTINGS_RES[args.measure] = args.measure_resolution or config(stage, path, extra).resolution
             res["measured"] = measure_full(args.measure, args.preset, Path(d), args.measure_checkpoint)
     print(f"memory plan ({res['machine']}); {args.preset} size, GiB per GPU of {GPU_BYTES / GIB:.0f}")
-    print(f"{'setting':<11} {'parallel':<15} {'frozen':>7} {'trained':>8} {'grads':>7} {'optim':>7} {'ema':>6} "
+    print(f"{'setting':<21} {'parallel':<15} {'frozen':>7} {'trained':>8} {'grads':>7} {'optim':>7} {'ema':>6} "
           f"{'total':>7} {'activ.':>7} {'headroom':>9}")
     for name, p in res["plans"].items():
         act = (res.get("activations", {}).get(name) or {}).get("full_size_estimate_bytes")
         for par, t in p["parallel"].items():
             a = "" if act is None else f"{act / GIB:7.1f}"
             left = GPU_BYTES - t["total"] - (act or 0)
-            print(f"{name:<11} {par:<15} {t['frozen_weights'] / GIB:7.1f} {t['trained_weights'] / GIB:8.2f} "
+            print(f"{name:<21} {par:<15} {t['frozen_weights'] / GIB:7.1f} {t['trained_weights'] / GIB:8.2f} "
                   f"{t['gradients'] / GIB:7.2f} {t['optimizer'] / GIB:7.2f} {t['ema'] / GIB:6.2f} {t['total'] / GIB:7.1f} "
                   f"{a:>7} {left / GIB:9.1f}")
         if p["stage"] not in FSDP_STAGES:
-            print(f"{name:<11} {f'{GPUS} GPUs FSDP':<15} refused: train_grpo.py runs DDP only")
+            print(f"{name:<21} {f'{GPUS} GPUs FSDP':<15} refused: train_grpo.py runs DDP only")
     for name, a in res.get("activations", {}).items():
         c = a["check"]
         est = a["full_size_estimate_bytes"]
