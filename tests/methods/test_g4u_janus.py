@@ -13,11 +13,6 @@ import train_grpo
 from conftest import read_metrics
 
 JANUS = ["--model", "janus", "--checkpoint", "tiny"]
-# The tiny random Janus's image head (32 -> 64 codes, std-0.02 weights) gives nearly uniform logits
-# whatever its input, so a LoRA on the language model alone moves the image tokens very slowly
-# (measured: a token-share reward stays at 0.5 +- 0.05 over 16 iterations at learning rates 0.002
-# to 0.2); with the head in the LoRA it reaches 1.0 in 5-6 iterations.
-IMAGE_LEARNABLE = r".*(language_model.*\.(q_proj|v_proj)|generation_head\.(proj_out|vision_head))"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,7 +96,7 @@ def test_the_control_generates_with_the_lora_off(grpo_recipe):
 def test_a_reward_on_the_image_tokens_rises(tmp_path, monkeypatch):
     """A toy reward only the image tokens can move (the share of each image's tokens in the lower half
     of the codebook; the tiny random VQ decoder's pixels hardly vary), read from the tokens the
-    trainer sampled, through the whole command line."""
+    trainer sampled, through the whole command line, with the default LoRA (the language model only)."""
     from uae.methods.g4u import G4URecipe
 
     real = G4URecipe.generate_images
@@ -126,12 +121,11 @@ def test_a_reward_on_the_image_tokens_rises(tmp_path, monkeypatch):
 
     out = tmp_path / "run"
     assert _g4u(out, "--train_tokens", "image", "--max_iterations", 12, "--prompts_per_iteration", 1,
-                "--group_size", 8, "--learning_rate", 0.05, "--max_new_tokens", 4,
-                "--captioner_lora_targets", IMAGE_LEARNABLE, reward=low_tokens) == 0
+                "--group_size", 8, "--learning_rate", 0.05, "--max_new_tokens", 4, reward=low_tokens) == 0
     rec = [r for r in read_metrics(out) if "reward_mean" in r]
     first, last = np.mean([r["reward_mean"] for r in rec[:3]]), np.mean([r["reward_mean"] for r in rec[-3:]])
     spread = np.mean([r["reward_std"] for r in rec[:3]])
-    assert last - first > 2 * spread and last > 0.9, (first, last, spread)
+    assert last - first > 2 * spread and last > 0.8, (first, last, spread)
 
 
 def _prompts(tmp_path):
@@ -157,8 +151,8 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("janus-runs")
     for name, flags in (("end_to_end", []), ("control", ["--frozen_generator", "true", "--train_tokens", "caption"])):
         assert _g4u(root / name, "--max_iterations", 2, "--prompts_per_iteration", 1, "--group_size", 4,
-                    "--learning_rate", 0.05, "--max_new_tokens", 4, "--captioner_lora_targets", IMAGE_LEARNABLE,
-                    *flags, reward=brightness) == 0
+                    "--learning_rate", 0.05, "--max_new_tokens", 4, *flags,
+                    reward=brightness) == 0
     return root
 
 
