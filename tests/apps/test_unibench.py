@@ -57,6 +57,17 @@ def test_rerun_resumes_without_loading_the_model(run_dir, tiny_ckpt, capsys, mon
     assert before == {p.name: p.stat().st_mtime_ns for p in (run_dir / "recon").iterdir()}
 
 
+def test_a_greedy_rerun_into_a_sampled_run_is_refused(run_dir, tiny_ckpt, capsys, monkeypatch):
+    """Greedy and sampled captions would be mixed in one folder: do_sample is a resume setting."""
+    import uae.models.uae as facade
+
+    monkeypatch.setattr(facade.UAE, "from_pretrained", classmethod(lambda *a, **k: pytest.fail("model loaded")))
+    code = run_unibench.main(["--checkpoint", str(tiny_ckpt), "--output_dir", str(run_dir), "--scorer_weights", "tiny",
+                              *FAST, "--do_sample", "false"])
+    assert code == 2
+    assert "do_sample True then, False now" in capsys.readouterr().err
+
+
 def test_scores_another_systems_outputs(run_dir, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(run_dir / "recon", other / "recon")

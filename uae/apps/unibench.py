@@ -71,9 +71,9 @@ def _known_captions(cfg, cap_dir: Path) -> dict[str, str]:
 # with the same values (else its outputs would be mixed with another model's or seed's).
 RUN_FILE = "unibench_run.json"
 RESUME_KEYS = ("model", "checkpoint", "captioner", "generator", "captioner_lora", "model_args", "captions_from",
-               "seed", "increment_seed", "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-               "exif_transpose", "caption_batching", "steps", "guidance_scale", "height", "width", "dit_batching",
-               "dtype")
+               "seed", "increment_seed", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+               "repetition_penalty", "exif_transpose", "caption_batching", "steps", "guidance_scale", "height",
+               "width", "dit_batching", "dtype")
 
 
 def run_settings(cfg) -> dict:
