@@ -51,7 +51,7 @@ from uae.training.run import Prepared, Setup
 from uae.training.seeding import generator_for
 from uae.training.setup import make_optimizer
 from uae.unified.janus_images import image_token_logprobs, sample_image_tokens
-from uae.unified.loading import all_tiny, captioning_side, load_model
+from uae.unified.loading import all_tiny, captioning_side, load_model, model_kind, read_model_args
 from uae.unified.protocol import RunSettings
 
 
@@ -82,13 +82,18 @@ class G4UConfig(GroupConfig):
                                                   "Default: group, or sample when image tokens train (--model janus: "
                                                   "the image tokens are actions too, and a group sampling them from "
                                                   "one seed explores them hardly at all)")
-    model: str = config_field("uae", choices=("uae", "janus", "pipeline"),
+    model: str = config_field("uae",
                        help="whose captioner trains: uae (the checkpoint's encoder LoRA; images through its own "
                             "decoder), janus (--checkpoint: Janus / Janus-Pro; a new LoRA on its language model, which "
                             "captions and then generates the reward's image from its caption: see --train_tokens, "
                             "--frozen_generator), pipeline (--captioner: any transformers "
                             "image-text-to-text model, a new LoRA on its language model; --generator: any diffusers "
-                            "text-to-image pipeline): the paper's '+ Ours' rows")
+                            "text-to-image pipeline), or module:Class (a user's model with a captioning side, "
+                            "--model_args its constructor's arguments; with conditions_generator = True its "
+                            "generator reads the LLM that trains: the paper's UMM-1, docs/examples/"
+                            "llm_conditioned_sd3.py): the paper's '+ Ours' rows")
+    model_args: str | None = config_field(None, help="--model module:Class: its constructor's keyword arguments, a "
+                                                     "mapping (inline JSON / YAML, or a .json / .yaml file)")
     captioner: str | None = config_field(None, help="--model pipeline: the captioner that trains (hub id, folder or tiny)")
     generator: str | None = config_field(None, help="--model pipeline: the frozen text-to-image pipeline of the reward (hub "
                                              "id, folder or tiny)")
@@ -134,21 +139,29 @@ class G4UConfig(GroupConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        kind = model_kind(self.model)
         if self.model == "pipeline" and not (self.captioner and self.generator):
             raise UAEError("--model pipeline trains --captioner's LoRA with rewards through --generator: give both")
         if self.model != "pipeline" and (self.captioner or self.generator):
-            raise UAEError(f"--captioner / --generator are --model pipeline's; --model {self.model} uses --checkpoint")
+            given = "--model_args" if kind == "module" else "--checkpoint"
+            raise UAEError(f"--captioner / --generator are --model pipeline's; --model {self.model} uses {given}")
+        if self.model_args and kind != "module":
+            raise UAEError(f"--model_args is for --model module:Class; --model {self.model} takes none")
         janus = self.model == "janus"
         if self.train_tokens is None:
             self.train_tokens = "both" if janus else "caption"
         if self.frozen_generator is None:
-            self.frozen_generator = not janus
+            self.frozen_generator = kind in ("uae", "pipeline")
         if not janus and self.train_tokens != "caption":
             raise UAEError(f"--train_tokens {self.train_tokens}: only --model janus generates its images as tokens; "
                            f"--model {self.model} trains its caption tokens (--train_tokens caption)")
-        if not janus and not self.frozen_generator:
+        if kind in ("uae", "pipeline") and not self.frozen_generator:
             raise UAEError(f"--frozen_generator false: --model {self.model}'s generator is frozen in stage 2 (UAE's "
                            "decoder trains in stage 3, train_grpo.py --stage u4g)")
+        if kind == "module" and self.frozen_generator:
+            raise UAEError(f"--frozen_generator true: --model {self.model} generates the reward's images as its "
+                           "generate() does (a class with conditions_generator = True reads the LLM that trains, "
+                           "its frozen diffusion decoder being part of the reward); leave --frozen_generator unset")
         if self.decoder_noise is None:
             self.decoder_noise = "group" if self.train_tokens == "caption" else "sample"
         if self.captioner_finetune == "full" and self.model == "uae":
@@ -169,6 +182,8 @@ class G4UConfig(GroupConfig):
         (janus: --checkpoint; pipeline: --captioner and --generator)."""
         if self.model == "uae":
             return super().resolved()
+        if model_kind(self.model) == "module":  # its sources are its own (--model_args): weights as given
+            return replace(self, scorer_weights=resolve_scorer_weights(self.scorer_weights, False))
         weights = resolve_scorer_weights(self.scorer_weights,
                                          all_tiny(self.model, self.checkpoint, self.captioner, self.generator))
         if self.model == "janus":
@@ -288,32 +303,42 @@ class G4URecipe:
                                caption_instruction=RELEASE_CAPTION_INSTRUCTION, max_new_tokens=cfg.max_new_tokens,
                                temperature=cfg.temperature, steps=cfg.num_steps, guidance_scale=cfg.guidance_scale,
                                height=cfg.resolution, width=cfg.resolution)
+        module = model_kind(cfg.model) == "module"
         self.model = load_model(cfg.model, settings, checkpoint=cfg.checkpoint, captioner=cfg.captioner,
-                                generator=cfg.generator)
+                                generator=cfg.generator, model_args=cfg.model_args)
         side = captioning_side(self.model, f"--model {cfg.model}")
         hf = self.hf = side.model
         full = cfg.captioner_finetune == "full"
         parts = self.configure(hf, cfg)
         # The adapter holds the model that trains (LoRA-wrapped, as after --captioner_lora in the runner):
-        # its captions (the held-out evaluation) are the trained ones.
+        # its captions (the held-out evaluation) are the trained ones, and a generator conditioned on
+        # it (conditions_generator: UMM-1) reads the trained states.
         side.model = lm = parts.prepared["llm"]
         self.captioner = CaptionPolicy(lm, hf, side.processor, side.inputs, cfg.temperature, cfg.max_new_tokens,
-                                       side.text_kwargs)
+                                       getattr(side, "text_kwargs", {}))
         if cfg.model == "janus":
             # The reward's images (and the held-out evaluation's) by the policy itself, or with its LoRA off.
             side.image_lora = not cfg.frozen_generator
             self.image_ids = dict(bos_id=side.bos_id, boi_id=side.boi, pad_id=side.pad_id)
-        sides = ["caption"] if cfg.frozen_generator else ["caption", "image"]
-        manifest = {"model": cfg.model, "source": cfg.checkpoint if cfg.model == "janus" else cfg.captioner,
-                    "generator": cfg.generator, "captioner_finetune": cfg.captioner_finetune,
-                    "train_tokens": cfg.train_tokens}
+        if module:
+            sides = ["caption", "image"] if getattr(self.model, "conditions_generator", False) else ["caption"]
+        else:
+            sides = ["caption"] if cfg.frozen_generator else ["caption", "image"]
+        logger.info("--model %s: the trained weights serve its %s", cfg.model, " and its ".join(f"{s}s" for s in sides))
+        source = cfg.checkpoint if cfg.model == "janus" else cfg.model if module else cfg.captioner
+        manifest = {"model": cfg.model, "source": source, "generator": cfg.generator,
+                    "captioner_finetune": cfg.captioner_finetune, "train_tokens": cfg.train_tokens}
+        if module:
+            manifest["model_args"] = read_model_args(cfg.model_args)
+        model_flags = f"--model {cfg.model}" + (" --model_args <as in this run>" if module else "")
         if full:  # a plain transformers folder: the model under test itself
-            given = "--checkpoint" if cfg.model == "janus" else "--captioner"
+            given = ("--checkpoint" if cfg.model == "janus" else
+                     "<its captioner argument in --model_args>" if module else "--captioner")
             manifest.update(captioner="captioner", captioner_lora=None, trained_sides=sides,
-                            load_with=f"run_unibench.py --model {cfg.model} {given} <this folder>/captioner ...")
+                            load_with=f"run_unibench.py {model_flags} {given} <this folder>/captioner ...")
         else:
             manifest.update(captioner_lora="captioner_lora", lora_sides=sides,
-                            load_with=f"run_unibench.py --model {cfg.model} ... --captioner_lora "
+                            load_with=f"run_unibench.py {model_flags} ... --captioner_lora "
                                       "<this folder>/captioner_lora")
         if cfg.model == "janus" and cfg.train_tokens != "caption":
             manifest["image_logprob"] = cfg.image_logprob

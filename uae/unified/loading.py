@@ -29,7 +29,7 @@ from uae.models.layout import MANIFEST
 from uae.unified.common import first_line
 from uae.unified.janus import JanusAdapter
 from uae.unified.pipeline import PipelineAdapter
-from uae.unified.protocol import check_model
+from uae.unified.protocol import CAPTIONING_SIDE_MEMBERS, check_model
 from uae.unified.uae_model import UAEModel
 
 logger = logging.getLogger(__name__)
@@ -170,12 +170,19 @@ def all_tiny(spec: str, checkpoint: str | None, captioner: str | None, generator
 
 
 def captioning_side(model, setting: str):
-    """The transformers captioner of a model under test: a Janus adapter itself, or a pipeline's
-    captioner (the shipped ones hold `model`, `processor`, `inputs(images)` and `text_kwargs`)."""
+    """The captioning side of a model under test (uae.unified.protocol.CaptioningSide): a Janus
+    adapter itself, a pipeline's or a user class's `captioner`; a one-line error naming what is
+    missing."""
     side = getattr(model, "captioner", model)
+    name = type(model).__name__
     if side is None or not hasattr(side, "model"):
-        raise UAEError(f"{setting}: {type(model).__name__} has no transformers captioner to train or load a LoRA onto "
-                       "(--model janus or --model pipeline --captioner ...; a UAE LoRA lives in its checkpoint)")
+        raise UAEError(f"{setting}: {name} has no transformers captioner to train or load a LoRA onto (--model janus, "
+                       "--model pipeline --captioner ..., or a class with a `captioner` holding model, processor and "
+                       "inputs(images): uae.unified.protocol.CaptioningSide; a UAE LoRA lives in its checkpoint)")
+    missing = [m for m in CAPTIONING_SIDE_MEMBERS if not hasattr(side, m)]
+    if missing or not callable(side.inputs):
+        raise UAEError(f"{setting}: {name}'s captioner lacks {', '.join(missing or ['a callable inputs'])} "
+                       "(uae.unified.protocol.CaptioningSide: model, processor, inputs(images))")
     return side
 
 
@@ -215,6 +222,9 @@ one-line error that says so. Every tensor of the file must find its place and ev
     sides = lora_sides(folder)
     if "image" in sides and isinstance(model, JanusAdapter):
         model.image_lora = True  # trained end to end: it generated the images it was rewarded for
+    if "image" not in sides and getattr(model, "conditions_generator", False):
+        logger.warning("%s was trained for captions only, and %s conditions its generator on the captioner: its "
+                       "images now use the LoRA too", setting, type(model).__name__)
     logger.info("%s: the LoRA serves the %s", setting, " and the ".join(f"{s}s" for s in sides))
 
 

@@ -16,12 +16,25 @@ instruction and sampling, image size, steps, guidance). The adapters shipped her
 their first argument; a user's class (`--model module:Class`) gets them as the keyword argument
 `settings` when its constructor declares a parameter of that name, and the `--model_args`
 mapping as further keyword arguments (see uae/unified/loading.py).
+
+What stage 2 (train_grpo.py --stage g4u --model janus|pipeline|module:Class) trains, and what the
+runner's --captioner_lora loads a trained LoRA onto, is the model's captioning side
+(`CaptioningSide`): Janus is its own, a pipeline's (and a user class's) is its `captioner`
+attribute. Stage 2 replaces `side.model` with the model that trains (LoRA-wrapped or fully
+trained); the adapter must read `side.model` at call time, not keep its own reference.
+
+A model whose generator is conditioned on that same language model (the paper's UMM-1: UniWorld,
+MetaQuery, BLIP3-o; UAE itself) says so with `conditions_generator = True`, and its `generate` reads
+the conditioning from `captioner.model` when it is called: the reward's images then come from the
+policy's current conditioning, the LoRA it trains serves both sides (the run's manifest records
+`lora_sides: ["caption", "image"]`), and the runner's --captioner_lora changes its images too. A
+complete example: docs/examples/llm_conditioned_sd3.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from uae.errors import UAEError
 from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
@@ -39,6 +52,24 @@ class UnifiedModel(Protocol):
 
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
         """One PIL image per text."""
+
+
+@runtime_checkable
+class CaptioningSide(Protocol):
+    """A transformers captioner that stage 2 can train (and --captioner_lora load onto)."""
+
+    model: Any                  # the transformers model (PreTrainedModel); stage 2 puts the trained one here
+    processor: Any              # its processor (the tokenizer at processor.tokenizer)
+
+    def inputs(self, images: Sequence) -> Mapping:
+        """The caption prompts of `images` (the caption instruction and the image), left-padded when
+        more than one, on the model's device: what model.generate(**inputs) captions."""
+
+
+# Optional members of a model under test (read with getattr): `captioner` (its CaptioningSide,
+# when it is not one itself), `conditions_generator` (bool; see the module's docstring), and on
+# the captioning side `text_kwargs` (a dict generate() needs to write text; Janus: its mode).
+CAPTIONING_SIDE_MEMBERS = ("model", "processor", "inputs")
 
 
 # The generation settings a model may take from its own defaults when the user leaves them unset.
