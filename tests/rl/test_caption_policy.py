@@ -33,3 +33,52 @@ def test_decode_keeps_only_the_masked_tokens(policy):
     assert all(t.endswith("!!") for t in policy.decode(completion))
     with pytest.raises(ValueError, match="does not match"):
         policy.decode(completion, mask[:, :-1])
+
+
+def test_row_sampler_draws_each_row_from_the_tempered_softmax():
+    """RowSampler's draws follow softmax(scores / temperature), never a suppressed (-inf) token,
+    and each row's draw is a function of its own generator only."""
+    from uae.rl.captioners import RowSampler
+
+    scores = torch.tensor([[1.0, 0.0, -1.0, 2.0, float("-inf"), 0.5]])
+    n = 4000
+    for temperature in (1.0, 0.5):
+        sampler = RowSampler([torch.Generator().manual_seed(s) for s in range(n)], temperature)
+        out = sampler(None, scores.expand(n, -1).clone())
+        assert torch.all((out == 0).sum(1) == 1) and torch.all((out == 0) | (out == float("-inf")))
+        picks = out.argmax(1)
+        freq = torch.bincount(picks, minlength=6).float() / n
+        expected = torch.softmax(scores[0] / temperature, dim=0)
+        assert freq[4] == 0 and torch.allclose(freq, expected, atol=0.03), (temperature, freq, expected)
+    # Row 7 draws the same whatever the other rows hold.
+    mixed = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    mixed[7] = scores[0]
+    alone = RowSampler([torch.Generator().manual_seed(7)], 1.0)(None, scores.clone())
+    batched = RowSampler([torch.Generator().manual_seed(s) for s in range(8)], 1.0)(None, mixed)
+    assert torch.equal(batched[7], alone[0])
+    with pytest.raises(ValueError, match="2 rows, 1 generators"):
+        RowSampler([torch.Generator()], 1.0)(None, mixed[:2])
+
+
+def test_seeded_captions_do_not_depend_on_the_batch(tmp_path):
+    """CaptionPolicy.sample with one seed per row (stage 2's rollouts): a caption is the same sampled
+    alone or beside others, in any order, so 1 and N processes sample the same captions."""
+    from PIL import Image
+    from skimage import data
+
+    from uae.random_weights.unified import embedded
+    from uae.unified.captioner import TransformersCaptioner
+    from uae.unified.protocol import RunSettings
+
+    cap = TransformersCaptioner(str(embedded("captioner")), RunSettings(max_new_tokens=8))
+    policy = CaptionPolicy(cap.model, cap.model, cap.processor, cap.inputs, temperature=1.0, max_new_tokens=8)
+    a, b = (Image.fromarray(getattr(data, n)()).convert("RGB").resize((64, 64)) for n in ("astronaut", "coffee"))
+
+    def sample(images, seeds):
+        batch = cap.inputs(images)
+        return policy.sample(batch, seeds=seeds)[:, batch["input_ids"].shape[1]:].tolist()
+
+    together = sample([a, b], [5, 6])
+    assert together == sample([b, a], [6, 5])[::-1]
+    assert together == sample([a], [5]) + sample([b], [6])
+    assert sample([a, a], [5, 9])[0] != sample([a, a], [5, 9])[1]  # the seed, not the image, draws

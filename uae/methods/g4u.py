@@ -470,12 +470,15 @@ class G4URecipe:
     def rollout(self, it: int, share) -> "Rollout":
         """This process's captions of the iteration: sampled, cut after the first end-of-sequence
         token, and (when an optimizer step will not be the first after them) their log-probs."""
-        cfg, acc, cap = self.cfg, self.acc, self.captioner
+        cfg, cap = self.cfg, self.captioner
         mine = share.samples
         self.policy.eval()
         batch = cap.prompt_inputs([self.refs[p].image for p in mine])
-        torch.manual_seed(generator_for(cfg.seed, it * acc.num_processes + acc.process_index).initial_seed())
-        out = cap.sample(batch)
+        # Each caption from a generator of its own, seeded by its global index in the iteration: the
+        # same captions on 1 or N processes, and whatever the batch.
+        n = len(share.prompts) * cfg.group_size
+        out = cap.sample(batch, seeds=[generator_for(cfg.seed, it * n + share.offset + j).initial_seed() % 2 ** 63
+                                       for j in range(share.size)])
         completion = out[:, batch["input_ids"].shape[1]:]
         is_eos = torch.zeros_like(completion, dtype=torch.bool)
         for e in cap.eos_ids:

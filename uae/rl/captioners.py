@@ -40,6 +40,26 @@ def only_this_generation_config(model, config):
         model.generation_config = before
 
 
+class RowSampler:
+    """A logits processor that draws each row's next token from softmax(scores / temperature) with
+    the row's own torch.Generator, and leaves that token alone possible (every other score -inf):
+    under greedy decoding generate() then takes it. So a caption's tokens depend on its own seed
+    and logits, not on the global RNG nor on which batch or process it is sampled in (transformers'
+    sampling draws one multinomial over the whole batch from the global generator). It runs after
+    generate()'s own processors (the suppressed tokens), as a temperature warper would."""
+
+    def __init__(self, generators: Sequence[torch.Generator], temperature: float):
+        self.generators, self.temperature = list(generators), temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.shape[0] != len(self.generators):
+            raise ValueError(f"RowSampler: {scores.shape[0]} rows, {len(self.generators)} generators")
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, picks[:, None], 0.0)
+
+
 def _pixel_rows(batch, rows: slice) -> torch.Tensor:
     """Qwen2-VL-style processors flatten every image's patches into one pixel_values tensor: the
     rows of images `rows` are the patches counted by their image_grid_thw."""
@@ -79,9 +99,22 @@ class CaptionPolicy:
                                 max_new_tokens=self.max_new_tokens, suppress_tokens=self.suppressed,
                                 bos_token_id=self.bos_id, eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
 
-    def sample(self, batch, **kwargs):
-        """Sampled completions (B, T) of the prompts in `batch`, on-policy."""
-        config = self.generation_config()
+    def sample(self, batch, seeds: Sequence[int] | None = None, **kwargs):
+        """Sampled completions (B, T) of the prompts in `batch`, on-policy. With `seeds` (one per
+        row), row i's tokens are drawn from a generator of its own seeded with seeds[i]
+        (`RowSampler`): the same caption whatever its batch-mates and the number of processes (up
+        to the rounding of batched logits); without, from the global RNG."""
+        if seeds is None:
+            config = self.generation_config()
+        else:
+            from transformers import GenerationConfig, LogitsProcessorList  # lazy: as generation_config()
+
+            config = GenerationConfig(do_sample=False, max_new_tokens=self.max_new_tokens,
+                                      suppress_tokens=self.suppressed, bos_token_id=self.bos_id,
+                                      eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+            device = batch["input_ids"].device
+            gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+            kwargs["logits_processor"] = LogitsProcessorList([RowSampler(gens, self.temperature)])
         with torch.no_grad(), only_this_generation_config(self.base, config):
             return self.lm.generate(**batch, generation_config=config, **self.sample_kwargs, **kwargs)
 
