@@ -40,6 +40,7 @@ from uae.models.encoder import PROJECTOR_FILE, UAEEncoder
 from uae.models.layout import MANIFEST, resolve_components
 from uae.random_weights import resolve_checkpoint
 from uae.runtime import stored_dtype
+from uae.unified.loading import model_kind, run_manifest
 
 logger = logging.getLogger("uae.apps.export")
 
@@ -216,16 +217,20 @@ def export_dit(paths, dst: Path, requested: str) -> torch.dtype:
 
 
 def captioner_run(checkpoint: str) -> dict | None:
-    """The manifest of a stage-2 run of another model (its final/: captioner_lora/ and a manifest
-    with its source model), or None for a checkpoint in UAE's layout."""
-    manifest = Path(checkpoint) / MANIFEST
-    if not manifest.is_file():
+    """The manifest of a stage-2 run of another model (its final/: captioner_lora/ or captioner/,
+    and a manifest naming its source model), or None for a checkpoint in UAE's layout."""
+    declared = run_manifest(checkpoint, f"--checkpoint {checkpoint}")
+    if declared is None:
         return None
-    declared = json.loads(manifest.read_text())
     trained = declared.get("captioner") if declared.get("captioner_finetune") == "full" else "captioner_lora"
     if not trained or not (Path(checkpoint) / trained).is_dir():
         return None
-    return declared if declared.get("model") in ("janus", "pipeline") and declared.get("source") else None
+    model = declared.get("model")
+    if model not in ("janus", "pipeline") and model_kind(str(model)) == "module":
+        raise UAEError(f"--checkpoint {checkpoint}: a run of --model {model} (a class of yours): its captioner is "
+                       f"the class's, which uae-export cannot load; merge {trained}/ onto it with PEFT "
+                       "(PeftModel.from_pretrained(model, folder).merge_and_unload())")
+    return declared if model in ("janus", "pipeline") and declared.get("source") else None
 
 
 def export_captioner(final: str, declared: dict, out: Path, requested: str, overwrite: bool) -> Path:
@@ -324,9 +329,10 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
 def main(argv: list[str] | None = None, description: str | None = None) -> int:
     cfg = parse_config(ExportConfig, argv, description=description or __doc__)
     setup_logging(cfg.log_level)
-    out = export(resolve_checkpoint(cfg.checkpoint), cfg.output_dir, dtype=cfg.dtype, overwrite=cfg.overwrite,
+    checkpoint = resolve_checkpoint(cfg.checkpoint)
+    out = export(checkpoint, cfg.output_dir, dtype=cfg.dtype, overwrite=cfg.overwrite,
                  link_unchanged=cfg.link_unchanged, source_name=cfg.checkpoint)
-    if captioner_run(cfg.checkpoint) is None:
+    if (out / "llm").is_dir():  # UAE's layout (a captioner run's export says what it wrote itself)
         logger.info("wrote %s: llm/ loads with plain transformers (Qwen2_5_VLForConditionalGeneration, AutoProcessor); "
                     "`demo.py --checkpoint %s` runs the merged model", out, out)
     return 0

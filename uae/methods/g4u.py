@@ -50,7 +50,7 @@ from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup
 from uae.training.seeding import generator_for
 from uae.training.setup import make_optimizer
-from uae.unified.janus_images import image_token_logprobs, sample_image_tokens
+from uae.unified.janus_images import image_token_logprobs
 from uae.unified.loading import all_tiny, captioning_side, load_model, model_kind, read_model_args
 from uae.unified.protocol import RunSettings
 
@@ -348,27 +348,16 @@ class G4URecipe:
                 dict(evaluated=Evaluated(self.model, side.processor.tokenizer, encoder_trains=True), paths=None,
                      manifest=manifest))
 
-    @torch.no_grad()
     def generate_images(self, texts: list[str], seeds: list[int]) -> tuple[list, ImageRollout]:
-        """--model janus, the policy generating: the images of `texts` by the current weights, image i
-        sampled from a generator of its own seeded with seeds[i] (so it does not depend on its
-        batch-mates), in calls of the adapter's images_per_call, with each token's log-probability
-        under --image_logprob."""
-        cfg, side = self.cfg, self.model
-        batch = side.image_inputs(texts)
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        gens = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds]
-        tokens, logps = [], []
-        for i in range(0, len(texts), side.images_per_call):
-            rows = slice(i, i + side.images_per_call)
-            out = sample_image_tokens(self.captioner.lm, ids[rows], mask[rows], generators=gens[rows],
-                                      guidance_scale=cfg.guidance_scale, temperature=side.image_temperature,
-                                      **self.image_ids)
-            tokens.append(out.tokens)
-            logps.append(out.guided if cfg.image_logprob == "guided" else out.conditional)
-        tokens = torch.cat(tokens)
-        images = side.decode(tokens)
-        return images, ImageRollout(ids, mask, tokens, torch.cat(logps))
+        """--model janus, the policy generating: the images of `texts` by the current weights (the
+        adapter's model is the policy), image i from seeds[i], with each token's log-probability
+        under --image_logprob (JanusAdapter.sample_images: all prompts padded together, sampled
+        images_per_call at a time)."""
+        side = self.model
+        with side.image_lora_context():
+            batch, out = side.sample_images(texts, seeds)
+        logps = out.guided if self.cfg.image_logprob == "guided" else out.conditional
+        return side.decode(out.tokens), ImageRollout(batch["input_ids"], batch["attention_mask"], out.tokens, logps)
 
     def image_logprobs(self, model, image: ImageRollout, rows: slice) -> torch.Tensor:
         """Log-probabilities (B, N) of the image tokens of samples `rows` under `model` (the

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from dataclasses import fields
 from typing import Sequence
 
 import torch
@@ -45,7 +46,7 @@ import torch
 from uae.errors import UAEError
 from uae.unified.common import (caption_images, caption_sampling, load_config, load_pretrained, short_name, to_device,
                                 torch_dtype)
-from uae.unified.janus_images import sample_image_tokens
+from uae.unified.janus_images import ImageSample, sample_image_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -159,22 +160,37 @@ class JanusAdapter:
         return self.model.disable_adapter()
 
     @torch.no_grad()
-    def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
+    def sample_images(self, texts: Sequence[str], seeds: Sequence[int]) -> tuple[dict, ImageSample]:
+        """The image tokens of `texts` by the model as it is (call it inside `image_lora_context()`
+        for the adapter's choice of LoRA), with their log-probabilities: the prompts left-padded
+        together (`image_inputs`), then sampled `images_per_call` at a time, image i from a generator
+        of its own seeded with seeds[i]. Returns the prompts (input_ids, attention_mask) and the
+        sample; generate() decodes it, stage 2's trainer also keeps the prompts and log-probs."""
         texts, seeds = list(texts), list(seeds)
         if len(seeds) != len(texts):
             raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
         if self.images_per_call < 1:
             raise UAEError(f"images_per_call {self.images_per_call}: must be at least 1")
+        batch = self.image_inputs(texts)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        gens = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds]
+        outs = [sample_image_tokens(self.model, ids[rows], mask[rows], generators=gens[rows],
+                                    guidance_scale=self.settings_.guidance_scale, temperature=self.image_temperature,
+                                    bos_id=self.bos_id, boi_id=self.boi, pad_id=self.pad_id)
+                for rows in (slice(i, i + self.images_per_call) for i in range(0, len(texts), self.images_per_call))]
+        return batch, ImageSample(*(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(ImageSample)))
+
+    @torch.no_grad()
+    def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
+        texts, seeds = list(texts), list(seeds)
+        if len(seeds) != len(texts):
+            raise ValueError(f"{len(seeds)} seeds for {len(texts)} texts")
         images: list = []
-        for start in range(0, len(texts), self.images_per_call):
-            chunk = slice(start, start + self.images_per_call)
-            batch = self.image_inputs(texts[chunk])
-            gens = [torch.Generator(device=self.model.device).manual_seed(s) for s in seeds[chunk]]
+        step = max(self.images_per_call, 1)
+        for start in range(0, len(texts), step):  # each call's prompts padded on their own
+            chunk = slice(start, start + step)
             with self.image_lora_context():
-                out = sample_image_tokens(self.model, batch["input_ids"], batch["attention_mask"], generators=gens,
-                                          guidance_scale=self.settings_.guidance_scale,
-                                          temperature=self.image_temperature, bos_id=self.bos_id, boi_id=self.boi,
-                                          pad_id=self.pad_id)
+                _, out = self.sample_images(texts[chunk], seeds[chunk])
             images += self.decode(out.tokens)
         return images
 

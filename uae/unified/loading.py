@@ -20,6 +20,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -228,19 +229,33 @@ one-line error that says so. Every tensor of the file must find its place and ev
     logger.info("%s: the LoRA serves the %s", setting, " and the ".join(f"{s}s" for s in sides))
 
 
+def run_manifest(final: str | os.PathLike, setting: str) -> dict | None:
+    """The manifest a training run wrote in its final/ (uae_checkpoint.json: what trained, from
+    which source, which sides a captioner LoRA serves), or None where there is none; a one-line
+    error naming `setting` when it is not JSON."""
+    manifest = Path(final) / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        declared = json.loads(manifest.read_text())
+    except ValueError as e:
+        raise UAEError(f"{setting}: {manifest} is not valid JSON ({e}); it is the run's manifest, written by "
+                       "train_grpo.py") from None
+    if not isinstance(declared, dict):
+        raise UAEError(f"{setting}: {manifest} holds a {type(declared).__name__}, not the run's manifest")
+    return declared
+
+
 def full_captioner(folder: str) -> Path | None:
     """The plain model folder of a stage-2 full fine-tune (--captioner_finetune full) that `folder`
     names (its final/, or final/captioner itself), or None for anything else."""
     folder = Path(folder)
     for final, model in ((folder, folder / "captioner"), (folder.parent, folder)):
-        manifest = final / MANIFEST
-        if manifest.is_file() and (model / "config.json").is_file():
-            try:
-                declared = json.loads(manifest.read_text())
-            except ValueError:
-                continue
-            if declared.get("captioner_finetune") == "full" and (final / declared.get("captioner", "")) == model:
-                return model
+        if not (model / "config.json").is_file():
+            continue
+        declared = run_manifest(final, str(folder)) or {}
+        if declared.get("captioner_finetune") == "full" and (final / declared.get("captioner", "")) == model:
+            return model
     return None
 
 
@@ -250,13 +265,9 @@ def lora_sides(folder: str) -> list[str]:
     with a frozen generator (and for a folder without a manifest), ["caption", "image"] when the
     policy generated the reward's images itself (--model janus end to end)."""
     manifest = Path(folder).parent / MANIFEST
-    if not manifest.is_file():
+    declared = run_manifest(Path(folder).parent, f"--captioner_lora {folder}")
+    if declared is None:
         return ["caption"]
-    try:
-        declared = json.loads(manifest.read_text())
-    except ValueError as e:
-        raise UAEError(f"--captioner_lora {folder}: {manifest} is not valid JSON ({e}); it is the run's manifest, "
-                       "written by train_grpo.py") from None
     sides = declared.get("lora_sides", ["caption"])
     if not isinstance(sides, list) or not set(sides) <= {"caption", "image"} or "caption" not in sides:
         raise UAEError(f"--captioner_lora {folder}: {manifest} lora_sides {sides!r} is not ['caption'] or "
