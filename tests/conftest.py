@@ -65,6 +65,16 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def train_g4u(out, *flags, reward=None) -> int:
+    """train_grpo.py's stage 2 from the tiny YAML into `out` on the tiny scorers, quietly (no
+    checkpoints, no image grids unless `flags` ask: a later flag wins); returns the exit code."""
+    import train_grpo
+
+    argv = ["--config", "tiny_g4u", "--output_dir", out, "--scorer_weights", "tiny", "--checkpointing_steps", 0,
+            "--image_log_steps", 0, *flags]
+    return train_grpo.main([str(a) for a in argv], reward=reward)
+
+
 def timeless(records: list[dict]) -> list[dict]:
     """Metrics without the wall-clock ones (the only values two identical runs may differ in)."""
     return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds_per_step"} for r in records]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_grpo
-from conftest import read_metrics
+from conftest import read_metrics, train_g4u
 
 MODELS = {"janus": ["--model", "janus", "--checkpoint", "tiny"],
           "pipeline": ["--model", "pipeline", "--captioner", "tiny", "--generator", "tiny"]}
@@ -25,9 +25,7 @@ def words(images, keys, references, prompts):
 
 
 def _g4u(out, model, *extra, reward=None):
-    argv = ["--config", "tiny_g4u", "--output_dir", out, "--scorer_weights", "tiny", "--checkpointing_steps", 0,
-            "--image_log_steps", 0, *MODELS[model], *extra]  # a later --checkpointing_steps wins
-    return train_grpo.main([str(a) for a in argv], reward=reward)
+    return train_g4u(out, *MODELS[model], *extra, reward=reward)  # a later --checkpointing_steps wins
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_grpo
-from conftest import read_metrics
+from conftest import read_metrics, train_g4u
 
 JANUS = ["--model", "janus", "--checkpoint", "tiny"]
 
@@ -30,9 +30,7 @@ def brightness(images, *rest):
 
 
 def _g4u(out, *extra, reward=None):
-    argv = ["--config", "tiny_g4u", "--output_dir", out, "--scorer_weights", "tiny", "--checkpointing_steps", 0,
-            "--image_log_steps", 0, *JANUS, *extra]
-    return train_grpo.main([str(a) for a in argv], reward=reward)
+    return train_g4u(out, *JANUS, *extra, reward=reward)
 
 
 def test_the_policy_generates_the_reward_images_and_the_loss_covers_both_sides(grpo_recipe):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train_grpo
+from conftest import train_g4u
 
 JANUS = ["--model", "janus", "--checkpoint", "tiny", "--captioner_finetune", "full"]
 SMALL = ["--prompts_per_iteration", 1, "--group_size", 3, "--max_new_tokens", 4]
@@ -28,9 +29,7 @@ def brightness(images, *rest):
 
 
 def _g4u(out, *extra, reward=brightness):
-    argv = ["--config", "tiny_g4u", "--output_dir", out, "--scorer_weights", "tiny", "--checkpointing_steps", 0,
-            "--image_log_steps", 0, *JANUS, *extra]
-    return train_grpo.main([str(a) for a in argv], reward=reward)
+    return train_g4u(out, *JANUS, *extra, reward=reward)
 
 
 def _one_iteration(recipe, adv):

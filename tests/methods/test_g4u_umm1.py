@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import train_grpo
-from conftest import REFS, ROOT, read_metrics
+from conftest import REFS, ROOT, read_metrics, train_g4u
 
 EXAMPLE = f"{ROOT / 'docs' / 'examples' / 'llm_conditioned_sd3.py'}:LLMConditionedSD3"
 TINY = json.dumps({"captioner": "tiny", "generator": "tiny"})
@@ -24,9 +24,7 @@ def _threads(one_thread):
 
 
 def _g4u(out, *extra, reward=None):
-    argv = ["--config", "tiny_g4u", "--output_dir", out, "--scorer_weights", "tiny", "--checkpointing_steps", 0,
-            "--image_log_steps", 0, *MODEL, *extra]
-    return train_grpo.main([str(a) for a in argv], reward=reward)
+    return train_g4u(out, *MODEL, *extra, reward=reward)
 
 
 def _pixels(images):
@@ -64,7 +62,7 @@ def _lora_b(path):
     return {k: v for k, v in load_file(str(path / "adapter_model.safetensors")).items() if "lora_B" in k}
 
 
-def test_a_run_trains_the_llm_and_the_runner_loads_it_for_both_sides(tmp_path, monkeypatch):
+def test_a_run_trains_the_llm_and_the_runner_loads_it_for_both_sides(tmp_path, capsys):
     from uae.apps import unibench
 
     seen = []
@@ -83,6 +81,11 @@ def test_a_run_trains_the_llm_and_the_runner_loads_it_for_both_sides(tmp_path, m
     assert manifest["lora_sides"] == ["caption", "image"] and manifest["model"] == EXAMPLE
     assert manifest["model_args"] == json.loads(TINY)
     assert any(float(v.abs().max()) > 0 for v in _lora_b(final / "captioner_lora").values())  # it learned
+    # uae-export cannot load a class's captioner: it says how to merge the LoRA instead.
+    from uae.apps import export
+
+    assert export.main(["--checkpoint", str(final), "--output_dir", str(tmp_path / "exported")]) == 2
+    assert "merge captioner_lora/ onto it with PEFT" in capsys.readouterr().err
 
     pixels, captions = {}, {}
     for name, lora in (("base", []), ("trained", ["--captioner_lora", final / "captioner_lora"])):
