@@ -125,7 +125,9 @@ def _max_diff(a, b):
              "--text_padding", "max_length", "--max_caption_tokens", 96],
      ["--dit_mode", "full", "--max_steps", 2, "--train_batch_size", 1, "--adam_epsilon", 1e-4,
       "--text_padding", "max_length", "--max_caption_tokens", 96]),
-    # Stage 3: one prompt x 4 rollouts, two optimizer steps on shares shuffled across the processes.
+    # Stage 3: one prompt x 4 rollouts, two optimizer steps on shares that take one sample of each
+    # block of 2 consecutive ones: each process's own samples, and the union of the two processes'
+    # shares is the one process's share (uae.methods.u4g.update_shares).
     ("u4g", ["--max_steps", 1, "--prompts_per_iteration", 1, "--group_size", 4, "--sample_batch_size", 2,
              "--updates_per_iteration", 2],
      ["--max_steps", 1, "--prompts_per_iteration", 1, "--group_size", 4, "--sample_batch_size", 2,
@@ -140,6 +142,19 @@ def test_two_processes_train_the_weights_of_one(tiny_ckpt, pairs, tmp_path, stag
     a = launch(1, stage, tmp_path / "one", tiny_ckpt, pairs, *one)[0]
     b = launch(2, stage, tmp_path / "two", tiny_ckpt, pairs, *two)[0]
     assert _max_diff(a["params"], b["params"]) < 2e-5   # float noise of batching and all-reduce order only
+
+
+def test_u4g_ranks_make_the_same_forward_calls_in_every_optimizer_step(tiny_ckpt, pairs, tmp_path):
+    """Every optimizer step of stage 3 waits for the process with the most training forwards: the
+    shares give each process the same count of its own samples (before, one permutation of both
+    ranks' samples gave rank 0 three samples of the first share and one of the second, with seed 0
+    in iteration 0). Two prompts x 4 rollouts, one sample per forward, 5 trained steps: 2 samples x
+    5 = 10 forwards per rank and optimizer step, 20 per iteration."""
+    out = tmp_path / "run"
+    launch(2, "u4g", out, tiny_ckpt, pairs, "--max_iterations", 2, "--prompts_per_iteration", 2, "--group_size", 4,
+           "--sample_batch_size", 2, "--train_batch_size", 1, "--updates_per_iteration", 2, "--seed", 0)
+    rec = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_forwards_slowest"], r["train_forwards_mean"]) for r in rec] == [(20.0, 20.0)] * 2
 
 
 def test_two_process_run_resumes_bit_identically(tiny_ckpt, pairs, tmp_path):

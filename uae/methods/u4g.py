@@ -4,8 +4,8 @@ Each iteration: the iteration's prompts (the encoder's captions of reference ima
 replacement), each repeated G times; reconstructions sampled with the SDE sampler (CFG with both
 branches in one batch) while every stochastic transition and its log-probability are recorded;
 rewards; group-relative advantages (std over the whole batch by default, as Flow-GRPO's SD3.5
-configs); then, for each inner epoch, the rollouts shuffled anew across groups and cut into
-`updates_per_iteration` shares, one optimizer step each, of PPO-clip on the recorded transitions
+configs); then, for each inner epoch, the rollouts dealt anew into `updates_per_iteration`
+shares (each a random part of every group, the same count on every process), one optimizer step each, of PPO-clip on the recorded transitions
 with Flow-GRPO's KL to the reference policy (the LoRA the stage started from, or the DiT without
 it: no second DiT in memory). As in Flow-GRPO's training forward, the unconditional CFG branch is
 detached (`detach_uncond`).
@@ -35,7 +35,7 @@ from uae.data import load_references
 from uae.errors import UAEError
 from uae.files import atomic_write_text
 from uae.hashing import content_key, fingerprint
-from uae.models.decoder import decode_latents, guided_velocity, save_dit_lora
+from uae.models.decoder import decode_latents, disable_lora_dropout, guided_velocity, save_dit_lora
 from uae.models.uae import UAE
 from uae.rl.grpo import GroupConfig, flow_kl, ppo_clip_loss
 from uae.rl.iteration import (Phases, check_share, gathered_advantages, iteration_metrics, iteration_share,
@@ -72,8 +72,8 @@ class U4GConfig(GroupConfig):
     sample_batch_size: int = field(8, min=1, help="rollouts sampled together; rewards of a chunk overlap the sampling "
                                                   "of the next")
     train_batch_size: int | None = field(None, min=1, help="samples per training forward (default sample_batch_size)")
-    updates_per_iteration: int = field(2, min=1, help="optimizer steps per batch of rollouts, each on a share shuffled "
-                                                      "across groups (Flow-GRPO: 2, so that the clip range acts)")
+    updates_per_iteration: int = field(2, min=1, help="optimizer steps per batch of rollouts, each on a share drawn "
+                                                      "from every group (Flow-GRPO: 2, so that the clip range acts)")
     sde_kind: str = field("sde", choices=("sde", "cps"), help="sde (Flow-GRPO) or cps (coefficients-preserving)")
     noise_level: float = field(0.7, min=0, help="SDE noise level a (0.8 is usual for cps)")
     sde_window_mode: str = field("fixed", choices=("fixed", "random", "sliding"),
@@ -180,12 +180,25 @@ class Transitions:
 
 
 def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> list[list[int]]:
-    """The samples of each optimizer step of an inner epoch: a permutation seeded by (seed,
-    iteration, inner epoch), drawn anew for every inner epoch as Flow-GRPO reshuffles its samples
-    for each, so that each step sees a mix of groups; cut into `updates` nearly equal shares. A
-    function of its arguments only: a resumed run draws the same shares."""
-    perm = torch.randperm(n, generator=generator_for(seed + 3 + 7919 * epoch, it)).tolist()
-    return [perm[u * n // updates:(u + 1) * n // updates] for u in range(updates)]
+    """The global samples of each optimizer step of an inner epoch. The `n` samples (in global
+    order: groups in order, processes holding contiguous ranges) are dealt in blocks of `updates`
+    consecutive ones, each block's samples one to each share in an order drawn anew for every
+    (seed, iteration, inner epoch) block by block, as Flow-GRPO reshuffles its samples for each
+    inner epoch: every share holds a random 1/`updates` of every group (a mix of groups), and a
+    process whose samples are whole blocks (`updates` divides its count) holds exactly its count /
+    `updates` of every share, so no process waits for another at an optimizer step (a shuffle of
+    all processes' samples together gave each process a varying count: bench/u4g_shares.py).
+    Flow-GRPO permutes each GPU's samples; a block is the smallest such unit that does not depend
+    on the number of processes, so one process draws the shares of N (the union of theirs).
+    A function of its arguments only: a resumed run draws the same shares. Each share is sorted."""
+    keys = torch.rand(n, generator=generator_for(seed + 3 + 7919 * epoch, it))
+    full = n - n % updates
+    order = (keys[:full].view(-1, updates).argsort(dim=1) + torch.arange(0, full, updates)[:, None]).T
+    shares = [row.tolist() for row in order]
+    rest = (torch.argsort(keys[full:]) + full).tolist()  # n % updates samples: one each to the first shares
+    for u, j in enumerate(rest):
+        shares[u].append(j)
+    return [sorted(s) for s in shares]
 
 
 class U4GRecipe:
@@ -213,6 +226,10 @@ class U4GRecipe:
         dit = pipe.transformer
         dit.requires_grad_(False)
         ensure_dit_lora(dit, cfg)
+        dropout = disable_lora_dropout(dit)
+        if dropout:
+            logger.warning("the DiT LoRA's lora_dropout %g is set to 0 for stage 3: in training mode it would make "
+                           "the training forward differ from the rollout's (the first ratio would not be 1)", dropout)
         parts = Parts({"decoder": train_dit(dit)}, prepared={"dit": dit}, freed=("encoder",))
         if cfg.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
@@ -378,10 +395,11 @@ class U4GRecipe:
         return values
 
     def train_on(self, it: int, tr: "Transitions", keep_all: torch.Tensor, offset: int) -> dict:
-        """PPO-clip on the recorded transitions. For each inner epoch, the iteration's samples (all
-        processes') are shuffled anew across groups and split into `updates_per_iteration` shares,
-        one optimizer step each (Flow-GRPO takes 2 per batch of rollouts, so its clip range acts
-        from the second on); each process trains on its own samples of a share, gradients
+        """PPO-clip on the recorded transitions. For each inner epoch, the iteration's samples are
+        dealt anew into `updates_per_iteration` shares (`update_shares`: each a random part of every
+        group, the same count on every process), one optimizer step each (Flow-GRPO takes 2 per
+        batch of rollouts, so its clip range acts from the second on); each process trains on its
+        own samples of a share, gradients
         accumulated over micro-batches of one conditioning length and over the trained steps. The
         loss is the mean over the whole share's kept samples and steps, whatever the number of
         processes: the same optimizer steps as one process (tested)."""
@@ -390,6 +408,7 @@ class U4GRecipe:
         self.policy.train()
         agg: dict[str, float] = {}
         dev_first, dev_later, count, loss_total = 0.0, 0.0, 0, 0.0
+        forwards = []  # this process's training forward calls (of the policy) per optimizer step
         for inner in range(cfg.inner_epochs):
             for u, share in enumerate(update_shares(len(keep_all), cfg.updates_per_iteration, cfg.seed, it, inner)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -403,6 +422,7 @@ class U4GRecipe:
                 if dummy:  # none of the share here: a zero loss still joins the all-reduce
                     batches, mask = [[0]], torch.zeros_like(tr.keep)
                 calls = [(b, k) for b in batches for k in range(n_steps)]
+                forwards.append(len(calls))
                 for c, (b, k) in enumerate(calls):
                     # One gradient all-reduce per optimizer step: the last backward of the share.
                     sync = acc.no_sync(self.policy) if c < len(calls) - 1 else contextlib.nullcontext()
@@ -429,8 +449,12 @@ class U4GRecipe:
         out = {k: v / max(count, 1) for k, v in agg.items() if not k.startswith("first_")}
         out.update({k: v for k, v in agg.items() if k.startswith("first_")})
         updates = cfg.inner_epochs * cfg.updates_per_iteration
+        # Each optimizer step waits for the process with the most forward calls: the sum over the
+        # steps of the slowest process's calls against the mean process's (equal when balanced).
+        per_rank = acc.gather(torch.tensor(forwards, dtype=torch.float32, device=acc.device)).view(-1, len(forwards))
         out.update(loss=loss_total / updates, ratio_dev_first_update=dev_first, ratio_dev_later_updates=dev_later,
-                   optimizer_steps=updates)
+                   optimizer_steps=updates, train_forwards_slowest=float(per_rank.max(0).values.sum()),
+                   train_forwards_mean=float(per_rank.mean(0).sum()))
         return out
 
     def _loss(self, tr: "Transitions", b: list[int], k: int, keep: torch.Tensor, norm: float):

@@ -107,6 +107,25 @@ def load_dit_lora(dit, folder: str, adapter_name: str = "default") -> None:
                        f"LoRA weights not in the file {lora_missing[:3]}")
 
 
+def disable_lora_dropout(dit) -> float:
+    """Set the DiT's LoRA dropout to 0 (the adapters' configs say so, and PEFT's dropout modules
+    become identities), as RL needs: in `.train()` mode a dropout > 0 (a release's
+    adapter_config.json may set one) makes the training forward differ from the rollout's, so the
+    first ratio of an iteration would not be 1. Returns the largest dropout found (0: nothing
+    changed)."""
+    found = [float(c.lora_dropout) for c in (getattr(dit, "peft_config", None) or {}).values()]
+    for c in (getattr(dit, "peft_config", None) or {}).values():
+        c.lora_dropout = 0.0
+    for m in dit.modules():
+        drop = getattr(m, "lora_dropout", None)
+        if isinstance(drop, torch.nn.ModuleDict):
+            for name in list(drop):
+                if isinstance(drop[name], torch.nn.Dropout):
+                    found.append(float(drop[name].p))
+                    drop[name] = torch.nn.Identity()
+    return max(found, default=0.0)
+
+
 def save_dit_lora(dit, folder, adapter_name: str = "default", binary: bool = False) -> None:
     """Write the DiT's adapter in PEFT's folder format (loadable by `load_dit_lora` and by
     `peft.PeftModel.from_pretrained`, as the official code does); `binary` writes PEFT's older
@@ -142,24 +161,28 @@ def save_dit(dit, folder, dtype: torch.dtype | None = None) -> None:
                           max_shard_size="10GB")
 
 
-def guided_velocity(dit, x, t, pos, neg, pooled, guidance: float, detach_uncond: bool = False):
+def guided_velocity(dit, x, t, pos, neg, pooled, guidance: float, detach_uncond: bool = False, neg_pooled=None):
     """The DiT's velocity with classifier-free guidance, v = v_u + g (v_c - v_u): both branches in
     one batched forward when their conditioning has the same length, two forwards when it does
     not; no negative branch at guidance <= 1. `t` is a scalar or one timestep per sample.
+    `neg_pooled`: the negative branch's pooled vector where it has its own (a diffusers SD3
+    pipeline's negative prompt); None: `pooled` for both (UAE's one vector of the empty prompt).
 
     `detach_uncond`: the unconditional branch is a constant for autograd, so the gradient is
     g * grad v_c alone instead of g * grad v_c + (1 - g) * grad v_u (Flow-GRPO's training forward,
     `compute_log_prob` in its scripts/train_sd3.py); the value is the same."""
     tt = t.expand(x.shape[0]) if t.ndim == 0 else t
+    neg_pooled = pooled if neg_pooled is None else neg_pooled
     if guidance > 1 and pos.shape[1] == neg.shape[1]:
         out = dit(hidden_states=torch.cat([x, x]), timestep=torch.cat([tt, tt]), encoder_hidden_states=torch.cat([neg, pos]),
-                  pooled_projections=torch.cat([pooled, pooled]), return_dict=False)[0]
+                  pooled_projections=torch.cat([neg_pooled, pooled]), return_dict=False)[0]
         uncond, cond = out.chunk(2)
     else:
         cond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=pos, pooled_projections=pooled, return_dict=False)[0]
         if guidance <= 1:
             return cond
-        uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=pooled, return_dict=False)[0]
+        uncond = dit(hidden_states=x, timestep=tt, encoder_hidden_states=neg, pooled_projections=neg_pooled,
+                     return_dict=False)[0]
     if detach_uncond:
         uncond = uncond.detach()
     return uncond + guidance * (cond - uncond)
