@@ -10,6 +10,8 @@ system's outputs scored with --recon_from / --captions_from). Writes into --outp
   compare.png   the same as bars (published rows hatched and labelled as such)
   compare.html  all of it in one self-contained page: real HTML tables, and each reference beside
                 every run's reconstruction with its caption, as embedded thumbnails
+
+With --judge DIR/judge.json (`uae-report judge`, Protocol 2), both pages add the caption win rates.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class CompareConfig:
                                     "not measured)")
     labels: list[str] | None = field(None, help="a name per run (default: the folder names)")
     max_images: int = field(100, min=0, help="references shown side by side (Unified-Bench has 100)")
+    judge: str | None = field(None, help="a judge.json of `uae-report judge` (Protocol 2): its caption win rates "
+                                         "as a section of both pages")
 
     def __post_init__(self):
         check_fields(self)
@@ -169,6 +173,75 @@ def overall_mismatch(values: list[float]) -> float | None:
     return mean if abs(mean - values[4]) > 0.01 else None
 
 
+# ---------------------------------------------------------------------------- Protocol 2's tables
+
+JUDGE_HEADER = ["run A", "run B", "A wins / ties / B wins", "unparsable", "win rate of A (95% CI)",
+                "length-controlled", "position consistency", "words A / B"]
+RANKING_HEADER = ["rank", "run", "Bradley-Terry strength (95% CI)"]
+JUDGE_INTRO = ("Each reference judged with both runs' captions in both orders; win rate = (wins + ties / 2) / "
+               "parsed verdicts, x100; the interval a bootstrap over references; length-controlled: the win rate at "
+               "zero caption-length difference (a logistic regression of the verdict on it); position consistency: "
+               "the references whose two orders gave the same verdict. Strength: the probability of beating a run "
+               "of average strength.")
+
+
+def load_judge(path: str | os.PathLike) -> dict:
+    """A judge.json of `uae-report judge`, or a one-line error."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "judge.json"
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UAEError(f"--judge {path}: cannot read a judge.json ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pairs"), list):
+        raise UAEError(f"--judge {path}: not a judge.json of uae-report judge (no pairs)")
+    return data
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def judge_rows(result: dict) -> list[list[str]]:
+    return [[p["a"], p["b"], f"{p['wins']} / {p['ties']} / {p['losses']}", str(p["unparsable"]),
+             _pct(p["win_rate"]) + (f" ({_pct(p['win_rate_ci'][0])}-{_pct(p['win_rate_ci'][1])})"
+                                    if p.get("win_rate_ci") else ""),
+             _pct(p["length_controlled_win_rate"]), _pct(p["position_consistency"]),
+             f"{p['words_a']:.1f} / {p['words_b']:.1f}"] for p in result["pairs"]]
+
+
+def ranking_rows(result: dict) -> list[list[str]]:
+    return [[str(r["rank"]), r["run"], f"{_pct(r['strength'])} ({_pct(r['strength_ci'][0])}-{_pct(r['strength_ci'][1])})"]
+            for r in result.get("ranking") or []]
+
+
+def judge_markdown(result: dict) -> str:
+    """Protocol 2's tables in markdown: the pairs, then (more than two runs) the ranking."""
+    out = [f"{JUDGE_INTRO}\n", *_md_table(JUDGE_HEADER, judge_rows(result), numeric_from=2)]
+    if result.get("ranking"):
+        out += ["", *_md_table(RANKING_HEADER, ranking_rows(result), numeric_from=2)]
+    return "\n".join(out) + "\n"
+
+
+def judge_html(result: dict) -> str:
+    """Protocol 2's tables as HTML."""
+    esc = [[html.escape(c) for c in row] for row in judge_rows(result)]
+    out = [f"<p class=note>{html.escape(JUDGE_INTRO)}</p>",
+           html_table(JUDGE_HEADER, esc, numeric=set(range(2, len(JUDGE_HEADER))), caption="Caption win rate")]
+    if result.get("ranking"):
+        out.append(html_table(RANKING_HEADER, [[html.escape(c) for c in row] for row in ranking_rows(result)],
+                              numeric={0, 2}, caption="Ranking"))
+    return "\n".join(out)
+
+
+def judge_summary(result: dict) -> str:
+    """Who judged, as one line under the section's title."""
+    j = result.get("judge") or {}
+    return (f"Judge {j.get('judge')} ({result.get('mode')} mode), prompt {(result.get('prompt') or {}).get('path')}, "
+            f"{len(result.get('references') or [])} references.")
+
+
 # ---------------------------------------------------------------------------- the outputs
 
 def _x100(v: float | None) -> str:
@@ -271,7 +344,7 @@ def published_rows(table: dict) -> tuple[list[tuple[str, list[str]]], list[str]]
 
 
 def write_markdown(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
-                   differing: list[str] = ()) -> None:
+                   differing: list[str] = (), judged: dict | None = None) -> None:
     def lines():
         yield f"# Unified-Bench comparison\n\n{INTRO}\n\n"
         yield "## Measured\n\n" + "\n".join(_md_table(MEASURED_HEADER, measured_rows(runs))) + "\n\n"
@@ -287,6 +360,8 @@ def write_markdown(path: Path, runs: list[BenchRun], paper: list[dict] | None, i
                 yield f"\n{t['citation']} ({PUBLISHED}):\n\n" + "\n".join(_md_table(["system", *HEADER], rows)) + "\n"
                 for f in foot:
                     yield f"\n\\* {f}.\n"
+        if judged:
+            yield f"\n## Caption win rate (Protocol 2)\n\n{judge_summary(judged)}\n\n{judge_markdown(judged)}"
         yield (f"\n## Per image\n\nMean of the four scorers x100 per image and run"
                f"{f' (the first {shown} of {len(images)} images)' if shown < len(images) else ''}.\n\n")
         rows = [[name, *(_x100(r.image_overall(name)) for r in runs)] for name in images[:shown]]
@@ -332,7 +407,7 @@ def write_plot(path: Path, runs: list[BenchRun], paper: list[dict] | None) -> No
 
 
 def write_html(path: Path, runs: list[BenchRun], paper: list[dict] | None, images: list[str], shown: int,
-               differing: list[str] = ()) -> None:
+               differing: list[str] = (), judged: dict | None = None) -> None:
     numeric = set(range(1, len(HEADER) + 2))
 
     def page():
@@ -350,6 +425,9 @@ def write_html(path: Path, runs: list[BenchRun], paper: list[dict] | None, image
                              caption=f"Published, not measured: {html.escape(t['citation'])}",
                              row_class=["published"] * len(rows)) + "\n"
             yield "".join(f"<p class=note>* {html.escape(f)}.</p>\n" for f in foot)
+        if judged:
+            yield (f"<h2>Caption win rate (Protocol 2)</h2>\n<p class=note>{html.escape(judge_summary(judged))}</p>\n"
+                   f"{judge_html(judged)}\n")
         plot = png_data_uri(path.parent / "compare.png")
         if plot:
             yield img_tag(plot, "compare.png", "max-width:1000px;max-height:none") + "\n"
@@ -388,7 +466,7 @@ def _index(folder: Path | None) -> dict[str, Path]:
 
 
 def compare(run_dirs: list[str], output_dir: str, *, paper: bool = False, labels: list[str] | None = None,
-            max_images: int = 100) -> dict:
+            max_images: int = 100, judge: str | None = None) -> dict:
     """Write compare.md, compare.png and compare.html; return the table as numbers (x100)."""
     if labels is not None and len(labels) != len(run_dirs):
         raise UAEError(f"--labels: {len(labels)} label(s) for {len(run_dirs)} run folder(s)")
@@ -400,6 +478,7 @@ def compare(run_dirs: list[str], output_dir: str, *, paper: bool = False, labels
     auto = _unique_labels([Path(p) for p in run_dirs])
     runs = [load_run(p, labels[i] if labels else auto[i]) for i, p in enumerate(run_dirs)]
     published = load_paper() if paper else None
+    judged = load_judge(judge) if judge else None
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise UAEError(f"--output_dir {out} exists and is not a folder")
@@ -407,8 +486,8 @@ def compare(run_dirs: list[str], output_dir: str, *, paper: bool = False, labels
     shown = min(len(images), max_images)
     write_plot(out / "compare.png", runs, published)
     differing = differing_references(runs, images)
-    write_markdown(out / "compare.md", runs, published, images, shown, differing)
-    write_html(out / "compare.html", runs, published, images, shown, differing)
+    write_markdown(out / "compare.md", runs, published, images, shown, differing, judged)
+    write_html(out / "compare.html", runs, published, images, shown, differing, judged)
     return {"runs": {r.label: {**{lab: None if r.scores[k] is None else 100 * r.scores[k] for k, lab in COLUMNS},
                                "Overall": None if r.overall is None else 100 * r.overall,
                                "caption_words": r.caption_words} for r in runs},
@@ -421,7 +500,8 @@ def main(argv=None) -> int:
     shape), with the paper's published rows (--paper) and every reference beside each run's
     reconstruction."""
     cfg = parse_config(CompareConfig, argv, description=__doc__, prog="uae-report compare")
-    res = compare(cfg.run_dirs, cfg.output_dir, paper=cfg.paper, labels=cfg.labels, max_images=cfg.max_images)
+    res = compare(cfg.run_dirs, cfg.output_dir, paper=cfg.paper, labels=cfg.labels, max_images=cfg.max_images,
+                  judge=cfg.judge)
     out = Path(cfg.output_dir)
     sys.stdout.write(f"{out / 'compare.md'}\n{out / 'compare.png'}\n{out / 'compare.html'}\n")
     for label, row in res["runs"].items():

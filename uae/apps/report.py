@@ -6,6 +6,9 @@ uae-report (python -m uae.apps.report):
   uae-report compare RUN_DIR... --output_dir DIR  Unified-Bench runs side by side (uae/apps/compare.py;
                                                   `uae-report compare --help`); a training run folder
                                                   named `compare` is given as ./compare
+  uae-report judge RUN_A RUN_B... --judge JUDGE --output_dir DIR
+                                                  Protocol 2: which run's captions a judge model prefers
+                                                  (uae/apps/judge.py; `uae-report judge --help`)
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from uae.apps import compare
+from uae.apps import compare, judge
 from uae.apps.pages import PAGE_STYLE, html_table, image_data_uri, img_tag, png_data_uri, save_figure
 from uae.cli import script_main
 from uae.config import field, parse_config
@@ -211,10 +214,13 @@ class ReportConfig:
 @script_main
 def main(argv=None) -> int:
     """uae-report: a training run's report, or (`uae-report compare ...`) the comparison of
-    Unified-Bench runs, each form on its own config."""
+    Unified-Bench runs, or (`uae-report judge ...`) their captions' win rates, each form on its own
+    config."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["judge"]:
+        return judge.main(argv[1:])
     cfg = parse_config(ReportConfig, argv, description=__doc__, prog="uae-report")
     run = Path(cfg.run_dir)
     path = run / "metrics.jsonl"
