@@ -10,10 +10,13 @@ YAML section named after a stage (`u4g: {learning_rate: ...}`) to that stage onl
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
+
+import torch
 
 from uae.cli import script_main, setup_logging, with_named_config
 from uae.config import parse_config, parse_configs, read_yaml
@@ -103,7 +106,26 @@ def run_stage(cfg, reward=None, last: bool = True):
     chosen = METHODS[cfg.stage]
     run = Run(cfg, f"uae_grpo_{cfg.stage}")
     recipe = chosen.recipe(run, reward=reward) if chosen.takes_reward else chosen.recipe(run)
-    return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "), last=last)
+    try:
+        return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "), last=last)
+    finally:
+        release(run, recipe)
+
+
+def release(run, recipe) -> None:
+    """Free a finished stage's models before the next stage loads its own (`--stage all`; at full
+    size two UAEs are about 2 x 33 GB). The run, its Accelerator (which lists the prepared models
+    and optimizer), the optimizer's step hook and the recipe refer to one another: reference cycles
+    that only the collector frees, at a time of its choosing. Their attributes are dropped, the
+    cycles collected and the accelerator's cached blocks returned."""
+    acc = getattr(run, "acc", None)
+    if acc is not None:
+        acc.free_memory()
+    for obj in (recipe, run):
+        vars(obj).clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @script_main

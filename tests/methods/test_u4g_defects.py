@@ -37,3 +37,39 @@ def test_lora_dropout_of_a_release_adapter_leaves_the_first_ratio_at_one(tiny_ck
     assert "lora_dropout 0.1 is set to 0" in capsys.readouterr().err
     saved = json.loads((tmp_path / "run" / "final" / "dit_lora" / "adapter_config.json").read_text())
     assert saved["lora_dropout"] == 0.0
+
+
+# ----------------------------------------------------------------------------- c. one stage's model at a time
+@pytest.mark.slow  # measured >8 s on 2 cores
+def test_all_stages_free_the_previous_stage_model_before_the_next_loads(tiny_ckpt, tmp_path, monkeypatch):
+    """--stage all: when a stage loads its model, no model of an earlier stage is alive (at full
+    size, two UAEs are about 2 x 33 GB). The collector is off during the run, so only the release
+    between stages can free what reference cycles hold."""
+    import uae.train
+    from uae.models.uae import UAE
+
+    real_load, real_stage = UAE.from_pretrained.__func__, uae.train.run_stage
+    loaded, current, stale = [], [None], []
+
+    def load(cls, *a, **k):
+        stale.extend((stage, current[0]) for stage, ref in loaded if stage != current[0] and ref() is not None)
+        model = real_load(cls, *a, **k)
+        loaded.append((current[0], weakref.ref(model)))
+        return model
+
+    def stage(cfg, *a, **k):
+        current[0] = cfg.stage
+        return real_stage(cfg, *a, **k)
+
+    monkeypatch.setattr(UAE, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(uae.train, "run_stage", stage)
+    argv = ["--config", "configs/grpo/tiny_all.yaml", "--checkpoint", tiny_ckpt, "--output_dir",
+            tmp_path / "all", "--scorer_weights", "tiny", "--max_steps", 1, "--image_log_steps", 0,
+            "--checkpointing_steps", 0]
+    gc.disable()
+    try:
+        assert train_grpo.main([str(a) for a in argv]) == 0
+    finally:
+        gc.enable()
+    assert {stage for stage, _ in loaded} == {"cold_start", "g4u", "u4g"}
+    assert stale == []  # (earlier stage, loading stage) of every model still alive at a later stage's load
