@@ -34,13 +34,13 @@ from typing import Any, Callable
 import uae
 from uae.files import atomic_folder, build_once
 from uae.hashing import content_key
-from uae.paths import cache_dir
-from uae.random_weights.checkpoint import (QWEN_SPECIAL_TOKENS, build_dit, build_llm, build_processor,
-                                           build_sd3_parts, load_preset, preset_key)
+from uae.paths import MODEL_PRESETS, cache_dir
+from uae.random_weights.checkpoint import (QWEN_SPECIAL_TOKENS, build_clip_tokenizer, build_dit, build_llm,
+                                           build_processor, build_sd3_parts, load_preset, preset_key)
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("janus", "captioner", "generator", "gemma3")
+KINDS = ("janus", "captioner", "generator", "gemma3", "flux")
 
 # The converted Janus checkpoints' chat template (transformers' convert_janus_weights_to_hf.py,
 # CHAT_TEMPLATE): "<|User|>: ...\n\n<|Assistant|>:", images as <image_placeholder>, text items
@@ -376,8 +376,58 @@ def build_generator(out: str | os.PathLike, seed: int = 0, preset: str = "tiny",
     return _written(out, overwrite, write)
 
 
+TINY_FLUX = MODEL_PRESETS / "pipelines" / "tiny_flux.yaml"  # FLUX.1-dev's structure at toy sizes
+# T5's special tokens as google/t5-v1_1-xxl's tokenizer has them (pad 0, end of sequence 1, unknown 2);
+# none of its 100 sentinel <extra_id_*> tokens (no code here reads them).
+T5_SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def build_t5_tokenizer():
+    """A T5 tokenizer (Unigram, as T5's SentencePiece model) over bytes' characters and CORPUS's
+    words, offline; it appends </s> as the real one does."""
+    from transformers import T5TokenizerFast
+
+    specials = list(T5_SPECIAL_TOKENS.values())
+    words = sorted({w.lower().strip(".,:;!?\"'()") for line in CORPUS for w in line.split()} - {""})
+    pieces = [(t, 0.0) for t in specials] + [("\u2581" + w, -1.0) for w in words]
+    pieces += [(ch, -5.0) for ch in sorted(set("".join(CORPUS)) | set("\u2581"))]
+    return T5TokenizerFast(vocab=list(dict.fromkeys(pieces)), extra_ids=0, **T5_SPECIAL_TOKENS)
+
+
+def build_flux(out: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> Path:
+    """A random FluxPipeline folder (what FluxPipeline.from_pretrained loads from
+    black-forest-labs/FLUX.1-dev): FluxTransformer2DModel with the guidance embedding, a 16x-smaller
+    AutoencoderKL with FLUX's scaling and shift factors, the dynamically shifted flow-matching
+    scheduler, CLIP-L (the pooled vector) and T5 (the token conditioning) with their tokenizers, at
+    configs/models/pipelines/tiny_flux.yaml's sizes."""
+    import yaml
+
+    cfg = yaml.safe_load(TINY_FLUX.read_text())
+
+    def write(tmp: Path) -> None:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+        _seed(seed)
+        transformer = FluxTransformer2DModel(**cfg["transformer"])
+        vae = AutoencoderKL(**cfg["vae"])
+        clip_tok = build_clip_tokenizer(cfg["text_encoder"]["max_position_embeddings"])
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=len(clip_tok), bos_token_id=0, eos_token_id=1, pad_token_id=1,
+                                            **cfg["text_encoder"])).eval()
+        t5_tok = build_t5_tokenizer()
+        t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), pad_token_id=t5_tok.pad_token_id,
+                                     eos_token_id=t5_tok.eos_token_id, decoder_start_token_id=t5_tok.pad_token_id,
+                                     **cfg["text_encoder_2"])).eval()
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**cfg["scheduler"]), vae=vae, text_encoder=clip,
+                            tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+        pipe.save_pretrained(tmp)
+        _readme(tmp, "FluxPipeline (configs/models/pipelines/tiny_flux.yaml)", seed)
+
+    return _written(out, overwrite, write)
+
+
 BUILDERS: dict[str, Callable[..., Path]] = {"janus": build_janus, "captioner": build_captioner,
-                                             "generator": build_generator, "gemma3": build_gemma3}
+                                             "generator": build_generator, "gemma3": build_gemma3, "flux": build_flux}
 
 
 def _spec_key(kind: str) -> str:
@@ -385,7 +435,8 @@ def _spec_key(kind: str) -> str:
     spec = {"janus": [TINY_JANUS, JANUS_TOKENIZER, JANUS_CHAT_TEMPLATE],
             "gemma3": [TINY_GEMMA3, GEMMA3_TOKENIZER, GEMMA3_CHAT_TEMPLATE],
             "captioner": [preset_key("tiny"), QWEN_SPECIAL_TOKENS],
-            "generator": [preset_key("tiny")]}[kind]
+            "generator": [preset_key("tiny")],
+            "flux": [TINY_FLUX.read_text(), T5_SPECIAL_TOKENS]}[kind]
     return content_key(json.dumps([kind, spec], sort_keys=True).encode())[:10]
 
 
@@ -400,8 +451,11 @@ def embedded(kind: str) -> Path:
 
 
 def resolve(name: str | None, kind: str) -> str | None:
-    """`tiny`: the embedded random model of `kind` (with a warning: its output is noise); anything
-    else (a folder, a hub id, None) unchanged."""
+    """`tiny`: the embedded random model of `kind` (with a warning: its output is noise); for a
+    generator, `tiny-flux` the embedded random FLUX pipeline; anything else (a folder, a hub id,
+    None) unchanged."""
+    if kind == "generator" and name == "tiny-flux":
+        name, kind = "tiny", "flux"
     if name != "tiny":
         return name
     path = str(embedded(kind))
