@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from uae.apps import unibench
@@ -290,6 +291,56 @@ def test_runner_regenerates_given_captions(tiny_ckpt, tiny, refs, tmp_path, monk
     (caps / f"{sorted(given)[0]}.txt").unlink()                           # one reference without a caption
     assert _run(tmp_path / "partial", "--model", "pipeline", "--generator", tiny["generator"], "--captions_from",
                 caps, refs=refs) == 2
+
+
+def _generator_lora(source, folder, seed=0):
+    """A stage-3 style LoRA of pipeline `source` in diffusers' format (uae.rl.flow_backends), B nonzero."""
+    from peft import LoraConfig
+
+    from uae.rl.flow_backends import backend_for
+    from uae.unified.pipeline import load_text_to_image
+
+    pipe = load_text_to_image(str(source), torch.float32, "--generator")
+    backend = backend_for(pipe, 32, 32, "--generator")
+    pipe.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(backend.lora_targets),
+                                            init_lora_weights="gaussian"))
+    with torch.no_grad():
+        for name, p in pipe.transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(seed))
+    backend.save_lora(pipe.transformer, folder)
+    return folder
+
+
+def test_runner_loads_a_generator_lora_in_diffusers_format(tiny, tiny_ckpt, refs, tmp_path, capsys):
+    """--generator_lora: a stage-3 LoRA of a pipeline (diffusers' format) changes its images; one
+    that does not fit the pipeline, or a model without a pipeline, is a one-line error."""
+    caps = tmp_path / "caps"
+    caps.mkdir()
+    for p in refs.iterdir():
+        (caps / f"{p.stem}.txt").write_text(f"a photo of {p.stem}")
+    flags = ["--model", "pipeline", "--generator", tiny["generator"], "--captions_from", caps]
+    lora = _generator_lora(tiny["generator"], tmp_path / "lora")
+    assert _run(tmp_path / "base", *flags, refs=refs) == 0
+    assert _run(tmp_path / "lora_run", *flags, "--generator_lora", lora, refs=refs) == 0
+    moved = [np.abs(np.asarray(Image.open(tmp_path / "base" / "recon" / p.name), dtype=np.int16)
+                    - np.asarray(Image.open(tmp_path / "lora_run" / "recon" / p.name), dtype=np.int16)).mean()
+             for p in (tmp_path / "base" / "recon").iterdir()]
+    assert len(moved) == 3 and min(moved) > 1, moved
+    recorded = json.loads((tmp_path / "lora_run" / "model.json").read_text())
+    assert recorded["settings"]["generation"]["generator_lora"] == str(lora)
+    # A FLUX LoRA onto the SD3 pipeline: no tensor of it has a place there.
+    from uae.random_weights.unified import resolve
+
+    flux_lora = _generator_lora(resolve("tiny-flux", "generator"), tmp_path / "flux_lora")
+    for bad, says in ((flux_lora, "does not fit StableDiffusion3Pipeline"),
+                      (tmp_path / "caps", "no pytorch_lora_weights.safetensors there")):
+        capsys.readouterr()
+        assert _run(tmp_path / f"bad_{bad.name}", *flags, "--generator_lora", bad, refs=refs) == 2
+        assert says in capsys.readouterr().err
+    assert _run(tmp_path / "uae", "--model", "uae", "--checkpoint", tiny_ckpt, "--generator_lora", lora,
+                refs=refs) == 2
+    assert "UAEModel has no diffusers pipeline to load a LoRA onto" in capsys.readouterr().err
 
 
 def test_runner_on_tiny_names(refs, tmp_path):

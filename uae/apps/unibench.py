@@ -34,7 +34,8 @@ from uae.runtime import release_freed_memory, resolve_device, resolve_dtype
 from uae.scoring.folder import score_folders
 from uae.scoring.scorers import load_scorer, resolve_scorer_weights
 from uae.unified.common import short_name
-from uae.unified.loading import MODEL_HELP, all_tiny, apply_captioner_lora, load_model, model_kind, read_model_args
+from uae.unified.loading import (MODEL_HELP, all_tiny, apply_captioner_lora, apply_generator_lora, load_model,
+                                 model_kind, read_model_args)
 from uae.unified.protocol import RunSettings, check_outputs
 
 logger = logging.getLogger(__name__)
@@ -70,8 +71,8 @@ def _known_captions(cfg, cap_dir: Path) -> dict[str, str]:
 # What the captions and reconstructions depend on: a rerun into the same --output_dir resumes only
 # with the same values (else its outputs would be mixed with another model's or seed's).
 RUN_FILE = "unibench_run.json"
-RESUME_KEYS = ("model", "checkpoint", "captioner", "generator", "captioner_lora", "model_args", "captions_from",
-               "seed", "increment_seed", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+RESUME_KEYS = ("model", "checkpoint", "captioner", "generator", "captioner_lora", "generator_lora", "model_args",
+               "captions_from", "seed", "increment_seed", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p",
                "repetition_penalty", "exif_transpose", "caption_batching", "steps", "guidance_scale", "height",
                "width", "dit_batching", "dtype")
 
@@ -80,7 +81,7 @@ def run_settings(cfg) -> dict:
     """RESUME_KEYS' values, local paths made absolute (a rerun from another folder resumes)."""
     def value(k):
         v = getattr(cfg, k)
-        paths = ("checkpoint", "captioner", "generator", "captioner_lora", "captions_from")
+        paths = ("checkpoint", "captioner", "generator", "captioner_lora", "generator_lora", "captions_from")
         return str(Path(v).resolve()) if k in paths and v and v != "tiny" and Path(v).exists() else v
     return {k: value(k) for k in RESUME_KEYS}
 
@@ -162,6 +163,8 @@ def load_model_under_test(cfg, device, caption_progress: bool = False):
                        generator=resolve_tiny(cfg.generator, "generator"), model_args=cfg.model_args, labels=labels)
     if cfg.captioner_lora:
         apply_captioner_lora(model, cfg.captioner_lora)
+    if cfg.generator_lora:
+        apply_generator_lora(model, cfg.generator_lora)
     return model
 
 
@@ -325,6 +328,9 @@ class UniBenchConfig(InferenceConfig):
                                             "--model ... (its final/captioner_lora), loaded onto the captioner's "
                                             "language model; Janus also generates with it when its run trained end "
                                             "to end (the run's manifest, lora_sides), else with it off, as it trained")
+    generator_lora: str | None = field(None, help="--model pipeline: a LoRA of its generator in diffusers' format (a "
+                                                  "stage-3 run's final/generator_lora: train_grpo.py --stage u4g "
+                                                  "--model pipeline), loaded as pipe.load_lora_weights does")
     model_args: str | None = field(None, help="a mapping (inline JSON / YAML, or a .json / .yaml file): the "
                                               "constructor's keyword arguments for --model module:Class; extra "
                                               "pipeline call arguments for --model pipeline")

@@ -229,6 +229,45 @@ one-line error that says so. Every tensor of the file must find its place and ev
     logger.info("%s: the LoRA serves the %s", setting, " and the ".join(f"{s}s" for s in sides))
 
 
+GENERATOR_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA format (save_lora_weights)
+
+
+def apply_generator_lora(model, folder: str) -> None:
+    """A generator LoRA in diffusers' format (stage 3 on a pipeline: train_grpo.py --stage u4g
+    --model pipeline, its final/generator_lora) onto the model under test's diffusers pipeline, as
+    `pipe.load_lora_weights(folder)` loads it. Every LoRA tensor of the file must find its place
+    (diffusers skips the keys it cannot place with a warning): else a one-line error."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    setting = f"--generator_lora {folder}"
+    pipe = getattr(getattr(model, "generator", None), "pipe", None)
+    if pipe is None or not hasattr(pipe, "load_lora_weights"):
+        raise UAEError(f"{setting}: {type(model).__name__} has no diffusers pipeline to load a LoRA onto (--model "
+                       "pipeline --generator ...; UAE's decoder LoRA lives in its checkpoint: --checkpoint <run>/final)")
+    file = Path(folder) / GENERATOR_LORA_FILE
+    if not file.is_file():
+        raise UAEError(f"{setting}: no {GENERATOR_LORA_FILE} there (diffusers' LoRA format); give a stage-3 run's "
+                       "final/generator_lora")
+    saved = [k for k in load_file(str(file)) if "lora" in k]
+    quiet = logging.getLogger("diffusers.loaders.peft")  # it logs the whole state-dict error before raising it
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        pipe.load_lora_weights(str(folder), adapter_name="generator_lora")
+    except Exception as e:
+        raise UAEError(f"{setting} does not fit {type(pipe).__name__} ({first_line(e)})") from None
+    finally:
+        quiet.setLevel(level)
+    placed = get_peft_model_state_dict(pipe.transformer, adapter_name="generator_lora") \
+        if getattr(pipe.transformer, "peft_config", None) else {}
+    if len(placed) != len(saved):
+        raise UAEError(f"{setting} does not fit {type(pipe).__name__}: {len(saved)} LoRA tensor(s) in the file, "
+                       f"{len(placed)} placed in its transformer")
+    model.generator.lora = str(folder)
+    logger.info("%s: loaded into %s's transformer (%d tensors)", setting, type(pipe).__name__, len(placed))
+
+
 def run_manifest(final: str | os.PathLike, setting: str) -> dict | None:
     """The manifest a training run wrote in its final/ (uae_checkpoint.json: what trained, from
     which source, which sides a captioner LoRA serves), or None where there is none; a one-line

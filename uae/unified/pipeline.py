@@ -109,8 +109,11 @@ class DiffusersGenerator:
                 images[i] = im
         return images
 
+    lora: str | None = None  # a stage-3 LoRA loaded by uae.unified.loading.apply_generator_lora
+
     def settings_dict(self) -> dict:
         return {"generator": self.source, "pipeline": type(self.pipe).__name__, "dtype": str(self.dtype),
+                "generator_lora": self.lora,
                 **self.model_defaults, **self.run_args, "model_defaults": sorted(self.model_defaults),
                 "call_kwargs": self.call_kwargs,
                 "not_applicable": self.not_applicable,
