@@ -373,14 +373,25 @@ def test_two_processes_give_the_verdicts_of_one(runs, tmp_path):
 
 @pytest.mark.slow  # measured >8 s on 2 cores: starts `transformers serve`
 def test_a_real_transformers_serve_server(runs, tmp_path):
+    """The tiny random captioner behind `transformers serve`, its generation_config biased to answer
+    "A" and stop (random weights answer gibberish): a judge with a pure position bias, through the
+    real server's chat endpoint, images included."""
+    from transformers import AutoTokenizer
+
     from uae.random_weights.unified import resolve
 
-    model = resolve("tiny", "captioner")
+    model = tmp_path / "always-a"
+    shutil.copytree(resolve("tiny", "captioner"), model)
+    tok = AutoTokenizer.from_pretrained(model)
+    (a,) = tok("A")["input_ids"]
+    gen = json.loads((model / "generation_config.json").read_text())
+    gen["sequence_bias"] = [[[a], 100.0], [[a, tok.eos_token_id], 200.0]]  # "A", then the end
+    (model / "generation_config.json").write_text(json.dumps(gen))
     port = _free_port()
     serve = shutil.which("transformers", path=str(Path(sys.executable).parent))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([serve, "serve", "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", model],
+    proc = subprocess.Popen([serve, "serve", "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", str(model)],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         import requests
@@ -402,8 +413,9 @@ def test_a_real_transformers_serve_server(runs, tmp_path):
         proc.wait(timeout=30)
         log.close()
     res = json.loads((out / "judge.json").read_text())
-    assert res["judge"]["settings"]["model"] == model              # the server's one model, asked by GET /models
-    assert len(res["verdicts"]) == 10 and all(v["answers"] and isinstance(v["answers"][0], str) for v in res["verdicts"])
+    assert res["judge"]["settings"]["model"] == str(model)         # the server's one model, asked by GET /models
+    assert res["judge"]["settings"]["sampling"]["temperature"] == 0.0  # greedy
+    assert len(res["verdicts"]) == 10 and all(v["answers"] == ["A"] for v in res["verdicts"])
     (p,) = res["pairs"]
-    assert p["unparsable"] == sum(v["verdict"] is None for v in res["verdicts"])
-    assert all(len(v["answers"]) == (2 if v["verdict"] is None else 1) for v in res["verdicts"])
+    assert (p["wins"], p["ties"], p["losses"], p["unparsable"], p["position_consistency"]) == (5, 0, 5, 0, 0.0)
+    assert p["win_rate"] == 0.5

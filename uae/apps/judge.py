@@ -138,7 +138,8 @@ def load_prompt(spec: str) -> dict:
     missing = [k for k in PROMPT_KEYS if not isinstance(data, dict) or k not in data]
     if missing:
         raise UAEError(f"--prompt {path}: missing {', '.join(missing)}")
-    return {**{k: data[k] for k in PROMPT_KEYS}, "path": str(path), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {**{k: data[k] for k in PROMPT_KEYS}, "name": spec, "path": str(path),
+            "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 _VERDICT_LINE = re.compile(r"verdict\W{0,6}(?:caption\s+)?(A|B|tie|draw|equal|neither|both)\b", re.IGNORECASE)
@@ -605,14 +606,15 @@ def run_judge(cfg: JudgeConfig) -> dict | None:
              for i, j in itertools.combinations(range(len(runs)), 2)]
     result = {
         "protocol": PROTOCOL, "mode": cfg.mode, "judge": depends,
-        "prompt": {"path": prompt["path"], "sha256": prompt["sha256"],
+        "prompt": {"name": prompt["name"], "path": prompt["path"], "sha256": prompt["sha256"],
                    "text": prompt["image_prompt" if cfg.mode == "image" else "text_prompt"],
                    "retry_suffix": prompt["retry_suffix"]},
         "seed": cfg.seed, "bootstrap": cfg.bootstrap, "reference_captions": cfg.reference_captions,
         "runs": [{"label": r.label, "path": str(r.path), "words": sum(words(r.captions[n]) for n in names) / len(names)}
                  for r in runs],
         "references": names, "pairs": pairs,
-        "ranking": ranking(runs, names, verdicts, cfg) if len(runs) > 2 else None,
+        "ranking": ranking(runs, names, verdicts, cfg) if len(runs) > 2 and any(p["win_rate"] is not None
+                                                                                 for p in pairs) else None,
         "verdicts": [{"reference": n, "first": runs[a].label, "second": runs[b].label,
                       "winner": {"A": runs[a].label, "B": runs[b].label, "tie": "tie", None: None}[known[k]["verdict"]],
                       **{f: known[k][f] for f in ("verdict", "reason", "answers")}} for n, a, b, k in qs],
@@ -623,15 +625,22 @@ def run_judge(cfg: JudgeConfig) -> dict | None:
 
 def write_outputs(out: Path, result: dict, runs: list[Run], names: list[str], max_images: int) -> None:
     atomic_write_json(out / "judge.json", result)
-    head = (f"# Caption win rate\n\n{PROTOCOL}. Judge `{result['judge']['judge']}`, {result['mode']} mode, prompt "
-            f"`{result['prompt']['path']}` (sha256 {result['prompt']['sha256'][:12]}), sampling "
-            f"{json.dumps(result['judge']['sampling'])}, seed {result['seed']}.\n\n")
+    unparsable = sum(v["verdict"] is None for v in result["verdicts"])
+    about = (f"{PROTOCOL}. Judge {result['judge']['judge']}, {result['mode']} mode, prompt {result['prompt']['name']} "
+             f"(sha256 {result['prompt']['sha256'][:12]}), sampling {json.dumps(result['judge']['sampling'])}, seed "
+             f"{result['seed']}.")
+    note = (f"{unparsable} of {len(result['verdicts'])} answers had no verdict, asked twice: counted as unparsable, "
+            "never guessed." if unparsable else "")
+    head = f"# Caption win rate\n\n{about}\n\n" + (f"**Note:** {note}\n\n" if note else "")
     atomic_write_chunks(out / "judge.md", [head, judge_markdown(result)])
-    by = {(v["reference"], v["first"], v["second"]): v for v in result["verdicts"]}
+    by: dict[str, list[dict]] = {}
+    for v in result["verdicts"]:
+        by.setdefault(v["reference"], []).append(v)
 
     def page():
         yield (f'<!doctype html><meta charset="utf-8"><title>Caption win rate</title>\n{PAGE_STYLE}\n'
-               f"<h1>Caption win rate</h1>\n<p class=note>{html.escape(head[20:].strip())}</p>\n{judge_html(result)}\n")
+               f"<h1>Caption win rate</h1>\n<p class=note>{html.escape(about)}</p>\n"
+               + (f"<p class='note warn'><b>Note:</b> {html.escape(note)}</p>\n" if note else "") + f"{judge_html(result)}\n")
         shown = names[:max_images]
         more = f" (the first {len(shown)} of {len(names)})" if len(shown) < len(names) else ""
         yield (f"<h2>Per reference{more}</h2>\n<table>\n<tr><th>reference</th><th>captions</th>"
@@ -641,7 +650,7 @@ def write_outputs(out: Path, result: dict, runs: list[Run], names: list[str], ma
                            f"{html.escape(r.captions[n])}</p>" for r in runs)
             vs = "".join(f"<p>{html.escape(v['first'])} vs {html.escape(v['second'])}: "
                          f"<b>{html.escape(str(v['winner'] or 'unparsable'))}</b>. {html.escape(v['reason'])}</p>"
-                         for (m, _, _), v in by.items() if m == n)
+                         for v in by.get(n, []))
             yield (f'<tr class="image"><td>{html.escape(n)}<br>{img_tag(image_data_uri(reference_path(runs, n)), "reference")}'
                    f"</td><td class=cap>{caps}</td><td class=cap>{vs}</td></tr>\n")
         yield "</table>\n"
