@@ -33,7 +33,7 @@ from uae.apps.report import image_grid, loss_curve
 from uae.config import field
 from uae.data import load_references
 from uae.errors import UAEError
-from uae.files import atomic_write_text
+from uae.files import atomic_write_json, atomic_write_text
 from uae.hashing import content_key, fingerprint
 from uae.models.decoder import decode_latents, disable_lora_dropout, guided_velocity, save_dit_lora
 from uae.models.uae import UAE
@@ -91,6 +91,9 @@ class U4GConfig(GroupConfig):
     use_data_captions: bool = field(False, help="use the captions that come with the data instead of the encoder's")
     ema_decay: float = field(0.9, min=0, max=1, help="EMA decay (Flow-GRPO: 0.9)")
     ema_every: int = field(8, min=1, help="EMA update every N optimizer steps (Flow-GRPO: 8)")
+
+    bias_correction_kl_refused = ("Flow-GRPO's KL is the closed form between the policy's and the reference's "
+                                  "Gaussian steps, not an estimate from a sampled action: there is nothing to correct")
 
     def __post_init__(self):
         super().__post_init__()
@@ -273,22 +276,65 @@ class U4GRecipe:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    CAPTION_SETTINGS = "captions.settings.json"
+
+    def _caption_settings(self) -> dict:
+        """What the stage's prompts depend on: the encoder's files (path, size, mtime: a stage 2 that
+        trained further rewrites them), the sampling settings, the references and, with
+        `use_data_captions`, the data's captions. Not the number of processes: each reference is
+        captioned alone with the seed, whichever process does it."""
+        cfg, paths = self.cfg, self.paths
+        files = list(Path(paths.llm).glob("*.safetensors")) + \
+            (list(Path(paths.llm_lora).glob("*.safetensors")) if paths.llm_lora else [])
+        given = [r.caption or "" for r in self.refs] if cfg.use_data_captions else []
+        return {"encoder": fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, files=files),
+                "seed": cfg.seed, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
+                "use_data_captions": cfg.use_data_captions, "data": str(cfg.data),
+                "references": content_key("\n".join(r.key for r in self.refs).encode()),
+                "data_captions": content_key(json.dumps(given).encode())}
+
+    def _stored_captions(self, path: Path, settings: dict) -> tuple[list[str] | None, str | None]:
+        """captions.jsonl's captions when they were made with `settings` (and cover every
+        reference), else None and why not. A fresh run captions again when they differ; a resumed
+        run, which trained on them, is refused (its prompts would change mid-run)."""
+        record = path.with_name(self.CAPTION_SETTINGS)
+        if not path.exists():
+            return None, None
+        found = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
+        before = json.loads(record.read_text()) if record.is_file() else None
+        covered = set(found) >= {r.key for r in self.refs}
+        if before is None and covered and self.run.resume is not None:
+            return [found[r.key] for r in self.refs], None  # a run made before the record existed: its own
+        why = ("no record of the settings they were made with" if before is None else
+               "; ".join(f"{k} {before.get(k)!r} then, {v!r} now" for k, v in settings.items() if before.get(k) != v))
+        if not why and not covered:
+            why = "not every reference has a caption there"
+        if why:
+            if self.run.resume is not None:
+                return None, (f"--resume_from_checkpoint: {path} holds the prompts this run trained on, made with "
+                              f"other settings ({why}): resume on the same checkpoint and settings, or start stage 3 "
+                              "afresh (--overwrite_output_dir or another --output_dir)")
+            logger.info("%s was made with other settings (%s): captioning the references again", path, why)
+            return None, None
+        return [found[r.key] for r in self.refs], None
+
     def _captions(self) -> list[str]:
         """The encoder's captions of the references (prompts of stage 3), kept in captions.jsonl
-        (a resumed run reads them back); with `use_data_captions`, captions that come with the data
-        are used instead. Each reference is captioned once, by one process (the references dealt
-        out by rank, then gathered), and every process gets the same list: a caption depends
-        only on its image and the seed, but sampling on another GPU (other kernels) may give
-        another text, and each prompt's conditioning must be cached under the caption every
-        process asks for."""
+        with the settings they depend on beside it (`_caption_settings`, in captions.settings.json):
+        a fresh run reuses them only when those are the same, and captions again (saying why)
+        otherwise; a resumed run reads them back, and is refused if they were made with other
+        settings. With `use_data_captions`, captions that come with the data are used instead.
+        Each reference is captioned once, by one process (the references dealt out by rank, then
+        gathered), and every process gets the same list: a caption depends only on its image and
+        the seed, but sampling on another GPU (other kernels) may give another text, and each
+        prompt's conditioning must be cached under the caption every process asks for."""
         refs, cfg, acc = self.refs, self.cfg, self.acc
         path = self.run.out / "captions.jsonl"
-        stored = None
-        if acc.is_main_process and path.exists():
-            found = {r["key"]: r["caption"] for r in map(json.loads, path.read_text().splitlines())}
-            if set(found) >= {r.key for r in refs}:
-                stored = [found[r.key] for r in refs]
-        stored = broadcast_object_list([stored])[0]
+        settings = self._caption_settings()
+        stored, refused = self._stored_captions(path, settings) if acc.is_main_process else (None, None)
+        stored, refused = broadcast_object_list([stored, refused])
+        if refused:
+            raise UAEError(refused)
         if stored is not None:
             return stored
         todo = [i for i, r in enumerate(refs) if not (cfg.use_data_captions and r.caption)]
@@ -304,7 +350,10 @@ class U4GRecipe:
             generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
         if acc.is_main_process:
+            # The record after the captions: a run stopped between the two has no record, and captions again.
+            path.with_name(self.CAPTION_SETTINGS).unlink(missing_ok=True)
             atomic_write_text(path, "".join(json.dumps({"key": r.key, "caption": c}) + "\n" for r, c in zip(refs, caps)))
+            atomic_write_json(path.with_name(self.CAPTION_SETTINGS), settings)
         return caps
 
     def _embed_captions(self, dtype):

@@ -186,10 +186,19 @@ class GroupConfig(GRPOConfig):
                                help="advantages (r - group mean) divided by the std of the group, of the whole batch, "
                                     "or by nothing (TRL's scale_rewards; Flow-GRPO's global_std is batch)")
     adv_clip: float = field(5.0, min=0, help="advantages are clipped to [-adv_clip, adv_clip] (0: no clipping)")
+    use_bias_correction_kl: bool = field(False, help="multiply the per-token k3 KL by the importance ratio (kept "
+                                                     "differentiable), as TRL 1.16's default: the unbiased reverse-KL "
+                                                     "gradient (DeepSeek-V3.2); changes the gradient only with beta > 0")
     checkpointing_steps: int = field(50, min=0, run_only=True,
                                      help="resumable checkpoint every N iterations (0: only at the end)")
 
+    # Why a stage refuses use_bias_correction_kl (None: it applies it, through uae.rl.kl.k3_kl).
+    bias_correction_kl_refused = "this stage does not apply it yet"
+
     def __post_init__(self):
         super().__post_init__()
+        if self.use_bias_correction_kl and self.bias_correction_kl_refused:
+            raise UAEError(f"--use_bias_correction_kl: stage {self.stage}: {self.bias_correction_kl_refused}; "
+                           "leave it off")
         if self.gradient_accumulation_steps != 1:
             raise UAEError("--gradient_accumulation_steps must stay 1 for GRPO (it accumulates over samples and steps)")

@@ -10,6 +10,20 @@ import copy
 import torch
 
 
+def k3_kl(log_prob: torch.Tensor, ref_log_prob: torch.Tensor,
+          old_log_prob: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token KL(pi_theta || pi_ref) by the k3 estimator, exp(ref - lp) - (ref - lp) - 1, from the
+    log-probabilities of the sampled tokens. With `old_log_prob` (the sampling policy's), multiplied
+    by the importance ratio rho = exp(lp - old), which stays differentiable: TRL's
+    `use_bias_correction_kl` (its default from 1.16 on; DeepSeek-V3.2, arXiv 2512.02556), which
+    turns the on-policy gradient of the term from 1 - exp(ref - lp) into lp - ref, the unbiased
+    gradient of the reverse KL (the tokens were sampled from pi_old, not pi_theta). Its value is the
+    same on-policy (rho = 1); only the gradient changes, and only when beta > 0."""
+    d = ref_log_prob - log_prob
+    kl = torch.exp(d) - d - 1
+    return kl if old_log_prob is None else kl * torch.exp(log_prob - old_log_prob)
+
+
 def kl_reference(cfg, trainable, accelerator) -> "ReferenceWeights | None":
     """The KL's reference weights when the stage has a KL to the LoRA it started from (kept in the
     checkpoints: a resumed run keeps the same reference); None for no KL or the base model."""
