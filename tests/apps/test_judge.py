@@ -234,6 +234,12 @@ def test_compare_shows_a_judge_section(runs, tmp_path):
 
 # ---------------------------------------------------------------------------- bad input: one line, exit code 2
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class _Fake(BaseHTTPRequestHandler):
     """An OpenAI-compatible server's chat endpoint: `Verdict: A` to the first `budget` requests, then
     503 (a server going down)."""
@@ -279,7 +285,10 @@ def test_a_server_down_mid_run_loses_nothing(runs, tmp_path, fake_server, capsys
     assert "HTTP 503" in err.splitlines()[-1] and "4 of 9 question(s) answered and cached" in err.splitlines()[-1]
     assert err.count("ERROR") == 1 and "Traceback" not in err
     _Fake.budget, _Fake.served = 10**9, 0
-    assert remote(runs, tmp_path / "o", fake_server, "A", "B") == 0
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Fake) as restarted:  # the same model, on another port
+        threading.Thread(target=restarted.serve_forever, daemon=True).start()
+        assert remote(runs, tmp_path / "o", f"openai:http://127.0.0.1:{restarted.server_address[1]}/v1", "A", "B") == 0
+        restarted.shutdown()
     assert _Fake.served == 5                                      # only the rest was asked
     (p,) = json.loads((tmp_path / "o" / "judge.json").read_text())["pairs"]
     assert (p["wins"], p["losses"], p["position_consistency"]) == (5, 5, 0.0)  # always "A": position bias only
@@ -289,6 +298,7 @@ def test_a_server_down_mid_run_loses_nothing(runs, tmp_path, fake_server, capsys
     ("different_references", "the runs captioned different references: B lacks coffee.jpg"),
     ("no_captions", "holds no captions"),
     ("blind_judge", "cannot see images (its sees_images is not True): use --mode text"),
+    ("text_model", "holds a 'qwen2' model, which cannot see images: use --mode text"),
     ("server_down", "cannot connect (ConnectionError) after 2 attempt(s); 0 of 9 request(s) done; 0 of 9 question(s) answered"),
     ("one_run", "give two or more run folders to judge (got 1)"),
     ("not_a_run", "not a Unified-Bench run folder (no results.json)"),
@@ -308,11 +318,14 @@ def test_bad_inputs_are_one_line_errors(case, needle, runs, tmp_path, capsys):
         (b / "results.json").write_text(json.dumps(res))
     elif case == "blind_judge":
         extra += ["--judge_args", '{"sees_images": false}']
+    elif case == "text_model":  # a text-only language model's config (the check comes before any weight loads)
+        from transformers import Qwen2Config
+
+        Qwen2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=32, vocab_size=64).save_pretrained(tmp_path / "lm")
+        extra = ["--judge", str(tmp_path / "lm")]
     elif case == "server_down":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        extra = ["--judge", f"openai:http://127.0.0.1:{port}/v1", "--remote_model", "m", "--retries", "1",
+        extra = ["--judge", f"openai:http://127.0.0.1:{_free_port()}/v1", "--remote_model", "m", "--retries", "1",
                  "--backoff_s", "0"]
     elif case == "one_run":
         labels = labels[:1]
@@ -328,6 +341,16 @@ def test_bad_inputs_are_one_line_errors(case, needle, runs, tmp_path, capsys):
     assert needle in err.splitlines()[-1] and "Traceback" not in err, err
     assert err.count("ERROR") == 1 and (case == "server_down" or len(err.splitlines()) == 1), err
     assert not (tmp_path / "out" / "judge.json").exists()
+
+
+def test_compare_refuses_a_judge_file_that_is_not_one(runs, tmp_path, capsys):
+    bad = tmp_path / "judge.json"
+    bad.write_text(json.dumps({"hello": 1}))
+    capsys.readouterr()
+    assert report_main(["compare", str(runs["A"]), str(runs["B"]), "--output_dir", str(tmp_path / "c"),
+                        "--judge", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a judge.json of uae-report judge (no pairs)" in err and len(err.splitlines()) == 1
 
 
 def test_a_text_mode_judge_reads_the_reference_captions(runs, tmp_path):
@@ -347,12 +370,6 @@ def test_a_text_mode_judge_reads_the_reference_captions(runs, tmp_path):
 
 
 # ---------------------------------------------------------------------------- processes and a real server
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow  # measured >8 s on 2 cores: two torchrun processes load the tiny judge
 def test_two_processes_give_the_verdicts_of_one(runs, tmp_path):
@@ -414,6 +431,7 @@ def test_a_real_transformers_serve_server(runs, tmp_path):
         log.close()
     res = json.loads((out / "judge.json").read_text())
     assert res["judge"]["settings"]["model"] == str(model)         # the server's one model, asked by GET /models
+    assert res["judge"]["judge"] == f"openai:{model}" and str(port) in res["judge_given"]
     assert res["judge"]["settings"]["sampling"]["temperature"] == 0.0  # greedy
     assert len(res["verdicts"]) == 10 and all(v["answers"] == ["A"] for v in res["verdicts"])
     (p,) = res["pairs"]

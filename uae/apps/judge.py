@@ -256,7 +256,9 @@ class RemoteJudge:
         return self.client.complete_many(convs, on_done=self.on_done)
 
     def settings(self) -> dict:
-        return {**self.client.settings(), "image_max_side": self.image_max_side}
+        # Not the server's address: the same model reached elsewhere (a restarted server) answers the same.
+        own = {k: v for k, v in self.client.settings().items() if k != "server"}
+        return {**own, "image_max_side": self.image_max_side}
 
 
 def make_judge(cfg: JudgeConfig, prompt: dict, device):
@@ -278,7 +280,8 @@ def make_judge(cfg: JudgeConfig, prompt: dict, device):
     if cfg.mode == "image" and not getattr(judge, "sees_images", False):
         raise UAEError(f"--judge {cfg.judge} cannot see images (its sees_images is not True): use --mode text")
     settings = judge.settings() if callable(getattr(judge, "settings", None)) else {}
-    return judge, {"judge": cfg.judge, "settings": settings, "sampling": cfg.sampling(max_new)}
+    name = f"openai:{judge.client.model}" if kind == "remote" else cfg.judge
+    return judge, {"judge": name, "settings": settings, "sampling": cfg.sampling(max_new)}
 
 
 # ---------------------------------------------------------------------------- runs, questions and the cache
@@ -605,7 +608,7 @@ def run_judge(cfg: JudgeConfig) -> dict | None:
     pairs = [pair_summary(runs[i], runs[j], names, verdicts, cfg, sd)
              for i, j in itertools.combinations(range(len(runs)), 2)]
     result = {
-        "protocol": PROTOCOL, "mode": cfg.mode, "judge": depends,
+        "protocol": PROTOCOL, "mode": cfg.mode, "judge": depends, "judge_given": cfg.judge,
         "prompt": {"name": prompt["name"], "path": prompt["path"], "sha256": prompt["sha256"],
                    "text": prompt["image_prompt" if cfg.mode == "image" else "text_prompt"],
                    "retry_suffix": prompt["retry_suffix"]},
