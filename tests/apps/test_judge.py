@@ -5,6 +5,7 @@ win rate, two processes against one, the client against a local HTTP server and 
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -292,6 +293,58 @@ def test_a_server_down_mid_run_loses_nothing(runs, tmp_path, fake_server, capsys
     assert _Fake.served == 5                                      # only the rest was asked
     (p,) = json.loads((tmp_path / "o" / "judge.json").read_text())["pairs"]
     assert (p["wins"], p["losses"], p["position_consistency"]) == (5, 5, 0.0)  # always "A": position bias only
+
+
+class _Modes(BaseHTTPRequestHandler):
+    """A chat endpoint that answers after `delay` seconds with `status`, counting requests in flight."""
+
+    delay, status, seen, now, most = 0.0, 200, 0, 0, 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        with _Modes.lock:
+            _Modes.seen += 1
+            _Modes.now += 1
+            _Modes.most = max(_Modes.most, _Modes.now)
+        time.sleep(_Modes.delay)
+        with _Modes.lock:
+            _Modes.now -= 1
+        body = json.dumps({"choices": [{"message": {"content": "ok"}}]}).encode() if _Modes.status == 200 else b"bad"
+        try:
+            self.send_response(_Modes.status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass  # the client gave up (its timeout)
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.mark.parametrize("delay, status, timeout, needle, requests_seen", [
+    (0.3, 200, 5.0, None, 12),                                        # 4 in flight, never more
+    (1.0, 200, 0.2, "no answer within 0.2 s after 2 attempt(s)", 2),  # a timeout is retried
+    (0.0, 400, 5.0, "refused the request: HTTP 400: bad", 1),         # the request's fault: not retried
+])
+def test_the_client_keeps_n_in_flight_retries_and_times_out(delay, status, timeout, needle, requests_seen):
+    from uae.remote import ChatClient, RemoteError
+
+    _Modes.delay, _Modes.status, _Modes.seen, _Modes.now, _Modes.most = delay, status, 0, 0, 0
+    with ThreadingHTTPServer(("127.0.0.1", 0), _Modes) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        client = ChatClient(f"http://127.0.0.1:{server.server_address[1]}/v1", "m", concurrency=4, timeout_s=timeout,
+                            retries=1, backoff_s=0)
+        convs = [[{"role": "user", "content": f"q{i}"}] for i in range(12 if needle is None else 1)]
+        if needle is None:
+            assert client.complete_many(convs) == ["ok"] * 12 and _Modes.most == 4
+        else:
+            with pytest.raises(RemoteError, match=re.escape(needle)) as e:
+                client.complete_many(convs)
+            assert "0 of 1 request(s) done" in str(e.value) and "\n" not in str(e.value)
+        server.shutdown()
+    assert _Modes.seen == requests_seen
 
 
 @pytest.mark.parametrize("case, needle", [
