@@ -211,13 +211,15 @@ def test_length_controlled_win_rate():
     assert 0.5 < lc < 0.55
     # a judge that prefers x whatever the length: still above one half at zero difference
     assert length_controlled([1, 1, 1, 0], [0.5, -0.5, 0, 0]) == pytest.approx(0.75, abs=0.01)
+    assert length_controlled([1, 1, 1], [0.5, 0.1, 0.3]) == 1.0 and length_controlled([], []) is None
 
 
 @pytest.mark.parametrize("answer, verdict", [
     ("Reason: more detail.\nVerdict: A", "A"), ("verdict: **B**", "B"), ("Verdict - Tie", "tie"), ("B", "B"),
     ("Caption A.", "A"), ("I think Caption B is better because it names the dog.", "B"),
     ("A or B, hard to say", None), ("Caption A is better. No, Caption B is better.", None), ("", None),
-    ("Verdict: A\nOn second thought... Verdict: B", "B"),
+    ("Verdict: A\nOn second thought... Verdict: B", "B"), ("Verdict: a tie", "tie"), ("verdict: a close call", None),
+    ("Verdict: Caption B", "B"),
 ])
 def test_verdict_parsing(answer, verdict):
     assert parse_verdict(answer)[0] == verdict

@@ -142,10 +142,11 @@ def load_prompt(spec: str) -> dict:
             "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
-_VERDICT_LINE = re.compile(r"verdict\W{0,6}(?:caption\s+)?(A|B|tie|draw|equal|neither|both)\b", re.IGNORECASE)
+# The letters in capitals only ("Verdict: a tie" is no verdict A); the words in any case.
+_VERDICT_LINE = re.compile(r"(?i:verdict)\W{0,6}(?:(?i:caption|a)\s+)?(A|B|(?i:tie|draw|equal|neither|both))\b")
 _BARE = re.compile(r"^\W*(?:caption\s+)?(A|B|tie)\W*$", re.IGNORECASE)
 _BETTER = re.compile(r"\bcaption\s+(A|B)\s+is\s+(?:better|more accurate|more faithful|preferred)", re.IGNORECASE)
-_REASON = re.compile(r"reason\W{0,6}(.+)", re.IGNORECASE)
+_REASON = re.compile(r"^\W*reason\W{0,6}(.+)", re.IGNORECASE | re.MULTILINE)  # a line "Reason: ..."
 
 
 def _norm(word: str) -> str:
@@ -460,6 +461,8 @@ def length_controlled(scores: list[float], diffs: list[float], l2: float = 0.1) 
     (finite under perfect separation); sigmoid(theta)."""
     if not scores:
         return None
+    if len(set(scores)) == 1:  # unanimous: the regression's intercept has no finite optimum
+        return float(scores[0])
     y, d = np.asarray(scores, float), np.asarray(diffs, float)
     X = np.stack([np.ones_like(d), d], 1)
     w = np.zeros(2)
