@@ -249,12 +249,11 @@ class RemoteJudge:
         self.client = ChatClient(url, cfg.remote_model, sampling=sampling, concurrency=cfg.concurrency,
                                  timeout_s=cfg.timeout_s, retries=cfg.retries, backoff_s=cfg.backoff_s)
         self.image_max_side = image_max_side
-        self.on_done = None
 
     def judge(self, items: list[JudgeItem]) -> list[str]:
         convs = [[{"role": "user", "content": ([image_part(it.image, self.image_max_side)] if it.image is not None
                                                else []) + [text_part(it.prompt)]}] for it in items]
-        return self.client.complete_many(convs, on_done=self.on_done)
+        return self.client.complete_many(convs)
 
     def settings(self) -> dict:
         # Not the server's address: the same model reached elsewhere (a restarted server) answers the same.
