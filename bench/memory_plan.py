@@ -53,8 +53,12 @@ from accelerate.state import AcceleratorState
 from uae.cli import setup_logging
 from uae.config import from_dict, read_yaml
 from uae.methods import METHODS
+from uae.models.decoder import add_dit_lora
+from uae.paths import MODEL_PRESETS
 from uae.random_weights import build_checkpoint, build_scorer_model, build_uae, load_preset
+from uae.rl.flow_backends import FLUX_LORA_TARGETS
 from uae.runtime import release_freed_memory
+from uae.training.parts import Parts, train_dit
 from uae.training.precision import precision_policy
 from uae.training.run import JsonlLog, Run
 
@@ -85,7 +89,14 @@ OTHER_SIZES = {
     "g4u Janus-Pro-1B full": ("g4u", "configs/grpo/g4u_janus.yaml",
                               {"checkpoint": "deepseek-community/Janus-Pro-1B", "captioner_finetune": "full"}),
 }
-ROWS = {**SETTINGS, **OTHER_SIZES}
+# Stage 3 on a diffusers pipeline's transformer (uae.rl.flow_backends), at the sizes of
+# configs/models/pipelines/<preset>.yaml, with stage 3's config (its LoRA rank on the backend's
+# targets, its rollouts). Not launchable yet (train_grpo.py --stage u4g trains UAE's decoder): kept
+# apart from SETTINGS, whose rows tests/test_readme.py matches to the README's launches.
+PIPELINES = {
+    "u4g FLUX.1-dev LoRA": ("u4g", "configs/grpo/u4g.yaml", {}, "flux1_dev"),
+}
+ROWS = {**SETTINGS, **OTHER_SIZES, **{k: v[:3] for k, v in PIPELINES.items()}}
 # Janus-Pro's language models (DeepSeek-LLM 1.5B / 7B: Llama layers, untied output layer, bf16), as
 # deepseek-ai/Janus-Pro-1B / -7B's config.json `language_config` gives them (transformers' converter
 # copies them into text_config of deepseek-community/Janus-Pro-*); the vision tower (SigLIP-L, 384 px,
@@ -155,24 +166,76 @@ def _janus_modules(cfg, precision, parts, model) -> dict:
     return modules
 
 
+def build_flux(preset: str, dtype: torch.dtype) -> dict:
+    """FLUX.1-dev's parts on the meta device, at configs/models/pipelines/<preset>.yaml's sizes:
+    the transformer, the VAE, CLIP-L and the T5-XXL encoder, in `dtype`."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    sizes = read_yaml(str(MODEL_PRESETS / "pipelines" / f"{preset}.yaml"))
+    with torch.device("meta"):
+        return {"dit": FluxTransformer2DModel(**sizes["transformer"]).to(dtype),
+                "vae": AutoencoderKL(**sizes["vae"]).to(dtype),
+                "text_encoder": CLIPTextModel(CLIPTextConfig(**sizes["text_encoder"])).to(dtype),
+                "text_encoder_2": T5EncoderModel(T5Config(**sizes["text_encoder_2"])).to(dtype)}
+
+
+def _flux_modules(cfg, precision, preset: str):
+    """The FLUX row's modules and what trains: a new LoRA of stage 3's rank on FLUX_LORA_TARGETS
+    (fp32), the rest frozen in the frozen dtype; the text encoders are held (counted as loaded)."""
+    from peft import LoraConfig  # peft takes seconds to import: only for this row
+
+    modules = build_flux(preset, precision.frozen)
+    dit = modules["dit"]
+    dit.requires_grad_(False)
+    add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
+                                 target_modules=list(FLUX_LORA_TARGETS)))
+    trainable = train_dit(dit)
+    precision.cast_trained(trainable)
+    return modules, trainable
+
+
+def rollout_bytes(cfg, stage: str, latent_channels: int, vae_scale: int, gpus: int) -> float:
+    """Stage 3's rollouts held on a GPU through an iteration: for each of its samples, the latents
+    before and after every trained step (fp32: uae.methods.u4g.Transitions) and their log-probs,
+    and its decoded image (fp32, kept for the reward and the grids until the step ends). The
+    prompts' conditioning is a few prompts' worth: not counted."""
+    if stage != "u4g":
+        return 0.0
+    samples = cfg.prompts_per_iteration * cfg.group_size / gpus
+    lo, hi = cfg.sde_window if cfg.sde_window else (0, cfg.num_steps - 1)
+    recorded = (hi - lo) if cfg.sde_window_mode == "fixed" else cfg.sde_window_size
+    latent = latent_channels * (cfg.resolution // vae_scale) ** 2 * 4
+    return samples * (recorded * (2 * latent + 4) + 3 * cfg.resolution ** 2 * 4)
+
+
 def plan(name: str, preset: str = "full") -> dict:
     """Bytes held per GPU by setting `name` at `preset` size, per parallel setting."""
     stage, path, extra = ROWS[name]
     cfg = config(stage, path, extra)
     mod = recipe_module(stage)
     precision = precision_policy(cfg.mixed_precision)
-    if getattr(cfg, "model", "uae") == "janus":
+    pipeline = PIPELINES.get(name, (None,) * 4)[3]
+    if pipeline:
+        modules, trainable = _flux_modules(cfg, precision, pipeline)
+        parts = Parts({"decoder": trainable}, prepared={"dit": modules["dit"]})
+        latent_channels, vae_scale = modules["dit"].config.in_channels // 4, \
+            2 ** (len(modules["vae"].config.block_out_channels) - 1)
+    elif getattr(cfg, "model", "uae") == "janus":
         # The recipe's own configure on the whole model (frozen dtype), then Run's cast of what trains to fp32.
         model = build_janus(cfg.checkpoint, precision.frozen)
         parts = mod.configure(model, cfg)
         precision.cast_trained(parts.trainable)
         modules = _janus_modules(cfg, precision, parts, model)
+        latent_channels, vae_scale = 0, 1  # stage 2: no latents held
     else:
         # SFT trains the DiT from its base weights (no dit_lora); the RL stages start from the release's.
         model = build_uae(preset, dtypes=precision.load_dtypes(mod.fully_trained(cfg)), dit_lora=stage != "sft")
         parts = mod.configure(model, cfg)
         modules = {"llm": model.encoder.llm, "projector": model.encoder.projector,
                    "dit": model.decoder.transformer, "vae": model.decoder.pipe.vae}
+        latent_channels, vae_scale = model.decoder.transformer.config.in_channels, \
+            2 ** (len(model.decoder.pipe.vae.config.block_out_channels) - 1)
     trained = {id(p) for p in parts.trainable}
     with torch.device("meta"):
         scorers = {f"scorer:{n}": build_scorer_model(n, "full" if preset == "full" else "tiny")[0].to(precision.frozen)
@@ -193,7 +256,8 @@ def plan(name: str, preset: str = "full") -> dict:
     prepared = set(parts.prepared)
 
     def totals(shard: int, ddp: bool) -> dict:
-        out = {"frozen_weights": 0.0, "trained_weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "ema": 0.0}
+        out = {"frozen_weights": 0.0, "trained_weights": 0.0, "gradients": 0.0, "optimizer": 0.0, "ema": 0.0,
+               "rollouts": rollout_bytes(cfg, stage, latent_channels, vae_scale, GPUS if ddp else 1)}
         for key, b in per_module.items():
             if key in freed:
                 continue
@@ -212,6 +276,7 @@ def plan(name: str, preset: str = "full") -> dict:
     if stage in FSDP_STAGES:
         parallel[f"{GPUS} GPUs FSDP"] = totals(GPUS, False)
     return {"setting": name, "stage": stage, "config": path, "mixed_precision": cfg.mixed_precision,
+            **({"pipeline": f"configs/models/pipelines/{pipeline}.yaml"} if pipeline else {}),
             **({"checkpoint": cfg.checkpoint, "captioner_finetune": cfg.captioner_finetune}
                if getattr(cfg, "model", "uae") == "janus" else {}),
             "trained_parameters": n_trained, "modules_gib": {k: (v["frozen"] + v["trained"]) / GIB for k, v in per_module.items()},
@@ -385,14 +450,15 @@ def main(argv=None) -> dict:
             res["measured"] = measure_full(args.measure, args.preset, Path(d), args.measure_checkpoint)
     print(f"memory plan ({res['machine']}); {args.preset} size, GiB per GPU of {GPU_BYTES / GIB:.0f}")
     print(f"{'setting':<21} {'parallel':<15} {'frozen':>7} {'trained':>8} {'grads':>7} {'optim':>7} {'ema':>6} "
-          f"{'total':>7} {'activ.':>7} {'headroom':>9}")
+          f"{'rollout':>7} {'total':>7} {'activ.':>7} {'headroom':>9}")
     for name, p in res["plans"].items():
         act = (res.get("activations", {}).get(name) or {}).get("full_size_estimate_bytes")
         for par, t in p["parallel"].items():
             a = "" if act is None else f"{act / GIB:7.1f}"
             left = GPU_BYTES - t["total"] - (act or 0)
             print(f"{name:<21} {par:<15} {t['frozen_weights'] / GIB:7.1f} {t['trained_weights'] / GIB:8.2f} "
-                  f"{t['gradients'] / GIB:7.2f} {t['optimizer'] / GIB:7.2f} {t['ema'] / GIB:6.2f} {t['total'] / GIB:7.1f} "
+                  f"{t['gradients'] / GIB:7.2f} {t['optimizer'] / GIB:7.2f} {t['ema'] / GIB:6.2f} "
+                  f"{t.get('rollouts', 0) / GIB:7.2f} {t['total'] / GIB:7.1f} "
                   f"{a:>7} {left / GIB:9.1f}")
         if p["stage"] not in FSDP_STAGES:
             print(f"{name:<21} {f'{GPUS} GPUs FSDP':<15} refused: train_grpo.py runs DDP only")

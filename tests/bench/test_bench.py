@@ -98,3 +98,33 @@ def test_memory_plan_counts_what_each_trainer_trains_at_full_size():
     assert sft["trained_parameters"] == dit_params + projector
     # FSDP shards what accelerate wraps (projector and DiT) over 8 GPUs: trained weights / 8.
     assert abs(sft["parallel"]["8 GPUs FSDP"]["trained_weights"] * 8 - sft["parallel"]["1 GPU"]["trained_weights"]) < 8
+
+
+@pytest.mark.slow  # measured >8 s on 2 cores: builds two full-size trainers on the meta device
+def test_memory_plan_counts_stage_3_rollouts_and_a_flux_transformers_lora():
+    """Stage 3's rollouts held on a GPU (fp32 latents before and after each trained step, and each
+    decoded image), and the FLUX.1-dev row's LoRA, counted independently from the configs."""
+    import memory_plan
+    from diffusers import FluxTransformer2DModel
+
+    from uae.config import read_yaml
+    from uae.paths import MODEL_PRESETS
+    from uae.rl.flow_backends import FLUX_LORA_TARGETS
+
+    u4g = read_yaml(str(memory_plan.ROOT / "configs" / "grpo" / "u4g.yaml"))
+    per_gpu = u4g["prompts_per_iteration"] * u4g["group_size"] // 8          # 144
+    side = u4g["resolution"] // 8                                           # the VAE's 8x
+    steps = u4g["num_steps"] - 1                                            # every step but the last trains
+    expected = per_gpu * (steps * (2 * 16 * side * side * 4 + 4) + 3 * u4g["resolution"] ** 2 * 4)
+    sizes = read_yaml(str(MODEL_PRESETS / "pipelines" / "flux1_dev.yaml"))
+    with torch.device("meta"):
+        flux = FluxTransformer2DModel(**sizes["transformer"])
+    r = u4g["lora_rank"]
+    lora = sum(r * (m.in_features + m.out_features) for n, m in flux.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in FLUX_LORA_TARGETS))
+    for name in ("u4g", "u4g FLUX.1-dev LoRA"):
+        row = memory_plan.plan(name)
+        assert row["parallel"]["8 GPUs DDP"]["rollouts"] == expected, name
+        assert row["parallel"]["1 GPU"]["rollouts"] == expected * 8, name
+    assert row["trained_parameters"] == lora
+    assert row["modules_gib"]["dit"] > 22  # a 12B transformer in bf16

@@ -55,7 +55,7 @@ def unreachable_modules(dit) -> list[str]:
     that output, so nothing in them receives a gradient (measured: a LoRA there stays at its
     initial value). A new LoRA leaves them out and training freezes them."""
     return [f"transformer_blocks.{i}.attn.{name}" for i, block in enumerate(dit.transformer_blocks)
-            if block.context_pre_only for name in ("add_q_proj", "norm_added_q")
+            if getattr(block, "context_pre_only", False) for name in ("add_q_proj", "norm_added_q")
             if getattr(block.attn, name) is not None]  # norm_added_q is None without qk_norm
 
 
