@@ -60,25 +60,35 @@ def test_row_sampler_draws_each_row_from_the_tempered_softmax():
         RowSampler([torch.Generator()], 1.0)(None, mixed[:2])
 
 
-def test_seeded_captions_do_not_depend_on_the_batch(tmp_path):
+@pytest.mark.parametrize("kind", ["captioner", "janus"])
+def test_seeded_captions_do_not_depend_on_the_batch(kind):
     """CaptionPolicy.sample with one seed per row (stage 2's rollouts): a caption is the same sampled
-    alone or beside others, in any order, so 1 and N processes sample the same captions."""
+    alone or beside others, in any order, so 1 and N processes sample the same captions; and
+    another seed draws another caption (Janus's generate() drops a logits processor in its text
+    mode: the policy must still reach it)."""
     from PIL import Image
     from skimage import data
 
     from uae.random_weights.unified import embedded
     from uae.unified.captioner import TransformersCaptioner
+    from uae.unified.janus import JanusAdapter
     from uae.unified.protocol import RunSettings
 
-    cap = TransformersCaptioner(str(embedded("captioner")), RunSettings(max_new_tokens=8))
-    policy = CaptionPolicy(cap.model, cap.model, cap.processor, cap.inputs, temperature=1.0, max_new_tokens=8)
+    settings = RunSettings(max_new_tokens=8)
+    cap = JanusAdapter(str(embedded("janus")), settings) if kind == "janus" else \
+        TransformersCaptioner(str(embedded("captioner")), settings)
+    policy = CaptionPolicy(cap.model, cap.model, cap.processor, cap.inputs, temperature=1.0, max_new_tokens=8,
+                           sample_kwargs=cap.text_kwargs)
     a, b = (Image.fromarray(getattr(data, n)()).convert("RGB").resize((64, 64)) for n in ("astronaut", "coffee"))
 
-    def sample(images, seeds):
+    def sample(images, seeds):  # each row up to its end of sequence (a batch pads the rows that end early)
         batch = cap.inputs(images)
-        return policy.sample(batch, seeds=seeds)[:, batch["input_ids"].shape[1]:].tolist()
+        rows = policy.sample(batch, seeds=seeds)[:, batch["input_ids"].shape[1]:].tolist()
+        ends = [next((i + 1 for i, t in enumerate(r) if t in policy.eos_ids), len(r)) for r in rows]
+        return [r[:e] for r, e in zip(rows, ends)]
 
     together = sample([a, b], [5, 6])
     assert together == sample([b, a], [6, 5])[::-1]
     assert together == sample([a], [5]) + sample([b], [6])
-    assert sample([a, a], [5, 9])[0] != sample([a, a], [5, 9])[1]  # the seed, not the image, draws
+    twins = sample([a, a, a, a], [5, 9, 11, 13])
+    assert len({tuple(t) for t in twins}) > 1  # the seed, not the image, draws

@@ -115,6 +115,16 @@ class CaptionPolicy:
             device = batch["input_ids"].device
             gens = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
             kwargs["logits_processor"] = LogitsProcessorList([RowSampler(gens, self.temperature)])
+            if self.sample_kwargs.get("generation_mode") == "text":
+                # Janus's generate() (transformers 5.24) drops logits_processor in its text mode, which
+                # is GenerationMixin.generate with guidance_scale=None: call that with it. A LoRA is
+                # injected into the model's own modules, so the base model generates with it.
+                from transformers import GenerationMixin  # lazy: as generation_config()
+
+                rest = {k: v for k, v in self.sample_kwargs.items() if k != "generation_mode"}
+                with torch.no_grad(), only_this_generation_config(self.base, config):
+                    return GenerationMixin.generate(self.base, **batch, generation_config=config, guidance_scale=None,
+                                                    **rest, **kwargs)
         with torch.no_grad(), only_this_generation_config(self.base, config):
             return self.lm.generate(**batch, generation_config=config, **self.sample_kwargs, **kwargs)
 
