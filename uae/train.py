@@ -109,20 +109,17 @@ def run_stage(cfg, reward=None, last: bool = True):
     try:
         return run.train(recipe, cfg.max_steps, cfg.stage.replace("_", " "), last=last)
     finally:
-        release(run, recipe)
+        # A finished stage's models go before the next stage loads its own (`--stage all`; at full
+        # size two UAEs are about 2 x 33 GB). The run, its Accelerator (which lists the prepared
+        # models and optimizer), the optimizer's step hook and the recipe refer to one another:
+        # reference cycles that only the collector frees, at a time of its choosing.
+        run.acc.free_memory()
+        del run, recipe
+        free_memory()
 
 
-def release(run, recipe) -> None:
-    """Free a finished stage's models before the next stage loads its own (`--stage all`; at full
-    size two UAEs are about 2 x 33 GB). The run, its Accelerator (which lists the prepared models
-    and optimizer), the optimizer's step hook and the recipe refer to one another: reference cycles
-    that only the collector frees, at a time of its choosing. Their attributes are dropped, the
-    cycles collected and the accelerator's cached blocks returned."""
-    acc = getattr(run, "acc", None)
-    if acc is not None:
-        acc.free_memory()
-    for obj in (recipe, run):
-        vars(obj).clear()
+def free_memory() -> None:
+    """Collect what reference cycles hold now, and return the accelerator's cached blocks."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
