@@ -57,7 +57,14 @@ class LongerCaption:
                 f.write(json.dumps([it.reference for it in items]) + "\\n")
         out = []
         for it in items:
-            assert it.image is not None and it.image.size[0] > 0
+            if self.sees_images:
+                assert it.image is not None and it.image.size[0] > 0
+            else:  # text mode: no image; the reference caption, where given, in the item and the prompt
+                assert it.image is None
+                if it.reference_caption:
+                    assert it.reference_caption in it.prompt
+                    with open(self.log + ".refs", "a") as f:
+                        f.write(it.reference_caption + "\\n")
             retried = "previous answer had no verdict" in it.prompt
             a, b = len(it.first.split()), len(it.second.split())
             if "???" in it.first + it.second or ("!!" in it.first + it.second and not retried):
@@ -492,3 +499,22 @@ def test_a_real_transformers_serve_server(runs, tmp_path):
     (p,) = res["pairs"]
     assert (p["wins"], p["ties"], p["losses"], p["unparsable"], p["position_consistency"]) == (5, 0, 5, 0, 0.0)
     assert p["win_rate"] == 0.5
+
+
+def test_a_text_only_judge_reads_the_captions_and_the_reference_captions(runs, tmp_path):
+    """--mode text: the judge sees no image, each question carries the reference caption given with
+    --reference_captions, and the verdicts (which depend on the captions alone here) are image mode's."""
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"image": n, "caption": f"reference of {n}"}) + "\n" for n in NAMES))
+    log = tmp_path / "calls.log"
+    args = json.dumps({"log": str(log), "sees_images": False})
+    assert report_main(["judge", str(runs["A"]), str(runs["B"]), "--judge", runs["judge"], "--judge_args", args,
+                        "--output_dir", str(tmp_path / "text"), "--bootstrap", "200", "--mode", "text",
+                        "--reference_captions", str(refs)]) == 0
+    seen = set(Path(str(log) + ".refs").read_text().splitlines())
+    assert seen == {f"reference of {n}" for n in NAMES}
+    text = json.loads((tmp_path / "text" / "judge.json").read_text())
+    assert judge(runs, tmp_path / "image", "A", "B") == 0
+    image = json.loads((tmp_path / "image" / "judge.json").read_text())
+    (t,), (i,) = text["pairs"], image["pairs"]
+    assert (t["wins"], t["ties"], t["losses"], t["unparsable"]) == (i["wins"], i["ties"], i["losses"], 0) == (5, 2, 3, 0)
