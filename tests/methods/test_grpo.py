@@ -288,3 +288,29 @@ def test_all_stages_in_sequence_and_the_result_loads_in_demo(tiny_ckpt, captione
                       "--output_path", str(img), "--steps", "2", "--height", "32", "--width", "32",
                       "--max_new_tokens", "4"]) == 0
     assert Image.open(img).size == (32, 32)
+
+
+def test_g4u_bias_corrected_kl_keeps_the_kl_and_changes_the_update(tiny_ckpt, grpo_recipe):
+    """--use_bias_correction_kl (TRL 1.16's default): on-policy the ratio is 1, so the logged KL is
+    the plain k3's; its gradient differs (lp - ref instead of 1 - exp(ref - lp)), so the update does.
+    The same rollout, the same weights before, beta 0.5 against a base-model reference."""
+    from uae.rl.iteration import iteration_share
+
+    def one_update(*flags):
+        recipe = grpo_recipe("g4u", tiny_ckpt, "--beta", 0.5, "--kl_reference", "base", "--prompts_per_iteration", 2,
+                             "--group_size", 3, "--max_new_tokens", 6, "--learning_rate", 0.01, *flags,
+                             reward=lambda images, keys, refs, prompts: [float(len(p)) for p in prompts])
+        with torch.no_grad():  # a LoRA away from the base: the KL to it is not zero
+            for name, p in recipe.policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+        share = iteration_share(recipe.cfg, 0, len(recipe.refs), 1, 0)
+        roll = recipe.rollout(0, share)
+        _, _, adv = recipe.score_rollout(0, share, roll)
+        stats = recipe.update(roll, adv.values[share.offset:share.offset + share.size])
+        return stats, [p.detach().clone() for p in recipe.trainable]
+
+    plain, w_plain = one_update()
+    corrected, w_corrected = one_update("--use_bias_correction_kl")
+    assert plain["first_kl"] > 0 and corrected["first_kl"] == pytest.approx(plain["first_kl"], rel=1e-5)
+    assert max(float((a - b).abs().max()) for a, b in zip(w_plain, w_corrected)) > 1e-6

@@ -41,7 +41,7 @@ from uae.rl.captioners import (CaptionPolicy, add_captioner_lora, save_full_capt
                                uae_policy)
 from uae.rl.grpo import LOSS_TYPES, GroupConfig, clipped_surrogate, ratio_stats, token_loss
 from uae.rl.iteration import Phases, check_share, gathered_advantages, iteration_metrics, iteration_share
-from uae.rl.kl import FrozenLanguageModel, kl_reference
+from uae.rl.kl import FrozenLanguageModel, k3_kl, kl_reference
 from uae.rl.rewards import default_reward, score
 from uae.scoring.scorers import resolve_scorer_weights
 from uae.training.evaluation import Evaluated, uae_evaluated
@@ -136,6 +136,8 @@ class G4UConfig(GroupConfig):
                                            "branch alone (T2I-R1, CoRL)")
     detach_uncond: bool = config_field(False, help="--model janus, image tokens, guided: no gradient through the "
                                                    "unconditional branch of the guidance")
+
+    bias_correction_kl_refused = None  # applied: uae.rl.kl.k3_kl with the sampling policy's log-probs
 
     def __post_init__(self):
         super().__post_init__()
@@ -535,7 +537,8 @@ class G4URecipe:
                     lp = self.log_probs(self.policy, roll, r)
                     old = lp.detach() if old_all is None else old_all[r]
                     per, _ = clipped_surrogate(lp, old, adv[r][:, None], cfg.clip_range)
-                    kl = None if ref is None else torch.exp(ref - lp) - (ref - lp) - 1  # per-token k3 estimator
+                    # per-token k3 estimator; --use_bias_correction_kl: times the ratio (TRL 1.16's default)
+                    kl = None if ref is None else k3_kl(lp, ref, old if cfg.use_bias_correction_kl else None)
                     if kl is not None:
                         per = per + cfg.beta * kl
                     # Every process runs this backward even with an empty mask: the loss still depends
