@@ -252,16 +252,16 @@ def test_detach_uncond_gradient_is_the_formula(tiny_uae):
 
 @pytest.mark.slow  # measured >8 s on 2 cores: out of the edit-test loop
 def test_u4g_trains_with_the_unconditional_branch_detached_by_default(tiny_ckpt, tmp_path, monkeypatch):
-    import uae.methods.u4g
+    import uae.rl.flow_backends
 
     seen = []
-    real = uae.methods.u4g.guided_velocity
+    real = uae.rl.flow_backends.guided_velocity  # stage 3's velocity, through its backend
 
     def spy(*a, detach_uncond=False, **k):
         seen.append((torch.is_grad_enabled(), detach_uncond))
         return real(*a, detach_uncond=detach_uncond, **k)
 
-    monkeypatch.setattr(uae.methods.u4g, "guided_velocity", spy)
+    monkeypatch.setattr(uae.rl.flow_backends, "guided_velocity", spy)
     for flag, expected in ((None, True), ("false", False)):
         seen.clear()
         out = tmp_path / str(flag)

@@ -17,7 +17,6 @@ rollouts and training forwards only batch prompts whose conditioning has the sam
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import json
 import logging
@@ -35,14 +34,15 @@ from uae.data import load_references
 from uae.errors import UAEError
 from uae.files import atomic_write_json, atomic_write_text
 from uae.hashing import content_key, fingerprint
-from uae.models.decoder import decode_latents, disable_lora_dropout, guided_velocity, save_dit_lora
+from uae.models.decoder import disable_lora_dropout, save_dit_lora
 from uae.models.uae import UAE
 from uae.rl.grpo import GroupConfig, flow_kl, ppo_clip_loss
 from uae.rl.iteration import (Phases, check_share, gathered_advantages, iteration_metrics, iteration_share,
                               sde_window_for)
+from uae.rl.flow_backends import UAEBackend, sample_trajectory
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
-from uae.rl.sde import sde_step, sde_window
+from uae.rl.sde import sde_step
 from uae.training.cache import DiskCache
 from uae.training.evaluation import uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_dit
@@ -119,23 +119,6 @@ class U4GConfig(GroupConfig):
 
 
 logger = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def sample_trajectory(dit, latents, sched, pos, neg, pooled, *, guidance, noise_level, kind, window, generator):
-    """Run all steps; SDE on the `window` steps (recorded), the deterministic Euler step elsewhere.
-    Returns (final latents, [(i, x_i, x_{i+1}, log_prob_i)] for the recorded steps)."""
-    sigmas, timesteps = sched.sigmas, sched.timesteps
-    sde = sde_window(len(timesteps), window)
-    x, record = latents, []
-    for i, t in enumerate(timesteps):
-        v = guided_velocity(dit, x.to(pos.dtype), t.to(x.device), pos, neg, pooled, guidance)
-        step = sde_step(v, x, sigmas[i], sigmas[i + 1], noise_level if sde[i] else 0.0, kind=kind,
-                        sigma_max=sigmas[1], generator=generator)
-        if sde[i]:
-            record.append((i, x, step.prev_sample, step.log_prob))
-        x = step.prev_sample
-    return x, record
 
 
 def same_length_batches(samples: list[int], length, size: int) -> list[list[int]]:
@@ -255,8 +238,10 @@ class U4GRecipe:
         parts = self.configure(self.model, cfg)
         self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
-        self.sched = copy.deepcopy(pipe.scheduler)
-        self.sched.set_timesteps(cfg.num_steps)
+        # The decoder as Flow-GRPO needs it (uae.rl.flow_backends): its conditioning, initial latents,
+        # schedule (the pipeline's scheduler set up as its __call__ does), velocity and decoding.
+        self.backend = UAEBackend(self.model, cfg.resolution, cfg.resolution)
+        self.sched = self.backend.schedule(cfg.num_steps)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         self.captions = self._captions()
@@ -380,6 +365,12 @@ class U4GRecipe:
         d = self.prompt_cache.get(content_key(caption.encode()))
         return d["pos"][None].to(self.acc.device), d["neg"][None].to(self.acc.device)
 
+    def _condition(self, pos: torch.Tensor, neg: torch.Tensor) -> dict:
+        """The backend's conditioning of a batch from its cached [negative, positive] states: UAE's one
+        pooled vector (of the empty prompt) for both branches."""
+        pooled = self.model.decoder.pooled.to(pos.device).expand(pos.shape[0], -1)
+        return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": pooled}
+
     def begin(self, start: int) -> None:
         """Nothing to build: an iteration's prompts and randomness are functions of (seed, iteration)."""
 
@@ -401,23 +392,19 @@ class U4GRecipe:
         # number of processes.
         gens = [generator_for(cfg.seed, it * len(share.prompts) * cfg.group_size + share.offset + j)
                 for j in range(share.size)]
-        vae = self.model.decoder.pipe.vae
-        side = cfg.resolution // (2 ** (len(vae.config.block_out_channels) - 1))
         chunks, futures = [], []
         self.policy.eval()
         for local in same_length_batches(list(range(share.size)), length, cfg.sample_batch_size):
             idx = [mine[j] for j in local]
             with phase("sampling"):
-                pos, neg = (torch.cat([pairs[p][k] for p in idx]) for k in (0, 1))
-                pooled = self.model.decoder.pooled.to(dev).expand(len(idx), -1)
+                cond = self._condition(*(torch.cat([pairs[p][k] for p in idx]) for k in (0, 1)))
                 chunk_gens = [gens[j] for j in local]
-                latents = torch.stack([torch.randn((self.dit.config.in_channels, side, side), generator=g)
-                                       for g in chunk_gens]).to(dev)
-                final, record = sample_trajectory(self.dit, latents, self.sched, pos, neg, pooled,
+                latents = self.backend.initial_latents(chunk_gens)  # each sample's own generator, in fp32
+                final, record = sample_trajectory(self.backend, self.dit, latents, self.sched, cond,
                                                   guidance=cfg.guidance_scale, noise_level=cfg.noise_level,
                                                   kind=cfg.sde_kind, window=window, generator=chunk_gens)
                 with torch.no_grad():
-                    images = decode_latents(vae, final)
+                    images = self.backend.decode(final)
             chunks.append((local, record, images))
             futures.append(self.pool.submit(score, self.reward, images, [self.refs[p].key for p in idx],
                                             [self.refs[p].image for p in idx], [self.captions[p] for p in idx]))
@@ -510,23 +497,23 @@ class U4GRecipe:
         """PPO-clip (+ beta x Flow-GRPO's KL) of samples `b` at their k-th recorded step."""
         cfg = self.cfg
         sigmas, i = self.sched.sigmas, tr.steps[k]
-        pos, neg = (torch.cat([tr.conditioning[j][m] for j in b]) for m in (0, 1))
+        cond = self._condition(*(torch.cat([tr.conditioning[j][m] for j in b]) for m in (0, 1)))
         x, x_next, old = tr.latents[k][b], tr.next_latents[k][b], tr.log_probs[k][b]
         t = self.sched.timesteps[i].to(x.device)
-        pool = self.model.decoder.pooled.to(x.device).expand(len(b), -1)
-        sde = dict(kind=cfg.sde_kind, sigma_max=sigmas[1], prev_sample=x_next)
+        velocity = self.backend.velocity
+        sde = dict(kind=cfg.sde_kind, sigma_max=self.sched.sigma_max, prev_sample=x_next)
         ref = None
         if cfg.beta:  # before the policy's forward: swapping weights in place would corrupt its saved tensors
             with torch.no_grad():
                 if self.reference is not None:  # the LoRA the stage started from
                     with self.reference.active():
-                        v_ref = guided_velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                        v_ref = velocity(self.dit, x, t, cond, cfg.guidance_scale)
                 else:  # the DiT without its LoRA
                     self.dit.disable_adapters()
-                    v_ref = guided_velocity(self.dit, x, t, pos, neg, pool, cfg.guidance_scale)
+                    v_ref = velocity(self.dit, x, t, cond, cfg.guidance_scale)
                     self.dit.enable_adapters()
                 ref = sde_step(v_ref, x, sigmas[i], sigmas[i + 1], cfg.noise_level, **sde)
-        v = guided_velocity(self.policy, x, t, pos, neg, pool, cfg.guidance_scale, detach_uncond=cfg.detach_uncond)
+        v = velocity(self.policy, x, t, cond, cfg.guidance_scale, detach_uncond=cfg.detach_uncond)
         step = sde_step(v, x, sigmas[i], sigmas[i + 1], cfg.noise_level, **sde)
         kl = None if ref is None else flow_kl(step.mean, ref.mean, step.noise_scale)
         return ppo_clip_loss(step.log_prob, old, tr.advantages[b], cfg.clip_range, kl, cfg.beta, keep[b],
