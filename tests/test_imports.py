@@ -14,6 +14,7 @@ LAYERS = [
     ("infrastructure", ("uae", "uae.errors", "uae.files", "uae.hashing", "uae.images", "uae.paths", "uae.hub",
                         "uae.runtime", "uae.config", "uae.cli", "uae.data", "uae.remote")),
     ("models, scoring, unified, random weights", ("uae.models", "uae.scoring", "uae.unified", "uae.random_weights")),
+    ("library recipes", ("uae.caption_data",)),
     ("applications", ("uae.apps",)),
     ("training and rl", ("uae.training", "uae.rl")),
     ("methods", ("uae.methods",)),

@@ -1,0 +1,3 @@
+from uae.apps.caption_data import main
+
+raise SystemExit(main())
