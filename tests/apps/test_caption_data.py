@@ -457,3 +457,24 @@ def test_shipped_config_and_named_instructions():
     shipped = yaml.safe_load(path.read_text())["instruction"]
     assert cfg.instruction == shipped == instruction_text("longcap") and "250 words" in shipped
     assert instruction_text("release") == RELEASE_CAPTION_INSTRUCTION and instruction_text("say hi") == "say hi"
+
+
+def test_uae_encoder_captioner(folder, tmp_path, capsys):
+    """uae:tiny: UAE's encoder (its LoRA, the release's prompt layout) with this run's instruction."""
+    for f in sorted(folder.glob("im*"))[:2]:
+        (tmp_path / "two").mkdir(exist_ok=True)
+        (tmp_path / "two" / f.name).write_bytes(f.read_bytes())
+    rc, err = run(["--input", tmp_path / "two", "--output_dir", tmp_path / "out", "--captioner", "uae:tiny",
+                   "--max_new_tokens", 4, "--instruction", "release"], capsys)
+    assert rc == 0, err
+    samples = read_shards(tmp_path / "out")
+    assert len(samples) == 2
+    for s in samples.values():
+        meta = json.loads(s["json"])
+        assert meta["captioner"] == "uae:tiny" and 1 <= meta["tokens"] <= 4
+        assert meta["truncated"] == (meta["tokens"] == 4)
+    from uae.models.encoder import RELEASE_CAPTION_INSTRUCTION
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["captioner"]["instruction"] == RELEASE_CAPTION_INSTRUCTION
+    assert manifest["captioner"]["sampling"]["max_new_tokens"] == 4
