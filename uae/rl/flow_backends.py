@@ -30,7 +30,6 @@ one pooled vector of the empty prompt for both branches) is `UAEBackend`.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass
 from typing import Sequence
@@ -260,9 +259,7 @@ def backend_for(pipe, height: int, width: int, setting: str, *, max_sequence_len
     side = pipe.vae_scale_factor * (2 if cls is FluxBackend else pipe.transformer.config.patch_size)
     if height % side or width % side:
         raise UAEError(f"{setting}: {height}x{width} is not a multiple of {side} pixels, which {name} needs")
-    if "max_sequence_length" in inspect.signature(pipe.encode_prompt).parameters:
-        return cls(pipe, height, width, max_sequence_length=max_sequence_length)
-    return cls(pipe, height, width)
+    return cls(pipe, height, width, max_sequence_length=max_sequence_length)
 
 
 @torch.no_grad()
