@@ -114,7 +114,8 @@ def test_flux_makes_one_forward_per_step_on_the_pipelines_timesteps(pipe, monkey
 def _add_lora(transformer, targets, seed=0):
     from peft import LoraConfig
 
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets), init_lora_weights="gaussian"))
+    # alpha != rank: a LoRA saved without its config would load at another scale (alpha = rank).
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights="gaussian"))
     with torch.no_grad():
         for name, p in transformer.named_parameters():
             if "lora_B" in name:

@@ -111,7 +111,10 @@ class FlowBackend:
         `pipe.load_lora_weights(folder)` loads into a plain pipeline of the same class."""
         from peft.utils import get_peft_model_state_dict
 
-        type(self.pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer))
+        # The adapter's config goes with it (rank, alpha, targets): without it diffusers loads the LoRA
+        # with alpha = rank, a scale of 1 instead of alpha / rank.
+        type(self.pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
+                                          transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
     def settings(self) -> dict:
         return {"backend": self.kind, "pipeline": type(self.pipe).__name__, "height": self.height,
