@@ -1,5 +1,6 @@
 """Shared fixtures: everything runs on CPU, offline, on tiny random checkpoints built here."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -175,6 +176,17 @@ def held_out(tmp_path_factory):
         shutil.copy(REFS / name, d / name)
     return d
 
+
+
+@contextlib.contextmanager
+def cpu_server(model, folder):
+    """A real OpenAI-compatible server: `transformers serve` of the local `model` on CPU, offline, one
+    torch thread (uae.remote.transformers_serve), its log in folder/serve.log; yields its base URL."""
+    from uae.remote import transformers_serve
+
+    env = {"HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    with transformers_serve(model, Path(folder) / "serve.log", device="cpu", env=env) as url:
+        yield url
 
 
 def pytest_collection_modifyitems(items):

@@ -21,10 +21,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import cpu_server
 from PIL import Image
 
 from uae.apps.caption_data import main
 from uae.caption_data import Caption
+from uae.remote import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE = f"{Path(__file__).resolve()}:FakeCaptioner"
@@ -251,11 +253,13 @@ def test_wrong_model_and_unwritable_output(folder, tmp_path, capsys):
 # ----------------------------------------------------------------------------- an OpenAI-compatible server
 class FakeServer:
     """Chat completions of one model ("fake-vlm"): the caption of the image in the request
-    (fake_words, unseeded); "" for an image with a red corner; HTTP 503 once `fail_after` requests
-    were answered; 404 for another model name."""
+    (fake_words with the request's seed, at most max_tokens words of one token each), its
+    finish_reason ("length" when it reached max_tokens) and usage; with `bare`, the text alone (a
+    server that says neither). "" for an image with a red corner; HTTP 503 once `fail_after`
+    requests were answered; 404 for another model name."""
 
-    def __init__(self, fail_after: int | None = None):
-        self.fail_after, self.answered = fail_after, 0
+    def __init__(self, fail_after: int | None = None, bare: bool = False):
+        self.fail_after, self.answered, self.bare = fail_after, 0, bare
         self.lock = threading.Lock()
         server = self
 
@@ -284,8 +288,13 @@ class FakeServer:
                     server.answered += 1
                 url = next(p for p in req["messages"][0]["content"] if p["type"] == "image_url")["image_url"]["url"]
                 im = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
-                text = "" if im.convert("RGB").getpixel((0, 0)) == RED else " ".join(fake_words(im, None))
-                self.reply(200, {"choices": [{"message": {"role": "assistant", "content": text}}]})
+                words = [] if im.convert("RGB").getpixel((0, 0)) == RED else fake_words(im, req.get("seed"))
+                words = words[:req["max_tokens"]]
+                choice = {"message": {"role": "assistant", "content": " ".join(words)}}
+                if server.bare:
+                    return self.reply(200, {"choices": [choice]})
+                choice["finish_reason"] = "length" if len(words) >= req["max_tokens"] else "stop"
+                self.reply(200, {"choices": [choice], "usage": {"completion_tokens": len(words)}})
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
@@ -309,16 +318,52 @@ def remote_args(folder, out, url, *extra):
 
 
 def test_server_captioner(folder, tmp_path, capsys, server):
-    rc, err = run(remote_args(folder, tmp_path / "out", server.url, "--max_bad_fraction", 0.5), capsys)
+    """The request's seed, the server's token count and finish_reason reach each sample's JSON."""
+    rc, err = run(remote_args(folder, tmp_path / "out", server.url, "--max_bad_fraction", 0.5,
+                              "--max_new_tokens", 8), capsys)
     assert rc == 0, err
     samples = read_shards(tmp_path / "out")
     assert len(samples) == 7 and server.answered == 7
+    cut = []
     for s in samples.values():
         meta = json.loads(s["json"])
-        assert s["txt"].decode() == " ".join(fake_words(Image.open(folder / meta["source"]), None))
-        assert meta["captioner"] == "openai:fake-vlm" and meta["tokens"] is None and meta["truncated"] is None
+        words = fake_words(Image.open(folder / meta["source"]), meta["seed"])
+        assert s["txt"].decode() == " ".join(words[:8]) and meta["seed"] == meta["index"]
+        assert meta["captioner"] == "openai:fake-vlm" and meta["tokens"] == min(len(words), 8)
+        assert meta["truncated"] == (len(words) >= 8)
+        cut.append(meta["truncated"])
+    assert True in cut and False in cut  # both kinds were seen
+    assert "truncated %d" % cut.count(True) in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["captioner"]["model"] == "fake-vlm"  # the server's only model, asked for (GET /models)
+
+
+def test_server_that_says_neither_token_count_nor_finish_reason(folder, tmp_path, capsys):
+    bare = FakeServer(bare=True)
+    try:
+        rc, err = run(remote_args(folder, tmp_path / "out", bare.url, "--max_bad_fraction", 0.5), capsys)
+    finally:
+        bare.close()
+    assert rc == 0, err
+    metas = [json.loads(s["json"]) for s in read_shards(tmp_path / "out").values()]
+    assert len(metas) == 7 and all(m["tokens"] is None and m["truncated"] is None for m in metas)
+
+
+def test_client_returns_finish_reason_usage_and_the_seed(server):
+    from uae.remote import ChatClient, RemoteError, image_part
+
+    client = ChatClient(server.url, sampling={"max_tokens": 4}, concurrency=2, retries=0)
+    ims = [Image.new("RGB", (8, 8), (i, 40, 90)) for i in range(3)]
+    convs = [[{"role": "user", "content": [image_part(im)]}] for im in ims]
+    got = client.chat_many(convs, seeds=[5, 6, 7])
+    assert [c.seed for c in got] == [5, 6, 7]
+    assert [c.text for c in got] == [" ".join(fake_words(im, seed)[:4]) for im, seed in zip(ims, (5, 6, 7))]
+    assert client.complete_many(convs) == [" ".join(fake_words(im, None)[:4]) for im in ims]  # no seed sent
+    assert all(c.finish_reason == "length" and c.truncated and c.tokens == 4 for c in got)
+    server.fail_after = server.answered + 1  # one more answer, then 503s
+    with pytest.raises(RemoteError) as e:
+        ChatClient(server.url, "fake-vlm", sampling={"max_tokens": 4}, concurrency=1, retries=0).complete_many(convs)
+    assert e.value.done == {0: " ".join(fake_words(ims[0], None)[:4])}  # complete_many's done: texts
 
 
 def test_empty_caption_from_the_server(folder, tmp_path, capsys, server):
@@ -388,17 +433,45 @@ def test_tiny_transformers_captioner(folder, tmp_path, capsys):
     assert manifest["captioner"]["sampling"]["temperature"] == 1.0
 
 
+@pytest.mark.slow  # measured ~15 s on 2 cores: starts `transformers serve`, three runs through it
+def test_a_real_transformers_serve_server_captions_photos(tmp_path, capsys):
+    """Acceptance: the tiny Qwen2.5-VL behind a real `transformers serve` captions photographs sent
+    as data: URLs; the shards read back with the webdataset library. Each request's seed reaches
+    the server's generator (the same captions from another shard layout, others from another
+    --seed), and the server's usage and finish_reason fill the JSON's tokens and truncated."""
+    from skimage import data
+
+    from uae.random_weights.unified import embedded
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "chelsea", "rocket"):
+        Image.fromarray(getattr(data, name)()).save(photos / f"{name}.{'png' if name == 'rocket' else 'jpg'}")
+    model = embedded("captioner")
+    flags = ["--remote_model", model, "--max_new_tokens", 6, "--temperature", 1.0, "--remote_concurrency", 1]
+    with cpu_server(model, tmp_path) as url:
+        for out, extra in (("a", ["--shard_size", 2]), ("b", ["--shard_size", 3]), ("c", ["--seed", 100])):
+            rc, err = run(["--input", photos, "--output_dir", tmp_path / out, "--captioner", f"openai:{url}",
+                           *flags, *extra], capsys)
+            assert rc == 0, err
+    a, b, c = (read_shards(tmp_path / d) for d in "abc")
+    assert sorted(a) == [f"{i:09d}" for i in range(4)] and len(list((tmp_path / "a").glob("*.tar"))) == 2
+    for key, s in a.items():
+        meta = json.loads(s["json"])
+        src = photos / meta["source"]
+        assert s[src.suffix.lstrip(".")] == src.read_bytes()
+        assert meta["captioner"] == f"openai:{model}" and meta["seed"] == meta["index"] == int(key)
+        assert 1 <= meta["tokens"] <= 6 and meta["truncated"] == (meta["tokens"] == 6)  # random weights: 6 mostly
+        assert s["txt"].decode().strip() and meta["words"] == len(s["txt"].decode().split())
+    assert {k: s["txt"] for k, s in a.items()} == {k: s["txt"] for k, s in b.items()}
+    assert {k: s["txt"] for k, s in a.items()} != {k: s["txt"] for k, s in c.items()}
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["captioner"]["model"] == str(model) and manifest["captioner"]["sampling"]["max_tokens"] == 6
+
+
 def _env(**extra):
     return {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
             "PYTHONPATH": str(ROOT), **extra}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow  # measured >8 s on 2 cores: two and one process started with torchrun
@@ -407,7 +480,7 @@ def test_torchrun_two_processes_give_the_samples_of_one(folder, tmp_path):
             "--progress", "false"]
     for n, out in ((1, tmp_path / "one"), (2, tmp_path / "two")):
         proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m",
+                               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m",
                                "uae.caption_data", *map(str, args), "--output_dir", str(out)],
                               capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -16,11 +15,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import cpu_server
 
 from uae.apps import unibench
 from uae.apps.compare import load_run
 from uae.apps.judge import length_controlled, parse_verdict
 from uae.apps.report import main as report_main
+from uae.remote import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "Unified-Bench" / "UniBench" / "sample"
@@ -244,12 +245,6 @@ def test_compare_shows_a_judge_section(runs, tmp_path):
 
 # ---------------------------------------------------------------------------- bad input: one line, exit code 2
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Fake(BaseHTTPRequestHandler):
     """An OpenAI-compatible server's chat endpoint: `Verdict: A` to the first `budget` requests, then
     503 (a server going down)."""
@@ -387,7 +382,7 @@ def test_bad_inputs_are_one_line_errors(case, needle, runs, tmp_path, capsys):
                     intermediate_size=32, vocab_size=64).save_pretrained(tmp_path / "lm")
         extra = ["--judge", str(tmp_path / "lm")]
     elif case == "server_down":
-        extra = ["--judge", f"openai:http://127.0.0.1:{_free_port()}/v1", "--remote_model", "m", "--retries", "1",
+        extra = ["--judge", f"openai:http://127.0.0.1:{free_port()}/v1", "--remote_model", "m", "--retries", "1",
                  "--backoff_s", "0"]
     elif case == "one_run":
         labels = labels[:1]
@@ -439,7 +434,7 @@ def test_two_processes_give_the_verdicts_of_one(runs, tmp_path):
     assert report_main(["judge", str(runs["A"]), str(runs["B"]), *flags, "--output_dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "uae.apps.report", "judge",
+                           "127.0.0.1", "--master_port", str(free_port()), "-m", "uae.apps.report", "judge",
                            str(runs["A"]), str(runs["B"]), *flags, "--output_dir", str(tmp_path / "two")],
                           capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -466,34 +461,14 @@ def test_a_real_transformers_serve_server(runs, tmp_path):
     gen = json.loads((model / "generation_config.json").read_text())
     gen["sequence_bias"] = [[[a], 100.0], [[a, tok.eos_token_id], 200.0]]  # "A", then the end
     (model / "generation_config.json").write_text(json.dumps(gen))
-    port = _free_port()
-    serve = shutil.which("transformers", path=str(Path(sys.executable).parent))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([serve, "serve", "--port", str(port), "--host", "127.0.0.1", "--device", "cpu", str(model)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        import requests
-
-        for _ in range(120):
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail((tmp_path / "serve.log").read_text()[-2000:])
+    with cpu_server(model, tmp_path) as url:
         out = tmp_path / "o"
-        assert report_main(["judge", str(runs["A"]), str(runs["B"]), "--judge", f"openai:http://127.0.0.1:{port}/v1",
+        assert report_main(["judge", str(runs["A"]), str(runs["B"]), "--judge", f"openai:{url}",
                             "--max_new_tokens", "6", "--concurrency", "2", "--output_dir", str(out),
                             "--bootstrap", "50"]) == 0
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
     res = json.loads((out / "judge.json").read_text())
     assert res["judge"]["settings"]["model"] == str(model)         # the server's one model, asked by GET /models
-    assert res["judge"]["judge"] == f"openai:{model}" and str(port) in res["judge_given"]
+    assert res["judge"]["judge"] == f"openai:{model}" and url in res["judge_given"]
     assert res["judge"]["settings"]["sampling"]["temperature"] == 0.0  # greedy
     assert len(res["verdicts"]) == 10 and all(v["answers"] == ["A"] for v in res["verdicts"])
     (p,) = res["pairs"]

@@ -45,7 +45,7 @@ from uae.images import IMAGE_EXTENSIONS, to_rgb
 from uae.models.uae import UAE
 from uae.random_weights.embedded import resolve_checkpoint
 from uae.random_weights.unified import resolve
-from uae.remote import ChatClient, RemoteError, image_part, text_part
+from uae.remote import ChatClient, Completion, RemoteError, image_part, text_part
 from uae.unified.captioner import TransformersCaptioner
 from uae.unified.loading import import_class
 from uae.unified.protocol import RunSettings
@@ -333,8 +333,9 @@ def uae_captioner(checkpoint: str, cs: CaptionSettings) -> LocalCaptioner:
 
 class RemoteCaptioner:
     """An OpenAI-compatible server (uae.remote.ChatClient): one user turn [instruction, image] per
-    request, `concurrency` in flight, retried with backoff. The client returns the text only, so
-    token counts and truncation are unknown (None), and requests are not seeded."""
+    request, `concurrency` in flight, retried with backoff, each sent its image's seed. The token
+    count is the server's usage.completion_tokens and `truncated` its finish_reason "length" (cut
+    by max_tokens); None where the server does not say."""
 
     def __init__(self, url: str, model: str | None, cs: CaptionSettings, *, concurrency: int, timeout_s: float,
                  retries: int, backoff_s: float, max_side: int | None):
@@ -348,13 +349,18 @@ class RemoteCaptioner:
     def caption(self, images: Sequence, seeds: Sequence[int]) -> list[Caption]:
         convs = [[{"role": "user", "content": [text_part(self.instruction), image_part(im, self.max_side)]}]
                  for im in images]
-        return [Caption(t) for t in self.client.complete_many(convs)]
+        return [remote_caption(c) for c in self.client.chat_many(convs, seeds=list(seeds))]
 
     def settings(self) -> dict:
         # Not the server's address: a rerun may reach the same model elsewhere (a restarted server).
         own = {k: v for k, v in self.client.settings().items() if k != "server"}
         return {**own, "instruction": self.instruction, "max_side": self.max_side,
-                "seeded": "no: the client sends no per-request seed"}
+                "seeded": "each request sends its image's seed (vLLM, SGLang, TGI, transformers serve read it; "
+                          "transformers serve seeds its one global generator, so only at --remote_concurrency 1)"}
+
+
+def remote_caption(c: Completion) -> Caption:
+    return Caption(c.text, c.tokens, c.truncated)
 
 
 class UserCaptioner:
@@ -512,7 +518,7 @@ class ShardWriter:
                 try:
                     caps = self.captioner.caption([im for _, im in part], [plan.seed + it.index for it, _ in part])
                 except RemoteError as e:
-                    got = {i: Caption(t) for i, t in e.done.items()}
+                    got = {i: remote_caption(c) for i, c in e.done.items()}
                     self._log(log, [(part[i][0], c) for i, c in sorted(got.items())])
                     raise UAEError(f"{e}; {self.done + len(got)} image(s) captioned by this process in this run and "
                                    f"kept ({len(kept) + len(got)} of shard {k:0{SHARD_DIGITS}d} in {journal}, "
