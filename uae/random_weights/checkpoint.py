@@ -312,6 +312,13 @@ def _quiet_left_out_parts():
         log.removeFilter(f)
 
 
+def save_sd3_folder(pipe, out: Path) -> None:
+    """Save `pipe`, a StableDiffusion3Pipeline without the parts UAE leaves out (SD3_PARTS_LEFT_OUT),
+    as the release's SD3/ folder, without diffusers' complaint about those parts."""
+    with _quiet_left_out_parts():
+        pipe.save_pretrained(out)
+
+
 def build_checkpoint(out_dir: str | os.PathLike, preset: str = "tiny", seed: int = 0,
                      overwrite: bool = False, dtype: str | None = None, device: str | None = None,
                      layout: ReleaseLayout = ReleaseLayout()) -> Path:
