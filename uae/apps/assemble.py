@@ -102,22 +102,18 @@ def _local(name: str, what: str, patterns: list[str] | None = None, ignore: tupl
                        "id, the network and `hf auth login` for gated repos, or pass --llm tiny --decoder tiny") from None
 
 
-def _check_llm(folder: Path, name: str) -> None:
-    config = folder / "config.json"
-    kind = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-    if kind != "qwen2_5_vl":
-        raise UAEError(f"--llm {name}: a Qwen2.5-VL model is needed (config.json model_type qwen2_5_vl), this is "
-                       f"{kind or 'no transformers model'}")
+# What each part must be: the file, key and value that say so, and its name.
+PART_KINDS = {"llm": ("config.json", "model_type", "qwen2_5_vl", "a Qwen2.5-VL model"),
+              "decoder": ("model_index.json", "_class_name", "StableDiffusion3Pipeline", "a StableDiffusion3Pipeline")}
 
 
-def _check_decoder(folder: Path, name: str) -> None:
-    index = folder / "model_index.json"
-    kind = json.loads(index.read_text()).get("_class_name") if index.is_file() else None
-    if kind != "StableDiffusion3Pipeline":
-        raise UAEError(f"--decoder {name}: a StableDiffusion3Pipeline folder is needed (model_index.json), this is "
-                       f"{kind or 'no diffusers pipeline'}")
-    if not (folder / "transformer" / "config.json").is_file():
-        raise UAEError(f"--decoder {name}: its transformer/ (the DiT) is missing")
+def _check_kind(folder: Path, part: str, name: str) -> None:
+    file, key, want, what = PART_KINDS[part]
+    path = folder / file
+    kind = json.loads(path.read_text()).get(key) if path.is_file() else None
+    if kind != want:
+        raise UAEError(f"--{part} {name}: {what} is needed ({file} with {key} {want}); this is "
+                       f"{kind or f'a folder without {file}'}")
 
 
 def token_norms(states: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -169,9 +165,11 @@ def assemble(cfg: AssembleConfig) -> Path:
     llm_name, dec_name = resolve(cfg.llm, "captioner"), resolve(cfg.decoder, "generator")
     preset = load_preset(("tiny" if cfg.llm == "tiny" else "full") if cfg.preset == "auto" else cfg.preset)
     llm_dir = _local(llm_name, "--llm")
-    _check_llm(llm_dir, cfg.llm)
+    _check_kind(llm_dir, "llm", cfg.llm)
     dec_dir = _local(dec_name, "--decoder", ignore=DECODER_LEFT_OUT)
-    _check_decoder(dec_dir, cfg.decoder)
+    _check_kind(dec_dir, "decoder", cfg.decoder)
+    if not (dec_dir / "transformer" / "config.json").is_file():
+        raise UAEError(f"--decoder {cfg.decoder}: its transformer/ (the DiT) is missing")
     dit_config = SD3Transformer2DModel.load_config(dec_dir / "transformer")
     device = resolve_device(cfg.device)
 
