@@ -3,9 +3,10 @@
 Sources: a .jsonl file ({"image": path, "caption": text} per line, paths relative to the file),
 a folder of images with .txt sidecars (same stem), a Hugging Face `datasets` dataset saved with
 `save_to_disk` (columns `image` and `caption`), or webdataset shards (`.tar` files: a folder of
-them, one file, or a glob; image under jpg/jpeg/png/webp, caption under txt or json["caption"]).
+them, one file, a brace pattern or a glob; read through the `webdataset` library, see uae.stream).
 Dataset rows are decoded lazily. `validate` reports missing, unreadable and caption-less items up
-front.
+front. Training from shards streams them instead (uae.stream.ShardStream): `read_items` holds a
+source's samples in memory, for the small data of the cold start and of `--validate_data`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,14 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm.auto import tqdm
 
 from uae.errors import UAEError
 from uae.hashing import content_key
 from uae.images import IMAGE_EXTENSIONS, load_image, to_rgb
 from uae.paths import data_source
+from uae.stream import (MAX_BAD_FRACTION, BadCounter, caption_of, decode_image, decode_sample, image_member, is_shards,
+                        nearest_bucket, raw_samples, sample_name, shard_files)
 
 logger = logging.getLogger(__name__)
 
@@ -34,16 +38,22 @@ class Item:
     ds: object = None  # a `datasets` dataset and the row of this item (image decoded on access)
     row: int = -1
     column: str = "image"
+    data: bytes | None = None  # the image bytes of a webdataset sample
 
     def open(self):
         """The image as 8-bit RGB PIL (see uae.images.load_image for the conversions)."""
+        if self.data is not None:
+            try:
+                return decode_image(self.data)
+            except Exception as e:  # PIL raises many types on a corrupt file
+                raise UAEError(f"{self.source}: the image does not decode ({type(e).__name__}: {e})") from None
         if self.ds is None:
             return load_image(self.image)
         return to_rgb(self.ds[self.row][self.column])
 
     def size(self) -> tuple[int, int]:
         """(width, height) as displayed, read from the header when possible."""
-        if self.ds is not None:
+        if self.ds is not None or self.data is not None:
             return self.open().size
         from PIL import Image
 
@@ -79,13 +89,8 @@ def read_items(source: str | Path) -> list[Item]:
     captions that ship with the toolkit (uae.paths.data_source)."""
     source = data_source(str(source))
     src = Path(source)
-    if any(ch in str(source) for ch in "*?[") or (src.is_file() and src.suffix == ".tar"):
-        import glob
-
-        files = sorted(glob.glob(str(source)))
-        if not files:
-            raise UAEError(f"data {source}: no webdataset shard matches")
-        return read_webdataset(files, source)
+    if is_shards(source):
+        return read_webdataset(source)
     if not src.exists():
         raise UAEError(f"data {source} does not exist: give a .jsonl file, a folder of images with .txt "
                        "captions, or a `datasets` folder saved with save_to_disk")
@@ -110,9 +115,6 @@ def read_items(source: str | Path) -> list[Item]:
         if not {"image", "caption"} <= set(ds.column_names):
             raise UAEError(f"dataset {source} needs columns image and caption (has {ds.column_names})")
         return [Item(None, c, f"{src.name}[{i}]", ds=ds, row=i) for i, c in enumerate(ds["caption"])]
-    shards = sorted(src.glob("*.tar"))
-    if shards:
-        return read_webdataset([str(p) for p in shards], source)
     images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise UAEError(f"data folder {source} holds no images")
@@ -120,20 +122,15 @@ def read_items(source: str | Path) -> list[Item]:
                  str(p)) for p in images]
 
 
-def read_webdataset(files: list[str], source) -> list[Item]:
-    import datasets
-
-    ds = datasets.load_dataset("webdataset", data_files={"train": files}, split="train")
-    col = next((c for c in ("jpg", "jpeg", "png", "webp") if c in ds.column_names), None)
-    if col is None:
-        raise UAEError(f"webdataset {source}: no image entries (jpg, jpeg, png, webp) in {ds.column_names}")
-    if "txt" in ds.column_names:
-        captions = ds["txt"]
-    elif "json" in ds.column_names:
-        captions = [(j or {}).get("caption") for j in ds["json"]]
-    else:
-        raise UAEError(f"webdataset {source}: no caption entries (txt, or json with a caption) in {ds.column_names}")
-    return [Item(None, c, f"{Path(str(source)).name}[{i}]", ds=ds, row=i, column=col) for i, c in enumerate(captions)]
+def read_webdataset(source) -> list[Item]:
+    """The samples of webdataset shards, their image bytes held in memory and decoded on use
+    (training streams them instead: uae.stream); a sample without an image member is an item whose
+    image is missing."""
+    items = []
+    for sample in raw_samples(shard_files(source)):
+        member = image_member(sample)
+        items.append(Item(None, caption_of(sample), sample_name(sample), data=sample[member] if member else None))
+    return items
 
 
 def validate(items: list[Item]) -> Validation:
@@ -142,7 +139,7 @@ def validate(items: list[Item]) -> Validation:
         if not (it.caption or "").strip():
             v.no_caption.append(it.source)
             continue
-        if it.ds is None and (it.image is None or not it.image.exists()):
+        if it.ds is None and it.data is None and (it.image is None or not it.image.exists()):
             v.missing.append(f"{it.source} ({it.image})")
             continue
         try:
@@ -167,7 +164,10 @@ class Reference(NamedTuple):
 
 def load_references(data: str, setting: str = "--data") -> list[Reference]:
     """A folder of images (captions from the encoder), a folder with .txt captions, or a .jsonl /
-    datasets / webdataset source, opened; unreadable images are skipped with a warning."""
+    datasets / webdataset source, opened; unreadable images are skipped with a warning (shards:
+    counted, and more than MAX_BAD_FRACTION of them is an error)."""
+    if is_shards(data):
+        return shard_references(data, setting)
     refs = []
     for it in read_items(data):
         try:
@@ -176,6 +176,29 @@ def load_references(data: str, setting: str = "--data") -> list[Reference]:
             logger.warning("skipping reference %s: %s", it.source, e)
     if not refs:
         raise UAEError(f"{setting} {data}: no readable reference image")
+    return refs
+
+
+def shard_references(data: str, setting: str = "--data") -> list[Reference]:
+    """The references of webdataset shards, streamed through the webdataset library (one shard may
+    mix jpg and png); a sample whose image does not decode, or that has none, is skipped and
+    counted. A caption is optional (the encoder writes its own)."""
+    counter = BadCounter(f"{setting} {data}", MAX_BAD_FRACTION, check_after=0,
+                         fix=f"fix or drop those samples (at most {MAX_BAD_FRACTION:g} of the references may be bad)")
+    refs = []
+    for sample in tqdm(raw_samples(shard_files(data, setting)), desc="reading references", unit="image",
+                       disable=None):
+        d = decode_sample(sample, need_caption=False)
+        counter.add(d)
+        if d.problem is None:
+            refs.append(Reference(d.key, d.image, d.caption if (d.caption or "").strip() else None))
+    if counter.bad:
+        logger.warning("%s %s: skipped %s", setting, data, counter.summary())
+    if not refs:
+        raise UAEError(f"{setting} {data}: no readable reference image ({counter.summary()})")
+    message = counter.error()
+    if message:
+        raise UAEError(message)
     return refs
 
 
@@ -195,7 +218,7 @@ def center_crop_tensor(pil, height: int, width: int) -> torch.Tensor:
 
 def item_key(it: Item, height: int, width: int) -> str:
     """Key of an item's image at a training size (file bytes, or the decoded pixels of a row)."""
-    data = it.open().tobytes() if it.ds is not None else it.image.read_bytes()
+    data = it.data if it.data is not None else it.open().tobytes() if it.ds is not None else it.image.read_bytes()
     return f"{content_key(data)}-{height}x{width}"
 
 
@@ -236,13 +259,7 @@ def buckets_for(resolution: int, step: int, max_aspect: float) -> list[tuple[int
 
 def assign_buckets(items: list[Item], buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Each item's bucket: the closest aspect ratio (in log space)."""
-    import math
-
-    out = []
-    for it in items:
-        w, h = it.size()
-        out.append(min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - math.log(h / w))))
-    return out
+    return [nearest_bucket(buckets, *it.size()) for it in items]
 
 
 def collate(batch: list[dict]) -> dict:

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 
 from uae.apps.report import image_grid, loss_curve
 from uae.config import field
-from uae.data import (CaptionImageDataset, assign_buckets, buckets_for, collate, item_key, read_items,
-                      validate)
+from uae.data import (CaptionImageDataset, assign_buckets, buckets_for, center_crop_tensor, collate, item_key,
+                      read_items, validate)
 from uae.errors import UAEError
 from uae.files import link_or_copy
 from uae.hashing import content_key, fingerprint
@@ -31,6 +31,7 @@ from uae.models.encoder import PROJECTOR_FILE, save_projector
 from uae.models.layout import replace_projector_in_shards, shards_hold_projector
 from uae.models.uae import UAE
 from uae.runtime import stored_dtype
+from uae.stream import ShardStream, is_shards, shard_files
 from uae.training.cache import DiskCache
 from uae.training.evaluation import uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_dit
@@ -45,12 +46,21 @@ class SFTConfig(TrainConfig):
     """Decoder pre-training (SFT) on image + long caption pairs."""
 
     data: str = field(None, help="a .jsonl of {image, caption}, a folder of images with .txt captions, a `datasets` "
-                                 "save_to_disk folder (columns image, caption) or webdataset shards")
+                                 "save_to_disk folder (columns image, caption), or webdataset shards, streamed "
+                                 "('shards/{000000..000123}.tar', a glob, a .tar or a folder of them)")
     output_dir: str = field("runs/sft", run_only=True,
                             help="checkpoints, logs, validation grids, loss plot and final/ (official layout)")
     validate_data: bool = field(False, help="only check the data, report counts, and exit", run_only=True)
     on_bad_data: str = field("error", choices=("error", "skip"),
-                             help="error: stop when any item is missing / unreadable / caption-less; skip: train without them")
+                             help="jsonl, folders, datasets: error: stop when any item is missing / unreadable / "
+                                  "caption-less; skip: train without them (shards: see --max_bad_fraction)")
+    max_bad_fraction: float = field(0.01, min=0, max=1,
+                                    help="webdataset shards: bad samples (undecodable image, empty caption, no image) "
+                                         "are skipped and counted as they stream; a larger share stops the run")
+    bad_check_after: int = field(1000, min=0, help="webdataset shards: samples a dataloader worker reads before "
+                                                   "--max_bad_fraction is checked")
+    shuffle_buffer: int = field(1000, min=1, help="webdataset shards: samples in each dataloader worker's shuffle "
+                                                  "buffer (held as raw bytes; 1: shard order only)")
     bucketing: bool = field(False, help="aspect-ratio buckets instead of square centre crops; a batch holds one bucket")
     bucket_step: int = field(64, min=16, help="bucket sides are multiples of this (a multiple of 16)")
     max_aspect_ratio: float = field(2.0, min=1, help="most elongated bucket (height/width or width/height)")
@@ -129,6 +139,15 @@ class SFTRecipe:
 
     # ------------------------------------------------------------------ set-up
     def _data(self):
+        """The validated items of a map-style source; None for webdataset shards (streamed, see begin)."""
+        cfg = self.cfg
+        if is_shards(cfg.data):
+            self.shards = shard_files(cfg.data)
+            if cfg.cache_latents or cfg.cache_text:
+                raise UAEError(f"--cache_latents and --cache_text need map-style data (every item known up front); "
+                               f"data {cfg.data} is webdataset shards, streamed: drop those flags")
+            logger.info("data %s: %d webdataset shard(s), streamed", cfg.data, len(self.shards))
+            return None
         items = read_items(self.cfg.data)
         v = validate(items)
         logger.info("data %s: %s", self.cfg.data, v.report())
@@ -255,7 +274,9 @@ class SFTRecipe:
 
         cfg = self.cfg
         self.data = self._data()
-        if cfg.bucketing:
+        if self.data is None:  # streamed: each sample's bucket is chosen as it arrives
+            self.sizes = None
+        elif cfg.bucketing:
             buckets = buckets_for(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio)
             self.sizes = assign_buckets(self.data.ok, buckets)
             logger.info("aspect-ratio buckets in use (height x width: items): %s",
@@ -276,18 +297,47 @@ class SFTRecipe:
         self.projector, self.dit_train = prepared.modules["projector"], prepared.modules["dit"]
         self.optimizer, self.lr = prepared.optimizer, prepared.lr_scheduler
 
+    def _stream(self, start: int) -> torch.utils.data.DataLoader:
+        """Batches of the shards for micro-steps start, start + 1, ... of this process (ShardStream)."""
+        cfg, acc = self.cfg, self.acc
+        buckets = (buckets_for(cfg.resolution, cfg.bucket_step, cfg.max_aspect_ratio) if cfg.bucketing
+                   else [(cfg.resolution, cfg.resolution)])
+        stream = ShardStream(self.shards, cfg.data, batch_size=cfg.train_batch_size, buckets=buckets,
+                             pixels=center_crop_tensor, seed=cfg.seed, rank=acc.process_index, world=acc.num_processes,
+                             skip=start, shuffle_buffer=cfg.shuffle_buffer, max_bad_fraction=cfg.max_bad_fraction,
+                             bad_check_after=cfg.bad_check_after)
+        stream.check_parts(cfg.dataloader_num_workers)
+        if start:
+            logger.info("resuming the stream: each worker reads and decodes again the %d batch(es) it gave before",
+                        start)
+        return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.dataloader_num_workers)
+
+    def next_batch(self) -> dict:
+        batch = next(self.batches)
+        if self.data is None:
+            if "error" in batch:
+                raise UAEError(batch["error"])
+            self.bad[self.micro % max(self.cfg.dataloader_num_workers, 1)] = batch.pop("bad")
+        return batch
+
     def begin(self, start: int) -> None:
         cfg, acc = self.cfg, self.acc
-        self._precompute(self.data.ok)  # all processes together (it ends at a barrier)
         accum = cfg.gradient_accumulation_steps
-        sampler = StepSampler(len(self.data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index, cfg.seed,
-                              start * accum, cfg.max_steps * accum, groups=self.sizes if cfg.bucketing else None)
-        loader = torch.utils.data.DataLoader(CaptionImageDataset(self.data.ok, self.sizes, self.latent_cache),
-                                             batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.dataloader_num_workers)
-        self.batches = iter(loader)
         self.micro = start * accum
         self.dit_train.train()
+        if self.data is None:
+            self.latent_cache = self.text_cache = None  # streamed data is never cached (_data)
+            self.bad = {}  # per worker: [seen, bad] of its latest batch
+            self.batches = iter(self._stream(self.micro))
+        else:
+            self._precompute(self.data.ok)  # all processes together (it ends at a barrier)
+            sampler = StepSampler(len(self.data.ok), cfg.train_batch_size, acc.num_processes, acc.process_index,
+                                  cfg.seed, start * accum, cfg.max_steps * accum,
+                                  groups=self.sizes if cfg.bucketing else None)
+            loader = torch.utils.data.DataLoader(CaptionImageDataset(self.data.ok, self.sizes, self.latent_cache),
+                                                 batch_size=cfg.train_batch_size, sampler=sampler, collate_fn=collate,
+                                                 num_workers=cfg.dataloader_num_workers)
+            self.batches = iter(loader)
         if start == 0 and cfg.validation_steps and acc.is_main_process:
             self.validate(0)
 
@@ -296,7 +346,7 @@ class SFTRecipe:
         t0 = time.perf_counter()
         world, rank = acc.num_processes, acc.process_index
         for _ in range(cfg.gradient_accumulation_steps):
-            batch = next(self.batches)
+            batch = self.next_batch()
             # Sample j of this process sits at global position rank + j * world of the global batch.
             base = self.micro * cfg.train_batch_size * world + rank
             gens = [generator_for(cfg.seed, base + j * world) for j in range(len(batch["caption"]))]
@@ -314,7 +364,10 @@ class SFTRecipe:
             raise UAEError(f"loss is {loss_all} at step {step + 1}: lower --learning_rate or check the data")
         if cfg.validation_steps and (step + 1) % cfg.validation_steps == 0 and acc.is_main_process:
             self.validate(step + 1)
-        return {"loss": loss_all, "lr": float(self.lr.get_last_lr()[0]), "seconds_per_step": time.perf_counter() - t0}
+        metrics = {"loss": loss_all, "lr": float(self.lr.get_last_lr()[0]), "seconds_per_step": time.perf_counter() - t0}
+        if self.data is None:  # samples this process's workers have read, and the bad ones among them
+            metrics["samples_read"], metrics["bad_samples"] = (sum(c[k] for c in self.bad.values()) for k in (0, 1))
+        return metrics
 
     def plot(self, records: list[dict]) -> None:
         loss_curve(records, self.out / "loss.png", "SFT loss")
