@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top: a module imports from its own layer (without a circle) or from a lower one.
 LAYERS = [
     ("infrastructure", ("uae", "uae.errors", "uae.files", "uae.hashing", "uae.images", "uae.paths", "uae.hub",
-                        "uae.runtime", "uae.config", "uae.cli", "uae.data", "uae.remote")),
+                        "uae.runtime", "uae.config", "uae.cli", "uae.stream", "uae.data", "uae.remote")),
     ("models, scoring, unified, random weights", ("uae.models", "uae.scoring", "uae.unified", "uae.random_weights")),
     ("library recipes", ("uae.caption_data",)),
     ("applications", ("uae.apps",)),
