@@ -79,6 +79,25 @@ def test_assembled_checkpoint_loads_generates_and_starts_in_range(assembled, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_bf16_llm_is_calibrated_and_stays_bf16(tmp_path):
+    """The real Qwen2.5-VL is stored in bf16: its states reach the fp32 projector, and llm/ keeps its dtype."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    from uae.models.uae import UAE
+    from uae.random_weights.unified import embedded
+    from uae.runtime import stored_dtype
+
+    llm = tmp_path / "llm-bf16"
+    Qwen2_5_VLForConditionalGeneration.from_pretrained(embedded("captioner"), dtype=torch.bfloat16).save_pretrained(llm)
+    AutoProcessor.from_pretrained(embedded("captioner")).save_pretrained(llm)
+    out = tmp_path / "out"
+    assert assemble_main(["--llm", str(llm), "--decoder", "tiny", "--out", str(out), "--preset", "tiny"]) == 0
+    assert stored_dtype(out / "llm") == torch.bfloat16
+    assert load_file(str(out / "llm" / "projector.safetensors"))["projector.2.weight"].dtype == torch.float32
+    assert json.loads((out / "uae_checkpoint.json").read_text())["projector"]["scale"] > 0
+    assert UAE.from_pretrained(str(out), device="cpu", load_decoder=False).encoder.projector[-1].out_features == 64
+
+
 def _error(capsys) -> str:
     """The one error line (the tiny parts' warnings aside)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]

@@ -52,8 +52,10 @@ from uae.runtime import resolve_device, stored_dtype
 logger = logging.getLogger(__name__)
 
 PROJECTOR_INITS = ("calibrated", "pytorch")
-# SD3's parts UAE never reads (the T5 encoder alone is ~9.5 GB): not downloaded.
-DECODER_LEFT_OUT = ("text_encoder_3/*", "tokenizer_3/*")
+# What is downloaded of a decoder on the hub: the diffusers folders UAE reads. Not T5 (~9.5 GB, never read)
+# nor the single-file checkpoints some repos also hold (SD3.5-Large's sd3.5_large.safetensors, text_encoders/).
+DECODER_FILES = ["model_index.json"] + [f"{part}/*" for part in ("transformer", "vae", "scheduler", "text_encoder",
+                                                                   "text_encoder_2", "tokenizer", "tokenizer_2")]
 
 
 @dataclass
@@ -89,14 +91,14 @@ class AssembleConfig:
             raise UAEError("--calibration_prompts: give at least one text")
 
 
-def _local(name: str, what: str, patterns: list[str] | None = None, ignore: tuple[str, ...] = ()) -> Path:
+def _local(name: str, what: str, patterns: list[str] | None = None) -> Path:
     """A folder of `name`: itself, or its hub snapshot (downloaded unless in the cache)."""
     if os.path.isdir(name):
         return Path(name)
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=name, allow_patterns=patterns, ignore_patterns=list(ignore) or None))
+        return Path(snapshot_download(repo_id=name, allow_patterns=patterns))
     except Exception as e:  # no such folder, network, auth (gated repos), not in the offline cache
         raise UAEError(f"{what} {name!r}: not a folder, and the hub gave no copy ({type(e).__name__}: {e}); check the "
                        "id, the network and `hf auth login` for gated repos, or pass --llm tiny --decoder tiny") from None
@@ -134,9 +136,11 @@ def sd3_prompt_norms(pipe, prompts: list[str]) -> torch.Tensor:
 
 @torch.no_grad()
 def projected_norms(encoder: UAEEncoder, prompts: list[str]) -> torch.Tensor:
-    """Per-token norms of the conditioning of `prompts` (the "generate" template, real tokens)."""
-    embeds, mask = encoder.get_projected_embeddings(prompts)
-    return token_norms(embeds, mask)
+    """Per-token norms of the conditioning of `prompts` (the "generate" template, real tokens), the
+    LLM's states (bf16 for the real one) projected in the projector's dtype."""
+    ids, mask = encoder.pad_right(encoder.generate_ids(prompts))
+    weight = encoder.projector[0].weight
+    return token_norms(encoder.projector(encoder.hidden_states(ids, mask).to(weight.dtype)), mask)
 
 
 @torch.no_grad()
@@ -166,7 +170,7 @@ def assemble(cfg: AssembleConfig) -> Path:
     preset = load_preset(("tiny" if cfg.llm == "tiny" else "full") if cfg.preset == "auto" else cfg.preset)
     llm_dir = _local(llm_name, "--llm")
     _check_kind(llm_dir, "llm", cfg.llm)
-    dec_dir = _local(dec_name, "--decoder", ignore=DECODER_LEFT_OUT)
+    dec_dir = _local(dec_name, "--decoder", DECODER_FILES)
     _check_kind(dec_dir, "decoder", cfg.decoder)
     if not (dec_dir / "transformer" / "config.json").is_file():
         raise UAEError(f"--decoder {cfg.decoder}: its transformer/ (the DiT) is missing")
