@@ -98,6 +98,30 @@ def test_a_bf16_llm_is_calibrated_and_stays_bf16(tmp_path):
     assert UAE.from_pretrained(str(out), device="cpu", load_decoder=False).encoder.projector[-1].out_features == 64
 
 
+def test_hub_ids_download_what_uae_reads(tmp_path, monkeypatch):
+    """Hub ids go to huggingface_hub as they are (here answered by the tiny parts); of the decoder, only the
+    diffusers folders UAE reads are asked for: no T5, no single-file checkpoint."""
+    import huggingface_hub
+
+    from uae.random_weights.unified import embedded
+
+    asked = {}
+
+    def snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked[repo_id] = allow_patterns
+        return str(embedded("captioner" if repo_id.startswith("Qwen/") else "generator"))
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    cfg = yaml.safe_load((FROM_BASE / "assemble.yaml").read_text())
+    out = tmp_path / "out"
+    assert assemble_main(["--config", str(FROM_BASE / "assemble.yaml"), "--out", str(out), "--preset", "tiny"]) == 0
+    assert set(asked) == {cfg["llm"], cfg["decoder"]} and asked[cfg["llm"]] is None
+    patterns = asked[cfg["decoder"]]
+    assert "transformer/*" in patterns and "vae/*" in patterns and not any("_3" in p for p in patterns)
+    manifest = json.loads((out / "uae_checkpoint.json").read_text())
+    assert (manifest["llm"], manifest["decoder"]) == (cfg["llm"], cfg["decoder"])
+
+
 def _error(capsys) -> str:
     """The one error line (the tiny parts' warnings aside)."""
     lines = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]

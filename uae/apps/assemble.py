@@ -4,7 +4,7 @@ training: Qwen2.5-VL-3B-Instruct + Stable Diffusion 3.5 Large), with a fresh pro
     uae-assemble --llm Qwen/Qwen2.5-VL-3B-Instruct --decoder stabilityai/stable-diffusion-3.5-large --out DIR
     uae-assemble --llm tiny --decoder tiny --out DIR     # the tiny random parts, offline
 
-What goes where (docs/layout.md):
+What goes where (docs/from-base.md):
 
     llm/            the Qwen2.5-VL weights as transformers saves them + llm/projector.safetensors
     llm_processor/  the LLM's processor
