@@ -21,7 +21,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import cpu_server
 from PIL import Image
 
 from uae.apps.caption_data import main
@@ -439,6 +438,7 @@ def test_a_real_transformers_serve_server_captions_photos(tmp_path, capsys):
     as data: URLs; the shards read back with the webdataset library. Each request's seed reaches
     the server's generator (the same captions from another shard layout, others from another
     --seed), and the server's usage and finish_reason fill the JSON's tokens and truncated."""
+    from conftest import cpu_server  # here: subprocesses load this file by path (FAKE), without tests/ on sys.path
     from skimage import data
 
     from uae.random_weights.unified import embedded
