@@ -64,14 +64,14 @@ def test_assembled_checkpoint_loads_generates_and_starts_in_range(assembled, tmp
     with enc.llm.disable_adapter():
         base = enc.hidden_states(ids, mask)
     assert torch.equal(enc.hidden_states(ids, mask), base)
-    assert manifest["projector"]["projector_init"] == "calibrated"
+    assert manifest["assembled"]["projector"]["projector_init"] == "calibrated"
     # Calibrated: on held-out texts, the conditioning's per-token norm is the decoder's own (measured 1.03);
     # PyTorch's init alone gives 0.62 of it on this tiny pair (the scale the calibration corrects).
     ratio = _norm_ratio(assembled)
     assert 0.8 < ratio < 1.25, ratio
     plain = tmp_path / "plain"
     assert assemble(plain, "--projector_init", "pytorch") == 0
-    assert abs(_norm_ratio(plain) - 1 / manifest["projector"]["scale"]) < 0.1
+    assert abs(_norm_ratio(plain) - 1 / manifest["assembled"]["projector"]["scale"]) < 0.1
     # A projector from a folder: the assembled one, kept exactly.
     again = tmp_path / "again"
     assert assemble(again, "--projector_init", assembled) == 0
@@ -94,7 +94,7 @@ def test_a_bf16_llm_is_calibrated_and_stays_bf16(tmp_path):
     assert assemble_main(["--llm", str(llm), "--decoder", "tiny", "--out", str(out), "--preset", "tiny"]) == 0
     assert stored_dtype(out / "llm") == torch.bfloat16
     assert load_file(str(out / "llm" / "projector.safetensors"))["projector.2.weight"].dtype == torch.float32
-    assert json.loads((out / "uae_checkpoint.json").read_text())["projector"]["scale"] > 0
+    assert json.loads((out / "uae_checkpoint.json").read_text())["assembled"]["projector"]["scale"] > 0
     assert UAE.from_pretrained(str(out), device="cpu", load_decoder=False).encoder.projector[-1].out_features == 64
 
 
@@ -119,7 +119,7 @@ def test_hub_ids_download_what_uae_reads(tmp_path, monkeypatch):
     patterns = asked[cfg["decoder"]]
     assert "transformer/*" in patterns and "vae/*" in patterns and not any("_3" in p for p in patterns)
     manifest = json.loads((out / "uae_checkpoint.json").read_text())
-    assert (manifest["llm"], manifest["decoder"]) == (cfg["llm"], cfg["decoder"])
+    assert (manifest["assembled"]["llm"], manifest["assembled"]["decoder"]) == (cfg["llm"], cfg["decoder"])
 
 
 def _error(capsys) -> str:

@@ -217,10 +217,11 @@ def assemble(cfg: AssembleConfig) -> Path:
         save_official_llm_lora(encoder, tmp / "llm_lora", with_projector=False)
         shutil.copytree(dec_dir / "transformer", tmp / "dit")
         save_sd3_folder(StableDiffusion3Pipeline(**{**pipe.components, "transformer": None}), tmp / "SD3")
-        (tmp / MANIFEST).write_text(json.dumps({
-            "dit_lora": None, "assembled_by": "uae-assemble", "llm": cfg.llm, "decoder": cfg.decoder,
+        # Top-level keys named after a part declare it (dit_lora: none); the rest says how it was made.
+        (tmp / MANIFEST).write_text(json.dumps({"dit_lora": None, "assembled": {
+            "by": "uae-assemble", "llm": cfg.llm, "decoder": cfg.decoder,
             "projector": {**init, "seed": cfg.seed, "hidden_dim": projector[0].out_features},
-            "llm_lora": {"r": lora["r"], "alpha": lora["alpha"], "init": "gaussian (B = 0: the base LLM exactly)"}},
+            "llm_lora": {"r": lora["r"], "alpha": lora["alpha"], "init": "gaussian (B = 0: the base LLM exactly)"}}},
             indent=2))
         (tmp / "README.md").write_text(
             f"UAE checkpoint assembled by uae-assemble from {cfg.llm} (LLM) and {cfg.decoder} (decoder), with a fresh "
