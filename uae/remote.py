@@ -45,7 +45,7 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}  # worth another try: overloa
 class Completion:
     """One answer: the text; the server's finish_reason ("stop": it ended, "length": cut by
     max_tokens, None: not given); its usage.completion_tokens (None: not given); the seed sent with
-    the request (None: none; whether the server honours it is the server's: vLLM, SGLang, TGI and
+    the request (None: none; whether the server honours it is the server's: vLLM and
     `transformers serve` read it)."""
 
     text: str

@@ -355,7 +355,7 @@ class RemoteCaptioner:
         # Not the server's address: a rerun may reach the same model elsewhere (a restarted server).
         own = {k: v for k, v in self.client.settings().items() if k != "server"}
         return {**own, "instruction": self.instruction, "max_side": self.max_side,
-                "seeded": "each request sends its image's seed (vLLM, SGLang, TGI, transformers serve read it; "
+                "seeded": "each request sends its image's seed (vLLM and transformers serve read it; "
                           "transformers serve seeds its one global generator, so only at --remote_concurrency 1)"}
 
 
