@@ -164,7 +164,7 @@ def assemble(cfg: AssembleConfig) -> Path:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
+    if out.exists() and not cfg.overwrite:  # before any model loads
         raise UAEError(f"--out {out} exists: pass --overwrite to replace it, or choose another folder")
     llm_name, dec_name = resolve(cfg.llm, "captioner"), resolve(cfg.decoder, "generator")
     preset = load_preset(("tiny" if cfg.llm == "tiny" else "full") if cfg.preset == "auto" else cfg.preset)
@@ -189,7 +189,7 @@ def assemble(cfg: AssembleConfig) -> Path:
     else:
         torch.manual_seed(cfg.seed)
         projector = build_projector(hidden, preset["projector"]["hidden_dim"], joint)
-    encoder = UAEEncoder(llm, projector.float(), processor).to(device)
+    encoder = UAEEncoder(llm, projector, processor).to(device)
     with init_empty_weights():  # encode_prompt reads the DiT's config only: no weights loaded
         shape_only = SD3Transformer2DModel.from_config(dit_config)
     pipe = StableDiffusion3Pipeline.from_pretrained(dec_dir, transformer=shape_only, text_encoder_3=None,
@@ -233,7 +233,5 @@ def assemble(cfg: AssembleConfig) -> Path:
 @script_main
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(AssembleConfig, argv, description=__doc__)
-    if Path(cfg.out).exists() and not cfg.overwrite:  # before any model loads
-        raise UAEError(f"--out {cfg.out} exists: pass --overwrite to replace it, or choose another folder")
     logger.info("wrote %s", assemble(cfg))
     return 0
