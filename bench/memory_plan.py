@@ -53,12 +53,12 @@ from accelerate.state import AcceleratorState
 from uae.cli import setup_logging
 from uae.config import from_dict, read_yaml
 from uae.methods import METHODS
-from uae.models.decoder import add_dit_lora
 from uae.paths import MODEL_PRESETS
 from uae.random_weights import build_checkpoint, build_scorer_model, build_uae, load_preset
 from uae.rl.flow_backends import FLUX_LORA_TARGETS
 from uae.runtime import release_freed_memory
-from uae.training.parts import Parts, train_dit
+from uae.methods.u4g import U4GRecipe
+from uae.training.parts import Parts
 from uae.training.precision import precision_policy
 from uae.training.run import JsonlLog, Run
 
@@ -91,7 +91,7 @@ OTHER_SIZES = {
 }
 # Stage 3 on a diffusers pipeline's transformer (uae.rl.flow_backends), at the sizes of
 # configs/models/pipelines/<preset>.yaml, with stage 3's config (its LoRA rank on the backend's
-# targets, its rollouts). Not launchable yet (train_grpo.py --stage u4g trains UAE's decoder): kept
+# targets, its rollouts): train_grpo.py --stage u4g --model pipeline --generator black-forest-labs/FLUX.1-dev. Kept
 # apart from SETTINGS, whose rows tests/test_readme.py matches to the README's launches.
 PIPELINES = {
     "u4g FLUX.1-dev LoRA": ("u4g", "configs/grpo/u4g.yaml", {}, "flux1_dev"),
@@ -182,15 +182,10 @@ def build_flux(preset: str, dtype: torch.dtype) -> dict:
 
 def _flux_modules(cfg, precision, preset: str):
     """The FLUX row's modules and what trains: a new LoRA of stage 3's rank on FLUX_LORA_TARGETS
-    (fp32), the rest frozen in the frozen dtype; the text encoders are held (counted as loaded)."""
-    from peft import LoraConfig  # peft takes seconds to import: only for this row
-
+    (fp32), the rest frozen in the frozen dtype; the text encoders are counted (the set-up's peak: stage 3
+    frees them once every prompt's conditioning is cached)."""
     modules = build_flux(preset, precision.frozen)
-    dit = modules["dit"]
-    dit.requires_grad_(False)
-    add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                 target_modules=list(FLUX_LORA_TARGETS)))
-    trainable = train_dit(dit)
+    trainable = U4GRecipe.configure_transformer(modules["dit"], cfg, FLUX_LORA_TARGETS).trainable
     precision.cast_trained(trainable)
     return modules, trainable
 

@@ -21,7 +21,7 @@ import gc
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,17 +39,31 @@ from uae.models.uae import UAE
 from uae.rl.grpo import GroupConfig, flow_kl, ppo_clip_loss
 from uae.rl.iteration import (Phases, check_share, gathered_advantages, iteration_metrics, iteration_share,
                               sde_window_for)
-from uae.rl.flow_backends import UAEBackend, sample_trajectory
+from uae.models.decoder import DIT_LORA_TARGETS
+from uae.random_weights.unified import resolve as resolve_model
+from uae.rl.flow_backends import UAEBackend, backend_for, sample_trajectory
 from uae.rl.kl import kl_reference
 from uae.rl.rewards import default_reward, score
 from uae.rl.sde import sde_step
 from uae.training.cache import DiskCache
-from uae.training.evaluation import uae_evaluated
+from uae.scoring.scorers import resolve_scorer_weights
+from uae.training.evaluation import Evaluated, evaluation_settings, uae_evaluated
 from uae.training.parts import Parts, ensure_dit_lora, train_dit
 from uae.training.precision import precision_policy
 from uae.training.run import Prepared, Setup
 from uae.training.seeding import generator_for
 from uae.training.setup import make_optimizer
+from uae.unified.common import caption_images, caption_sampling
+from uae.unified.loading import all_tiny
+from uae.unified.pipeline import PipelineAdapter
+
+MODELS = ("uae", "pipeline")
+
+
+def weight_files(folder, pattern: str = "*.safetensors") -> list[Path]:
+    """The files of `folder` matching `pattern` (none where it is no local folder: a hub id)."""
+    folder = Path(folder)
+    return [f for f in folder.glob(pattern) if f.is_file()] if folder.is_dir() else []
 
 
 @dataclass
@@ -87,6 +101,21 @@ class U4GConfig(GroupConfig):
                                                                  "default the first half of the schedule")
     sde_window_shift_every: int = field(25, min=1, help="sliding mode: iterations between moves (MixGRPO: 25)")
     sde_window_shift: int = field(1, min=1, help="sliding mode: steps per move (MixGRPO: 1)")
+    model: str = field("uae", choices=MODELS,
+                       help="whose decoder trains: uae (--checkpoint's DiT LoRA; prompts are its encoder's captions) "
+                            "or pipeline (a new LoRA on --generator's transformer, any diffusers SD3 / SD3.5 or FLUX "
+                            "pipeline; prompts are --captioner's captions, any transformers image-text-to-text model; "
+                            "final/generator_lora in diffusers' format: pipe.load_lora_weights)")
+    captioner: str | None = field(None, help="--model pipeline: the frozen captioner whose captions are the prompts "
+                                             "(hub id, folder or tiny; not needed with --use_data_captions when every "
+                                             "reference has one)")
+    generator: str | None = field(None, help="--model pipeline: the diffusers flow-matching pipeline whose transformer "
+                                             "trains (hub id, folder, tiny: SD3, tiny-flux: FLUX)")
+    negative_prompt: str = field("", help="--model pipeline, SD3: the negative prompt of the guidance (its own pooled "
+                                          "vector; the pipeline's default, empty). FLUX guides by its guidance "
+                                          "embedding and takes none")
+    max_sequence_length: int | None = field(None, min=1, help="--model pipeline: T5's prompt tokens (default the "
+                                                              "pipeline's: SD3 256, FLUX 512)")
     fresh_dit_lora: bool = field(False, help="train a new DiT LoRA instead of the checkpoint's dit_lora")
     use_data_captions: bool = field(False, help="use the captions that come with the data instead of the encoder's")
     ema_decay: float = field(0.9, min=0, max=1, help="EMA decay (Flow-GRPO: 0.9)")
@@ -97,6 +126,20 @@ class U4GConfig(GroupConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model == "pipeline":
+            if not self.generator:
+                raise UAEError("--model pipeline trains --generator's transformer: give --generator (a diffusers SD3 "
+                               "or FLUX pipeline: hub id, folder, tiny or tiny-flux)")
+            if not (self.captioner or self.use_data_captions):
+                raise UAEError("--model pipeline: give --captioner (whose captions are the prompts) or "
+                               "--use_data_captions (the data's own captions)")
+            if self.eval_steps and not self.captioner:
+                raise UAEError("--eval_steps with --model pipeline captions the held-out references: give --captioner")
+        elif self.captioner or self.generator or self.negative_prompt or self.max_sequence_length:
+            given = [f"--{k}" for k in ("captioner", "generator", "negative_prompt", "max_sequence_length")
+                     if getattr(self, k)]
+            raise UAEError(f"{' / '.join(given)}: --model pipeline's settings; --model uae trains --checkpoint's decoder "
+                           "on its own encoder's captions")
         if self.sde_window is not None and (len(self.sde_window) != 2 or
                                             not 0 <= self.sde_window[0] < self.sde_window[1] <= self.num_steps):
             raise UAEError(f"--sde_window {self.sde_window}: give lo hi with 0 <= lo < hi <= num_steps ({self.num_steps})")
@@ -116,6 +159,16 @@ class U4GConfig(GroupConfig):
                 raise UAEError(f"{setting} reaches the last step ({self.num_steps - 1}), where the cps step has no "
                                f"noise (sigma_next = 0): end the window at {self.num_steps - 1} or earlier, or use "
                                "--sde_kind sde")
+
+
+    def resolved(self) -> "U4GConfig":
+        """As TrainConfig's for --model uae; for a pipeline, `tiny` / `tiny-flux` resolve to the
+        embedded random models and `scorer_weights: auto` is tiny when every model is one."""
+        if self.model == "uae":
+            return super().resolved()
+        weights = resolve_scorer_weights(self.scorer_weights, all_tiny("pipeline", None, self.captioner, self.generator))
+        return replace(self, scorer_weights=weights, captioner=resolve_model(self.captioner, "captioner"),
+                       generator=resolve_model(self.generator, "generator"))
 
 
 logger = logging.getLogger(__name__)
@@ -142,7 +195,7 @@ class Transitions:
     latents: list[torch.Tensor]            # per recorded step: (N, C, H, W), x_i
     next_latents: list[torch.Tensor]       # per recorded step: (N, C, H, W), x_{i+1}
     log_probs: list[torch.Tensor]          # per recorded step: (N,)
-    conditioning: list[tuple[torch.Tensor, torch.Tensor]]  # per sample: (positive, negative), (1, T, D)
+    conditioning: list[dict]               # per sample: the backend's conditioning (batch dimension 1)
     advantages: torch.Tensor               # (N,)
     keep: torch.Tensor                     # (N,) bool
 
@@ -162,7 +215,7 @@ class Transitions:
 
     def length(self, j: int) -> int:
         """Sample j's conditioning length (only samples of one length are batched together)."""
-        return self.conditioning[j][0].shape[1]
+        return self.conditioning[j]["pos"].shape[1]
 
 
 def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> list[list[int]]:
@@ -188,7 +241,10 @@ def update_shares(n: int, updates: int, seed: int, it: int, epoch: int = 0) -> l
 
 
 class U4GRecipe:
-    """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen."""
+    """Stage 3 (u4g): the decoder's LoRA learns from the reconstruction reward; all else frozen.
+    The decoder is UAE's (`--model uae`) or a diffusers pipeline's transformer (`--model pipeline`),
+    behind a generator backend (uae.rl.flow_backends): its conditioning, latents, schedule,
+    velocity and decoding."""
 
     trained_by = "train_grpo.py --stage u4g"
 
@@ -207,72 +263,139 @@ class U4GRecipe:
         """Stage 3 trains the DiT's LoRA (the checkpoint's, or a new one); everything else is frozen,
         and the encoder is freed once the captions' conditioning is cached (`attach`)."""
         model.encoder.requires_grad_(False)
-        pipe = model.decoder.pipe
-        pipe.vae.requires_grad_(False)
-        dit = pipe.transformer
+        model.decoder.pipe.vae.requires_grad_(False)
+        parts = U4GRecipe.configure_transformer(model.decoder.pipe.transformer, cfg)
+        return Parts(parts.groups, parts.prepared, freed=("encoder",))
+
+    @staticmethod
+    def configure_transformer(dit, cfg, targets=None) -> Parts:
+        """The transformer's LoRA trains (its own, or a new one on `targets`, by default the
+        config's), with dropout 0; the rest of it is frozen."""
         dit.requires_grad_(False)
-        ensure_dit_lora(dit, cfg)
+        ensure_dit_lora(dit, cfg, targets)
         dropout = disable_lora_dropout(dit)
         if dropout:
             logger.warning("the DiT LoRA's lora_dropout %g is set to 0 for stage 3: in training mode it would make "
                            "the training forward differ from the rollout's (the first ratio would not be 1)", dropout)
-        parts = Parts({"decoder": train_dit(dit)}, prepared={"dit": dit}, freed=("encoder",))
         if cfg.gradient_checkpointing:
             dit.enable_gradient_checkpointing()
-        return parts
+        return Parts({"decoder": train_dit(dit)}, prepared={"dit": dit})
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> Setup:
         cfg, acc = self.cfg, self.acc
         self.refs = load_references(cfg.data)
         check_share(cfg, len(self.refs), acc.num_processes)  # before anything loads
-        # The checkpoint's dit_lora (e.g. the cold start's) is trained further; fresh_dit_lora starts a new one.
-        overrides = {"dit_lora": "none"} if cfg.fresh_dit_lora else None
+        if cfg.model == "pipeline" and cfg.use_data_captions and not cfg.captioner:
+            missing = [r.key for r in self.refs if not r.caption]
+            if missing:
+                raise UAEError(f"--use_data_captions: {len(missing)} reference(s) of --data {cfg.data} have no caption "
+                               f"(e.g. {missing[0]}): give --captioner to caption them")
         precision = precision_policy(cfg.mixed_precision)
-        self.model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=acc.device, dtype=precision.frozen)
-        self.paths = self.model.components
-        pipe = self.model.decoder.pipe
-        self.dit = pipe.transformer
-        if getattr(self.dit, "peft_config", None):
-            logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
-        parts = self.configure(self.model, cfg)
+        parts, around = self._setup_pipeline(precision) if cfg.model == "pipeline" else self._setup_uae(precision)
+        self.dit = self.backend.transformer
         self.trainable = parts.trainable
         self.reference = kl_reference(cfg, self.trainable, acc)
-        # The decoder as Flow-GRPO needs it (uae.rl.flow_backends): its conditioning, initial latents,
-        # schedule (the pipeline's scheduler set up as its __call__ does), velocity and decoding.
-        self.backend = UAEBackend(self.model, cfg.resolution, cfg.resolution)
         self.sched = self.backend.schedule(cfg.num_steps)
         if self.reward is None:
             self.reward = default_reward(cfg, acc.device, precision.frozen)
         self.captions = self._captions()
         self.prompt_cache = self._embed_captions(precision.frozen)
+        return Setup(parts, make_optimizer(cfg, self.trainable), **around)
+
+    def _setup_uae(self, precision) -> tuple[Parts, dict]:
+        """UAE: the checkpoint's DiT LoRA (or a new one) trains; prompts are its encoder's captions,
+        conditioned as the release generates (uae.rl.flow_backends.UAEBackend)."""
+        cfg = self.cfg
+        # The checkpoint's dit_lora (e.g. the cold start's) is trained further; fresh_dit_lora starts a new one.
+        overrides = {"dit_lora": "none"} if cfg.fresh_dit_lora else None
+        self.model = UAE.from_pretrained(cfg.checkpoint, overrides=overrides, device=self.acc.device,
+                                         dtype=precision.frozen)
+        if getattr(self.model.decoder.pipe.transformer, "peft_config", None):
+            logger.info("training the checkpoint's dit_lora further (fresh_dit_lora for a new one)")
+        parts = self.configure(self.model, cfg)
+        self.backend = UAEBackend(self.model, cfg.resolution, cfg.resolution)
+        self.paths = self.model.components
         # The encoder does not train: the held-out references' captions are made once, and their
         # conditioning kept at set-up, while the encoder is here (it is freed in `attach`).
-        return Setup(parts, make_optimizer(cfg, self.trainable),
-                     uae_evaluated(self.model, cfg, encoder_trains=False, keep_conditioning=True), self.paths,
-                     linked_parts=("SD3", "dit", "llm", "llm_lora", "llm_processor"))
+        return parts, dict(evaluated=uae_evaluated(self.model, cfg, encoder_trains=False, keep_conditioning=True),
+                           paths=self.paths, linked_parts=("SD3", "dit", "llm", "llm_lora", "llm_processor"))
+
+    def _setup_pipeline(self, precision) -> tuple[Parts, dict]:
+        """A diffusers SD3 / FLUX pipeline (--generator): a new LoRA on its transformer trains
+        (targets: the backend's, unless --lora_target_modules says otherwise); prompts are the
+        frozen --captioner's captions, conditioned by the pipeline's own text encoders (freed once
+        cached). Loaded through the runner's adapter (uae.unified.pipeline.PipelineAdapter) at the
+        held-out evaluation's settings, which evaluates the same transformer."""
+        cfg, acc = self.cfg, self.acc
+        self.adapter = PipelineAdapter(cfg.captioner, cfg.generator, evaluation_settings(cfg, acc.device,
+                                                                                         precision.frozen))
+        pipe = self.adapter.generator.pipe
+        self.backend = backend_for(pipe, cfg.resolution, cfg.resolution, f"--generator {cfg.generator}",
+                                   max_sequence_length=cfg.max_sequence_length)
+        if cfg.negative_prompt and self.backend.kind == "flux":
+            raise UAEError(f"--negative_prompt: {type(pipe).__name__} guides by its guidance embedding and takes no "
+                           "negative prompt; leave it unset")
+        pipe.vae.requires_grad_(False)
+        for name in self.backend.TEXT_ENCODERS:
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).requires_grad_(False)
+        default = list(cfg.lora_target_modules) == list(DIT_LORA_TARGETS)
+        targets = self.backend.lora_targets if default else cfg.lora_target_modules
+        parts = self.configure_transformer(pipe.transformer, cfg, targets)
+        self.paths = None
+        cap = self.adapter.captioner
+        if cap is not None:
+            self.caption_kwargs = caption_sampling(replace(cap.settings, max_new_tokens=cfg.max_new_tokens,
+                                                           temperature=cfg.temperature),
+                                                   cap.model.generation_config)[0]
+        manifest = {"model": "pipeline", "generator": cfg.generator, "captioner": cfg.captioner,
+                    "generator_lora": "generator_lora", "backend": self.backend.settings(),
+                    "negative_prompt": cfg.negative_prompt,
+                    "load_with": f"pipe.load_lora_weights('<this folder>/generator_lora'), or run_unibench.py --model "
+                                 f"pipeline --generator {cfg.generator} --generator_lora <this folder>/generator_lora"}
+        evaluated = Evaluated(self.adapter, cap.processor.tokenizer if cap else None, encoder_trains=False,
+                              keep_conditioning=lambda texts: self.adapter.generator.keep_conditioning(
+                                  texts, lambda t: self.backend.call_kwargs(self.backend.encode([t], cfg.negative_prompt)[0])))
+        return parts, dict(evaluated=evaluated, paths=None, manifest=manifest)
 
     def attach(self, prepared: Prepared) -> None:
         self.policy, self.optimizer = prepared.modules["dit"], prepared.optimizer
-        # The encoder is frozen and its work is done (the held-out evaluation has its conditioning
-        # too): the DiT's conditioning comes from the cache.
-        self.model.encoder = None
+        # The captioner / encoder and the text encoders are frozen and their work is done (the
+        # held-out evaluation has its conditioning too): the conditioning comes from the cache.
+        if self.cfg.model == "pipeline":
+            self.adapter.captioner = None
+            self.backend.free_text_encoders()
+        else:
+            self.model.encoder = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     CAPTION_SETTINGS = "captions.settings.json"
 
+    def _captioner_fingerprint(self) -> str:
+        """What the captions' model is: UAE's encoder files (path, size, mtime: a stage 2 that
+        trained further rewrites them), or the captioner's files (a folder's weights, or the hub
+        revision it was loaded at) and its instruction."""
+        if self.cfg.model == "pipeline":
+            cap = self.adapter.captioner
+            if cap is None:
+                return "none: the data's captions"
+            return fingerprint(cap.source, getattr(cap.model.config, "_commit_hash", None),
+                               cap.settings.caption_instruction, self.caption_kwargs, files=weight_files(cap.source))
+        paths = self.paths
+        files = weight_files(paths.llm) + (weight_files(paths.llm_lora) if paths.llm_lora else [])
+        return fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, files=files)
+
     def _caption_settings(self) -> dict:
-        """What the stage's prompts depend on: the encoder's files (path, size, mtime: a stage 2 that
-        trained further rewrites them), the sampling settings, the references and, with
-        `use_data_captions`, the data's captions. Not the number of processes: each reference is
-        captioned alone with the seed, whichever process does it."""
-        cfg, paths = self.cfg, self.paths
-        files = list(Path(paths.llm).glob("*.safetensors")) + \
-            (list(Path(paths.llm_lora).glob("*.safetensors")) if paths.llm_lora else [])
+        """What the stage's prompts depend on: the captioning model (`_captioner_fingerprint`), the
+        sampling settings, the references and, with `use_data_captions`, the data's captions. Not
+        the number of processes: each reference is captioned alone with the seed, whichever process
+        does it."""
+        cfg = self.cfg
         given = [r.caption or "" for r in self.refs] if cfg.use_data_captions else []
-        return {"encoder": fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, files=files),
+        return {"encoder": self._captioner_fingerprint(),
                 "seed": cfg.seed, "temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens,
                 "use_data_captions": cfg.use_data_captions, "data": str(cfg.data),
                 "references": content_key("\n".join(r.key for r in self.refs).encode()),
@@ -329,8 +452,7 @@ class U4GRecipe:
         # One image a call (each is captioned alone with the seed either way): the bar moves per image,
         # and the token bar below it within each caption.
         for i in tqdm(mine, desc="captioning references", unit="image", disable=not show):
-            generated[i] = self.model.encoder.caption([refs[i].image], max_new_tokens=cfg.max_new_tokens,
-                                                      temperature=cfg.temperature, seed=cfg.seed, progress=show)[0]
+            generated[i] = self._caption(refs[i].image, show)
         for part in gather_object([generated]):  # every process gets every process's captions
             generated.update(part)
         caps = [r.caption if (cfg.use_data_captions and r.caption) else generated[i] for i, r in enumerate(refs)]
@@ -341,35 +463,53 @@ class U4GRecipe:
             atomic_write_json(path.with_name(self.CAPTION_SETTINGS), settings)
         return caps
 
+    def _caption(self, image, progress: bool) -> str:
+        """One reference's caption, alone, after the seed: by UAE's encoder or the pipeline's captioner."""
+        cfg = self.cfg
+        if cfg.model == "pipeline":
+            cap = self.adapter.captioner
+            return caption_images(cap.model, cap.processor, cap.inputs, [image], [cfg.seed], False, progress,
+                                  **self.caption_kwargs)[0]
+        return self.model.encoder.caption([image], max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                          seed=cfg.seed, progress=progress)[0]
+
+    def _conditioning_namespace(self, dtype) -> str:
+        """What a caption's conditioning depends on besides the caption: UAE's LLM files (its
+        `embed_pair`), or the pipeline's text encoders and tokenizers (a folder's files, or the hub
+        revision), its prompt length and the negative prompt."""
+        cfg = self.cfg
+        if cfg.model == "pipeline":
+            pipe, backend = self.adapter.generator.pipe, self.backend
+            files = [f for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                                    "tokenizer_3") for f in weight_files(Path(cfg.generator) / name, "*")]
+            revision = [getattr(getattr(getattr(pipe, n, None), "config", None), "_commit_hash", None)
+                        for n in backend.TEXT_ENCODERS]
+            return "prompts-" + fingerprint(cfg.generator, revision, backend.kind, backend.max_sequence_length,
+                                            cfg.negative_prompt, str(dtype), files=files)
+        paths = self.paths
+        files = weight_files(paths.llm) + (weight_files(paths.llm_lora) if paths.llm_lora else [])
+        return "prompts-" + fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, str(dtype), "backend.encode",
+                                        files=files)
+
     def _embed_captions(self, dtype):
-        """Every caption's conditioning (`embed_pair`), computed once into a disk cache keyed by the
-        encoder's files and settings and by the caption itself: a rerun or a resume reads it back,
-        and the encoder can be freed for the run."""
-        cfg, acc, paths = self.cfg, self.acc, self.paths
+        """Every caption's conditioning (the backend's `encode`), computed once into a disk cache
+        keyed by what it depends on (`_conditioning_namespace`) and by the caption itself: a rerun
+        or a resume reads it back, and the encoder / text encoders can be freed for the run."""
+        cfg, acc = self.cfg, self.acc
         root = Path(cfg.cache_dir) if cfg.cache_dir else self.run.out / "cache"
-        files = list(Path(paths.llm).glob("*.safetensors")) + \
-            (list(Path(paths.llm_lora).glob("*.safetensors")) if paths.llm_lora else [])
-        ns = "prompts-" + fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, str(dtype), "embed_pair",
-                                      files=files)
-        cache = DiskCache(root, ns)
+        cache = DiskCache(root, self._conditioning_namespace(dtype))
         mine = sorted(set(self.captions))[acc.process_index::acc.num_processes]
         todo = [c for c in mine if not cache.has(content_key(c.encode()))]
         with torch.no_grad():
             for c in tqdm(todo, desc="caching prompt embeddings", disable=not todo or not acc.is_local_main_process):
-                pos, neg = self.model.encoder.embed_pair(c)
-                cache.put(content_key(c.encode()), {"pos": pos[0], "neg": neg[0]})
+                [cond] = self.backend.encode([c], cfg.negative_prompt)
+                cache.put(content_key(c.encode()), cond)
         acc.wait_for_everyone()
         return cache
 
-    def _pair(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        d = self.prompt_cache.get(content_key(caption.encode()))
-        return d["pos"][None].to(self.acc.device), d["neg"][None].to(self.acc.device)
-
-    def _condition(self, pos: torch.Tensor, neg: torch.Tensor) -> dict:
-        """The backend's conditioning of a batch from its cached [negative, positive] states: UAE's one
-        pooled vector (of the empty prompt) for both branches."""
-        pooled = self.model.decoder.pooled.to(pos.device).expand(pos.shape[0], -1)
-        return {"pos": pos, "neg": neg, "pooled": pooled, "neg_pooled": pooled}
+    def _conditioning(self, caption: str) -> dict:
+        """A caption's cached conditioning (batch dimension 1), on the device."""
+        return {k: v.to(self.acc.device) for k, v in self.prompt_cache.get(content_key(caption.encode())).items()}
 
     def begin(self, start: int) -> None:
         """Nothing to build: an iteration's prompts and randomness are functions of (seed, iteration)."""
@@ -384,8 +524,8 @@ class U4GRecipe:
         dev = acc.device
         with phase("sampling"):
             # Each prompt's conditioning as at inference, from the cache (the encoder is frozen).
-            pairs = {p: self._pair(self.captions[p]) for p in dict.fromkeys(mine)}
-        length = lambda j: pairs[mine[j]][0].shape[1]  # noqa: E731  (local sample -> conditioning length)
+            conds = {p: self._conditioning(self.captions[p]) for p in dict.fromkeys(mine)}
+        length = lambda j: self.backend.length(conds[mine[j]])  # noqa: E731  (local sample -> conditioning length)
         # Rollouts in chunks of sample_batch_size samples of one conditioning length; each chunk's
         # reward runs in a worker thread while the next chunk samples. Each rollout's noise is a
         # function of (seed, iteration, global sample index): the same whatever the chunking or the
@@ -397,7 +537,7 @@ class U4GRecipe:
         for local in same_length_batches(list(range(share.size)), length, cfg.sample_batch_size):
             idx = [mine[j] for j in local]
             with phase("sampling"):
-                cond = self._condition(*(torch.cat([pairs[p][k] for p in idx]) for k in (0, 1)))
+                cond = self.backend.batch([conds[p] for p in idx])
                 chunk_gens = [gens[j] for j in local]
                 latents = self.backend.initial_latents(chunk_gens)  # each sample's own generator, in fp32
                 final, record = sample_trajectory(self.backend, self.dit, latents, self.sched, cond,
@@ -421,7 +561,7 @@ class U4GRecipe:
         all_rewards, adv = gathered_advantages(acc, scores["total"], share, cfg, unbiased=False)
         mys = slice(share.offset, share.offset + share.size)
         with phase("train"):
-            tr = Transitions.of(chunks, [pairs[p] for p in mine], adv.values[mys], adv.keep[mys])
+            tr = Transitions.of(chunks, [conds[p] for p in mine], adv.values[mys], adv.keep[mys])
             stats = self.train_on(it, tr, adv.keep, share.offset)
         values = iteration_metrics(acc, all_rewards, scores, adv, phase)
         values.update(sde_window_start=window[0] if window else 0, **stats)
@@ -497,7 +637,7 @@ class U4GRecipe:
         """PPO-clip (+ beta x Flow-GRPO's KL) of samples `b` at their k-th recorded step."""
         cfg = self.cfg
         sigmas, i = self.sched.sigmas, tr.steps[k]
-        cond = self._condition(*(torch.cat([tr.conditioning[j][m] for j in b]) for m in (0, 1)))
+        cond = self.backend.batch([tr.conditioning[j] for j in b])
         x, x_next, old = tr.latents[k][b], tr.next_latents[k][b], tr.log_probs[k][b]
         t = self.sched.timesteps[i].to(x.device)
         velocity = self.backend.velocity
@@ -534,7 +674,13 @@ class U4GRecipe:
         loss_curve(records, self.run.out / "curves.png", f"Unified-GRPO {self.cfg.stage}", keys=("reward_mean", "kl"))
 
     def write_trained(self, final) -> None:
-        save_dit_lora(self.acc.unwrap_model(self.policy), final / "dit_lora")
+        """UAE: final/dit_lora in the release's PEFT format; a pipeline: final/generator_lora in
+        diffusers' format (`pipe.load_lora_weights`)."""
+        dit = self.acc.unwrap_model(self.policy)
+        if self.cfg.model == "pipeline":
+            self.backend.save_lora(dit, final / "generator_lora")
+        else:
+            save_dit_lora(dit, final / "dit_lora")
 
     def close(self) -> None:
         self.pool.shutdown()

@@ -116,6 +116,20 @@ class FlowBackend:
         type(self.pipe).save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(transformer),
                                           transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict())
 
+    TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+
+    def free_text_encoders(self) -> None:
+        """Drop the pipeline's text encoders (once every prompt's conditioning is cached: stage 3
+        needs only the transformer and the VAE; at full size T5-XXL alone is ~9 GB)."""
+        for name in self.TEXT_ENCODERS:
+            if getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+
+    def call_kwargs(self, cond: dict) -> dict:
+        """The pipeline's own __call__ arguments for a conditioning (`encode`'s): the pipeline then
+        generates from it without its text encoders."""
+        raise NotImplementedError
+
     def settings(self) -> dict:
         return {"backend": self.kind, "pipeline": type(self.pipe).__name__, "height": self.height,
                 "width": self.width, "max_sequence_length": self.max_sequence_length,
@@ -160,6 +174,10 @@ class SD3Backend(FlowBackend):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self.pipe.vae, latents)
+
+    def call_kwargs(self, cond: dict) -> dict:
+        return {"prompt_embeds": cond["pos"], "negative_prompt_embeds": cond["neg"],
+                "pooled_prompt_embeds": cond["pooled"], "negative_pooled_prompt_embeds": cond["neg_pooled"]}
 
 
 class FluxBackend(FlowBackend):
@@ -220,6 +238,9 @@ class FluxBackend(FlowBackend):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         unpacked = self.pipe._unpack_latents(latents, self.height, self.width, self.pipe.vae_scale_factor)
         return decode_latents(self.pipe.vae, unpacked)
+
+    def call_kwargs(self, cond: dict) -> dict:
+        return {"prompt_embeds": cond["pos"], "pooled_prompt_embeds": cond["pooled"]}
 
 
 class UAEBackend(SD3Backend):

@@ -30,4 +30,6 @@ class DiskCache:
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
         from safetensors.torch import save
 
-        atomic_write_bytes(self.path(key), save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        # Each entry its own copy: safetensors refuses entries that share memory (a conditioning whose
+        # two branches hold one pooled vector).
+        atomic_write_bytes(self.path(key), save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}))

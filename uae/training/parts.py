@@ -41,12 +41,13 @@ def train_dit(dit, lora_only: bool = True) -> list[torch.nn.Parameter]:
     return [p for p in dit.parameters() if p.requires_grad]
 
 
-def ensure_dit_lora(dit, cfg) -> None:
-    """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one from the config
-    (none on the modules whose output never reaches the image)."""
+def ensure_dit_lora(dit, cfg, targets=None) -> None:
+    """The DiT's LoRA: the checkpoint's dit_lora when it has one, else a new one of the config's
+    rank and alpha on `targets` (default the config's lora_target_modules), none on the modules
+    whose output never reaches the image."""
     from peft import LoraConfig  # peft takes seconds to import: only where a LoRA is made
 
     if not getattr(dit, "peft_config", None):
         add_dit_lora(dit, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                     target_modules=list(cfg.lora_target_modules),
+                                     target_modules=list(targets or cfg.lora_target_modules),
                                      exclude_modules=unreachable_modules(dit)))

@@ -489,6 +489,11 @@ class Run:
                 manifest = {**setup.manifest, "trained_by": recipe.trained_by, "config": self.config_dict}
                 write_final(tmp, setup.paths, self.cfg.link_unchanged, setup.linked_parts, manifest)
                 recipe.write_trained(tmp)
-            logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+            if setup.paths is not None:
+                logger.info("wrote %s (official layout: demo.py --checkpoint %s)", final, final)
+            else:  # not a UAE checkpoint: the manifest says how to load what trained
+                logger.info("wrote %s (load with: %s)", final,
+                            str(setup.manifest.get("load_with", "see its uae_checkpoint.json")).replace(
+                                "<this folder>", str(final)))
         acc.wait_for_everyone()
         return final

@@ -167,7 +167,7 @@ def all_tiny(spec: str, checkpoint: str | None, captioner: str | None, generator
     """Whether every model that `--model spec` loads is an embedded random one (then scorer weights
     `auto` are the tiny ones)."""
     sources = model_sources(spec, checkpoint, captioner, generator)
-    return bool(sources) and all(s == "tiny" for s in sources)
+    return bool(sources) and all(s in ("tiny", "tiny-flux") for s in sources)
 
 
 def captioning_side(model, setting: str):

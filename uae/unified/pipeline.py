@@ -74,6 +74,7 @@ class DiffusersGenerator:
         pipe.to(settings.device)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
+        self.kept: dict[str, dict] = {}  # text -> its prompt embeddings as call arguments (keep_conditioning)
         params = inspect.signature(pipe.__call__).parameters
         accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
         if "prompt" not in params or "generator" not in params:
@@ -97,10 +98,24 @@ class DiffusersGenerator:
         if self.not_applicable:
             logger.info("%s does not take %s: not applied", type(pipe).__name__, ", ".join(self.not_applicable))
 
+    def keep_conditioning(self, texts: Sequence[str], embed) -> None:
+        """Keep each text's prompt embeddings, `embed(text)`: the pipeline's own __call__ arguments
+        (prompt_embeds, pooled_prompt_embeds, ...; uae.rl.flow_backends' call_kwargs). `generate` of
+        these texts then calls the pipeline with them instead of the prompt, and needs no text
+        encoder (stage 3 frees them). The same images."""
+        for t in texts:
+            if t not in self.kept:
+                self.kept[t] = embed(t)
+
     @torch.no_grad()
     def generate(self, texts: Sequence[str], seeds: Sequence[int]) -> list:
         texts, seeds = list(texts), list(seeds)
         images: list = [None] * len(texts)
+        if self.kept and all(t in self.kept for t in texts):  # one call per image, from its kept embeddings
+            for i, (text, seed) in enumerate(zip(texts, seeds)):
+                images[i] = self.pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="pil",
+                                      **self.kept[text], **self.run_args, **self.call_kwargs).images[0]
+            return images
         for idx, _ in seed_groups(len(texts), seeds, self.settings.dit_batching):  # each image: its own generator
             gens = [torch.Generator("cpu").manual_seed(seeds[i]) for i in idx]
             out = self.pipe(prompt=[texts[i] for i in idx], generator=gens if len(gens) > 1 else gens[0],
