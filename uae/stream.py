@@ -142,16 +142,17 @@ def decode_sample(sample: dict, need_caption: bool = True) -> Decoded:
 def raw_samples(shards: list[str]) -> Iterator[dict]:
     """The samples of these shards, in order, through the webdataset library; a tar that cannot be
     read is an error naming it (a truncated shard is not a bad sample but a bad file)."""
-    def fail(exn):
-        raise UAEError(f"webdataset shard {exn.args[-1] if exn.args else '?'} cannot be read ({exn.args[0]}): "
+    def fail(exn):  # webdataset appends the shard's url to the exception's args
+        reason = getattr(exn, "strerror", None) or (exn.args[0] if exn.args else type(exn).__name__)
+        raise UAEError(f"webdataset shard {exn.args[-1] if exn.args else '?'} cannot be read ({reason}): "
                        "rewrite or remove it") from None
     return iter(wds.tarfile_to_samples(handler=fail)([{"url": s} for s in shards]))
 
 
 @dataclass
 class BadCounter:
-    """Bad samples of one stream, counted as they pass; `check` raises when their share passes the
-    threshold once `check_after` samples were seen."""
+    """Bad samples of one stream, counted as they pass; `error` is the message once their share
+    passes `max_fraction` after `check_after` samples were seen."""
 
     source: str
     max_fraction: float = MAX_BAD_FRACTION

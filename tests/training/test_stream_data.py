@@ -149,6 +149,12 @@ def test_bad_share_past_the_threshold_is_one_line_naming_data_count_and_setting(
     assert "--max_bad_fraction" in err and "share over 0.2" in err
 
 
+def test_a_shard_that_does_not_read_is_an_error_naming_it(tmp_path):
+    (tmp_path / "000000.tar").write_bytes(b"not a tar archive")
+    with pytest.raises(UAEError, match=r"webdataset shard .*000000.tar cannot be read \(.+\): rewrite or remove it"):
+        list(raw_samples(shard_files(tmp_path)))
+
+
 def sft(ckpt, data, out, *extra):
     return train_sft.main([str(a) for a in ["--config", "configs/sft/tiny.yaml", "--checkpoint", ckpt, "--data", data,
                                             "--output_dir", out, "--validation_steps", 0, *extra]])
