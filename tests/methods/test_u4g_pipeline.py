@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REFS, ROOT, read_metrics, timeless
 
@@ -46,7 +47,8 @@ def _plain(generator):
     return pipe
 
 
-@pytest.mark.parametrize("generator", GENERATORS)
+# FLUX's run is slow (~50 s on 2 cores): the fast tier trains the SD3 one.
+@pytest.mark.parametrize("generator", ["tiny", pytest.param("tiny-flux", marks=pytest.mark.slow)])
 def test_the_trained_lora_loads_into_plain_diffusers_and_changes_the_images(generator, tmp_path, capsys):
     out = tmp_path / "run"
     # Captioned by the tiny captioner; a larger learning rate so that 2 iterations move the images.
@@ -69,6 +71,29 @@ def test_the_trained_lora_loads_into_plain_diffusers_and_changes_the_images(gene
     trained = _images(pipe)
     assert np.abs(trained - base).mean() > 0.5, np.abs(trained - base).mean()  # levels of 0..255
 
+    # uae-export fuses it into the transformer: a plain pipeline folder, the same images without a LoRA.
+    from uae.apps import export, gen_bench
+    from uae.unified.pipeline import load_text_to_image
+
+    assert export.main(["--checkpoint", str(final), "--output_dir", str(tmp_path / "exported")]) == 0
+    fused = load_text_to_image(str(tmp_path / "exported"), torch.float32, "--generator")
+    fused.set_progress_bar_config(disable=True)
+    assert not getattr(fused.transformer, "peft_config", None)
+    assert np.abs(_images(fused) - trained).max() < 1.0  # the fuse's rounding only
+
+    # uae-gen-bench --model pipeline --generator_lora: GenEval's layout, other images than the base's.
+    meta = tmp_path / "meta.jsonl"
+    meta.write_text(json.dumps({"tag": "single_object", "include": [{"class": "cube", "count": 1}],
+                                "prompt": "a photo of a cube"}) + "\n")
+    for name, extra in (("bench_with", ["--generator_lora", final / "generator_lora"]), ("bench_without", [])):
+        assert gen_bench.main([str(a) for a in ["--benchmark", "geneval", "--prompts", meta, "--output_dir",
+                                                tmp_path / name, "--model", "pipeline", "--generator", generator,
+                                                "--images_per_prompt", 1, "--steps", 2, "--height", 64, "--width",
+                                                64, *extra]]) == 0
+    a, b = (np.asarray(Image.open(tmp_path / n / "00000" / "samples" / "00000.png"), dtype=np.float64)
+            for n in ("bench_with", "bench_without"))
+    assert np.abs(a - b).mean() > 0.5
+
     # The runner loads it too (--generator_lora) and generates other images than without it.
     from uae.apps import unibench
 
@@ -80,8 +105,6 @@ def test_the_trained_lora_loads_into_plain_diffusers_and_changes_the_images(gene
         assert unibench.main([str(a) for a in ["--model", "pipeline", "--generator", generator, "--captions_from", caps,
                                                "--ref_path", REFS, "--output_dir", tmp_path / name, "--steps", 2,
                                                "--height", 64, "--width", 64, "--scorer_weights", "tiny", *extra]]) == 0
-    from PIL import Image
-
     moved = [np.abs(np.asarray(Image.open(tmp_path / "with" / "recon" / p.name), dtype=np.float64)
                     - np.asarray(Image.open(p), dtype=np.float64)).mean()
              for p in (tmp_path / "without" / "recon").iterdir()]
@@ -161,3 +184,11 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, tiny_ckpt):
 
     assert train_grpo.main(["--config", "tiny_u4g", "--generator", "tiny", "--output_dir", str(tmp_path / "u")]) != 0
     assert "--model pipeline's settings" in capsys.readouterr().err.strip().splitlines()[-1]
+    # uae-gen-bench: a pipeline needs --generator; --generator_lora is a pipeline's.
+    from uae.apps import gen_bench
+
+    common = ["--benchmark", "geneval", "--prompts", str(tmp_path / "m.jsonl"), "--output_dir", str(tmp_path / "g")]
+    for flags, message in ((["--model", "pipeline"], "give --generator"),
+                           (["--generator_lora", str(tmp_path)], "--model pipeline's")):
+        assert gen_bench.main(common + flags) != 0
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

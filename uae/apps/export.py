@@ -18,6 +18,11 @@ both captions and generates image tokens; a pipeline's captioner: its image-text
 with the source's processor files: `from_pretrained` and `--model janus --checkpoint DIR` load it.
 A full fine-tune's final/ (`--captioner_finetune full`: captioner/, already a plain folder) is saved
 again in the requested dtype.
+
+A stage-3 run of a diffusers pipeline (`train_grpo.py --stage u4g --model pipeline`: final/ holds
+generator_lora/ in diffusers' format) exports as that pipeline saved whole with the LoRA fused into
+its transformer: `DiffusionPipeline.from_pretrained(DIR)` and `--model pipeline --generator DIR` load
+it, with its images those of the pipeline + LoRA up to the rounding of the fuse.
 """
 
 from __future__ import annotations
@@ -296,6 +301,46 @@ def export_full_captioner(final: str, declared: dict, out: Path, requested: str,
     return out
 
 
+def generator_run(checkpoint: str) -> dict | None:
+    """The manifest of a stage-3 run of a diffusers pipeline (`train_grpo.py --stage u4g --model
+    pipeline`: its final/ holds generator_lora/ and a manifest naming the generator), or None."""
+    declared = run_manifest(checkpoint, f"--checkpoint {checkpoint}")
+    if not declared or declared.get("model") != "pipeline" or not declared.get("generator_lora"):
+        return None
+    return declared if (Path(checkpoint) / declared["generator_lora"]).is_dir() else None
+
+
+def export_generator(final: str, declared: dict, out: Path, requested: str, overwrite: bool) -> Path:
+    """OUT: the run's generator pipeline with its stage-3 LoRA fused into the transformer
+    (diffusers' `load_lora_weights`, `fuse_lora`, `unload_lora_weights`), saved whole by
+    `save_pretrained`: a plain pipeline folder that `DiffusionPipeline.from_pretrained` (and
+    `--model pipeline --generator OUT`) loads with no LoRA."""
+    from uae.unified.loading import GENERATOR_ADAPTER, load_generator_lora
+    from uae.unified.pipeline import load_text_to_image
+
+    source, lora = declared["generator"], str(Path(final) / declared["generator_lora"])
+    check_output(out, overwrite, [final] + ([source] if os.path.exists(source) else []))
+    transformer = Path(source) / "transformer"
+    out_dtype, work = export_dtype(requested, str(transformer)) if transformer.is_dir() else \
+        (DTYPE_NAMES.get(requested, torch.float32),) * 2
+    logger.info("pipeline: loading %s + LoRA %s in %s", source, lora, _dtype_name(work))
+    pipe = load_text_to_image(source, work, f"--checkpoint {final}: its generator")
+    load_generator_lora(pipe, lora, f"--checkpoint {final}: its {declared['generator_lora']}")
+    pipe.fuse_lora(components=["transformer"], adapter_names=[GENERATOR_ADAPTER])
+    pipe.unload_lora_weights()
+    _no_adapter_left(pipe.transformer, "transformer")
+    pipe.to(out_dtype)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp)
+        atomic_write_json(tmp / "uae_export.json", {"exported_by": "uae-export", "source": source,
+                                                     "merged": declared["generator_lora"],
+                                                     "from_run": str(Path(final).resolve()),
+                                                     "dtype": _dtype_name(out_dtype)})
+    logger.info("wrote %s: a plain %s folder (%s, the LoRA fused into its transformer)", out, type(pipe).__name__,
+                _dtype_name(out_dtype))
+    return out
+
+
 # ---------------------------------------------------------------------------- folder
 
 def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", overwrite: bool = False,
@@ -306,6 +351,9 @@ def export(checkpoint: str, out_dir: str | os.PathLike, *, dtype: str = "auto", 
     declared = captioner_run(checkpoint)
     if declared is not None:
         return export_captioner(checkpoint, declared, Path(out_dir), dtype, overwrite)
+    declared = generator_run(checkpoint)
+    if declared is not None:
+        return export_generator(checkpoint, declared, Path(out_dir), dtype, overwrite)
     paths = resolve_components(checkpoint)
     out = Path(out_dir)
     sources = [p for p in paths.as_dict().values() if p and os.path.exists(p)]

@@ -43,7 +43,8 @@ from uae.random_weights import resolve_checkpoint
 from uae.random_weights.unified import resolve as resolve_model
 from uae.unified.common import load_config
 from uae.unified.janus import JanusAdapter, janus_image_side
-from uae.unified.loading import apply_captioner_lora
+from uae.unified.loading import apply_captioner_lora, apply_generator_lora
+from uae.unified.pipeline import PipelineAdapter
 from uae.unified.protocol import RunSettings
 from uae.runtime import resolve_device, resolve_dtype
 
@@ -56,8 +57,8 @@ SEED_POLICY = ("image k (0-based) of prompt i (0-based) is generated alone with 
                "file names (a folder of <id>.txt)")
 DPG_MAX_IMAGES = 4  # compute_dpg_bench.py crops at most four cells: a 2x2 grid
 # What an existing output folder must have been made with for a rerun to add to it.
-RESUME_KEYS = ("benchmark", "prompts_sha256", "model", "checkpoint", "lora", "images_per_prompt", "seed", "steps",
-               "guidance_scale", "height", "width", "dit_batching", "dtype")
+RESUME_KEYS = ("benchmark", "prompts_sha256", "model", "checkpoint", "generator", "generator_lora", "lora",
+               "images_per_prompt", "seed", "steps", "guidance_scale", "height", "width", "dit_batching", "dtype")
 
 
 @dataclass
@@ -74,10 +75,17 @@ class GenBenchConfig(GenerationConfig):
                                            "\"prompt\"} (required)")
     output_dir: str | None = field(None, help="folder the images go to, in the benchmark's layout (required); a rerun "
                                               "skips what is complete")
-    model: str = field("uae", choices=("uae", "janus"),
-                       help="whose generator: uae (--checkpoint in UAE's layout) or janus (--checkpoint: Janus / "
+    model: str = field("uae", choices=("uae", "janus", "pipeline"),
+                       help="whose generator: uae (--checkpoint in UAE's layout), janus (--checkpoint: Janus / "
                             "Janus-Pro in transformers' layout; its images are the checkpoint's size, 384 for "
-                            "Janus-Pro, so --height / --width / --steps do not apply)")
+                            "Janus-Pro, so --height / --width / --steps do not apply) or pipeline (--generator: a "
+                            "diffusers text-to-image pipeline, e.g. one whose transformer stage 3 trained: "
+                            "--generator_lora)")
+    generator: str | None = field(None, help="--model pipeline: a diffusers text-to-image pipeline (hub id, folder, "
+                                             "tiny: SD3, tiny-flux: FLUX)")
+    generator_lora: str | None = field(None, help="--model pipeline: a LoRA of its transformer in diffusers' format (a "
+                                                  "stage-3 run's final/generator_lora: train_grpo.py --stage u4g "
+                                                  "--model pipeline), loaded as pipe.load_lora_weights loads it")
     checkpoint: str = field("tiny", help="uae: a folder in the official layout, a hub id (zhiyuanyan1/UAE), or 'tiny' "
                                          "for the embedded random checkpoint; janus: a Janus folder or hub id "
                                          "(deepseek-community/Janus-Pro-7B) or 'tiny'")
@@ -98,6 +106,13 @@ class GenBenchConfig(GenerationConfig):
                 raise UAEError(f"--{name} is required (e.g. --benchmark geneval --prompts "
                                "geneval/prompts/evaluation_metadata.jsonl --output_dir out/geneval)")
         super().__post_init__()
+        if self.model == "pipeline" and not self.generator:
+            raise UAEError("--model pipeline: give --generator (a diffusers text-to-image pipeline: hub id, folder, "
+                           "tiny or tiny-flux)")
+        if self.model != "pipeline" and (self.generator or self.generator_lora):
+            raise UAEError(f"--generator / --generator_lora: --model pipeline's; --model {self.model} generates with "
+                           "--checkpoint (a UAE's trained decoder LoRA lives in its checkpoint: --checkpoint "
+                           "<run>/final)")
         if self.lora and self.model != "janus":
             raise UAEError(f"--lora {self.lora}: a LoRA for --model janus; UAE's trained LoRAs live in its checkpoint "
                            "folder (--checkpoint <run>/final)")
@@ -327,6 +342,8 @@ def settings(cfg: GenBenchConfig, prompts: list[Prompt]) -> dict:
         "model": cfg.model,
         "checkpoint": str(ckpt.resolve()) if cfg.checkpoint != "tiny" and ckpt.exists() else cfg.checkpoint,
         "lora": str(Path(cfg.lora).resolve()) if cfg.lora else None,
+        "generator": cfg.generator,
+        "generator_lora": str(Path(cfg.generator_lora).resolve()) if cfg.generator_lora else None,
         "images_per_prompt": cfg.images_per_prompt,
         "seed": cfg.seed,
         "seed_policy": SEED_POLICY,
@@ -360,8 +377,9 @@ def janus_settings(cfg: GenBenchConfig) -> GenBenchConfig:
 
 
 def load_generator(cfg: GenBenchConfig, device: str):
-    """generate(texts, seeds) -> PIL images, image i from seeds[i] alone: UAE's, or Janus's with
-    --lora on the side(s) its run trained."""
+    """generate(texts, seeds) -> PIL images, image i from seeds[i] alone: UAE's, Janus's with --lora
+    on the side(s) its run trained, or a diffusers pipeline's with --generator_lora (at the run's
+    steps and guidance, each image its own CPU generator: uae.unified.pipeline)."""
     if cfg.model == "uae":
         model = UAE.from_pretrained(resolve_checkpoint(cfg.checkpoint), device=device, dtype=cfg.dtype,
                                     attn_implementation=cfg.attn_implementation, offload=cfg.offload)
@@ -369,6 +387,11 @@ def load_generator(cfg: GenBenchConfig, device: str):
     dev = resolve_device(device)
     settings = RunSettings(device=str(dev), dtype=str(resolve_dtype(cfg.dtype, dev)).removeprefix("torch."),
                            guidance_scale=cfg.guidance_scale, height=cfg.height, width=cfg.width)
+    if cfg.model == "pipeline":  # the runner's adapter and LoRA loader: every LoRA tensor must find its place
+        model = PipelineAdapter(None, cfg.generator, settings)
+        if cfg.generator_lora:
+            apply_generator_lora(model, cfg.generator_lora)
+        return model.generate
     model = JanusAdapter(cfg.checkpoint, settings)
     if cfg.lora:
         apply_captioner_lora(model, cfg.lora)
@@ -387,6 +410,8 @@ def run(cfg: GenBenchConfig) -> dict | None:
     out = writable_dir(cfg.output_dir, "--output_dir")
     if cfg.model == "janus":
         cfg = janus_settings(cfg)
+    if cfg.model == "pipeline":
+        cfg = dataclasses.replace(cfg, generator=resolve_model(cfg.generator, "generator"))
     manifest = settings(cfg, prompts)
     check_resumable(out, manifest)
     state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")

@@ -234,17 +234,28 @@ GENERATOR_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' LoRA form
 
 def apply_generator_lora(model, folder: str) -> None:
     """A generator LoRA in diffusers' format (stage 3 on a pipeline: train_grpo.py --stage u4g
-    --model pipeline, its final/generator_lora) onto the model under test's diffusers pipeline, as
-    `pipe.load_lora_weights(folder)` loads it. Every LoRA tensor of the file must find its place
-    (diffusers skips the keys it cannot place with a warning): else a one-line error."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
+    --model pipeline, its final/generator_lora) onto the model under test's diffusers pipeline
+    (`load_generator_lora`)."""
     setting = f"--generator_lora {folder}"
     pipe = getattr(getattr(model, "generator", None), "pipe", None)
     if pipe is None or not hasattr(pipe, "load_lora_weights"):
         raise UAEError(f"{setting}: {type(model).__name__} has no diffusers pipeline to load a LoRA onto (--model "
                        "pipeline --generator ...; UAE's decoder LoRA lives in its checkpoint: --checkpoint <run>/final)")
+    placed = load_generator_lora(pipe, folder, setting)
+    model.generator.lora = str(folder)
+    logger.info("%s: loaded into %s's transformer (%d tensors)", setting, type(pipe).__name__, placed)
+
+
+GENERATOR_ADAPTER = "generator_lora"  # the adapter name a loaded generator LoRA gets
+
+
+def load_generator_lora(pipe, folder: str, setting: str) -> int:
+    """`pipe.load_lora_weights(folder)` as adapter GENERATOR_ADAPTER, checked: every LoRA tensor of
+    the file must find its place (diffusers skips the keys it cannot place with a warning), else a
+    one-line error naming `setting`. Returns the number of LoRA tensors placed."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
     file = Path(folder) / GENERATOR_LORA_FILE
     if not file.is_file():
         raise UAEError(f"{setting}: no {GENERATOR_LORA_FILE} there (diffusers' LoRA format); give a stage-3 run's "
@@ -254,18 +265,17 @@ def apply_generator_lora(model, folder: str) -> None:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)
     try:
-        pipe.load_lora_weights(str(folder), adapter_name="generator_lora")
+        pipe.load_lora_weights(str(folder), adapter_name=GENERATOR_ADAPTER)
     except Exception as e:
         raise UAEError(f"{setting} does not fit {type(pipe).__name__} ({first_line(e)})") from None
     finally:
         quiet.setLevel(level)
-    placed = get_peft_model_state_dict(pipe.transformer, adapter_name="generator_lora") \
+    placed = get_peft_model_state_dict(pipe.transformer, adapter_name=GENERATOR_ADAPTER) \
         if getattr(pipe.transformer, "peft_config", None) else {}
     if len(placed) != len(saved):
         raise UAEError(f"{setting} does not fit {type(pipe).__name__}: {len(saved)} LoRA tensor(s) in the file, "
                        f"{len(placed)} placed in its transformer")
-    model.generator.lora = str(folder)
-    logger.info("%s: loaded into %s's transformer (%d tensors)", setting, type(pipe).__name__, len(placed))
+    return len(placed)
 
 
 def run_manifest(final: str | os.PathLike, setting: str) -> dict | None:
