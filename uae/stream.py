@@ -188,8 +188,9 @@ class BadCounter:
 
 def epoch_shards(shards: list[str], seed: int, epoch: int, part: int, parts: int) -> list[str]:
     """Part `part`'s shards in epoch `epoch`: its slice of a permutation seeded by (seed, epoch)."""
-    order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-    return [shards[i] for i in order][part::parts]
+    order = list(shards)
+    random.Random(f"shards-{seed}-{epoch}").shuffle(order)  # str seeds hash the same in every process
+    return order[part::parts]
 
 
 def part_samples(shards: list[str], seed: int, part: int, parts: int, shuffle_buffer: int,
