@@ -91,10 +91,13 @@ OTHER_SIZES = {
 }
 # Stage 3 on a diffusers pipeline's transformer (uae.rl.flow_backends), at the sizes of
 # configs/models/pipelines/<preset>.yaml, with stage 3's config (its LoRA rank on the backend's
-# targets, its rollouts): train_grpo.py --stage u4g --model pipeline --generator black-forest-labs/FLUX.1-dev. Kept
-# apart from SETTINGS, whose rows tests/test_readme.py matches to the README's launches.
+# targets, its rollouts): train_grpo.py --stage u4g --model pipeline --generator black-forest-labs/FLUX.1-dev
+# (the captioner is loaded at set-up only, to caption the references, and freed before training:
+# not counted). tests/test_readme.py matches launches to SETTINGS and PIPELINES rows.
 PIPELINES = {
-    "u4g FLUX.1-dev LoRA": ("u4g", "configs/grpo/u4g.yaml", {}, "flux1_dev"),
+    "u4g FLUX.1-dev LoRA": ("u4g", "configs/grpo/u4g.yaml",
+                            {"model": "pipeline", "generator": "black-forest-labs/FLUX.1-dev",
+                             "captioner": "Qwen/Qwen2.5-VL-3B-Instruct"}, "flux1_dev"),
 }
 ROWS = {**SETTINGS, **OTHER_SIZES, **{k: v[:3] for k, v in PIPELINES.items()}}
 # Janus-Pro's language models (DeepSeek-LLM 1.5B / 7B: Llama layers, untied output layer, bf16), as

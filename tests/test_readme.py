@@ -262,7 +262,7 @@ INPUTS = ("data", "eval_data", "input_img", "prompt_file", "ref_path", "image_pa
           "checkpoint", "captioner", "generator", "captioner_lora", "prompts", "sd3", "dit", "dit_lora", "llm",
           "llm_lora", "llm_processor", "model_args", "model", "resume_from_checkpoint")
 OUTPUTS = ("output_dir", "output_path", "output_file", "out", "json")
-NAMES = {"tiny", "sample", "none", "auto", "official", "uae", "janus", "pipeline"}
+NAMES = {"tiny", "tiny-flux", "sample", "none", "auto", "official", "uae", "janus", "pipeline"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
@@ -509,14 +509,14 @@ def launch_kind(launch) -> tuple[str, int]:
 
 def plan_rows(cfg) -> list[str]:
     """The plan's settings whose config matches `cfg` in everything a GPU holds."""
-    from memory_plan import SETTINGS
+    from memory_plan import PIPELINES, SETTINGS
 
     from uae.config import from_dict, read_yaml
     from uae.methods import METHODS
 
     stage = getattr(cfg, "stage", "sft")
     out = []
-    for name, (row_stage, path, extra) in SETTINGS.items():
+    for name, (row_stage, path, extra) in {**SETTINGS, **{k: v[:3] for k, v in PIPELINES.items()}}.items():
         if row_stage != stage or name not in PLAN["plans"]:
             continue
         row = from_dict(METHODS[stage].config,
