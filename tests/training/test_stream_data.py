@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 import train_sft
 from conftest import read_metrics, timeless, train_g4u
+from uae.apps.caption_data import main as caption_data
 from uae.data import center_crop_tensor, load_references, read_items, validate
 from uae.errors import UAEError
 from uae.stream import BadCounter, ShardStream, decode_sample, part_samples, raw_samples, shard_files
@@ -147,6 +148,22 @@ def test_bad_share_past_the_threshold_is_one_line_naming_data_count_and_setting(
     err = next(b["error"] for b in got if "error" in b)
     assert "\n" not in err and err.startswith("data test: 2 bad of 5 sample(s) seen")
     assert "--max_bad_fraction" in err and "share over 0.2" in err
+
+
+def test_the_shards_uae_caption_data_writes_stream(tmp_path):
+    fake = f"{ROOT / 'tests' / 'apps' / 'test_caption_data.py'}:FakeCaptioner"  # words from the pixels' hash
+    for i, fmt in enumerate(["jpg", "png", "webp", "jpg", "png"]):
+        (tmp_path / "images").mkdir(exist_ok=True)
+        (tmp_path / "images" / f"im{i}.{fmt}").write_bytes(image_bytes(i, fmt, (24, 16) if i % 2 else (16, 24)))
+    assert caption_data(["--input", str(tmp_path / "images"), "--output_dir", str(tmp_path / "shards"),
+                         "--captioner", fake, "--shard_size", "2", "--progress", "false"]) == 0
+    files = shard_files(tmp_path / "shards")
+    assert len(files) == 3
+    decoded = [decode_sample(s) for _, s in part_samples(files, seed=0, part=0, parts=1, shuffle_buffer=1, epochs=1)]
+    assert len(decoded) == 5 and all(d.problem is None and d.caption.startswith("w") for d in decoded)
+    got = batches(stream(files, batch_size=1, buckets=[(16, 16)]), 5)
+    assert sorted(b["caption"][0] for b in got) == sorted(d.caption for d in decoded)
+    assert len(load_references(str(tmp_path / "shards"))) == 5
 
 
 def test_a_shard_that_does_not_read_is_an_error_naming_it(tmp_path):
