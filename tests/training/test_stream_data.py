@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -224,6 +225,30 @@ def test_stage_2_reads_its_images_from_shards(tmp_path):
     assert train_g4u(out, "--data", tmp_path / "refs" / "{000000..000001}.tar", "--max_iterations", 1,
                      "--prompts_per_iteration", 2, "--group_size", 2) == 0
     assert len(read_metrics(out)) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_stream_their_own_shards_and_end_with_identical_weights(tiny_ckpt, tmp_path):
+    """torchrun, 2 CPU processes (gloo) x 2 dataloader workers, buckets: each rank's batches are of
+    its own parts (and may be of another bucket than the other rank's); DDP keeps the weights equal."""
+    write_shards(tmp_path / "data", 4, 4)
+    out = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), ROOT / "tests" / "ddp_worker.py", "sft", out, tiny_ckpt,
+           tmp_path / "data" / "*.tar", "--max_train_steps", 2, "--train_batch_size", 1,
+           "--dataloader_num_workers", 2, "--bucketing", "--bucket_step", 16]
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True)["params"] for r in range(2))
+    assert r0 and all(torch.equal(x, y) for x, y in zip(r0, r1))
+    assert read_metrics(out)[-1]["samples_read"] >= 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _sft_process(ckpt, data, out, log: Path, *extra) -> subprocess.Popen:
