@@ -45,7 +45,8 @@ from uae.models.encoder import PROJECTOR_FILE, UAEEncoder
 from uae.models.layout import MANIFEST, resolve_components
 from uae.random_weights import resolve_checkpoint
 from uae.runtime import stored_dtype
-from uae.unified.loading import model_kind, run_manifest
+from uae.unified.loading import GENERATOR_ADAPTER, load_generator_lora, model_kind, run_manifest
+from uae.unified.pipeline import load_text_to_image
 
 logger = logging.getLogger("uae.apps.export")
 
@@ -315,9 +316,6 @@ def export_generator(final: str, declared: dict, out: Path, requested: str, over
     (diffusers' `load_lora_weights`, `fuse_lora`, `unload_lora_weights`), saved whole by
     `save_pretrained`: a plain pipeline folder that `DiffusionPipeline.from_pretrained` (and
     `--model pipeline --generator OUT`) loads with no LoRA."""
-    from uae.unified.loading import GENERATOR_ADAPTER, load_generator_lora
-    from uae.unified.pipeline import load_text_to_image
-
     source, lora = declared["generator"], str(Path(final) / declared["generator_lora"])
     check_output(out, overwrite, [final] + ([source] if os.path.exists(source) else []))
     transformer = Path(source) / "transformer"
