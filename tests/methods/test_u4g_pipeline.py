@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import REFS, ROOT, read_metrics, timeless
+from rewards import TargetImageReward
 
 GENERATORS = ["tiny", "tiny-flux"]
 STEPS = 4  # denoising steps of the images compared
@@ -111,22 +112,16 @@ def test_the_trained_lora_loads_into_plain_diffusers_and_changes_the_images(gene
     assert len(moved) == len(list(REFS.iterdir())) and min(moved) > 0.5, moved
 
 
-class TargetImageReward:
-    """Similarity of each image to one fixed target (pixels): a toy reward stage 3 can raise."""
-
-    def __init__(self, value: float):
-        self.value = value
-
-    def __call__(self, images, keys, references, prompts):
-        return [float(-(im.float() - self.value).abs().mean()) for im in images]
-
-
-@pytest.mark.slow  # measured ~40 s per generator on 2 cores
-@pytest.mark.parametrize("generator", GENERATORS)
-def test_a_toy_reward_rises(generator, tmp_path):
+@pytest.mark.slow  # measured ~1.5 s (SD3) / ~2 s (FLUX) per iteration on 2 cores
+@pytest.mark.parametrize("generator, iterations", [("tiny", 60), ("tiny-flux", 30)])
+def test_a_toy_reward_rises(generator, iterations, tmp_path):
+    """Reward = similarity to a white image. The tiny SD3's reward rises more slowly (measured: +0.010
+    in 30 iterations against a within-batch std of 0.004; FLUX passed at 30)."""
     out = tmp_path / "learn"
-    assert u4g(out, generator, "--use_data_captions", "--max_steps", 30, "--learning_rate", 0.01, "--group_size", 8,
-               "--sample_batch_size", 8, "--noise_level", 1.0, "--beta", 0, reward=TargetImageReward(1.0)) == 0
+    white = torch.full((3, 64, 64), 255, dtype=torch.uint8)
+    assert u4g(out, generator, "--use_data_captions", "--max_steps", iterations, "--learning_rate", 0.03,
+               "--group_size", 8, "--sample_batch_size", 8, "--noise_level", 1.0, "--beta", 0,
+               reward=TargetImageReward(white)) == 0
     rec = read_metrics(out)
     first = np.mean([r["reward_mean"] for r in rec[:5]])
     last = np.mean([r["reward_mean"] for r in rec[-5:]])
