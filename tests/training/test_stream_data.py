@@ -178,7 +178,7 @@ def sft(ckpt, data, out, *extra):
                                             "--output_dir", out, "--validation_steps", 0, *extra]])
 
 
-def test_train_sft_trains_from_shards(tiny_ckpt, tmp_path):
+def test_train_sft_trains_from_shards(tiny_ckpt, tmp_path, capsys):
     write_shards(tmp_path / "data", 2, 4)
     out = tmp_path / "run"
     assert sft(tiny_ckpt, tmp_path / "data" / "{000000..000001}.tar", out, "--max_train_steps", 2, "--bucketing",
@@ -188,6 +188,11 @@ def test_train_sft_trains_from_shards(tiny_ckpt, tmp_path):
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert len(changed) > len(before) // 2, changed
     assert read_metrics(out)[-1]["samples_read"] >= 4
+    # Streamed, the worker count decides the order: a resume with another one is refused.
+    assert sft(tiny_ckpt, tmp_path / "data" / "{000000..000001}.tar", out, "--max_train_steps", 3, "--bucketing",
+               "--bucket_step", 16, "--checkpointing_steps", 0, "--dit_mode", "full", "--resume_from_checkpoint",
+               "latest", "--dataloader_num_workers", 1) != 0
+    assert "dataloader_num_workers 0 -> 1" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_train_sft_stops_with_one_line_when_bad_share_passes(tiny_ckpt, tmp_path, capsys):

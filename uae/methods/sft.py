@@ -94,6 +94,12 @@ class SFTConfig(TrainConfig):
     validation_guidance_scale: float = field(5.0, min=0, help="CFG of validation images", run_only=True)
     dataloader_num_workers: int = field(0, min=0, help="DataLoader workers", run_only=True)
 
+    def extra_result_settings(self) -> list[str]:
+        """Settings that change what this run trains only for some data: streamed shards' batches come
+        from the parts of processes x dataloader workers in turn (uae.stream), so a resume with
+        another worker count would read another order."""
+        return ["dataloader_num_workers"] if is_shards(self.data) else []
+
     def __post_init__(self):
         super().__post_init__()
         if self.cache_text and self.text_padding != "max_length":

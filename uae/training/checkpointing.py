@@ -95,10 +95,10 @@ def run_contents(out: Path) -> list[str]:
 def changed_settings(cfg, before: dict, now: dict) -> list[str]:
     """The settings that change what the run trains and differ between the record `before` (a
     checkpoint's or config.yaml's resolved config) and `now`, as 'name old -> new'. Settings a
-    config marks `run_only` may change; so may max_steps, unless a decaying learning-rate schedule
-    is stretched by it. A setting the record does not hold (written by an older version) is not
+    config marks `run_only` may change (unless its `extra_result_settings()` names them for this
+    run); so may max_steps, unless a decaying learning-rate schedule is stretched by it. A setting the record does not hold (written by an older version) is not
     compared."""
-    names = result_settings(cfg)
+    names = result_settings(cfg) + list(getattr(cfg, "extra_result_settings", list)())
     if not str(getattr(cfg, "lr_scheduler", "constant")).startswith("constant"):
         names.append("max_steps")
     return [f"{n} {before[n]!r} -> {now[n]!r}" for n in names if n in before and before[n] != now[n]]
