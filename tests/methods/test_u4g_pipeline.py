@@ -63,6 +63,9 @@ def test_the_trained_lora_loads_into_plain_diffusers_and_changes_the_images(gene
     assert len(captions) == len(list(REFS.iterdir())) and all(captions)
     rec = read_metrics(out)
     assert [r["step"] for r in rec if "eval/overall" in r] == [0, 2]  # evaluated from the kept conditioning
+    # The training forward recomputes the rollout's log-probs exactly: the first update's ratio is 1.
+    assert all(r["first_ratio_min"] == r["first_ratio_max"] == 1.0 for r in rec if "first_ratio_min" in r)
+    assert len([r for r in rec if "first_ratio_min" in r]) == 2
 
     base = _images(_plain(generator))
     pipe = _plain(generator)
