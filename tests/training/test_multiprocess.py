@@ -148,8 +148,8 @@ def test_two_processes_train_the_weights_of_one(tiny_ckpt, pairs, tmp_path, stag
     noise flips the sign; SFT's larger epsilon keeps the comparison about the gradients.)"""
     a = launch(1, stage, tmp_path / "one", tiny_ckpt, pairs, *one)[0]
     b = launch(2, stage, tmp_path / "two", tiny_ckpt, pairs, *two)[0]
-    # The first iteration's advantages come before any step: the same rewards, to batching's rounding.
-    assert torch.allclose(a["advantages"][0], b["advantages"][0], atol=1e-4)
+    if stage != "sft":  # the first iteration's advantages come before any step: the same, to batching's rounding
+        assert torch.allclose(a["advantages"][0], b["advantages"][0], atol=1e-4)
     assert _max_diff(a["params"], b["params"]) < tol   # float noise of batching and all-reduce order only
     moved = max(float(p.abs().max()) for p in a["params"])
     assert moved > 50 * tol  # the weights moved far more than that noise
