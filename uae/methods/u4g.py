@@ -337,9 +337,8 @@ class U4GRecipe:
             raise UAEError(f"--negative_prompt: {type(pipe).__name__} guides by its guidance embedding and takes no "
                            "negative prompt; leave it unset")
         pipe.vae.requires_grad_(False)
-        for name in self.backend.TEXT_ENCODERS:
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).requires_grad_(False)
+        for encoder in self.backend.text_encoders().values():
+            encoder.requires_grad_(False)
         default = list(cfg.lora_target_modules) == list(DIT_LORA_TARGETS)
         targets = self.backend.lora_targets if default else cfg.lora_target_modules
         parts = self.configure_transformer(pipe.transformer, cfg, targets)
@@ -385,8 +384,12 @@ class U4GRecipe:
             return fingerprint(cap.source, getattr(cap.model.config, "_commit_hash", None),
                                cap.settings.caption_instruction, self.caption_kwargs, files=weight_files(cap.source))
         paths = self.paths
-        files = weight_files(paths.llm) + (weight_files(paths.llm_lora) if paths.llm_lora else [])
-        return fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, files=files)
+        return fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, files=self._encoder_files())
+
+    def _encoder_files(self) -> list[Path]:
+        """UAE's LLM and LLM LoRA weight files (path, size, mtime go into the fingerprints)."""
+        paths = self.paths
+        return weight_files(paths.llm) + (weight_files(paths.llm_lora) if paths.llm_lora else [])
 
     def _caption_settings(self) -> dict:
         """What the stage's prompts depend on: the captioning model (`_captioner_fingerprint`), the
@@ -480,16 +483,15 @@ class U4GRecipe:
         cfg = self.cfg
         if cfg.model == "pipeline":
             pipe, backend = self.adapter.generator.pipe, self.backend
-            files = [f for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                                    "tokenizer_3") for f in weight_files(Path(cfg.generator) / name, "*")]
+            files = [f for name in backend.TEXT_ENCODERS for part in (name, name.replace("text_encoder", "tokenizer"))
+                     for f in weight_files(Path(cfg.generator) / part, "*")]
             revision = [getattr(getattr(getattr(pipe, n, None), "config", None), "_commit_hash", None)
                         for n in backend.TEXT_ENCODERS]
             return "prompts-" + fingerprint(cfg.generator, revision, backend.kind, backend.max_sequence_length,
                                             cfg.negative_prompt, str(dtype), files=files)
         paths = self.paths
-        files = weight_files(paths.llm) + (weight_files(paths.llm_lora) if paths.llm_lora else [])
         return "prompts-" + fingerprint(paths.llm, paths.llm_lora, paths.llm_processor, str(dtype), "backend.encode",
-                                        files=files)
+                                        files=self._encoder_files())
 
     def _embed_captions(self, dtype):
         """Every caption's conditioning (the backend's `encode`), computed once into a disk cache

@@ -118,12 +118,15 @@ class FlowBackend:
 
     TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
+    def text_encoders(self) -> dict:
+        """The pipeline's text encoders it holds, by component name."""
+        return {n: m for n in self.TEXT_ENCODERS if (m := getattr(self.pipe, n, None)) is not None}
+
     def free_text_encoders(self) -> None:
         """Drop the pipeline's text encoders (once every prompt's conditioning is cached: stage 3
         needs only the transformer and the VAE; at full size T5-XXL alone is ~9 GB)."""
-        for name in self.TEXT_ENCODERS:
-            if getattr(self.pipe, name, None) is not None:
-                setattr(self.pipe, name, None)
+        for name in self.text_encoders():
+            setattr(self.pipe, name, None)
 
     def call_kwargs(self, cond: dict) -> dict:
         """The pipeline's own __call__ arguments for a conditioning (`encode`'s): the pipeline then
